@@ -1,6 +1,229 @@
-"""tiler.py: the overlapping patch grid of stages 2 and 3.
+"""The overlapping patch grid of stages 2 and 3, generation orders, and stitching.
 
-To be filled by the issue "cascade.py and tiler.py": grid geometry, known neighbours,
-generation orders (raster, wavefront, checkerboard), per-patch seeds, white-patch skip,
-stitching into a canvas, and the seam score.
+A stage image of n x n patches (P px, overlap o = P/8, stride S = P - o) is generated patch
+by patch. When patch (i, j) is generated, the pixels already written by finished
+overlapping neighbours are held fixed (inpainting by replacement) [PAPER Sec. 2]. Which
+neighbours are finished depends on the order:
+  raster       the paper's: one patch after another, (i-1, j-1), (i-1, j), (i-1, j+1),
+               (i, j-1) are finished; n^2 sequential rounds.
+  wavefront    round k = 2i + j. A round's patches are independent and see exactly the
+               neighbours raster gives them, so with per-patch seeds the slide is
+               bit-identical to raster, in 3(n-1) + 1 rounds.
+  checkerboard the 4 parity phases (i % 2, j % 2); later phases see neighbours on all
+               sides. 4 rounds, a different (not identical) result.
+
+References
+  [PAPER]    Cechnicka et al., URCDM, MICCAI 2024 (overlap 12.5 %, inpainting, white skip).
+  [RePaint]  Lugmayr et al., 2022 (inpainting by replacement).
 """
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import cascade
+
+ORDERS = ("raster", "wavefront", "checkerboard")
+
+
+@dataclass(frozen=True)
+class Grid:
+    patch: int  # P
+    n: int      # patches per side
+
+    @property
+    def overlap(self):
+        return self.patch // 8
+
+    @property
+    def stride(self):
+        return self.patch - self.overlap
+
+    @property
+    def size(self):  # N = P + (n - 1) S
+        return self.patch + (self.n - 1) * self.stride
+
+    def origin(self, i, j):
+        """Top-left (y0, x0) of patch (i, j) in stage pixels."""
+        return i * self.stride, j * self.stride
+
+
+def rounds(order, n):
+    """The patches of an n x n grid grouped into rounds: all patches of a round are
+    independent (they do not overlap) and every neighbour they depend on is in an
+    earlier round. Returns a list of lists of (i, j)."""
+    cells = [(i, j) for i in range(n) for j in range(n)]
+    if order == "raster":
+        return [[c] for c in cells]
+    if order == "wavefront":
+        return [[(i, k - 2 * i) for i in range(n) if 0 <= k - 2 * i < n] for k in range(3 * (n - 1) + 1)]
+    if order == "checkerboard":
+        phases = [[(i, j) for i, j in cells if (i % 2, j % 2) == ph] for ph in ((0, 0), (0, 1), (1, 0), (1, 1))]
+        return [ph for ph in phases if ph]
+    raise ValueError(f"unknown order {order!r}; use one of {ORDERS}")
+
+
+def round_index(order, n):
+    """{(i, j): index of its round}."""
+    return {c: k for k, rnd in enumerate(rounds(order, n)) for c in rnd}
+
+
+def known_rects(grid, i, j, finished):
+    """Rectangles (y0, y1, x0, x1), in patch (i, j)'s own pixels, that overlap finished
+    neighbours. finished(i, j) -> bool. No full-size mask is ever built."""
+    y0, x0 = grid.origin(i, j)
+    P, rects = grid.patch, []
+    for di in (-1, 0, 1):
+        for dj in (-1, 0, 1):
+            a, b = i + di, j + dj
+            if (di, dj) == (0, 0) or not (0 <= a < grid.n and 0 <= b < grid.n) or not finished(a, b):
+                continue
+            ny, nx = grid.origin(a, b)
+            ry0, ry1 = max(y0, ny) - y0, min(y0, ny) + P - y0
+            rx0, rx1 = max(x0, nx) - x0, min(x0, nx) + P - x0
+            rects.append((ry0, ry1, rx0, rx1))
+    return rects
+
+
+def rects_mask(rects, P):
+    """(1, P, P) bool mask of a patch's known rectangles."""
+    m = torch.zeros(1, P, P, dtype=torch.bool)
+    for y0, y1, x0, x1 in rects:
+        m[:, y0:y1, x0:x1] = True
+    return m
+
+
+def patch_seed(seed, stage, i, j):
+    """A 63-bit seed for patch (i, j) of a stage, derived from the run's seed only, so a
+    patch's noise does not depend on batch size, order of generation or rank count."""
+    digest = hashlib.blake2b(f"urcdm:{seed}:{stage}:{i}:{j}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def patch_generator(seed, stage, i, j):
+    return torch.Generator().manual_seed(patch_seed(seed, stage, i, j))
+
+
+class MemoryCanvas:
+    """An (N, N, 3) uint8 stage image in RAM. sample.py provides a disk-backed canvas with
+    the same two methods."""
+
+    def __init__(self, size, background=255):
+        self.size = size
+        self.array = np.full((size, size, 3), background, dtype=np.uint8)
+
+    def read(self, y0, x0, h, w):
+        return self.array[y0:y0 + h, x0:x0 + w].copy()
+
+    def write(self, y0, x0, patch):
+        self.array[y0:y0 + patch.shape[0], x0:x0 + patch.shape[1]] = patch
+
+
+@dataclass
+class StageStats:
+    generated: int = 0
+    skipped_white: int = 0
+    resumed: int = 0
+    rounds: int = 0
+    max_batch: int = 0
+
+
+def generate_stage(sample_fn, grid, canvas, *, stage, seed, order="raster", batch=1, lower=None,
+                   zoom=None, background=255, white_threshold=0.0, tissue_fraction=None,
+                   done=(), share=None, on_round=None, progress=None):
+    """Generate every patch of a stage into `canvas`, round by round.
+
+    sample_fn:  callable(generators, known=, mask=, context=, region=) -> (B, 3, P, P) float,
+                e.g. cascade.CDM.sample, or a closed-form stand-in in tests.
+    lower:      (H, W, 3) uint8 stage s-1 image for the context / region crops; None for the
+                outpainting baseline (neighbours only, no lower-stage conditioning).
+    zoom:       r_s, stage size over lower-stage size.
+    white_threshold: patches whose region crop has a tissue fraction below it are filled with
+                the upsampled region instead of generated (0 = generate every patch).
+    tissue_fraction: callable(uint8 (h, w, 3)) -> float in [0, 1] (data.tissue_fraction).
+    done:       patches already in the canvas (resume); they are not generated again.
+    share:      callable(list of batches) -> this rank's batches of a round (None: all).
+    on_round:   callable(round, results) -> results of the whole round (all ranks), where
+                results is a list of ((i, j), uint8 (P, P, 3), skipped: bool); called after
+                this rank's part, before writing. Also where a journal is updated.
+    Returns StageStats.
+    """
+    P, stats = grid.patch, StageStats()
+    finished_round = round_index(order, grid.n)
+    done = set(done)
+    for k, rnd in enumerate(rounds(order, grid.n)):
+        todo = [c for c in rnd if c not in done]
+        stats.resumed += len(rnd) - len(todo)
+        if not todo:
+            continue
+        stats.rounds += 1
+        # Batches are cut from the whole round before ranks take their share, so a batch's
+        # content (and with it every floating-point result) does not depend on the rank count.
+        chunks = [todo[a:a + batch] for a in range(0, len(todo), batch)]
+        results = []
+        for chunk in (share(chunks) if share else chunks):
+            stats.max_batch = max(stats.max_batch, len(chunk))
+            results += _generate_chunk(sample_fn, grid, canvas, chunk, k, finished_round, stage, seed, lower,
+                                       zoom, background, white_threshold, tissue_fraction)
+        if on_round is not None:
+            results = on_round(todo, results)
+        for (i, j), pixels, skipped in results:
+            canvas.write(*grid.origin(i, j), pixels)
+            stats.skipped_white += skipped
+            stats.generated += not skipped
+        if progress is not None:
+            progress(stats, len(results))
+    return stats
+
+
+def _generate_chunk(sample_fn, grid, canvas, chunk, k, finished_round, stage, seed, lower, zoom,
+                    background, white_threshold, tissue_fraction):
+    """Generate (or fill, if white) a list of independent patches of round k."""
+    P = grid.patch
+    known, masks, contexts, regions, gens, white = [], [], [], [], [], []
+    for i, j in chunk:
+        y0, x0 = grid.origin(i, j)
+        rects = known_rects(grid, i, j, lambda a, b: finished_round[(a, b)] < k)
+        masks.append(rects_mask(rects, P))
+        known.append(cascade.to_float(canvas.read(y0, x0, P, P)))
+        gens.append(patch_generator(seed, stage, i, j))
+        if lower is not None:
+            contexts.append(cascade.to_float(cascade.context_crop(lower, y0, x0, P, zoom, background)))
+            regions.append(cascade.region_crop(lower, y0, x0, P, zoom))
+            white.append(white_threshold > 0 and tissue_fraction(cascade.to_uint8(regions[-1])[0]) < white_threshold)
+        else:
+            white.append(False)
+    known, mask = torch.cat(known), torch.stack(masks)  # (B, 3, P, P), (B, 1, P, P)
+    out = [None] * len(chunk)
+    gen_idx = [b for b in range(len(chunk)) if not white[b]]
+    if gen_idx:
+        sel = lambda xs: torch.cat([xs[b] for b in gen_idx]) if xs else None
+        x = sample_fn([gens[b] for b in gen_idx], known=known[gen_idx], mask=mask[gen_idx],
+                      context=sel(contexts), region=sel(regions))
+        for b, pixels in zip(gen_idx, cascade.to_uint8(x)):
+            out[b] = pixels
+    for b in range(len(chunk)):
+        if white[b]:  # filled from the stage below, keeping pixels its neighbours already fixed
+            fill = torch.where(mask[b], known[b], regions[b][0])
+            out[b] = cascade.to_uint8(fill[None])[0]
+    return [(c, out[b], white[b]) for b, c in enumerate(chunk)]
+
+
+def seam_score(img, grid):
+    """Mean |gradient| across patch borders divided by the mean |gradient| elsewhere
+    (1.0 = no visible seams). img: (N, N) or (N, N, C) array of the stage image.
+    The borders of patch j > 0 along an axis are the lines at its origin and at origin + o
+    (where the content switches from the earlier neighbour to the new patch, depending on
+    whether the patch reproduced the overlap)."""
+    img = np.asarray(img, dtype=np.float64)
+    img = img[..., None] if img.ndim == 2 else img
+    lines = sorted({q for j in range(1, grid.n) for q in (grid.origin(0, j)[1] - 1,
+                                                          grid.origin(0, j)[1] + grid.overlap - 1)})
+    seam, rest = [], []
+    for d in (np.abs(np.diff(img, axis=1)), np.abs(np.diff(img, axis=0)).transpose(1, 0, 2)):
+        on = np.zeros(d.shape[1], dtype=bool)  # d[:, q] = |img[:, q+1] - img[:, q]|
+        on[lines] = True
+        seam.append(d[:, on].mean())
+        rest.append(d[:, ~on].mean())
+    return float(np.mean(seam) / np.mean(rest))

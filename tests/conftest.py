@@ -27,3 +27,25 @@ def gaussian_oracle(mu, s, schedule="cosine"):
 def _threads():
     torch.set_num_threads(2)
     yield
+
+
+def oracle_net(mu=0.0, s=0.5, cond_weight=0.05):
+    """A closed-form stand-in for a U-Net, net(x_t, lam, cond, aug_lam) -> v_hat: the exact
+    denoiser of x0 ~ N(mu, s^2), shifted by the conditioning's channel mean so that crops and
+    their alignment change the output. Batch-invariant (elementwise), unlike CPU GEMMs."""
+    def net(x, lam, cond=None, aug_lam=None):
+        alpha, sigma = sde.alpha_sigma_from_lam(lam.double())
+        alpha, sigma = (v.view(-1, 1, 1, 1).float() for v in (alpha, sigma))
+        m = mu if cond is None else mu + cond_weight * cond.mean(1, keepdim=True)
+        x0_hat = m + alpha * s * s * (x - alpha * m) / (alpha ** 2 * s * s + sigma ** 2)
+        return (alpha * x - x0_hat) / sigma
+    return net
+
+
+def small_preset(**kw):
+    """P = 32 (overlap 4), stages 32 / 88 / 116, levels 8 -> 16 -> 32: same structure as the paper."""
+    import cascade
+    args = dict(name="test", patch=32, n_patches=(1, 3, 4), level_sizes=(8, 16, 32), unets=("tiny",) * 3,
+                steps=(3, 3, 3), schedules=("cosine", "cosine", "linear"), train_crop=16)
+    args.update(kw)
+    return cascade.Preset(**args)

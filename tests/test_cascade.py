@@ -1,0 +1,112 @@
+"""cascade.py: geometry against hand computations, the CDM, checkpoint loading."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import cascade
+import unet
+from conftest import oracle_net, small_preset
+
+
+def test_stage_sizes_and_zoom():
+    paper = cascade.get_preset("paper")
+    assert [cascade.stage_size(paper, s) for s in (1, 2, 3)] == [1024, 6400, 41344]
+    assert cascade.zoom(paper, 2) == 6.25 and cascade.zoom(paper, 3) == pytest.approx(6.46)
+    assert (paper.overlap, paper.stride) == (128, 896)
+    demo = cascade.get_preset("demo")
+    assert [cascade.stage_size(demo, s) for s in (1, 2, 3)] == [256, 704, 2048]
+    for p in (paper, demo):
+        assert p.level_sizes[-1] == p.patch and all(L % 8 == 0 for L in p.level_sizes)
+
+
+def _coded_image(h, w):
+    """uint8 image whose pixel (y, x) is (y, x, 7): a misplaced crop is visible."""
+    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    return np.stack([yy, xx, np.full_like(yy, 7)], -1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("y0,x0", [(0, 0), (0, 96), (96, 0), (96, 96), (48, 48)])
+def test_context_crop_hand_computed(y0, x0):
+    """Stage-s image 128 px, r = 2, P = 32: the context is the 32 x 32 lower crop centred
+    at ((y0 + 16) / 2, (x0 + 16) / 2), padded with background where it leaves the image."""
+    lower = _coded_image(64, 64)
+    crop = cascade.context_crop(lower, y0, x0, 32, 2.0, background=255)
+    cy, cx = (y0 + 16) // 2 - 16, (x0 + 16) // 2 - 16  # exact here: centres are integers
+    padded = np.pad(lower, ((32, 32), (32, 32), (0, 0)), constant_values=255)
+    np.testing.assert_array_equal(crop, padded[cy + 32:cy + 64, cx + 32:cx + 64])
+    if (y0, x0) == (0, 0):
+        assert (crop[:8] == 255).all() and (crop[:, :8] == 255).all() and crop[8, 8, 0] == 0
+
+
+@pytest.mark.parametrize("y0,x0", [(0, 0), (48, 48), (96, 96)])
+def test_region_crop_hand_computed(y0, x0):
+    """A lower image linear in y and x: the region crop (bilinear at (Y + 0.5)/r - 0.5) is the
+    same linear function, exactly, inside; clamped to the edge pixel outside (border)."""
+    yy, xx = np.meshgrid(np.arange(64), np.arange(64), indexing="ij")
+    lower = np.stack([10 + 2 * yy, 10 + 3 * xx, np.full_like(yy, 50)], -1).astype(np.uint8)
+    reg = cascade.region_crop(lower, y0, x0, 32, 2.0)[0]  # (3, 32, 32)
+    u = np.clip((y0 + np.arange(32) + 0.5) / 2 - 0.5, 0, 63)  # source rows
+    v = np.clip((x0 + np.arange(32) + 0.5) / 2 - 0.5, 0, 63)
+    np.testing.assert_allclose(reg[0].numpy(), np.repeat(((10 + 2 * u) / 127.5 - 1)[:, None], 32, 1), atol=1e-5)
+    np.testing.assert_allclose(reg[1].numpy(), np.repeat(((10 + 3 * v) / 127.5 - 1)[None], 32, 0), atol=1e-5)
+
+
+def test_region_crop_agrees_on_overlaps():
+    lower = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    r = 116 / 40
+    a = cascade.region_crop(lower, 0, 28, 32, r)  # patches (0, 1) and (0, 2) of a 116 px stage
+    b = cascade.region_crop(lower, 0, 56, 32, r)
+    assert torch.equal(a[..., 28:], b[..., :4])
+
+
+def test_lowres_and_level_inputs():
+    p = small_preset()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    const = torch.full((1, 3, 32, 32), 0.25)
+    torch.testing.assert_close(cascade.make_lowres(cascade.downsample(const, 8), 16), torch.full((1, 3, 16, 16), 0.25))
+    for stage in (1, 2):
+        for level in range(3):
+            cond = cascade.level_inputs(p, stage, level, x, x, x)
+            ch = cascade.cond_channels(stage, level)
+            assert (cond is None and ch == 0) or cond.shape == (2, ch, p.level_sizes[level], p.level_sizes[level])
+
+
+def test_cdm_holds_known_pixels_at_top_level():
+    p = small_preset()
+    cdm = cascade.CDM(p, 2, [oracle_net()] * 3)
+    known = torch.rand(2, 3, 32, 32) * 2 - 1
+    mask = torch.zeros(2, 1, 32, 32, dtype=torch.bool)
+    mask[:, :, :4], mask[1, :, :, :4] = True, True
+    gens = [torch.Generator().manual_seed(k) for k in range(2)]
+    out = cdm.sample(gens, known=known, mask=mask, context=known, region=known)
+    m = mask.expand_as(known)
+    assert torch.equal(out[m], known[m]) and not torch.equal(out[~m], known[~m])
+
+
+def _save(path, preset, stage, level, net):
+    torch.save(cascade.model_payload(preset, stage, level, net.cfg, net.state_dict()), path)
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    p = small_preset()
+    nets = {}
+    for level in range(3):
+        torch.manual_seed(level)
+        nets[level] = unet.UNet(cascade.unet_config(p, 2, level))
+        _save(tmp_path / cascade.model_filename(2, level), p, 2, level, nets[level])
+    cdm = cascade.load_cdm(str(tmp_path), p, 2)
+    for level in range(3):
+        for a, b in zip(cdm.nets[level].state_dict().values(), nets[level].state_dict().values()):
+            assert torch.equal(a, b)
+    with pytest.raises(FileNotFoundError, match="stage3_level0.pt: missing model file"):
+        cascade.load_cdm(str(tmp_path), p, 3)
+    with pytest.raises(ValueError, match="trained for preset"):
+        cascade.load_cdm(str(tmp_path), small_preset(steps=(9, 9, 9)), 2)
+    shutil.copy(tmp_path / "stage2_level1.pt", tmp_path / "stage2_level2.pt")
+    with pytest.raises(ValueError, match="holds stage 2 level 1, expected stage 2 level 2"):
+        cascade.load_cdm(str(tmp_path), p, 2)
+    (tmp_path / "stage2_level1.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable URCDM model file"):
+        cascade.load_cdm(str(tmp_path), p, 2)
