@@ -138,7 +138,7 @@ def region_crop(lower, y0, x0, P, r):
 
 def to_float(u8):
     """(H, W, 3) or (B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(u8))
+    t = torch.from_numpy(np.array(u8, dtype=np.uint8))  # a copy: memmaps are read-only
     t = t[None] if t.dim() == 3 else t
     return t.permute(0, 3, 1, 2).float() / 127.5 - 1
 

@@ -1,15 +1,48 @@
-"""data.py: reading whole-slide images and the nine training datasets.
+"""Reading whole-slide images, tissue masks, and the nine URCDM training datasets.
 
-To be filled by the issue "data.py": open_slide / read_region with tifffile, tissue
-masks, the nine (stage, level) datasets built from cascade.py's geometry, caches.
+Slides are read with tifffile (+ imagecodecs for JPEG / JPEG 2000 tiles): Aperio SVS,
+generic pyramidal tiled TIFF, OME-TIFF; plain PNG / JPEG / TIFF images for small data.
+Regions are read tile by tile (never the whole slide), OpenSlide-style:
+read_region(x, y, w, h, downsample) covers w*downsample x h*downsample level-0 pixels.
+
+Each slide contributes one square *region* (paper: ~40000 px, centred on the tissue).
+The nine datasets follow DESIGN §2 through cascade.py's geometry functions, so training
+sees exactly what sampling feeds: stage 1 = region resized to N1; stage 2 = region resized
+to N2, P x P crops; stage 3 = full-resolution P x P crops; context and region crops from the
+stage below; level l > 0 gets make_lowres(level l-1).
+
+Usage: python data.py SLIDE [--preset demo] [--out preview.png]
+
+References
+  [PAPER]    Cechnicka et al., URCDM, MICCAI 2024 ("Datasets and Preprocessing").
+  [OpenSlide] read_region / downsample conventions, https://openslide.org/api/python/
 """
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+import warnings
 
 import numpy as np
+import tifffile
+import torch
+from PIL import Image
+
+import cascade
 
 # Tissue = saturated and not black: H&E stains are coloured (HSV saturation >= 0.07), glass
 # background is white/grey (low saturation), pen marks and dust can be black (value < 0.1).
 TISSUE_MIN_SATURATION = 0.07
 TISSUE_MIN_VALUE = 0.10
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".jpg", ".jpeg")
+
+
+class SlideError(Exception):
+    """A slide that cannot be used; the message is one line naming the file and the reason."""
 
 
 def tissue_mask(rgb):
@@ -23,3 +56,401 @@ def tissue_mask(rgb):
 def tissue_fraction(rgb):
     """Share of tissue pixels in an (h, w, 3) uint8 image."""
     return float(tissue_mask(rgb).mean())
+
+
+# ----------------------------------------------------------------------------- slides
+
+def _to_rgb(arr, path):
+    """Explicit colour-layout handling: gray -> RGB, RGBA -> RGB over white, others rejected."""
+    if arr.dtype != np.uint8:
+        raise SlideError(f"{path}: {arr.dtype} pixels are not supported; convert the slide to 8-bit RGB")
+    if arr.ndim == 2:
+        return np.repeat(arr[..., None], 3, axis=-1)
+    if arr.shape[-1] == 3:
+        return arr
+    if arr.shape[-1] == 4:
+        a = arr[..., 3:].astype(np.float32) / 255
+        return np.round(arr[..., :3] * a + 255 * (1 - a)).astype(np.uint8)
+    raise SlideError(f"{path}: {arr.shape[-1]} colour channels are not supported; convert the slide to RGB")
+
+
+class _TiffLevel:
+    """One pyramid level of a tiled (or stripped) TIFF page; reads only the tiles it needs."""
+
+    def __init__(self, slide, page):
+        self.slide, self.page, self.key = slide, page, page.keyframe
+        self.height, self.width = self.key.imagelength, self.key.imagewidth
+        key = self.key
+        if key.photometric not in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR,
+                                   tifffile.PHOTOMETRIC.MINISBLACK):
+            raise SlideError(f"{slide.path}: photometric {key.photometric.name} (e.g. CMYK) is not supported; "
+                             "convert the slide to RGB")
+        if key.planarconfig == tifffile.PLANARCONFIG.SEPARATE and key.samplesperpixel > 1:
+            raise SlideError(f"{slide.path}: planar (separate) samples are not supported; rewrite as contiguous RGB")
+
+    def read(self, y0, x0, h, w):
+        """Pixels [y0, y0+h) x [x0, x0+w) of this level (inside it), uint8 (h, w, 3)."""
+        key = self.key
+        if not key.is_tiled:  # stripped page: small images only, decoded whole once
+            return self.slide._whole(self.page)[y0:y0 + h, x0:x0 + w]
+        th, tw = key.tilelength, key.tilewidth
+        across = math.ceil(self.width / tw)
+        out = np.empty((h, w, key.samplesperpixel if key.samplesperpixel > 1 else 1), np.uint8)
+        for ty in range(y0 // th, (y0 + h - 1) // th + 1):
+            for tx in range(x0 // tw, (x0 + w - 1) // tw + 1):
+                tile = self._tile(ty * across + tx)  # (th, tw, spp)
+                ya, yb = max(y0, ty * th), min(y0 + h, (ty + 1) * th)
+                xa, xb = max(x0, tx * tw), min(x0 + w, (tx + 1) * tw)
+                out[ya - y0:yb - y0, xa - x0:xb - x0] = tile[ya - ty * th:yb - ty * th, xa - tx * tw:xb - tx * tw]
+        return _to_rgb(out[..., 0] if out.shape[-1] == 1 else out, self.slide.path)
+
+    def _tile(self, index):
+        offset, count = self.page.dataoffsets[index], self.page.databytecounts[index]
+        key = self.key
+        if count == 0:
+            return np.full((key.tilelength, key.tilewidth, key.samplesperpixel), 255, np.uint8)
+        data = os.pread(self.slide._fd(), count, offset)
+        if len(data) != count:
+            raise SlideError(f"{self.slide.path}: truncated file (tile {index} ends past the end of the file)")
+        try:
+            seg = key.decode(data, index, jpegtables=key.jpegtables)[0]
+        except Exception as e:  # noqa: BLE001 - codec errors come in many types
+            raise SlideError(f"{self.slide.path}: corrupt tile {index} ({type(e).__name__}: {e})") from None
+        return seg.reshape(key.tilelength, key.tilewidth, -1)
+
+
+class _ArrayLevel:
+    """A level held as an in-memory array (plain PNG / JPEG images)."""
+
+    def __init__(self, arr):
+        self.arr, (self.height, self.width) = arr, arr.shape[:2]
+
+    def read(self, y0, x0, h, w):
+        return self.arr[y0:y0 + h, x0:x0 + w]
+
+
+class Slide:
+    """An opened slide: `dimensions` (width, height) of level 0, `levels`, `level_downsamples`,
+    `mpp` (microns per pixel or None), `background`, and read_region()."""
+
+    def __init__(self, path, mpp, make_levels):
+        # make_levels: callable(slide) -> list of levels (objects with height, width, read())
+        self.path, self.mpp = path, mpp
+        self._fdesc, self._pid, self._cache = None, None, {}
+        self._levels = levels = make_levels(self)
+        self.dimensions = (levels[0].width, levels[0].height)
+        self.level_dimensions = [(lv.width, lv.height) for lv in levels]
+        self.level_downsamples = [levels[0].width / lv.width for lv in levels]
+        self.background = 255
+
+    def _fd(self):  # one descriptor per process: pread is safe across threads and forks
+        if self._pid != os.getpid():
+            self._fdesc, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fdesc
+
+    def _whole(self, page):
+        if id(page) not in self._cache:
+            self._cache[id(page)] = _to_rgb(page.asarray(), self.path)
+        return self._cache[id(page)]
+
+    def best_level(self, downsample):
+        """The smallest level whose downsample is <= the requested one (OpenSlide's choice)."""
+        ok = [k for k, d in enumerate(self.level_downsamples) if d <= downsample * (1 + 1e-9)]
+        return max(ok, key=lambda k: self.level_downsamples[k]) if ok else 0
+
+    def read_region(self, x, y, w, h, downsample=1.0):
+        """RGB uint8 (h, w, 3) covering level-0 pixels [x, x + w*ds) x [y, y + h*ds); pixels
+        outside the slide are background. Reads from the best level, then area-resamples."""
+        k = self.best_level(downsample)
+        lv, d = self._levels[k], self.level_downsamples[k]
+        f = downsample / d  # remaining factor, >= 1
+        # Source box in level-k pixels (float), and the integer window that contains it.
+        bx0, by0, bx1, by1 = x / d, y / d, (x + w * downsample) / d, (y + h * downsample) / d
+        ix0, iy0 = math.floor(bx0), math.floor(by0)
+        ix1, iy1 = math.ceil(bx1), math.ceil(by1)
+        win = cascade.window(_LevelView(lv), iy0, ix0, iy1 - iy0, ix1 - ix0, self.background)
+        if (ix1 - ix0, iy1 - iy0) == (w, h) and f == 1:
+            return win
+        img = Image.fromarray(win)  # BOX = exact area average over the fractional source box
+        return np.asarray(img.resize((w, h), Image.BOX, box=(bx0 - ix0, by0 - iy0, bx1 - ix0, by1 - iy0)))
+
+    def thumbnail(self, max_side=1024):
+        ds = max(self.dimensions) / max_side
+        w, h = (max(1, round(s / ds)) for s in self.dimensions)
+        return self.read_region(0, 0, w, h, ds)
+
+
+class _LevelView:
+    """Array-like facade of a level for cascade.window (shape + 2-D slicing)."""
+
+    def __init__(self, lv):
+        self.lv, self.shape = lv, (lv.height, lv.width, 3)
+
+    def __getitem__(self, idx):
+        ys, xs = idx
+        return self.lv.read(ys.start, xs.start, ys.stop - ys.start, xs.stop - xs.start)
+
+
+def _mpp(tif, page):
+    m = re.search(r"MPP\s*=\s*([0-9.]+)", page.description or "")
+    if m:
+        return float(m.group(1))
+    if tif.is_ome:
+        m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata or "")
+        if m:
+            return float(m.group(1))
+    tags = page.tags
+    if "XResolution" in tags and "ResolutionUnit" in tags:
+        num, den = tags["XResolution"].value
+        unit = {2: 25400.0, 3: 10000.0}.get(int(tags["ResolutionUnit"].value))
+        if unit and num:
+            return unit * den / num
+    return None
+
+
+def open_slide(path):
+    """Open a slide or image; raises SlideError with a one-line reason."""
+    if not os.path.exists(path):
+        raise SlideError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise SlideError(f"{path}: is a directory, not a slide")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] in (b"II", b"MM"):
+        try:
+            tif = tifffile.TiffFile(path)
+            series = tif.series[0]
+            pages = [lvl.pages[0] for lvl in series.levels]
+            return Slide(path, _mpp(tif, pages[0].keyframe), lambda sl: [_TiffLevel(sl, p) for p in pages])
+        except SlideError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise SlideError(f"{path}: not a readable TIFF ({type(e).__name__}: {e})") from None
+    try:
+        with Image.open(path) as im:
+            if im.mode == "CMYK":
+                raise SlideError(f"{path}: CMYK images are not supported; convert to RGB")
+            arr = np.asarray(im.convert("RGBA" if "A" in im.getbands() else ("L" if im.mode in ("L", "I;16", "I") else "RGB")))
+    except SlideError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise SlideError(f"{path}: not an image ({type(e).__name__})") from None
+    return Slide(path, None, lambda sl: [_ArrayLevel(_to_rgb(arr, path))])
+
+
+def list_slides(path):
+    """Open every slide in a directory (or the one file given). A bad file is reported on
+    stderr and skipped, with a count at the end; returns the usable paths."""
+    paths = [path] if os.path.isfile(path) else sorted(
+        os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(SLIDE_SUFFIXES))
+    if not os.path.exists(path):
+        raise SlideError(f"{path}: no such file or directory")
+    good = []
+    for p in paths:
+        try:
+            open_slide(p)
+            good.append(p)
+        except SlideError as e:
+            print(f"skipping slide: {e}", file=sys.stderr)
+    if len(good) < len(paths):
+        print(f"{len(good)} of {len(paths)} slides usable, {len(paths) - len(good)} skipped", file=sys.stderr)
+    if not good:
+        raise SlideError(f"{path}: no usable slides (looked for {', '.join(SLIDE_SUFFIXES)})")
+    return good
+
+
+# ----------------------------------------------------------------------------- regions and caches
+
+def choose_region(slide, size, mode="tissue"):
+    """Level-0 top-left (x, y) of the size x size training region of a slide: centred on the
+    tissue (centroid of the thumbnail's tissue mask) or on the slide, kept inside the slide
+    when it fits. A slide smaller than the region is padded with background (warned)."""
+    W, H = slide.dimensions
+    if W < size or H < size:
+        warnings.warn(f"{slide.path}: slide {W}x{H} is smaller than the {size} px region; padding with background")
+    cx, cy = W / 2, H / 2
+    if mode == "tissue":
+        thumb = slide.thumbnail(512)
+        m = tissue_mask(thumb)
+        if m.any():
+            ys, xs = np.nonzero(m)
+            cy, cx = (ys.mean() + 0.5) * H / thumb.shape[0], (xs.mean() + 0.5) * W / thumb.shape[1]
+    elif mode != "centre":
+        raise ValueError(f"unknown region mode {mode!r}; use 'tissue' or 'centre'")
+    clamp = lambda c, n: int(round(min(max(c - size / 2, 0), n - size))) if n >= size else int(round((n - size) / 2))
+    return clamp(cx, W), clamp(cy, H)
+
+
+def _build_stage_image(slide, x, y, size, n, path, band=256):
+    """The region resized to n x n, written band by band into a .npy memmap (atomically)."""
+    tmp = f"{path}.tmp{os.getpid()}.npy"
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, n, 3))
+    ds = size / n
+    for r0 in range(0, n, band):
+        h = min(band, n - r0)
+        arr[r0:r0 + h] = slide.read_region(x, y + r0 * ds, n, h, ds)
+    arr.flush()
+    del arr
+    os.replace(tmp, path)
+
+
+def slide_cache(slide_path, preset, region_size=None, region_mode="tissue", cache_dir=None, rank=0,
+                timeout=3600):
+    """Stage-1 and stage-2 images of a slide's region, built once on disk and memory-mapped.
+
+    Rank 0 builds (temp names + os.replace, metadata last); other ranks wait for it.
+    Returns dict(stage1=memmap (N1, N1, 3), stage2=memmap (N2, N2, 3), x, y, size)."""
+    size = region_size or cascade.stage_size(preset, 3)
+    st = os.stat(slide_path)
+    key = hashlib.sha1(json.dumps([os.path.abspath(slide_path), st.st_size, st.st_mtime_ns, size, region_mode,
+                                   [cascade.stage_size(preset, s) for s in (1, 2, 3)]]).encode()).hexdigest()[:16]
+    cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(slide_path)), ".urcdm_cache")
+    os.makedirs(cache_dir, exist_ok=True)
+    base = os.path.join(cache_dir, f"{os.path.basename(slide_path)}.{key}")
+    meta_path = base + ".json"
+    if not os.path.exists(meta_path):
+        if rank == 0:
+            slide = open_slide(slide_path)
+            x, y = choose_region(slide, size, region_mode)
+            for s in (1, 2):
+                _build_stage_image(slide, x, y, size, cascade.stage_size(preset, s), f"{base}.stage{s}.npy")
+            tmp = f"{meta_path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump({"x": x, "y": y, "size": size, "slide": os.path.abspath(slide_path)}, f)
+            os.replace(tmp, meta_path)
+        else:
+            t0 = time.time()
+            while not os.path.exists(meta_path):
+                if time.time() - t0 > timeout:
+                    raise TimeoutError(f"{meta_path}: rank 0 did not build the cache within {timeout} s")
+                time.sleep(0.5)
+    with open(meta_path) as f:
+        meta = json.load(f)
+    return dict(meta, stage1=np.load(f"{base}.stage1.npy", mmap_mode="r"),
+                stage2=np.load(f"{base}.stage2.npy", mmap_mode="r"))
+
+
+# ----------------------------------------------------------------------------- the nine datasets
+
+def dihedral(x, k):
+    """The k-th of the 8 symmetries of the square (k in 0..7) on the last two dims."""
+    x = torch.rot90(x, k % 4, dims=(-2, -1))
+    return x.flip(-1) if k >= 4 else x
+
+
+class StageLevelDataset(torch.utils.data.Dataset):
+    """Training samples of one (stage, level) model.
+
+    Item idx is a pure function of (seed, idx): slide, crop position, symmetry and top-level
+    crop all come from a generator seeded with them, so any rank/worker split and any resume
+    point reproduces the same samples. Returns dict(x0=(3, L, L), cond=(C, L, L)) in [-1, 1]
+    (C = 0 for the unconditional stage-1 base model).
+
+    slides: list of slide paths. region_size: level-0 side of each slide's region (None:
+    N3, so stage 3 is at full resolution). min_tissue: crops of stages 2-3 whose region has
+    less tissue are redrawn (up to 10 times), as the paper ignores mostly white patches.
+    """
+
+    def __init__(self, slides, preset, stage, level, *, region_size=None, region_mode="tissue", cache_dir=None,
+                 seed=0, length=100_000, min_tissue=0.3, conditioned=True, augment=True, rank=0):
+        self.preset, self.stage, self.level = preset, stage, level
+        self.seed, self.length, self.min_tissue = seed, length, min_tissue
+        self.conditioned, self.augment = conditioned, augment
+        self.paths = list(slides)
+        self.caches = [slide_cache(p, preset, region_size, region_mode, cache_dir, rank) for p in self.paths]
+        self._slides = {}
+
+    def __len__(self):
+        return self.length
+
+    def _slide(self, k):
+        if k not in self._slides:
+            self._slides[k] = open_slide(self.paths[k])
+        return self._slides[k]
+
+    def _crop(self, rng, k):
+        """Target P x P (uint8) at stage `self.stage` and the (context, region) crops, or Nones."""
+        p, cache, P = self.preset, self.caches[k], self.preset.patch
+        N = cascade.stage_size(p, self.stage)
+        if self.stage == 1:
+            return np.asarray(cache["stage1"]), None, None
+        lower = cache[f"stage{self.stage - 1}"]
+        r = cascade.zoom(p, self.stage)
+        for _ in range(10):
+            y0, x0 = (int(v) for v in rng.integers(0, N - P + 1, size=2))
+            region = cascade.region_crop(lower, y0, x0, P, r)
+            if tissue_fraction(cascade.to_uint8(region)[0]) >= self.min_tissue:
+                break
+        if self.stage == 2:
+            target = np.asarray(cache["stage2"][y0:y0 + P, x0:x0 + P])
+        else:
+            ds = cache["size"] / N
+            target = self._slide(k).read_region(cache["x"] + x0 * ds, cache["y"] + y0 * ds, P, P, ds)
+        context = cascade.to_float(cascade.context_crop(lower, y0, x0, P, r, p.background))
+        return target, context, region
+
+    def __getitem__(self, idx):
+        rng = np.random.default_rng([self.seed, idx])
+        k = int(rng.integers(len(self.paths)))
+        target, context, region = self._crop(rng, k)
+        stack = [cascade.to_float(target)] + ([context, region] if context is not None else [])
+        stack = torch.cat(stack, dim=1)  # (1, 3 or 9, P, P)
+        if self.augment:  # the same symmetry for target and conditioning
+            stack = dihedral(stack, int(rng.integers(8)))
+        target = stack[:, :3]
+        ctx, reg = (stack[:, 3:6], stack[:, 6:9]) if context is not None else (None, None)
+        p, L = self.preset, self.preset.level_sizes[self.level]
+        x0 = cascade.downsample(target, L)
+        cond = cascade.level_inputs(p, self.stage, self.level, target, ctx, reg, self.conditioned)
+        cond = torch.zeros(1, 0, L, L) if cond is None else cond
+        if self.level == len(p.level_sizes) - 1 and p.train_crop < L:
+            # Top level: a random crop, the same window of target and every conditioning channel
+            # (the U-Net is fully convolutional; squeezing the whole context onto the crop, as
+            # imagen-pytorch does, would show it at another scale than at sampling).
+            cy, cx = (int(v) for v in rng.integers(0, L - p.train_crop + 1, size=2))
+            win = lambda t: t[..., cy:cy + p.train_crop, cx:cx + p.train_crop]
+            x0, cond = win(x0), win(cond)
+        return {"x0": x0[0].contiguous(), "cond": cond[0].contiguous()}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _preview(ds, n=1):
+    """One row per sample: target, then each 3-channel conditioning group, at 128 px."""
+    item = ds[0]
+    tiles = [item["x0"]] + (list(item["cond"].split(3)) if item["cond"].shape[0] else [])
+    tiles = [torch.nn.functional.interpolate(t[None], size=(128, 128), mode="nearest")[0] for t in tiles]
+    return cascade.to_uint8(torch.cat(tiles, dim=2)[None])[0]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Inspect a slide and preview the nine URCDM training datasets.")
+    ap.add_argument("slide", help="slide file (.svs, .tif, OME-TIFF, .png, .jpg)")
+    ap.add_argument("--preset", default="demo", help="preset whose geometry to use (default: demo)")
+    ap.add_argument("--region-size", type=int, default=None, help="level-0 side of the region (default: N3)")
+    ap.add_argument("--out", default=None, help="preview PNG (default: SLIDE.datasets.png)")
+    ap.add_argument("--cache", default=None, help="cache directory (default: .urcdm_cache beside the slide)")
+    args = ap.parse_args(argv)
+    try:
+        slide = open_slide(args.slide)
+        preset = cascade.get_preset(args.preset)
+    except (SlideError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"{args.slide}: {slide.dimensions[0]} x {slide.dimensions[1]} px, MPP {slide.mpp}")
+    for k, (dim, d) in enumerate(zip(slide.level_dimensions, slide.level_downsamples)):
+        print(f"  level {k}: {dim[0]} x {dim[1]} (downsample {d:g})")
+    print(f"  tissue fraction (thumbnail): {tissue_fraction(slide.thumbnail(1024)):.3f}")
+    rows = []
+    for stage in (1, 2, 3):
+        for level in range(3):
+            ds = StageLevelDataset([args.slide], preset, stage, level, region_size=args.region_size,
+                                   cache_dir=args.cache, length=1)
+            row = _preview(ds)
+            rows.append(np.pad(row, ((2, 2), (0, 128 * 4 - row.shape[1]), (0, 0)), constant_values=255))
+    out = args.out or args.slide + ".datasets.png"
+    Image.fromarray(np.concatenate(rows)).save(out)
+    print(f"preview of the nine datasets (rows: stage 1-3 x level 0-2; target, then lowres (levels 1-2), context and region (stages 2-3)): {out}")
+
+
+if __name__ == "__main__":
+    main()

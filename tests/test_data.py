@@ -1,0 +1,254 @@
+"""data.py: region reads against the source array, tissue, the nine datasets, cache, bad input."""
+import os
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+import cascade
+import data
+import sample
+from conftest import ROOT, small_preset
+
+CMU = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
+
+
+def synthetic_rgb(h=1200, w=1000, seed=0):
+    """Tissue-like test image: pink/purple stripes (period 24 px) and blobs on the left, glass on
+    the right third. Structured at all scales, so a misplaced read is visible."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    stripes = 0.5 + 0.5 * np.sin(2 * np.pi * (yy + 0.5 * xx) / 24)
+    blobs = np.zeros((h, w))
+    for cy, cx, r in zip(rng.integers(0, h, 30), rng.integers(0, w, 30), rng.integers(10, 60, 30)):
+        blobs = np.maximum(blobs, np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2.0 * r * r)))
+    t = np.clip(0.6 * stripes + 0.6 * blobs, 0, 1)[..., None]
+    rgb = (1 - t) * np.array([230, 150, 200]) + t * np.array([110, 50, 140])
+    rgb[:, 2 * w // 3:] = 245  # background glass
+    return rgb.round().astype(np.uint8)
+
+
+def write_slide(path, img, kind="svs", compression="zlib"):
+    if kind == "svs":
+        sample.write_aperio(path, img, tile=128, mpp=0.5, compression=compression, min_side=200)
+        return
+    levels = [img]
+    while max(levels[-1].shape[:2]) > 200:
+        nxt = np.zeros(((levels[-1].shape[0] + 1) // 2, (levels[-1].shape[1] + 1) // 2, 3), np.uint8)
+        sample.halve(levels[-1], nxt)
+        levels.append(nxt)
+    kw = dict(tile=(128, 128), photometric="rgb", compression=compression)
+    with tifffile.TiffWriter(path, bigtiff=True, ome=kind == "ome") as tif:
+        if kind == "ome":
+            tif.write(levels[0], subifds=len(levels) - 1, metadata={"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5}, **kw)
+            for lv in levels[1:]:
+                tif.write(lv, subfiletype=1, **kw)
+        else:  # generic pyramidal TIFF: reduced-resolution pages
+            tif.write(levels[0], resolution=(20000, 20000), resolutionunit="CENTIMETER", **kw)
+            for lv in levels[1:]:
+                tif.write(lv, subfiletype=1, **kw)
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    d = tmp_path_factory.mktemp("slides")
+    img = synthetic_rgb()
+    paths = {}
+    for kind, comp in (("svs", "zlib"), ("svs", "jpeg"), ("tiff", "zlib"), ("ome", "zlib")):
+        paths[kind, comp] = str(d / f"{kind}_{comp}.{'svs' if kind == 'svs' else 'tif'}")
+        write_slide(paths[kind, comp], img, kind, comp)
+    return img, paths
+
+
+def reference(img, x, y, w, h, ds):
+    """The region cut from the source array, area-resampled, padded with 255 outside."""
+    pad = 64
+    big = np.pad(img, ((pad, pad), (pad, pad), (0, 0)), constant_values=255)
+    box = (x + pad, y + pad, x + pad + w * ds, y + pad + h * ds)
+    return np.asarray(Image.fromarray(big).resize((w, h), Image.BOX, box=box)).astype(int)
+
+
+@pytest.mark.parametrize("key", [("svs", "zlib"), ("svs", "jpeg"), ("tiff", "zlib"), ("ome", "zlib")])
+@pytest.mark.parametrize("ds", [1, 2, 4, 6.25])
+def test_read_region_matches_source(slides, key, ds):
+    img, paths = slides
+    slide = data.open_slide(paths[key])
+    assert slide.dimensions == (1000, 1200) and slide.mpp == pytest.approx(0.5)
+    assert len(slide.level_downsamples) == 4
+    x, y, w, h = 100, 64, 96, 80
+    got, ref = slide.read_region(x, y, w, h, ds).astype(int), reference(img, x, y, w, h, ds)
+    err = np.abs(got - ref)
+    if key[1] == "zlib" and ds == int(ds):  # lossless: exact at level 0; levels are rounded 2x2 means
+        assert err.max() <= (0 if ds == 1 else 2), err.max()
+    elif key[1] == "zlib":  # 6.25 = level 4x, then 1.5625 over its pixels, taken as uniform blocks
+        assert err.mean() < 4, err.mean()
+    else:  # JPEG quality 90
+        assert err.mean() < 6 and np.percentile(err, 99) < 24, (err.mean(), err.max())
+
+
+def test_read_region_out_of_bounds_is_background(slides):
+    img, paths = slides
+    slide = data.open_slide(paths["svs", "zlib"])
+    r = slide.read_region(-50, 1150, 100, 100, 1.0)
+    assert (r[:, :50] == 255).all() and (r[50:] == 255).all()
+    assert np.array_equal(r[:50, 50:], img[1150:, :50])
+
+
+def test_real_aperio_slide():
+    slide = data.open_slide(CMU)
+    assert slide.dimensions == (2220, 2967) and slide.mpp == pytest.approx(0.499)
+    r = slide.read_region(1000, 1000, 64, 64)
+    assert r.shape == (64, 64, 3) and r.dtype == np.uint8
+
+
+def test_tissue_detection(slides):
+    img, _ = slides
+    m = data.tissue_mask(img)
+    assert m[:, :600].mean() > 0.95 and not m[:, 700:].any()
+    assert data.tissue_fraction(img) == pytest.approx(2 / 3, abs=0.02)
+    assert data.tissue_fraction(np.zeros((8, 8, 3), np.uint8)) == 0  # black is not tissue
+
+
+def test_nine_datasets_shapes_and_ranges(slides, tmp_path):
+    _, paths = slides
+    p = small_preset()
+    for stage in (1, 2, 3):
+        for level in range(3):
+            ds = data.StageLevelDataset([paths["svs", "zlib"]], p, stage, level, region_size=400,
+                                        cache_dir=str(tmp_path), length=4)
+            item = ds[1]
+            L = p.level_sizes[level] if level < 2 else p.train_crop
+            assert item["x0"].shape == (3, L, L)
+            assert item["cond"].shape == (cascade.cond_channels(stage, level), L, L)
+            for t in item.values():
+                assert t.dtype == torch.float32
+                assert t.numel() == 0 or t.min() >= -1 and t.max() <= 1
+            assert torch.equal(ds[1]["x0"], item["x0"])  # a pure function of (seed, idx)
+
+
+def _corr(a, b):
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_conditioning_aligned_with_target(tmp_path, stage):
+    """On a slide of smooth waves (periods 150 / 170 px: resolved at every stage) the region
+    crop (the stage below, upsampled) must line up with the target: high correlation; the
+    same crop 8 stage pixels (a quarter wave) off does not."""
+    yy, xx = np.meshgrid(np.arange(700), np.arange(700), indexing="ij")
+    t = (0.5 + 0.25 * np.sin(2 * np.pi * yy / 150) + 0.25 * np.sin(2 * np.pi * xx / 170))[..., None]
+    img = ((1 - t) * np.array([230, 150, 200]) + t * np.array([110, 50, 140])).round().astype(np.uint8)
+    path = str(tmp_path / "waves.svs")
+    write_slide(path, img)
+    p = small_preset()
+    ds = data.StageLevelDataset([path], p, stage, 1, region_size=600, cache_dir=str(tmp_path),
+                                augment=False, min_tissue=0.9)
+    for idx in range(3):
+        item = ds[idx]
+        target, region = item["x0"].mean(0), item["cond"][6:9].mean(0)  # level 1: lowres | context | region
+        assert _corr(target, region) > 0.8
+        assert _corr(target, torch.roll(region, (4, 4), dims=(0, 1))) < 0.5  # 8 stage px off in y and x
+        assert _corr(cascade.make_lowres(cascade.downsample(item["x0"][None], 8), 16)[0].mean(0), target) > 0.8
+
+
+def test_dihedral_same_for_target_and_conditioning():
+    x = torch.arange(2 * 9 * 4 * 4, dtype=torch.float32).reshape(2, 9, 4, 4)
+    outs = {tuple(data.dihedral(x, k).flatten().tolist()) for k in range(8)}
+    assert len(outs) == 8
+    for k in range(8):  # each channel group gets the same symmetry
+        y = data.dihedral(x, k)
+        assert torch.equal(y[:, 3:6] - 48, y[:, :3]) and torch.equal(y[:, 6:9] - 96, y[:, :3])
+
+
+def test_cache_built_once(slides, tmp_path, monkeypatch):
+    _, paths = slides
+    calls = []
+    real = data._build_stage_image
+    monkeypatch.setattr(data, "_build_stage_image", lambda *a, **k: (calls.append(a), real(*a, **k)))
+    p = small_preset()
+    c1 = data.slide_cache(paths["svs", "zlib"], p, 400, cache_dir=str(tmp_path))
+    c2 = data.slide_cache(paths["svs", "zlib"], p, 400, cache_dir=str(tmp_path))
+    assert len(calls) == 2  # stage 1 and stage 2, once
+    assert c1["stage2"].shape == (88, 88, 3) and np.array_equal(c1["stage2"], c2["stage2"])
+    ds = data.StageLevelDataset([paths["svs", "zlib"]], p, 2, 0, region_size=400, cache_dir=str(tmp_path))
+    monkeypatch.setattr(data, "open_slide", lambda *a: pytest.fail("stage-2 samples must not re-read the slide"))
+    for idx in range(5):
+        ds[idx]
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_inputs_give_one_line_errors(tmp_path, slides):
+    _, paths = slides
+    cases = {}
+    cases["missing"] = str(tmp_path / "nope.svs")
+    (tmp_path / "notes.svs").write_text("this is not a slide")
+    cases["not an image"] = str(tmp_path / "notes.svs")
+    raw = open(paths["svs", "zlib"], "rb").read()
+    (tmp_path / "trunc.svs").write_bytes(raw[:len(raw) // 3])
+    cases["truncated"] = str(tmp_path / "trunc.svs")
+    Image.new("CMYK", (32, 32)).save(tmp_path / "cmyk.jpg")
+    cases["cmyk"] = str(tmp_path / "cmyk.jpg")
+    tifffile.imwrite(tmp_path / "cmyk.tif", np.zeros((64, 64, 4), np.uint8), photometric="separated", tile=(32, 32))
+    cases["cmyk tiff"] = str(tmp_path / "cmyk.tif")
+    for name, path in cases.items():
+        with pytest.raises(data.SlideError) as e:
+            data.open_slide(path).read_region(0, 0, 900, 900, 1)
+        msg = str(e.value)
+        assert "\n" not in msg and os.path.basename(path) in msg, (name, msg)
+
+
+def test_corrupt_tile_is_reported(tmp_path, slides):
+    _, paths = slides
+    path = tmp_path / "corrupt.svs"
+    shutil.copy(paths["svs", "jpeg"], path)
+    page = tifffile.TiffFile(path).pages[0]
+    off, n = page.dataoffsets[3], page.databytecounts[3]
+    with open(path, "r+b") as f:
+        f.seek(off)
+        f.write(b"\x00" * n)
+    slide = data.open_slide(str(path))
+    with pytest.raises(data.SlideError, match="corrupt tile 3"):
+        slide.read_region(0, 0, 1000, 300)
+
+
+def test_colour_layouts_converted(tmp_path):
+    gray = (np.arange(64 * 64) % 251).astype(np.uint8).reshape(64, 64)
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    r = data.open_slide(str(tmp_path / "gray.png")).read_region(0, 0, 64, 64)
+    assert np.array_equal(r, np.repeat(gray[..., None], 3, -1))
+    tifffile.imwrite(tmp_path / "gray.tif", gray, tile=(32, 32))
+    assert np.array_equal(data.open_slide(str(tmp_path / "gray.tif")).read_region(0, 0, 64, 64), r)
+    rgba = np.zeros((8, 8, 4), np.uint8)  # fully transparent -> white
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    assert (data.open_slide(str(tmp_path / "rgba.png")).read_region(0, 0, 8, 8) == 255).all()
+
+
+def test_small_slide_padded_with_warning(tmp_path):
+    Image.fromarray(synthetic_rgb(100, 120)).save(tmp_path / "small.png")
+    slide = data.open_slide(str(tmp_path / "small.png"))
+    with pytest.warns(UserWarning, match="smaller than the 400 px region"):
+        x, y = data.choose_region(slide, 400)
+    assert (x, y) == (-140, -150)
+
+
+def test_directory_with_a_bad_file(tmp_path, slides, capsys):
+    _, paths = slides
+    shutil.copy(paths["svs", "zlib"], tmp_path / "good.svs")
+    (tmp_path / "bad.svs").write_text("garbage")
+    assert data.list_slides(str(tmp_path)) == [str(tmp_path / "good.svs")]
+    err = capsys.readouterr().err
+    assert "bad.svs" in err and "1 of 2 slides usable, 1 skipped" in err
+
+
+def test_cli_prints_and_writes_preview(tmp_path, capsys):
+    out = tmp_path / "preview.png"
+    data.main([CMU, "--out", str(out), "--cache", str(tmp_path / "cache")])
+    text = capsys.readouterr().out
+    assert "2220 x 2967" in text and "MPP 0.499" in text and "tissue fraction" in text
+    assert Image.open(out).size[1] > 9 * 128
