@@ -57,6 +57,11 @@ class Preset:
     def to_dict(self):
         return asdict(self)
 
+    def model_dict(self):
+        """The fields a trained model depends on (not the sampling defaults: steps, sampler,
+        aug_sample), compared when a checkpoint is loaded."""
+        return {k: v for k, v in asdict(self).items() if k not in ("steps", "sampler", "aug_sample")}
+
 
 PRESETS = {
     # DESIGN §2: P = 1024, stages 1024 / 6400 / 41344, 64 -> 256 -> 1024 px per CDM.
@@ -65,8 +70,11 @@ PRESETS = {
                     schedules=("cosine", "cosine", "linear")),
     # Same structure at CPU size: stages 256 / 704 / 2048, 16 -> 64 -> 256 px per CDM.
     "demo": Preset("demo", patch=256, n_patches=(1, 3, 9), level_sizes=(16, 64, 256),
-                   unets=("demo", "demo", "demo"), steps=(50, 25, 15),
-                   schedules=("cosine", "cosine", "linear"), train_crop=128),
+                   unets=("demo_base", "demo", "demo"), steps=(50, 25, 15),
+                   schedules=("cosine", "cosine", "linear"), train_crop=64),
+    # For tests and smoke runs: stages 32 / 88 / 116, 8 -> 16 -> 32 px, a few steps.
+    "tiny": Preset("tiny", patch=32, n_patches=(1, 3, 4), level_sizes=(8, 16, 32), unets=("tiny",) * 3,
+                   steps=(3, 3, 3), schedules=("cosine", "cosine", "linear"), train_crop=16),
 }
 
 
@@ -111,11 +119,19 @@ def context_crop(lower, y0, x0, P, r, background):
     return window(lower, cy, cx, P, P, background)
 
 
+def region_window(lower, y0, x0, P, r):
+    """The stage s-1 pixels under the patch, [floor(y0/r), ceil((y0+P)/r)), uint8, not resampled:
+    what the white-patch test looks at (about 164 px at paper size, instead of P x P)."""
+    H, W = lower.shape[:2]
+    ya, xa = max(math.floor(y0 / r), 0), max(math.floor(x0 / r), 0)
+    return np.asarray(lower[ya:min(math.ceil((y0 + P) / r), H), xa:min(math.ceil((x0 + P) / r), W)])
+
+
 def region_crop(lower, y0, x0, P, r):
     """The stage s-1 pixels under the patch, [y0/r, (y0+P)/r), upsampled to P x P.
 
     Bilinear, at the exact sub-pixel position (Y + 0.5)/r - 0.5 of each stage-s pixel Y
-    (clamped to the image), computed in float64 from global coordinates only, so that
+    (clamped to the image), computed separably from global coordinates only, so that
     overlapping patches get bit-identical values where they overlap. It is also the fill
     of white patches (the "upscaled medium-magnification image" [PAPER]).
     Returns float (1, 3, P, P) in [-1, 1]."""
@@ -124,16 +140,15 @@ def region_crop(lower, y0, x0, P, r):
     def taps(q0, size):  # (lo, hi, weight of hi) per output pixel, source indices in [0, size)
         s = ((torch.arange(P, dtype=torch.float64) + 0.5 + q0) / r - 0.5).clamp(0, size - 1)
         lo = s.floor().long()
-        return lo, (lo + 1).clamp(max=size - 1), s - lo
+        return lo, (lo + 1).clamp(max=size - 1), (s - lo).float()
 
     ylo, yhi, wy = taps(y0, H)
     xlo, xhi, wx = taps(x0, W)
     ya, xa = int(ylo[0]), int(xlo[0])
-    crop = torch.from_numpy(np.ascontiguousarray(lower[ya:int(yhi[-1]) + 1, xa:int(xhi[-1]) + 1])).double()
-    rows = lambda idx: crop[idx - ya]  # (P, w, 3)
-    top = lambda rr: rr[:, xlo - xa] * (1 - wx)[None, :, None] + rr[:, xhi - xa] * wx[None, :, None]
-    out = top(rows(ylo)) * (1 - wy)[:, None, None] + top(rows(yhi)) * wy[:, None, None]  # (P, P, 3)
-    return (out / 127.5 - 1).float().permute(2, 0, 1)[None]
+    crop = torch.from_numpy(np.array(lower[ya:int(yhi[-1]) + 1, xa:int(xhi[-1]) + 1], dtype=np.float32))
+    rows = crop[ylo - ya] * (1 - wy)[:, None, None] + crop[yhi - ya] * wy[:, None, None]  # (P, w, 3)
+    out = rows[:, xlo - xa] * (1 - wx)[None, :, None] + rows[:, xhi - xa] * wx[None, :, None]  # (P, P, 3)
+    return (out / 127.5 - 1).permute(2, 0, 1)[None]
 
 
 def to_float(u8):
@@ -189,17 +204,20 @@ class CDM:
     """One stage's cascade of three U-Nets [PAPER Eq. 3]: C_0 from noise, C_l conditioned
     on I_(l-1) (and, for stages 2-3, on context and region)."""
 
-    def __init__(self, preset, stage, nets, conditioned=True):
+    def __init__(self, preset, stage, nets, conditioned=True, device="cpu"):
         # nets: three callables net(x_t, lam, cond, aug_lam) -> v_hat (U-Nets, or closed forms in tests)
         self.preset, self.stage, self.nets, self.conditioned = preset, stage, list(nets), conditioned
+        self.device = torch.device(device)
 
     def model_fn(self, level, cond, aug_t):
         """model_fn(x_t, t) -> v_hat for sde.sample, with the conditioning bound."""
         net, schedule = self.nets[level], self.preset.schedules[level]
         aug_lam = None if cond is None else sde.log_snr(aug_t, "cosine").float()
 
+        aug_lam = None if aug_lam is None else aug_lam.to(self.device)
+
         def fn(x_t, t):
-            return net(x_t, sde.log_snr(t, schedule).float(), cond, aug_lam)
+            return net(x_t, sde.log_snr(t.cpu(), schedule).float().to(self.device), cond, aug_lam)
         return fn
 
     @torch.no_grad()
@@ -214,8 +232,10 @@ class CDM:
         context, region: (B, 3, P, P) float crops of the stage below (stages 2-3).
         steps, sampler: per-level step counts and sampler; None = the preset's.
         Returns (B, 3, P, P) float in [-1, 1]; known pixels are exact."""
-        p, B = self.preset, len(generators)
+        p, B, dev = self.preset, len(generators), self.device
         steps = steps or p.steps
+        to = lambda t: None if t is None else t.to(dev)
+        known, mask, context, region = to(known), to(mask), to(context), to(region)
         x = None
         for level, L in enumerate(p.level_sizes):
             cond = level_inputs(p, self.stage, level, x, context, region, self.conditioned)
@@ -228,9 +248,9 @@ class CDM:
                 m = downsample(mask.float(), L) > 0.999
             x = sde.sample(self.model_fn(level, cond, aug_t), (B, 3, L, L), steps=steps[level],
                            sampler=sampler or p.sampler, schedule=p.schedules[level], known=k, mask=m,
-                           generator=generators, resample=resample)
+                           generator=generators, resample=resample, device=dev)
             x = x.clamp(-1, 1)
-        return x
+        return x.cpu()
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -263,7 +283,8 @@ def load_unet(path, preset, stage, level, device="cpu"):
     if (ck["stage"], ck["level"]) != (stage, level):
         raise ValueError(f"{path}: holds stage {ck['stage']} level {ck['level']}, expected stage {stage} "
                          f"level {level}; rename or retrain it")
-    if ck["preset"] != preset.to_dict():
+    saved = {k: v for k, v in ck["preset"].items() if k in preset.model_dict()}
+    if saved != preset.model_dict():
         raise ValueError(f"{path}: trained for preset {ck['preset'].get('name')!r} with other settings than "
                          f"preset {preset.name!r}; pass the matching --preset or retrain")
     net = unet_mod.UNet(unet_mod.UNetConfig(**ck["unet_config"]))
@@ -278,4 +299,4 @@ def load_cdm(ckpt_dir, preset, stage, device="cpu"):
     flags = {c for _, c in loaded}
     if len(flags) != 1:
         raise ValueError(f"{ckpt_dir}: stage {stage} mixes conditioned and outpainting models")
-    return CDM(preset, stage, [n for n, _ in loaded], conditioned=flags.pop())
+    return CDM(preset, stage, [n for n, _ in loaded], conditioned=flags.pop(), device=device)

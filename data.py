@@ -378,9 +378,9 @@ class StageLevelDataset(torch.utils.data.Dataset):
         r = cascade.zoom(p, self.stage)
         for _ in range(10):
             y0, x0 = (int(v) for v in rng.integers(0, N - P + 1, size=2))
-            region = cascade.region_crop(lower, y0, x0, P, r)
-            if tissue_fraction(cascade.to_uint8(region)[0]) >= self.min_tissue:
+            if tissue_fraction(cascade.region_window(lower, y0, x0, P, r)) >= self.min_tissue:
                 break
+        region = cascade.region_crop(lower, y0, x0, P, r)
         if self.stage == 2:
             target = np.asarray(cache["stage2"][y0:y0 + P, x0:x0 + P])
         else:

@@ -131,7 +131,7 @@ class StageStats:
 
 def generate_stage(sample_fn, grid, canvas, *, stage, seed, order="raster", batch=1, lower=None,
                    zoom=None, background=255, white_threshold=0.0, tissue_fraction=None,
-                   done=(), share=None, on_round=None, progress=None):
+                   done=(), share=None, on_round=None, after_round=None):
     """Generate every patch of a stage into `canvas`, round by round.
 
     sample_fn:  callable(generators, known=, mask=, context=, region=) -> (B, 3, P, P) float,
@@ -146,7 +146,8 @@ def generate_stage(sample_fn, grid, canvas, *, stage, seed, order="raster", batc
     share:      callable(list of batches) -> this rank's batches of a round (None: all).
     on_round:   callable(round, results) -> results of the whole round (all ranks), where
                 results is a list of ((i, j), uint8 (P, P, 3), skipped: bool); called after
-                this rank's part, before writing. Also where a journal is updated.
+                this rank's part, before writing (e.g. an all-gather between ranks).
+    after_round: callable(stats, results) after the round is written (journal, progress).
     Returns StageStats.
     """
     P, stats = grid.patch, StageStats()
@@ -172,8 +173,8 @@ def generate_stage(sample_fn, grid, canvas, *, stage, seed, order="raster", batc
             canvas.write(*grid.origin(i, j), pixels)
             stats.skipped_white += skipped
             stats.generated += not skipped
-        if progress is not None:
-            progress(stats, len(results))
+        if after_round is not None:
+            after_round(stats, results)
     return stats
 
 
@@ -191,7 +192,8 @@ def _generate_chunk(sample_fn, grid, canvas, chunk, k, finished_round, stage, se
         if lower is not None:
             contexts.append(cascade.to_float(cascade.context_crop(lower, y0, x0, P, zoom, background)))
             regions.append(cascade.region_crop(lower, y0, x0, P, zoom))
-            white.append(white_threshold > 0 and tissue_fraction(cascade.to_uint8(regions[-1])[0]) < white_threshold)
+            white.append(white_threshold > 0 and
+                         tissue_fraction(cascade.region_window(lower, y0, x0, P, zoom)) < white_threshold)
         else:
             white.append(False)
     known, mask = torch.cat(known), torch.stack(masks)  # (B, 3, P, P), (B, 1, P, P)

@@ -57,6 +57,7 @@ CONFIGS = {
     "paper1024": UNetConfig(width=128, mults=(1, 2, 4, 8), blocks=(2, 4, 6, 8), attn=(False,) * 4),
     # Small models for the CPU demo and for tests.
     "demo": UNetConfig(width=32, mults=(1, 2, 2), blocks=1, attn=(False, False, True), head_dim=32),
+    "demo_base": UNetConfig(width=32, mults=(1, 2), blocks=1, attn=(False, True), head_dim=32),
     "tiny": UNetConfig(width=16, mults=(1, 2), blocks=1, attn=(False, True), head_dim=16, groups=8),
 }
 

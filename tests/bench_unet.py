@@ -1,4 +1,5 @@
-"""Benchmark: U-Net forward+backward images/s, fp32 vs channels_last vs bf16 autocast.
+"""Benchmark: U-Net forward+backward (or, with --train, full training step) images/s,
+fp32 vs channels_last vs bf16 autocast.
 
 Not a test (pytest does not collect it). Example:
     python tests/bench_unet.py --config paper256 --size 256 --batch 2
@@ -15,11 +16,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import unet  # noqa: E402
 
 
-def bench(model, x, lam, cond, steps, autocast):
+def bench(model, x, lam, cond, steps, autocast, opt=None):
     def step():
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             out = model(x, lam, cond, lam)
         out.float().square().mean().backward()
+        if opt is not None:  # a full training step, as train.py does it
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     step()  # warm-up
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -34,6 +39,7 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=5, help="timed iterations per variant")
     p.add_argument("--cond-ch", type=int, default=9, help="conditioning channels (0 for a base model)")
+    p.add_argument("--train", action="store_true", help="time full training steps (+ grad clip + Adam)")
     args = p.parse_args()
     cfg = unet.get_config(args.config, cond_ch=args.cond_ch, aug_emb=args.cond_ch > 0)
     model = unet.UNet(cfg)
@@ -51,9 +57,10 @@ def main():
     for name, cl, ac in variants:
         fmt = torch.channels_last if cl else torch.contiguous_format
         m = model.to(memory_format=fmt)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-4, betas=(0.9, 0.99)) if args.train else None
         ips = bench(m, x.to(memory_format=fmt), lam, None if cond is None else cond.to(memory_format=fmt),
-                    args.steps, ac)
-        print(f"  {name:20s} {ips:8.2f} images/s (forward+backward)")
+                    args.steps, ac, opt)
+        print(f"  {name:20s} {ips:8.2f} images/s ({'training step' if args.train else 'forward+backward'})")
     if not cpu_bf16:
         print("  bf16 autocast skipped: this CPU has no native bf16 support")
 

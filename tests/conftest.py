@@ -43,9 +43,9 @@ def oracle_net(mu=0.0, s=0.5, cond_weight=0.05):
 
 
 def small_preset(**kw):
-    """P = 32 (overlap 4), stages 32 / 88 / 116, levels 8 -> 16 -> 32: same structure as the paper."""
+    """The 'tiny' preset (P = 32, overlap 4, stages 32 / 88 / 116, levels 8 -> 16 -> 32: the paper's
+    structure), with fields replaced by kw."""
+    import dataclasses
+
     import cascade
-    args = dict(name="test", patch=32, n_patches=(1, 3, 4), level_sizes=(8, 16, 32), unets=("tiny",) * 3,
-                steps=(3, 3, 3), schedules=("cosine", "cosine", "linear"), train_crop=16)
-    args.update(kw)
-    return cascade.Preset(**args)
+    return dataclasses.replace(cascade.get_preset("tiny"), **kw)

@@ -1,0 +1,119 @@
+"""metrics.py: Frechet distance, improved precision/recall, crops, the CLI end to end."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import metrics
+from conftest import small_preset
+from test_data import synthetic_rgb, write_slide
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    U = np.linalg.qr(rng.normal(size=(6, 6)))[0]
+    a, b = rng.uniform(0.1, 2, 6), rng.uniform(0.1, 2, 6)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    # Commuting covariances: tr sqrt(S1 S2) = sum sqrt(a_i b_i).
+    fd = metrics.frechet_distance(mu1, U @ np.diag(a) @ U.T, mu2, U @ np.diag(b) @ U.T)
+    assert fd == pytest.approx(((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum(), rel=1e-9)
+    # Non-commuting 2x2: tr sqrt(AB) = sqrt(tr(AB) + 2 sqrt(det(AB))).
+    A, B = np.array([[2.0, 0.5], [0.5, 1.0]]), np.array([[1.0, -0.3], [-0.3, 0.5]])
+    tr = np.sqrt(np.trace(A @ B) + 2 * np.sqrt(np.linalg.det(A @ B)))
+    assert metrics.frechet_distance(np.zeros(2), A, np.zeros(2), B) == pytest.approx(np.trace(A + B) - 2 * tr)
+
+
+def test_identical_sets_give_zero_even_with_more_dims_than_samples():
+    feats = np.random.default_rng(1).normal(size=(10, 64))  # rank-deficient covariance
+    assert metrics.fid_from_features(feats, feats) == pytest.approx(0, abs=1e-6)
+    assert metrics.fid_from_features(feats, feats + 1) == pytest.approx(64, rel=1e-6)
+
+
+def _brute_force_pr(real, fake, k):
+    d = lambda a, b: np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))
+    def radii(x):
+        m = d(x, x)
+        np.fill_diagonal(m, np.inf)
+        return np.sort(m, 1)[:, k - 1]
+    prec = (d(fake, real) <= radii(real)[None]).any(1).mean()
+    rec = (d(real, fake) <= radii(fake)[None]).any(1).mean()
+    return prec, rec
+
+
+def test_precision_recall_constructed_sets():
+    real = np.array([0, 1, 2, 3, 4, 20], np.float32)[:, None]  # k = 1 radii: 1 1 1 1 1 16
+    fake = np.array([-0.5, 0.5, 2.2, 4.9, 10, 40], np.float32)[:, None]
+    # precision: 40 is outside every real ball, 10 lies in the ball of 20 -> 5/6;
+    # recall (fake radii 1 1 1.7 2.7 5.1 30): 20 is covered by the ball of 40 (|20-40| = 20 <= 30) -> 6/6
+    assert metrics.precision_recall(real, fake, k=1) == pytest.approx((5 / 6, 1.0))
+    # on the boundary counts (<=): a fake point exactly at distance 1 from real 4
+    assert metrics.precision_recall(real, np.array([[5.0], [41.0]], np.float32), k=1)[0] == 0.5
+
+
+def test_precision_recall_duplicates():
+    real = np.array([[0.0], [0.0], [5.0]], np.float32)  # k = 1: the two zeros have radius 0
+    assert metrics.precision_recall(real, np.array([[0.0], [100.0]], np.float32), k=1)[0] == 0.5
+    feats = np.random.default_rng(2).normal(size=(50, 8)).astype(np.float32)
+    assert metrics.precision_recall(feats, feats.copy(), k=3) == (1.0, 1.0)
+
+
+def test_chunked_equals_unchunked_and_brute_force():
+    rng = np.random.default_rng(3)
+    real, fake = rng.normal(size=(300, 16)).astype(np.float32), rng.normal(0.3, 1.1, (250, 16)).astype(np.float32)
+    a = metrics.precision_recall(real, fake, k=3, chunk=4096)
+    b = metrics.precision_recall(real, fake, k=3, chunk=7)
+    assert a == b
+    assert a == pytest.approx(_brute_force_pr(real.astype(np.float64), fake.astype(np.float64), 3))
+
+
+def random_net(path):
+    """A small fixed-seed random conv net saved as TorchScript: (B, 3, H, W) in [0, 255] -> (B, 32)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 5, stride=4), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, stride=2),
+                              torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    torch.jit.script(net).save(str(path))
+    return str(path)
+
+
+def test_transforms_replayed_identically(tmp_path):
+    p = small_preset()
+    for kind in (0, 1, 2, "pfid"):
+        assert metrics.transforms(kind, 20, p, seed=4) == metrics.transforms(kind, 20, p, seed=4)
+    scales = [t[1] for t in metrics.transforms("pfid", 200, p)]
+    assert min(scales) >= 32 / 116 - 1e-9 and max(scales) <= 1 and np.std(scales) > 0.1
+    # Two sources over the same slide yield identical crops, so identical features.
+    path = str(tmp_path / "s.svs")
+    write_slide(path, synthetic_rgb(300, 300))
+    net = metrics.FeatureNet(random_net(tmp_path / "net.pt"), "inception", "--inception")
+    f1 = metrics.patch_features(metrics.Source(path, p), 2, 6, net, min_tissue=0)
+    f2 = metrics.patch_features(metrics.Source(path, p), 2, 6, net, min_tissue=0)
+    assert np.array_equal(f1, f2) and f1.shape == (6, 32)
+
+
+def test_missing_network_file_names_the_flag(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--vgg .*nope.pt: no such file"):
+        metrics.FeatureNet(str(tmp_path / "nope.pt"), "vgg", "--vgg")
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    for name, seed in (("real", 0), ("fake", 1)):
+        (tmp_path / name).mkdir()
+        for k in range(2):
+            write_slide(str(tmp_path / name / f"s{k}.svs"), synthetic_rgb(260, 240, seed=10 * seed + k))
+    net = random_net(tmp_path / "net.pt")
+    args = ["--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--mag", "0", "1", "2", "--n", "12",
+            "--pfid", "--inception", net, "--vgg", net, "--preset", "tiny", "--cache", str(tmp_path / "cache"),
+            "--json", str(tmp_path / "m.json"), "--min-tissue", "0.1"]
+    res = metrics.main(args)
+    out = capsys.readouterr().out
+    assert "FID/pFID" in out and "mag2" in out and "pfid" in out
+    saved = json.load(open(tmp_path / "m.json"))
+    assert saved == json.loads(json.dumps(res))
+    assert saved["mag0"]["n_real"] == 2 and saved["mag2"]["n_real"] > 3
+    assert 0 <= saved["mag2"]["ip"] <= 1 and saved["mag2"]["fid"] > 0
+    n_cached = len(os.listdir(tmp_path / "cache"))
+    same = metrics.main(args[:2] + ["--fake", str(tmp_path / "real")] + args[4:])  # real vs itself
+    assert same["mag2"]["fid"] == pytest.approx(0, abs=1e-3) and same["mag2"]["ip"] == 1 and same["mag2"]["ir"] == 1
+    assert len(os.listdir(tmp_path / "cache")) == n_cached  # the real set was embedded once

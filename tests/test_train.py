@@ -1,0 +1,98 @@
+"""train.py: the three kinds of model, DDP under torchrun, exact resume, faults."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import cascade
+import train
+from conftest import ROOT
+
+SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
+
+
+def _args(tmp_path, *extra, out="ck"):
+    return ["--preset", "tiny", "--data", SLIDE, "--out", str(tmp_path / out), "--cache", str(tmp_path / "cache"),
+            "--batch", "2", "--log-every", "1", *extra]
+
+
+@pytest.mark.parametrize("stage,level", [(1, 0), (2, 1), (3, 2)])
+def test_few_steps_each_kind(tmp_path, stage, level, capsys):
+    train.main(_args(tmp_path, "--stage", str(stage), "--level", str(level), "--max-steps", "3",
+                     "--sample-every", "3", "--sample-steps", "2"))
+    ck = torch.load(tmp_path / "ck" / cascade.model_filename(stage, level), weights_only=True)
+    assert ck["step"] == 3 and ck["data_position"] == 6 and ck["stage"] == stage and ck["level"] == level
+    assert any(not torch.equal(ck["ema"][k], ck["model"][k]) for k in ck["model"])
+    assert os.listdir(tmp_path / "ck" / "samples")
+    assert "loss" in capsys.readouterr().out
+    net, conditioned = cascade.load_unet(str(tmp_path / "ck" / cascade.model_filename(stage, level)),
+                                         cascade.get_preset("tiny"), stage, level)
+    assert conditioned and net.cfg.cond_ch == cascade.cond_channels(stage, level)
+
+
+def test_resume_equals_straight_run(tmp_path):
+    train.main(_args(tmp_path, "--stage", "2", "--level", "0", "--max-steps", "6", out="straight"))
+    train.main(_args(tmp_path, "--stage", "2", "--level", "0", "--max-steps", "3", out="resumed"))
+    train.main(_args(tmp_path, "--stage", "2", "--level", "0", "--max-steps", "6", out="resumed"))
+    a = torch.load(tmp_path / "straight" / "stage2_level0.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "stage2_level0.pt", weights_only=True)
+    for key in ("model", "ema"):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+
+
+def test_resume_with_other_config_refused(tmp_path):
+    train.main(_args(tmp_path, "--stage", "2", "--level", "0", "--max-steps", "1"))
+    with pytest.raises(SystemExit, match="was trained with another"):
+        train.main(_args(tmp_path, "--stage", "2", "--level", "0", "--max-steps", "2", "--outpaint"))
+
+
+def test_nonfinite_losses_skipped_then_stop(tmp_path, monkeypatch, capsys):
+    real = train.Trainer.loss
+    bad_steps = {1, 2}
+    monkeypatch.setattr(train.Trainer, "loss",
+                        lambda self, b, g: real(self, b, g) * (float("nan") if self.step in bad_steps else 1.0))
+    train.main(_args(tmp_path, "--stage", "1", "--level", "0", "--max-steps", "4", "--save-every", "1"))
+    path = tmp_path / "ck" / "stage1_level0.pt"
+    ck = torch.load(path, weights_only=True)
+    assert ck["step"] == 4 and ck["nonfinite_total"] == 2
+    bad_steps.update(range(100))
+    before = path.read_bytes()
+    with pytest.raises(FloatingPointError, match="3 non-finite losses in a row"):
+        train.main(_args(tmp_path, "--stage", "1", "--level", "0", "--max-steps", "10", "--max-nonfinite", "3"))
+    assert path.read_bytes() == before  # last good checkpoint intact
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+
+
+def test_sigterm_saves_and_exits(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *_args(tmp_path, "--stage", "1", "--level", "0",
+                                                                   "--max-steps", "100000")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    for line in proc.stdout:  # wait until it trains
+        if "step 3/" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and "stopped by signal" in out
+    ck = torch.load(tmp_path / "ck" / "stage1_level0.pt", weights_only=True)
+    assert 3 <= ck["step"] < 100000
+
+
+def test_two_rank_torchrun_replicas_identical(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           os.path.join(ROOT, "train.py"), *_args(tmp_path, "--stage", "2", "--level", "1", "--max-steps", "3")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    sums = re.findall(r"rank (\d): weights sha1 ([0-9a-f]+)", out.stdout)
+    assert len(sums) == 2 and sums[0][1] == sums[1][1], out.stdout
+    assert "global batch 4" in out.stdout
+    ck = torch.load(tmp_path / "ck" / "stage2_level1.pt", weights_only=True)
+    assert ck["step"] == 3 and ck["data_position"] == 12
