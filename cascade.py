@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import sde
@@ -70,7 +71,7 @@ PRESETS = {
                     schedules=("cosine", "cosine", "linear")),
     # Same structure at CPU size: stages 256 / 704 / 2048, 16 -> 64 -> 256 px per CDM.
     "demo": Preset("demo", patch=256, n_patches=(1, 3, 9), level_sizes=(16, 64, 256),
-                   unets=("demo_base", "demo", "demo"), steps=(50, 25, 15),
+                   unets=("demo_base", "demo", "demo"), steps=(50, 25, 10),
                    schedules=("cosine", "cosine", "linear"), train_crop=64),
     # For tests and smoke runs: stages 32 / 88 / 116, 8 -> 16 -> 32 px, a few steps.
     "tiny": Preset("tiny", patch=32, n_patches=(1, 3, 4), level_sizes=(8, 16, 32), unets=("tiny",) * 3,
@@ -204,10 +205,11 @@ class CDM:
     """One stage's cascade of three U-Nets [PAPER Eq. 3]: C_0 from noise, C_l conditioned
     on I_(l-1) (and, for stages 2-3, on context and region)."""
 
-    def __init__(self, preset, stage, nets, conditioned=True, device="cpu"):
+    def __init__(self, preset, stage, nets, conditioned=True, device="cpu", bf16=False):
         # nets: three callables net(x_t, lam, cond, aug_lam) -> v_hat (U-Nets, or closed forms in tests)
+        # bf16: run the networks under bfloat16 autocast (the sampler's state stays float32)
         self.preset, self.stage, self.nets, self.conditioned = preset, stage, list(nets), conditioned
-        self.device = torch.device(device)
+        self.device, self.bf16 = torch.device(device), bf16
 
     def model_fn(self, level, cond, aug_t):
         """model_fn(x_t, t) -> v_hat for sde.sample, with the conditioning bound."""
@@ -217,7 +219,8 @@ class CDM:
         aug_lam = None if aug_lam is None else aug_lam.to(self.device)
 
         def fn(x_t, t):
-            return net(x_t, sde.log_snr(t.cpu(), schedule).float().to(self.device), cond, aug_lam)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                return net(x_t, sde.log_snr(t.cpu(), schedule).float().to(self.device), cond, aug_lam).float()
         return fn
 
     @torch.no_grad()
@@ -289,14 +292,32 @@ def load_unet(path, preset, stage, level, device="cpu"):
                          f"preset {preset.name!r}; pass the matching --preset or retrain")
     net = unet_mod.UNet(unet_mod.UNetConfig(**ck["unet_config"]))
     net.load_state_dict(ck["ema"])
-    return net.to(device).eval(), ck.get("conditioned", True)
+    # channels_last: about 4x faster convolutions on CPU (tests/bench_unet.py), same on GPU
+    return net.to(device, memory_format=torch.channels_last).eval(), ck.get("conditioned", True)
 
 
-def load_cdm(ckpt_dir, preset, stage, device="cpu"):
+def load_cdm(ckpt_dir, preset, stage, device="cpu", bf16=False):
     """The CDM of one stage from CKPT_DIR/stage{s}_level{0,1,2}.pt."""
     loaded = [load_unet(os.path.join(ckpt_dir, model_filename(stage, lvl)), preset, stage, lvl, device)
               for lvl in range(3)]
     flags = {c for _, c in loaded}
     if len(flags) != 1:
         raise ValueError(f"{ckpt_dir}: stage {stage} mixes conditioned and outpainting models")
-    return CDM(preset, stage, [n for n, _ in loaded], conditioned=flags.pop(), device=device)
+    return CDM(preset, stage, [n for n, _ in loaded], conditioned=flags.pop(), device=device, bf16=bf16)
+
+
+# ----------------------------------------------------------------------------- processes
+
+def init_distributed(device_arg=None):
+    """torchrun or plain python [nanoGPT]: returns (ddp, rank, world, device). Under torchrun the
+    process group uses nccl on GPU and gloo on CPU; device_arg: 'cuda', 'cpu' or None (auto)."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world, local = 0, 1, 0
+    cuda = torch.cuda.is_available() and device_arg != "cpu"
+    if ddp:
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}" if cuda else (device_arg or "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return ddp, rank, world, device

@@ -20,11 +20,10 @@ References
   [tifffile]  TiffWriter.write with tile iterators, https://github.com/cgohlke/tifffile
 """
 import argparse
-import dataclasses
 import json
 import math
 import os
-
+import shutil
 import sys
 import time
 
@@ -106,14 +105,6 @@ class DiskArray:
         os.close(self.fd)
 
 
-def pyramid_sizes(size, min_side=1024):
-    """Level sides: size, ceil(size/2), ... down to the first one <= min_side."""
-    sizes = [size]
-    while sizes[-1] > min_side:
-        sizes.append(math.ceil(sizes[-1] / 2))
-    return sizes
-
-
 def halve(src, dst, band=512):
     """dst = 2x2 area average of src (edge-replicated when odd), band by band.
     src: (H, W, 3) uint8 array-like; dst: (ceil(H/2), ceil(W/2), 3) uint8 array-like."""
@@ -179,6 +170,13 @@ def write_aperio(path, image, *, tile=256, mpp=0.25, compression="jpeg", quality
                 os.remove(tmp)
 
 
+def native_bf16(device):
+    """Whether bf16 autocast is fast here: CUDA, or a CPU with bf16 units (AVX512-BF16 / AMX)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 # ----------------------------------------------------------------------------- the dry-run stand-in
 
 class DryRunCDM:
@@ -206,7 +204,7 @@ class DryRunCDM:
 # ----------------------------------------------------------------------------- the job
 
 SETTINGS = ("preset", "seed", "sampler", "steps", "order", "batch", "white_threshold", "outpaint", "resample",
-            "dry_run", "ckpt", "stages")
+            "dry_run", "ckpt", "stages", "precision")
 
 
 def parse_args(argv=None):
@@ -226,6 +224,8 @@ def parse_args(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue an interrupted run (OUT.work/)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out and discard OUT.work/")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="U-Net arithmetic: auto = bf16 autocast on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16, ~2x faster), else fp32")
     ap.add_argument("--white-threshold", type=float, default=0.05,
                     help="patches whose region is less tissue than this are filled from the stage below (0: off)")
     ap.add_argument("--mpp", type=float, default=0.25, help="microns per pixel written into the slide (level 0)")
@@ -269,7 +269,6 @@ class Job:
             print(f"nothing to resume in {self.work}; starting afresh", file=sys.stderr)
         self.barrier()  # every rank has checked before rank 0 creates the work directory
         if self.rank == 0:
-            import shutil
             shutil.rmtree(self.work, ignore_errors=True)
             os.makedirs(self.work)
             self.save_journal()
@@ -295,7 +294,8 @@ class Job:
             sys.exit(f"error: --ckpt {ckpt}: no such directory. Train the nine models with train.py "
                      f"(see README, 'Training') or pass --dry-run to try the pipeline without models")
         try:
-            return cascade.load_cdm(ckpt, self.preset, stage, device)
+            bf16 = self.args.precision == "bf16" or (self.args.precision == "auto" and native_bf16(device))
+            return cascade.load_cdm(ckpt, self.preset, stage, device, bf16=bf16)
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: --ckpt {e}")
 
@@ -386,7 +386,6 @@ class Job:
         t_write = time.time() - t0
         previews = write_previews(a.out, images, self.preset)
         if not a.keep_work:
-            import shutil
             for img in images.values():
                 img.close()
             shutil.rmtree(self.work, ignore_errors=True)
@@ -396,10 +395,12 @@ class Job:
         for s, secs in sorted(self.journal["seconds"].items()):
             n = len(self.journal["done"].get(s, []))
             sk = len(self.journal["skipped"].get(s, []))
-            model = self.journal["model_seconds"].get(s, 0.0)
-            lines.append(f"  stage {s}: {n} patches in {secs:.1f} s ({n / max(secs, 1e-9):.2f} patches/s), "
-                         f"{sk} skipped as white ({100 * sk / max(n, 1):.0f} %), outside the model "
+            line = f"  stage {s}: {n} patches in {secs:.1f} s ({n / max(secs, 1e-9):.2f} patches/s)"
+            if s in self.journal["model_seconds"]:
+                model = self.journal["model_seconds"][s]
+                line += (f", {sk} skipped as white ({100 * sk / max(n, 1):.0f} %), outside the model "
                          f"{(secs - model) / max(n, 1):.3f} s/patch (rank 0)")
+            lines.append(line)
         lines.append(f"  pyramid written in {t_write:.1f} s; previews: {', '.join(previews)}")
         print("\n".join(lines), file=sys.stderr)
 
@@ -440,14 +441,7 @@ def write_previews(out, images, preset, side=512):
 
 def main(argv=None):
     args = parse_args(argv)
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, world, local = 0, 1, 0
-    if ddp:
-        cuda = torch.cuda.is_available() and args.device != "cpu"
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(f"cuda:{local}" if dev == "cuda" else dev)
+    ddp, rank, world, device = cascade.init_distributed(args.device)
     try:
         cascade.get_preset(args.preset)
     except ValueError as e:

@@ -150,7 +150,7 @@ def generate_stage(sample_fn, grid, canvas, *, stage, seed, order="raster", batc
     after_round: callable(stats, results) after the round is written (journal, progress).
     Returns StageStats.
     """
-    P, stats = grid.patch, StageStats()
+    stats = StageStats()
     finished_round = round_index(order, grid.n)
     done = set(done)
     for k, rnd in enumerate(rounds(order, grid.n)):

@@ -16,7 +16,6 @@ References
 import argparse
 import copy
 import hashlib
-import math
 import os
 import signal
 import sys
@@ -42,7 +41,8 @@ def parse_args(argv=None):
     ap.add_argument("--out", required=True, help="checkpoint directory (stage{s}_level{l}.pt)")
     ap.add_argument("--batch", type=int, default=8, help="per-process batch; global batch = batch x ranks")
     ap.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate [Imagen]")
-    ap.add_argument("--max-steps", type=int, default=200_000, help="total optimiser steps [PAPER: 200k]")
+    ap.add_argument("--max-steps", type=int, nargs="+", default=[200_000],
+                    help="total optimiser steps [PAPER: 200k]; three values = one per level (0 1 2)")
     ap.add_argument("--ema", type=float, default=0.9999, help="EMA decay (warm-up: min(ema, (1+n)/(10+n)))")
     ap.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     ap.add_argument("--keep", type=int, default=3, help="numbered snapshots to keep (0: none)")
@@ -95,6 +95,10 @@ class Trainer:
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.opt = torch.optim.Adam(self.model.parameters(), lr=args.lr, betas=(0.9, 0.99))
         self.step, self.position, self.nonfinite_total = 0, 0, 0
+        steps = args.max_steps
+        if len(steps) not in (1, 3):
+            sys.exit("error: --max-steps takes one value, or three (one per level)")
+        self.max_steps = steps[0] if len(steps) == 1 else steps[level]
         if os.path.exists(self.path):
             self.resume()
         self.net = self.model
@@ -212,10 +216,10 @@ class Trainer:
             persistent_workers=workers > 0))
         if self.rank == 0:
             print(f"stage {self.stage} level {self.level}: {unet_mod.count_params(self.cfg) / 1e6:.2f} M params, "
-                  f"batch {args.batch} x {self.world} ranks = global batch {G}, steps {self.step} -> {args.max_steps}",
+                  f"batch {args.batch} x {self.world} ranks = global batch {G}, steps {self.step} -> {self.max_steps}",
                   flush=True)
         bad_in_a_row, t0, step0, loss_sum, loss_n = 0, time.time(), self.step, 0.0, 0
-        while self.step < args.max_steps:
+        while self.step < self.max_steps:
             batch = next(loader)
             seed = derived_seed(args.seed, self.stage, self.level, self.step, self.rank)
             torch.manual_seed(seed)  # dropout
@@ -240,18 +244,18 @@ class Trainer:
                                              f"(last good checkpoint kept: {self.path}); lower --lr or check the data")
             self.step += 1
             self.position += G
-            if self.rank == 0 and (self.step % args.log_every == 0 or self.step == args.max_steps) and loss_n:
+            if self.rank == 0 and (self.step % args.log_every == 0 or self.step == self.max_steps) and loss_n:
                 dt = time.time() - t0
                 rate = (self.step - step0) / dt
-                eta = (args.max_steps - self.step) / max(rate, 1e-9)
-                print(f"stage {self.stage} level {self.level} step {self.step}/{args.max_steps} "
+                eta = (self.max_steps - self.step) / max(rate, 1e-9)
+                print(f"stage {self.stage} level {self.level} step {self.step}/{self.max_steps} "
                       f"loss {loss_sum / loss_n:.4f} {rate * G:.1f} img/s "
                       f"non-finite {self.nonfinite_total} eta {eta / 60:.1f} min", flush=True)
                 loss_sum, loss_n = 0.0, 0
             if self.rank == 0 and args.sample_every and self.step % args.sample_every == 0:
                 self.write_samples(ds)
             stopping = self.all_mean(float(stop_flag[0])) > 0
-            if self.step % args.save_every == 0 or self.step == args.max_steps or stopping:
+            if self.step % args.save_every == 0 or self.step == self.max_steps or stopping:
                 self.save()
             if stopping:
                 if self.rank == 0:
@@ -293,20 +297,11 @@ def export(args, models):
 def main(argv=None):
     args = parse_args(argv)
     models = models_to_train(args)
-    ddp = int(os.environ.get("RANK", -1)) != -1
     if args.export:
         return export(args, models)
     if args.data is None:
         sys.exit("error: --data SLIDES is required to train (a slide file or a directory of slides)")
-    rank, world, local = 0, 1, 0
-    if ddp:
-        cuda = torch.cuda.is_available() and args.device != "cpu"
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(f"cuda:{local}" if dev == "cuda" else dev)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    ddp, rank, world, device = cascade.init_distributed(args.device)
     os.makedirs(args.out, exist_ok=True)
     try:
         slides = data.list_slides(args.data)
@@ -326,7 +321,7 @@ def main(argv=None):
         trainer = Trainer(args, s, l, r, w, sync, device)
         ds = data.StageLevelDataset(slides, preset, s, l, region_size=args.region_size, cache_dir=args.cache,
                                     seed=args.seed, length=2 ** 62, conditioned=not args.outpaint, rank=rank)
-        if trainer.step >= args.max_steps:
+        if trainer.step >= trainer.max_steps:
             if trainer.rank == 0:
                 print(f"{trainer.path}: already at step {trainer.step} >= --max-steps; nothing to do")
             continue

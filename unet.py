@@ -13,7 +13,7 @@ References
   [Imagen]  Saharia et al., 2022; imagen-pytorch (the paper's model sizes, DESIGN §4).
 """
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn

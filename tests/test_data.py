@@ -1,7 +1,6 @@
 """data.py: region reads against the source array, tissue, the nine datasets, cache, bad input."""
 import os
 import shutil
-import warnings
 
 import numpy as np
 import pytest
