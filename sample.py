@@ -308,7 +308,9 @@ class Job:
         if "1" not in self.journal["done"]:
             t0 = time.time()
             if self.rank == 0:
-                x = self.cdm(1, device).sample([tiler.patch_generator(self.args.seed, 1, 0, 0)])
+                x = self.cdm(1, device).sample([tiler.patch_generator(self.args.seed, 1, 0, 0)],
+                                               steps=self.settings["steps"], sampler=self.settings["sampler"],
+                                               resample=self.args.resample)
                 img = DiskArray(path, (N, N, 3))
                 img.write(0, 0, cascade.to_uint8(x)[0])
                 img.flush()
@@ -405,9 +407,8 @@ class Job:
         print("\n".join(lines), file=sys.stderr)
 
 
-def _fit(img, side):
-    """An array-like image (or window) resized to fit side x side, as a PIL image."""
-    arr = np.asarray(img[:]) if not isinstance(img, np.ndarray) else img
+def _fit(arr, side):
+    """An (h, w, 3) uint8 array resized to fit side x side, as a PIL image."""
     im = Image.fromarray(arr)
     f = side / max(im.size)
     return im.resize((max(1, round(im.size[0] * f)), max(1, round(im.size[1] * f))), Image.BOX)
@@ -435,7 +436,9 @@ def write_previews(out, images, preset, side=512):
         fig.paste(im, (k * (side + 8), 0))
     paths = [out + ".preview.png", out + ".thumbnail.png"]
     fig.save(paths[0])
-    _fit(images[max(images)], 1024).save(paths[1])
+    with tifffile.TiffFile(out) as tif:  # the slide's smallest level: the canvas is never read whole
+        smallest = tif.series[0].levels[-1].asarray()
+    _fit(smallest.reshape(smallest.shape[-3:]), 1024).save(paths[1])
     return paths
 
 

@@ -223,6 +223,9 @@ def test_colour_layouts_converted(tmp_path):
     assert np.array_equal(r, np.repeat(gray[..., None], 3, -1))
     tifffile.imwrite(tmp_path / "gray.tif", gray, tile=(32, 32))
     assert np.array_equal(data.open_slide(str(tmp_path / "gray.tif")).read_region(0, 0, 64, 64), r)
+    rgb = synthetic_rgb(64, 48)
+    tifffile.imwrite(tmp_path / "plain.tif", rgb)  # stripped, not tiled
+    assert np.array_equal(data.open_slide(str(tmp_path / "plain.tif")).read_region(0, 0, 48, 64), rgb)
     rgba = np.zeros((8, 8, 4), np.uint8)  # fully transparent -> white
     Image.fromarray(rgba).save(tmp_path / "rgba.png")
     assert (data.open_slide(str(tmp_path / "rgba.png")).read_region(0, 0, 8, 8) == 255).all()
