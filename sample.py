@@ -20,6 +20,7 @@ References
   [tifffile]  TiffWriter.write with tile iterators, https://github.com/cgohlke/tifffile
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -204,7 +205,7 @@ class DryRunCDM:
 # ----------------------------------------------------------------------------- the job
 
 SETTINGS = ("preset", "seed", "sampler", "steps", "order", "batch", "white_threshold", "outpaint", "resample",
-            "dry_run", "ckpt", "stages", "precision")
+            "dry_run", "ckpt", "stages", "precision", "aug_level")
 
 
 def parse_args(argv=None):
@@ -217,6 +218,8 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, nargs=3, default=None, metavar=("L0", "L1", "L2"),
                     help="sampling steps per level (default: the preset's)")
     ap.add_argument("--resample", type=int, default=1, help="RePaint resampling jumps per step (1 = off)")
+    ap.add_argument("--aug-level", type=float, default=None,
+                    help="conditioning augmentation level t_aug at sampling (default: the preset's)")
     ap.add_argument("--order", default="wavefront", choices=tiler.ORDERS,
                     help="raster (the paper), wavefront (same slide, 136 rounds at paper size), checkerboard (4 rounds, different slide)")
     ap.add_argument("--batch", type=int, default=8, help="patches per U-Net batch (a run's slide depends on it on CPU)")
@@ -295,7 +298,10 @@ class Job:
                      f"(see README, 'Training') or pass --dry-run to try the pipeline without models")
         try:
             bf16 = self.args.precision == "bf16" or (self.args.precision == "auto" and native_bf16(device))
-            return cascade.load_cdm(ckpt, self.preset, stage, device, bf16=bf16)
+            cdm = cascade.load_cdm(ckpt, self.preset, stage, device, bf16=bf16)
+            if self.args.aug_level is not None:
+                cdm.preset = dataclasses.replace(cdm.preset, aug_sample=self.args.aug_level)
+            return cdm
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: --ckpt {e}")
 

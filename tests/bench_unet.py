@@ -40,6 +40,7 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="timed iterations per variant")
     p.add_argument("--cond-ch", type=int, default=9, help="conditioning channels (0 for a base model)")
     p.add_argument("--train", action="store_true", help="time full training steps (+ grad clip + Adam)")
+    p.add_argument("--variants", nargs="+", default=None, help="subset of: fp32 channels_last channels_last+bf16")
     args = p.parse_args()
     cfg = unet.get_config(args.config, cond_ch=args.cond_ch, aug_emb=args.cond_ch > 0)
     model = unet.UNet(cfg)
@@ -54,6 +55,7 @@ def main():
     cpu_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     if cpu_bf16:
         variants.append(("channels_last+bf16", True, True))
+    variants = [v for v in variants if args.variants is None or v[0] in args.variants]
     for name, cl, ac in variants:
         fmt = torch.channels_last if cl else torch.contiguous_format
         m = model.to(memory_format=fmt)

@@ -26,7 +26,7 @@ def test_train_sample_evaluate_demo(tmp_path):
     assert subprocess.run(export, capture_output=True, text=True, env=env, timeout=120).returncode == 0
     assert sum(os.path.getsize(tmp_path / "models" / f) for f in os.listdir(tmp_path / "models")) < 20e6
     sample = [sys.executable, os.path.join(ROOT, "sample.py"), "--preset", "demo", "--ckpt", str(tmp_path / "models"),
-              "--out", str(out), "--steps", "2", "2", "2", "--batch", "9", "--device", "cpu"]
+              "--out", str(out), "--steps", "1", "1", "1", "--batch", "9", "--device", "cpu"]
     res = subprocess.run(sample, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     with tifffile.TiffFile(out) as tif:
