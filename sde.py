@@ -20,6 +20,7 @@ References
   [RePaint]  Lugmayr et al., RePaint, 2022 (inpainting, resampling jumps).
   [MinSNR]   Hang et al., Efficient diffusion training via min-SNR weighting, 2023.
 """
+import hashlib
 import math
 
 import torch
@@ -81,6 +82,13 @@ def x0_from_v(x_t, v_hat, alpha, sigma):
 def eps_from_v(x_t, v_hat, alpha, sigma):
     """eps_hat = sigma x_t + alpha v_hat  [SDE-v]."""
     return _bc(sigma, x_t) * x_t + _bc(alpha, x_t) * v_hat
+
+
+def derive_seed(*parts):
+    """A 63-bit seed from any parts (run seed, stage, patch, step, rank ...): the one seed
+    derivation of the project, so every patch and training step has its own generator."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def randn(shape, generator=None, device="cpu", dtype=torch.float32):

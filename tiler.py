@@ -16,13 +16,13 @@ References
   [PAPER]    Cechnicka et al., URCDM, MICCAI 2024 (overlap 12.5 %, inpainting, white skip).
   [RePaint]  Lugmayr et al., 2022 (inpainting by replacement).
 """
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 import cascade
+import sde
 
 ORDERS = ("raster", "wavefront", "checkerboard")
 
@@ -97,8 +97,7 @@ def rects_mask(rects, P):
 def patch_seed(seed, stage, i, j):
     """A 63-bit seed for patch (i, j) of a stage, derived from the run's seed only, so a
     patch's noise does not depend on batch size, order of generation or rank count."""
-    digest = hashlib.blake2b(f"urcdm:{seed}:{stage}:{i}:{j}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return sde.derive_seed("urcdm", seed, stage, i, j)
 
 
 def patch_generator(seed, stage, i, j):

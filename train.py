@@ -72,10 +72,6 @@ def models_to_train(args):
     return [(s, l) for s in pick(args.stage, [1, 2, 3], "stage") for l in pick(args.level, [0, 1, 2], "level")]
 
 
-def derived_seed(*parts):
-    return int.from_bytes(hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest(), "little") >> 1
-
-
 def atomic_save(obj, path):
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp)
@@ -221,7 +217,7 @@ class Trainer:
         bad_in_a_row, t0, step0, loss_sum, loss_n = 0, time.time(), self.step, 0.0, 0
         while self.step < self.max_steps:
             batch = next(loader)
-            seed = derived_seed(args.seed, self.stage, self.level, self.step, self.rank)
+            seed = sde.derive_seed(args.seed, self.stage, self.level, self.step, self.rank)
             torch.manual_seed(seed)  # dropout
             loss = self.loss(batch, torch.Generator().manual_seed(seed))
             # Skip non-finite steps on every rank together (DDP needs all ranks to step alike).
