@@ -246,9 +246,10 @@ def patch_features(source, kind, n, net, *, min_tissue=0.3, seed=0, batch=32, ca
     for i, job in enumerate(jobs):
         img = job()
         if source.is_patches or data.tissue_fraction(img) >= min_tissue:
-            buf.append(img if img.shape[:2] == (P, P) or source.is_patches else img)
+            # slide crops are read at P already; patch files of other sizes are area-resized to P
+            buf.append(img if img.shape[:2] == (P, P) else np.asarray(Image.fromarray(img).resize((P, P), Image.BOX)))
         if len(buf) == batch or (i == len(jobs) - 1 and buf):
-            feats.append(net(np.stack([np.asarray(Image.fromarray(b).resize((P, P), Image.BOX)) for b in buf])))
+            feats.append(net(np.stack(buf)))
             buf = []
             rate = (i + 1) / (time.time() - t0)
             print(f"  {label}: {i + 1}/{len(jobs)} patches, {rate:.1f}/s, ETA {(len(jobs) - i - 1) / rate:.0f} s",
