@@ -127,6 +127,8 @@ class Trainer:
         self.model.load_state_dict(ck["model"])
         self.ema.load_state_dict(ck["ema"])
         self.opt.load_state_dict(ck["optimizer"])
+        for group in self.opt.param_groups:  # --lr wins over the saved one (e.g. a lower-lr second phase)
+            group["lr"] = self.args.lr
         self.step, self.position, self.nonfinite_total = ck["step"], ck["data_position"], ck["nonfinite_total"]
         if self.rank == 0:
             print(f"resuming {self.path} at step {self.step}", flush=True)
