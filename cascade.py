@@ -55,6 +55,10 @@ class Preset:
     def stride(self):  # S = P - o
         return self.patch - self.overlap
 
+    @property
+    def edge_margin(self):  # m = o / 8: inner-edge px later patches redraw (tiler.trusted_span)
+        return self.overlap // 8
+
     def to_dict(self):
         return asdict(self)
 

@@ -205,7 +205,7 @@ class DryRunCDM:
 # ----------------------------------------------------------------------------- the job
 
 SETTINGS = ("preset", "seed", "sampler", "steps", "order", "batch", "white_threshold", "outpaint", "resample",
-            "dry_run", "ckpt", "stages", "precision", "aug_level")
+            "dry_run", "ckpt", "stages", "precision", "aug_level", "edge_margin")
 
 
 def parse_args(argv=None):
@@ -220,6 +220,9 @@ def parse_args(argv=None):
     ap.add_argument("--resample", type=int, default=1, help="RePaint resampling jumps per step (1 = off)")
     ap.add_argument("--aug-level", type=float, default=None,
                     help="conditioning augmentation level t_aug at sampling (default: the preset's)")
+    ap.add_argument("--edge-margin", type=int, default=None,
+                    help="px at a patch's inner edges that the next patch redraws instead of holding fixed "
+                         "(default: the preset's, overlap / 8; 0 = hold the whole overlap as the paper)")
     ap.add_argument("--order", default="wavefront", choices=tiler.ORDERS,
                     help="raster (the paper), wavefront (same slide, 136 rounds at paper size), checkerboard (4 rounds, different slide)")
     ap.add_argument("--batch", type=int, default=8, help="patches per U-Net batch (a run's slide depends on it on CPU)")
@@ -332,7 +335,8 @@ class Job:
 
     def run_grid_stage(self, s, lower, device):
         p, a = self.preset, self.args
-        grid = tiler.Grid(p.patch, p.n_patches[s - 1])
+        margin = p.edge_margin if a.edge_margin is None else a.edge_margin
+        grid = tiler.Grid(p.patch, p.n_patches[s - 1], margin)
         path = self.stage_path(s)
         if self.rank == 0 and not os.path.exists(path):
             DiskArray(path, (grid.size, grid.size, 3), fill=p.background).close()
@@ -452,9 +456,12 @@ def main(argv=None):
     args = parse_args(argv)
     ddp, rank, world, device = cascade.init_distributed(args.device)
     try:
-        cascade.get_preset(args.preset)
+        preset = cascade.get_preset(args.preset)
     except ValueError as e:
         sys.exit(f"error: --preset {e}")
+    if args.edge_margin is not None and not 0 <= args.edge_margin <= preset.overlap // 2:
+        sys.exit(f"error: --edge-margin {args.edge_margin}: use 0 to {preset.overlap // 2} "
+                 f"(half the overlap of preset {preset.name}, so the next patch redraws it from its interior)")
     job = Job(args, rank, world)
     job.load_or_start()
     images = {}

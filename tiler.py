@@ -29,8 +29,9 @@ ORDERS = ("raster", "wavefront", "checkerboard")
 
 @dataclass(frozen=True)
 class Grid:
-    patch: int  # P
-    n: int      # patches per side
+    patch: int       # P
+    n: int           # patches per side
+    margin: int = 0  # px at a patch's inner edges that later neighbours regenerate (known_rects)
 
     @property
     def overlap(self):
@@ -69,9 +70,23 @@ def round_index(order, n):
     return {c: k for k, rnd in enumerate(rounds(order, n)) for c in rnd}
 
 
+def trusted_span(grid, a):
+    """[lo, hi) along one axis of the pixels of patch index a that later neighbours hold
+    fixed: the whole patch less `grid.margin` px on each side that is not the stage's border.
+    # deviation: the paper holds the whole overlap. A U-Net's outermost output pixels carry an
+    # edge artefact (ours: the last 2-4 columns ~20-40 grey levels darker, zero padding and
+    # stride-2 convolutions are not symmetric); held fixed, they become a line at every patch
+    # border. Leaving them unknown lets the next patch redraw them from its interior."""
+    lo = a * grid.stride
+    m_lo = grid.margin if a > 0 else 0
+    m_hi = grid.margin if a < grid.n - 1 else 0
+    return lo + m_lo, lo + grid.patch - m_hi
+
+
 def known_rects(grid, i, j, finished):
-    """Rectangles (y0, y1, x0, x1), in patch (i, j)'s own pixels, that overlap finished
-    neighbours. finished(i, j) -> bool. No full-size mask is ever built."""
+    """Rectangles (y0, y1, x0, x1), in patch (i, j)'s own pixels, that finished neighbours
+    fixed (their trusted_span, so without their inner-edge margins). finished(i, j) -> bool.
+    No full-size mask is ever built."""
     y0, x0 = grid.origin(i, j)
     P, rects = grid.patch, []
     for di in (-1, 0, 1):
@@ -79,10 +94,11 @@ def known_rects(grid, i, j, finished):
             a, b = i + di, j + dj
             if (di, dj) == (0, 0) or not (0 <= a < grid.n and 0 <= b < grid.n) or not finished(a, b):
                 continue
-            ny, nx = grid.origin(a, b)
-            ry0, ry1 = max(y0, ny) - y0, min(y0, ny) + P - y0
-            rx0, rx1 = max(x0, nx) - x0, min(x0, nx) + P - x0
-            rects.append((ry0, ry1, rx0, rx1))
+            (ty0, ty1), (tx0, tx1) = trusted_span(grid, a), trusted_span(grid, b)
+            ry0, ry1 = max(y0, ty0) - y0, min(y0 + P, ty1) - y0
+            rx0, rx1 = max(x0, tx0) - x0, min(x0 + P, tx1) - x0
+            if ry0 < ry1 and rx0 < rx1:
+                rects.append((ry0, ry1, rx0, rx1))
     return rects
 
 

@@ -19,9 +19,9 @@ def _lower(size=88, seed=0):
     return (rgb[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
 
 
-def _run(order="raster", batch=1, nets=None, lower="default", seed=0, canvas=None, **kw):
+def _run(order="raster", batch=1, nets=None, lower="default", seed=0, canvas=None, margin=0, **kw):
     p = small_preset()
-    grid = tiler.Grid(p.patch, p.n_patches[2])
+    grid = tiler.Grid(p.patch, p.n_patches[2], margin)
     lower = _lower() if isinstance(lower, str) else lower
     cdm = cascade.CDM(p, 3, nets or [oracle_net()] * 3, conditioned=lower is not None)
     canvas = canvas or tiler.MemoryCanvas(grid.size)
@@ -59,10 +59,48 @@ def test_known_rects_raster_interior():
         [(0, 4, 0, 4), (0, 4, 0, 32), (0, 4, 28, 32), (0, 32, 0, 4)])
 
 
-def test_wavefront_equals_raster():
-    a = _run("raster", batch=1)[0].array
-    b = _run("wavefront", batch=4)[0].array
+def test_known_rects_edge_margin():
+    """With a margin, a neighbour's inner edges are not known (the patch redraws them); the
+    stage's outer border is not trimmed."""
+    g = tiler.Grid(32, 4, margin=2)
+    assert tiler.trusted_span(g, 0) == (0, 30) and tiler.trusted_span(g, 1) == (30, 58)
+    assert tiler.trusted_span(g, 3) == (86, 116)
+    before = lambda a, b: (a, b) < (1, 1)
+    assert sorted(tiler.known_rects(g, 1, 1, before)) == sorted(
+        [(0, 2, 0, 2), (0, 2, 2, 30), (0, 2, 30, 32), (2, 30, 0, 2)])
+    mask = tiler.rects_mask(tiler.known_rects(g, 1, 1, before), 32)[0]
+    want = torch.zeros(32, 32, dtype=torch.bool)
+    want[:2, :] = want[:30, :2] = True  # the overlap (4 px) less the neighbours' 2 px inner edges
+    assert torch.equal(mask, want)
+    # patch (0, 1): its left neighbour (0, 0) touches the top border, which stays known
+    assert tiler.known_rects(g, 0, 1, lambda a, b: (a, b) == (0, 0)) == [(0, 30, 0, 2)]
+
+
+@pytest.mark.parametrize("margin", [0, 2])
+def test_wavefront_equals_raster(margin):
+    a = _run("raster", batch=1, margin=margin)[0].array
+    b = _run("wavefront", batch=4, margin=margin)[0].array
     assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("order", tiler.ORDERS)
+def test_edge_margin_redrawn(order):
+    """A stand-in that draws each patch's outer 2 px ring black (an edge artefact) and its
+    interior white: with margin 2, no ring pixel survives inside the stage, only on its border;
+    with margin 0 the rings of earlier patches stay as lines."""
+    def sample_fn(gens, known=None, mask=None, **kw):
+        x = torch.ones_like(known)
+        x[..., :2, :] = x[..., -2:, :] = x[..., :, :2] = x[..., :, -2:] = -1
+        return torch.where(mask, known, x)
+    for margin in (0, 2):
+        grid = tiler.Grid(32, 4, margin)
+        canvas = tiler.MemoryCanvas(grid.size)
+        tiler.generate_stage(sample_fn, grid, canvas, stage=3, seed=0, order=order, batch=2)
+        dark = canvas.array[..., 0] == 0
+        border = np.ones_like(dark)
+        border[2:-2, 2:-2] = False
+        assert dark[border].all()
+        assert dark[~border].any() == (margin == 0), (order, margin)
 
 
 def test_wavefront_equals_raster_with_unets():
@@ -85,14 +123,16 @@ def test_batch_size_invariance():
 
 
 @pytest.mark.parametrize("order", tiler.ORDERS)
-def test_known_pixels_equal_neighbours(order):
+@pytest.mark.parametrize("margin", [0, 2])
+def test_known_pixels_equal_neighbours(order, margin):
     """Each patch reproduced its finished neighbours' pixels exactly, so the stitched canvas
-    equals every patch's own output over its whole box."""
-    canvas, outputs, stats, grid = _run(order, batch=2)
+    equals every patch's own output over its trusted span (its whole box when margin = 0)."""
+    canvas, outputs, stats, grid = _run(order, batch=2, margin=margin)
     assert len(outputs) == grid.n ** 2 and stats.generated == grid.n ** 2
     for (i, j), px in outputs.items():
-        y0, x0 = grid.origin(i, j)
-        assert np.array_equal(canvas.read(y0, x0, grid.patch, grid.patch), px), (i, j)
+        (y0, y1), (x0, x1) = tiler.trusted_span(grid, i), tiler.trusted_span(grid, j)
+        oy, ox = grid.origin(i, j)
+        assert np.array_equal(canvas.read(y0, x0, y1 - y0, x1 - x0), px[y0 - oy:y1 - oy, x0 - ox:x1 - ox]), (i, j)
 
 
 class CountingCanvas(tiler.MemoryCanvas):
