@@ -45,6 +45,14 @@ def test_resume_equals_straight_run(tmp_path):
             assert torch.equal(a[key][k], b[key][k]), (key, k)
 
 
+def test_resume_takes_new_lr(tmp_path):
+    """A second phase at a lower --lr really runs at it (Adam's saved state would restore the old)."""
+    train.main(_args(tmp_path, "--stage", "1", "--level", "0", "--max-steps", "1", "--lr", "1e-3"))
+    train.main(_args(tmp_path, "--stage", "1", "--level", "0", "--max-steps", "2", "--lr", "1e-5"))
+    ck = torch.load(tmp_path / "ck" / "stage1_level0.pt", weights_only=True)
+    assert ck["step"] == 2 and [g["lr"] for g in ck["optimizer"]["param_groups"]] == [1e-5]
+
+
 def test_resume_with_other_config_refused(tmp_path):
     train.main(_args(tmp_path, "--stage", "2", "--level", "0", "--max-steps", "1"))
     with pytest.raises(SystemExit, match="was trained with another"):
