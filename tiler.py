@@ -230,13 +230,13 @@ def _generate_chunk(sample_fn, grid, canvas, chunk, k, finished_round, stage, se
 def seam_score(img, grid):
     """Mean |gradient| across patch borders divided by the mean |gradient| elsewhere
     (1.0 = no visible seams). img: (N, N) or (N, N, C) array of the stage image.
-    The borders of patch j > 0 along an axis are the lines at its origin and at origin + o
-    (where the content switches from the earlier neighbour to the new patch, depending on
-    whether the patch reproduced the overlap)."""
+    The borders of patch j > 0 along an axis are the lines where the content can switch from
+    one patch to the next: origin + m and origin + o - m (m = grid.margin), the two ends of
+    the overlap that later patches hold fixed (trusted_span), whichever neighbour came first."""
     img = np.asarray(img, dtype=np.float64)
     img = img[..., None] if img.ndim == 2 else img
-    lines = sorted({q for j in range(1, grid.n) for q in (grid.origin(0, j)[1] - 1,
-                                                          grid.origin(0, j)[1] + grid.overlap - 1)})
+    m, o = grid.margin, grid.overlap
+    lines = sorted({grid.origin(0, j)[1] + q - 1 for j in range(1, grid.n) for q in (m, o - m)})
     seam, rest = [], []
     for d in (np.abs(np.diff(img, axis=1)), np.abs(np.diff(img, axis=0)).transpose(1, 0, 2)):
         on = np.zeros(d.shape[1], dtype=bool)  # d[:, q] = |img[:, q+1] - img[:, q]|

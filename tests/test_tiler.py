@@ -218,3 +218,17 @@ def test_seam_score_gaussian_random_field():
     inpainted, independent = _seam("wavefront"), _seam("wavefront", inpaint=False)
     assert 0.8 < inpainted < 1.3, inpainted
     assert independent > 2.0 and independent > 1.8 * inpainted, (inpainted, independent)
+
+
+def test_seam_score_follows_the_margin():
+    """With a margin the content switches at origin + o - m (and origin + m): the score must
+    look there, not at the overlap's ends."""
+    rng = np.random.default_rng(0)
+    with_m, without = tiler.Grid(32, 4, margin=1), tiler.Grid(32, 4)
+    img = rng.normal(128, 2, (with_m.size, with_m.size))
+    for j in range(1, 4):  # a step of 20 grey levels where patch j's redrawn pixels begin
+        q = with_m.origin(0, j)[1] + with_m.overlap - with_m.margin
+        img[:, q:] += 20
+        img[q:, :] += 20
+    assert tiler.seam_score(img, with_m) > 3.0
+    assert tiler.seam_score(img, without) < 1.2
