@@ -459,9 +459,10 @@ def main(argv=None):
         preset = cascade.get_preset(args.preset)
     except ValueError as e:
         sys.exit(f"error: --preset {e}")
-    if args.edge_margin is not None and not 0 <= args.edge_margin <= preset.overlap // 2:
-        sys.exit(f"error: --edge-margin {args.edge_margin}: use 0 to {preset.overlap // 2} "
-                 f"(half the overlap of preset {preset.name}, so the next patch redraws it from its interior)")
+    try:  # checked before any work, by the rule the tiler applies
+        tiler.Grid(preset.patch, 1, preset.edge_margin if args.edge_margin is None else args.edge_margin)
+    except ValueError as e:
+        sys.exit(f"error: --edge-margin (preset {preset.name}): {e}")
     job = Job(args, rank, world)
     job.load_or_start()
     images = {}

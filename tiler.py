@@ -33,6 +33,10 @@ class Grid:
     n: int           # patches per side
     margin: int = 0  # px at a patch's inner edges that later neighbours regenerate (known_rects)
 
+    def __post_init__(self):  # the next patch must redraw the margin from its interior
+        if not 0 <= self.margin <= self.overlap // 2:
+            raise ValueError(f"margin {self.margin}: use 0 to {self.overlap // 2} (half the overlap)")
+
     @property
     def overlap(self):
         return self.patch // 8

@@ -62,6 +62,8 @@ def test_known_rects_raster_interior():
 def test_known_rects_edge_margin():
     """With a margin, a neighbour's inner edges are not known (the patch redraws them); the
     stage's outer border is not trimmed."""
+    with pytest.raises(ValueError, match="margin 3: use 0 to 2"):
+        tiler.Grid(32, 4, margin=3)  # more than half the overlap could not be redrawn from an interior
     g = tiler.Grid(32, 4, margin=2)
     assert tiler.trusted_span(g, 0) == (0, 30) and tiler.trusted_span(g, 1) == (30, 58)
     assert tiler.trusted_span(g, 3) == (86, 116)
