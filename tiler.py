@@ -231,20 +231,41 @@ def _generate_chunk(sample_fn, grid, canvas, chunk, k, finished_round, stage, se
     return [(c, out[b], white[b]) for b, c in enumerate(chunk)]
 
 
-def seam_score(img, grid):
-    """Mean |gradient| across patch borders divided by the mean |gradient| elsewhere
-    (1.0 = no visible seams). img: (N, N) or (N, N, C) array of the stage image.
-    The borders of patch j > 0 along an axis are the lines where the content can switch from
-    one patch to the next: origin + m and origin + o - m (m = grid.margin), the two ends of
-    the overlap that later patches hold fixed (trusted_span), whichever neighbour came first."""
+def seam_lines(grid, order, transpose=False):
+    """Where a patch's content can meet its earlier neighbour's across vertical lines. For every
+    pair of neighbours (i, j-1), (i, j), with the later one's rows [r0, r1): q_known, the later
+    one's first own pixel past the known ones (origin + o - m when the right one is later,
+    origin + m when the left one is), and q_write, the first pixel past the later one's write
+    (its left edge, or the left one's right edge: origin + o). transpose: the same for horizontal
+    lines, in the transposed image (q a row, [r0, r1) columns). Returns [(q_known, q_write, r0, r1)]."""
+    k, m, o = round_index(order, grid.n), grid.margin, grid.overlap
+    key = (lambda i, j: k[(j, i)]) if transpose else (lambda i, j: k[(i, j)])
+    lines = []
+    for i in range(grid.n):
+        for j in range(1, grid.n):
+            x0, r0 = grid.origin(0, j)[1], grid.origin(i, 0)[0]
+            right_later = key(i, j) > key(i, j - 1)
+            lines.append((x0 + (o - m if right_later else m), x0 + (0 if right_later else o), r0, r0 + grid.patch))
+    return lines
+
+
+def seam_score(img, grid, order="raster"):
+    """How visible the patch borders of a stage image generated in `order` are (1.0 = not at all):
+    mean |gradient| across the lines where content switches patch over the mean |gradient|
+    across lines o/4 to o/2 px away, on the same rows (nearby lines, so that the tissue under a
+    few long lines does not bias it). Both candidate lines are scored, the end of the known
+    pixels and the edge of the later patch's write (seam_lines); the larger ratio is returned.
+    img: (N, N) or (N, N, C) array."""
     img = np.asarray(img, dtype=np.float64)
     img = img[..., None] if img.ndim == 2 else img
-    m, o = grid.margin, grid.overlap
-    lines = sorted({grid.origin(0, j)[1] + q - 1 for j in range(1, grid.n) for q in (m, o - m)})
-    seam, rest = [], []
-    for d in (np.abs(np.diff(img, axis=1)), np.abs(np.diff(img, axis=0)).transpose(1, 0, 2)):
-        on = np.zeros(d.shape[1], dtype=bool)  # d[:, q] = |img[:, q+1] - img[:, q]|
-        on[lines] = True
-        seam.append(d[:, on].mean())
-        rest.append(d[:, ~on].mean())
-    return float(np.mean(seam) / np.mean(rest))
+    o, N = grid.overlap, img.shape[0]
+    offsets = [d for a in range(max(1, o // 4), max(2, o // 2)) for d in (-a, a)]
+    seam, ref = ([], []), ([], [])
+    for t, a in enumerate((img, img.transpose(1, 0, 2))):  # vertical lines, then horizontal ones
+        d = np.abs(np.diff(a, axis=1)).mean(-1)  # d[:, q - 1] = |a[:, q] - a[:, q - 1]|
+        for line in seam_lines(grid, order, transpose=bool(t)):
+            r0, r1 = line[2:]
+            for c, q in enumerate(line[:2]):
+                seam[c].append(d[r0:r1, q - 1].mean())
+                ref[c].extend(d[r0:r1, q - 1 + e].mean() for e in offsets if 0 <= q - 1 + e < N - 1)
+    return float(max(np.mean(s) / np.mean(r) for s, r in zip(seam, ref)))
