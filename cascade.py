@@ -16,6 +16,7 @@ References
   [PAPER]   Cechnicka et al., URCDM, MICCAI 2024 (Sec. 2, Fig. 1; Eq. 3 for the CDM).
   [CDM]     Ho et al., Cascaded diffusion models, 2021.
   [Imagen]  Saharia et al., 2022 (conditioning augmentation, sizes, step counts).
+  [Feather] Szeliski, Image alignment and stitching: a tutorial, 2006 (feathered blending).
 """
 import math
 import os
@@ -57,6 +58,10 @@ class Preset:
 
     @property
     def edge_margin(self):  # m = o / 8: inner-edge px later patches redraw (tiler.trusted_span)
+        return self.overlap // 8
+
+    @property
+    def feather(self):  # px over which known pixels fade into a new patch (feather_weight)
         return self.overlap // 8
 
     def to_dict(self):
@@ -173,6 +178,24 @@ def downsample(x, size):
     return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="area")
 
 
+def feather_weight(mask, width):
+    """(B, 1, L, L) bool known mask -> float weight of the known pixels in a patch's output:
+    min(1, d / (width + 1)), d = Chebyshev distance (px) from a known pixel to the nearest
+    pixel that is not known (1 next to it), 0 where not known; width 0 gives the mask itself.
+    Pixels outside the patch count as known, so only the new region's edge is feathered.
+    deviation: the paper pastes the known pixels exactly; a hard paste leaves a visible step
+    where few-step inpainting did not quite meet them, so the last `width` known px fade into
+    the model's own x0_hat of them (classic feathered compositing)."""
+    w = mask.float()
+    if width <= 0:
+        return w
+    unknown, d = 1 - w, torch.zeros_like(w)
+    for _ in range(width + 1):  # grow the unknown region 1 px per pass; d = passes a px stays known
+        d += 1 - unknown
+        unknown = F.max_pool2d(unknown, 3, stride=1, padding=1)  # -inf padding: outside is known
+    return d / (width + 1)
+
+
 def make_lowres(x_prev, size):
     """Level l-1's image (B, 3, L_(l-1), L_(l-1)) -> level l's conditioning input at
     size x size (bilinear upsampling) [CDM]. Training feeds it downsample(target, L_(l-1))."""
@@ -229,7 +252,7 @@ class CDM:
 
     @torch.no_grad()
     def sample(self, generators, *, known=None, mask=None, context=None, region=None,
-               steps=None, sampler=None, resample=1):
+               steps=None, sampler=None, resample=1, feather=0):
         """Generate one patch per generator.
 
         generators: list of torch.Generator, one per patch (its only randomness).
@@ -238,7 +261,10 @@ class CDM:
           downsampled to its size (a level pixel is known when its whole block is).
         context, region: (B, 3, P, P) float crops of the stage below (stages 2-3).
         steps, sampler: per-level step counts and sampler; None = the preset's.
-        Returns (B, 3, P, P) float in [-1, 1]; known pixels are exact."""
+        feather: px (at P) over which the known pixels fade into the new ones (feather_weight),
+          scaled to each level's size; 0 = known pixels are exact.
+        Returns (B, 3, P, P) float in [-1, 1]; known pixels are exact except the last
+        `feather` px next to the new ones."""
         p, B, dev = self.preset, len(generators), self.device
         steps = steps or p.steps
         to = lambda t: None if t is None else t.to(dev)
@@ -249,12 +275,13 @@ class CDM:
             aug_t = p.aug_sample
             if cond is not None:  # conditioning augmentation at a fixed level [Imagen]
                 cond, aug_t = sde.augment_cond(cond, aug_t, generators)
-            k = m = None
+            k = m = w = None
             if known is not None:
                 k = downsample(known, L)
                 m = downsample(mask.float(), L) > 0.999
+                w = feather_weight(m, feather * L // p.patch)
             x = sde.sample(self.model_fn(level, cond, aug_t), (B, 3, L, L), steps=steps[level],
-                           sampler=sampler or p.sampler, schedule=p.schedules[level], known=k, mask=m,
+                           sampler=sampler or p.sampler, schedule=p.schedules[level], known=k, mask=m, blend=w,
                            generator=generators, resample=resample, device=dev)
             x = x.clamp(-1, 1)
         return x.cpu()

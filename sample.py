@@ -205,7 +205,8 @@ class DryRunCDM:
 # ----------------------------------------------------------------------------- the job
 
 SETTINGS = ("preset", "seed", "sampler", "steps", "order", "batch", "white_threshold", "outpaint", "resample",
-            "dry_run", "ckpt", "stages", "precision", "aug_level", "edge_margin")
+            "dry_run", "ckpt", "stages", "precision", "aug_level", "edge_margin",
+            "feather")
 
 
 def parse_args(argv=None):
@@ -223,6 +224,9 @@ def parse_args(argv=None):
     ap.add_argument("--edge-margin", type=int, default=None,
                     help="px at a patch's inner edges that the next patch redraws instead of holding fixed "
                          "(default: the preset's, overlap / 8; 0 = hold the whole overlap as the paper)")
+    ap.add_argument("--feather", type=int, default=None,
+                    help="px over which a neighbour's known pixels fade into the new patch "
+                         "(default: the preset's, overlap / 8; 0 = pasted exactly as the paper)")
     ap.add_argument("--order", default="wavefront", choices=tiler.ORDERS,
                     help="raster (the paper), wavefront (same slide, 136 rounds at paper size), checkerboard (4 rounds, different slide)")
     ap.add_argument("--batch", type=int, default=8, help="patches per U-Net batch (a run's slide depends on it on CPU)")
@@ -336,6 +340,7 @@ class Job:
     def run_grid_stage(self, s, lower, device):
         p, a = self.preset, self.args
         margin = p.edge_margin if a.edge_margin is None else a.edge_margin
+        feather = p.feather if a.feather is None else a.feather
         grid = tiler.Grid(p.patch, p.n_patches[s - 1], margin)
         path = self.stage_path(s)
         if self.rank == 0 and not os.path.exists(path):
@@ -348,7 +353,8 @@ class Job:
         total, t0, n0 = grid.n ** 2, time.time(), len(done)
         def sample_fn(gens, **kw):  # the model's share of the time is counted apart
             t = time.time()
-            x = cdm.sample(gens, steps=self.settings["steps"], sampler=self.settings["sampler"], resample=a.resample, **kw)
+            x = cdm.sample(gens, steps=self.settings["steps"], sampler=self.settings["sampler"], resample=a.resample,
+                           feather=feather, **kw)
             self.journal["model_seconds"][str(s)] = self.journal["model_seconds"].get(str(s), 0) + time.time() - t
             return x
 
@@ -463,6 +469,9 @@ def main(argv=None):
         tiler.Grid(preset.patch, 1, preset.edge_margin if args.edge_margin is None else args.edge_margin)
     except ValueError as e:
         sys.exit(f"error: --edge-margin (preset {preset.name}): {e}")
+    if args.feather is not None and not 0 <= args.feather <= preset.overlap // 2:
+        sys.exit(f"error: --feather {args.feather}: use 0 to {preset.overlap // 2} px for preset {preset.name} "
+                 f"(at most half its {preset.overlap} px overlap)")
     job = Job(args, rank, world)
     job.load_or_start()
     images = {}

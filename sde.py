@@ -178,7 +178,7 @@ def repaint_jump(x_s, lam_s, lam_t, generator=None):
 
 
 def sample(model_fn, shape, *, steps, sampler="ancestral", schedule="cosine", known=None,
-           mask=None, generator=None, eta=1.0, resample=1, device="cpu", dtype=torch.float32):
+           mask=None, blend=None, generator=None, eta=1.0, resample=1, device="cpu", dtype=torch.float32):
     """Draw samples by integrating the reverse process from t = 1 to t = 0.
 
     model_fn:  callable(x_t (B, ...), t (B,) in [0, 1]) -> v_hat, same shape as x_t.
@@ -190,6 +190,9 @@ def sample(model_fn, shape, *, steps, sampler="ancestral", schedule="cosine", kn
     known:     None, or a tensor broadcastable to `shape` with pixels held fixed.
     mask:      None, or bool broadcastable to `shape`; True where `known` holds (inpainting
                by replacement; known pixels are exact in the output).
+    blend:     None, or float in [0, 1] broadcastable to `shape`, zero where `mask` is False:
+               the weight of `known` in the clean output only, x_0 = blend known +
+               (1 - blend) x0_hat (a feathered paste, see cascade.feather_weight); None = mask.
     generator: None, a torch.Generator, or a list of one generator per sample.
     resample:  RePaint resampling: each step is redone `resample` times with a forward jump
                in between (1 = no resampling).
@@ -203,6 +206,7 @@ def sample(model_fn, shape, *, steps, sampler="ancestral", schedule="cosine", kn
     if inpaint:
         known = known.to(device, dtype).expand(shape)
         mask = mask.to(device).expand(shape)
+        blend = None if blend is None else blend.to(device, dtype).expand(shape)
     B = shape[0]
 
     def paste(x, alpha, sigma):
@@ -210,6 +214,8 @@ def sample(model_fn, shape, *, steps, sampler="ancestral", schedule="cosine", kn
         # state x is at time s after the step, so known is noised with (alpha_s, sigma_s).
         if not inpaint:
             return x
+        if sigma == 0 and blend is not None:  # deviation: feathered final paste (cascade.feather_weight)
+            return blend * known + (1 - blend) * x
         noised = alpha * known + sigma * randn(shape, generator, device, dtype) if sigma > 0 else known
         return torch.where(mask, noised, x)
 

@@ -85,6 +85,32 @@ def test_cdm_holds_known_pixels_at_top_level():
     assert torch.equal(out[m], known[m]) and not torch.equal(out[~m], known[~m])
 
 
+def test_feather_weight_ramp():
+    m = torch.zeros(1, 1, 8, 12, dtype=torch.bool)
+    m[..., :6] = True  # known columns 0-5, next to the patch border on the left
+    w = cascade.feather_weight(m, 3)
+    assert torch.equal(w[0, 0, 0], torch.tensor([1, 1, 1, .75, .5, .25, 0, 0, 0, 0, 0, 0]))
+    assert torch.equal((w[0, 0] == w[0, 0, :1]).all(0), torch.ones(12, dtype=torch.bool))  # rows: no fade at the border
+    assert torch.equal(cascade.feather_weight(m, 0), m.float())
+    m[..., 5:, :] = True  # an L-shaped known region: the corner fades by Chebyshev distance
+    w = cascade.feather_weight(m, 1)[0, 0]
+    assert w[4, 7] == 0 and w[5, 7] == w[4, 5] == w[5, 5] == 0.5 and w[7, 7] == w[3, 4] == 1
+
+
+def test_cdm_feather_keeps_known_pixels_away_from_the_new_ones():
+    """feather = 4 px at P = 32: known pixels more than 4 px from a new one are exact, the last 4
+    fade into the model's own prediction of them."""
+    p = small_preset()
+    cdm = cascade.CDM(p, 2, [oracle_net()] * 3)
+    known = torch.rand(1, 3, 32, 32) * 2 - 1
+    mask = torch.zeros(1, 1, 32, 32, dtype=torch.bool)
+    mask[..., :10] = True
+    gen = lambda: [torch.Generator().manual_seed(1)]
+    out = cdm.sample(gen(), known=known, mask=mask, context=known, region=known, feather=4)
+    assert torch.equal(out[..., :6], known[..., :6])
+    assert (out[..., 6:10] - known[..., 6:10]).abs().amax() > 1e-3
+
+
 def _save(path, preset, stage, level, net):
     torch.save(cascade.model_payload(preset, stage, level, net.cfg, net.state_dict()), path)
 

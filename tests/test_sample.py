@@ -125,12 +125,14 @@ def test_bad_or_missing_ckpt(tmp_path, tiny_ckpt):
 def test_bad_edge_margin(tmp_path, tiny_ckpt):
     res = _run(_cmd(tmp_path / "a.tif", tiny_ckpt, "--edge-margin", "3"))  # tiny: overlap 4
     assert res.returncode != 0 and "--edge-margin" in res.stderr and "margin 3: use 0 to 2" in res.stderr and "Traceback" not in res.stderr
+    res = _run(_cmd(tmp_path / "a.tif", tiny_ckpt, "--feather", "-1"))
+    assert res.returncode != 0 and "--feather -1: use 0 to 2 px" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_two_ranks_bit_identical_to_one(tmp_path, tiny_ckpt):
     one, two = tmp_path / "one.tif", tmp_path / "two.tif"
-    assert _run(_cmd(one, tiny_ckpt, "--edge-margin", "1")).returncode == 0
-    cmd = _cmd(two, tiny_ckpt, "--edge-margin", "1")
+    assert _run(_cmd(one, tiny_ckpt, "--edge-margin", "1", "--feather", "2")).returncode == 0
+    cmd = _cmd(two, tiny_ckpt, "--edge-margin", "1", "--feather", "2")
     cmd[1:2] = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29544", cmd[1]]
     res = _run(cmd)
     assert res.returncode == 0, res.stderr[-3000:]

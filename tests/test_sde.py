@@ -127,6 +127,19 @@ def test_inpainting_known_exact_and_conditional(sampler):
     assert abs(out[10][0] - rho) < abs(out[1][0] - rho) / 3, out
 
 
+def test_blend_is_a_final_linear_paste():
+    """`blend` changes only the clean composite: the trajectory is the same, so the output is linear
+    in blend (0 gives the model's own x0_hat of the known pixel, mask.float() the hard paste)."""
+    n = 256
+    known, mask = torch.tensor([1.0, 0.0]).expand(n, 2), torch.tensor([True, False]).expand(n, 2)
+    run = lambda blend: sde.sample(_bivariate(0.9), (n, 2), steps=20, known=known, mask=mask, blend=blend,
+                                   generator=torch.Generator().manual_seed(3))
+    hard, b1, b0, half = run(None), run(mask.float()), run(torch.zeros(n, 2)), run(mask.float() / 2)
+    assert torch.equal(hard, b1)
+    assert torch.equal(b0[:, 1], hard[:, 1]) and (b0[:, 0] - 1).abs().mean() > 0.05  # x0_hat is not known
+    torch.testing.assert_close(half, (b0 + b1) / 2)
+
+
 def test_fixed_seed_and_per_sample_generators():
     fn = gaussian_oracle(0.0, 1.0)
     run = lambda seed: sde.sample(fn, (3, 5), steps=5, generator=torch.Generator().manual_seed(seed))
