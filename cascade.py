@@ -69,8 +69,8 @@ class Preset:
 
     def model_dict(self):
         """The fields a trained model depends on (not the sampling defaults: steps, sampler,
-        aug_sample), compared when a checkpoint is loaded."""
-        return {k: v for k, v in asdict(self).items() if k not in ("steps", "sampler", "aug_sample")}
+        aug_sample; nor train_crop, a training choice), compared when a checkpoint is loaded."""
+        return {k: v for k, v in asdict(self).items() if k not in ("steps", "sampler", "aug_sample", "train_crop")}
 
 
 PRESETS = {

@@ -15,6 +15,7 @@ References
 """
 import argparse
 import copy
+import dataclasses
 import hashlib
 import os
 import signal
@@ -52,6 +53,9 @@ def parse_args(argv=None):
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="auto = bf16 autocast on CUDA, fp32 on CPU; bf16 on CPU needs native support")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (the saved one is uncompiled)")
+    ap.add_argument("--crop", type=int, default=None,
+                    help="side of the top level's random training crops (default: the preset's train_crop); "
+                         "the level's full size trains on what sampling feeds (see README, 'Training')")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-snr-gamma", type=float, default=None, help="min-SNR-gamma loss weight (None: off)")
     ap.add_argument("--outpaint", action="store_true", help="train the outpainting baseline (no lower-stage crops)")
@@ -78,11 +82,22 @@ def atomic_save(obj, path):
     os.replace(tmp, path)  # readers see the old file or the new one, never half of one
 
 
+def train_preset(args):
+    """The preset, with the top level's training crop from --crop."""
+    preset = cascade.get_preset(args.preset)
+    if args.crop is None:
+        return preset
+    top = preset.level_sizes[-1]
+    if not (8 <= args.crop <= top and args.crop % 8 == 0):
+        sys.exit(f"error: --crop {args.crop}: use a multiple of 8 from 8 to {top} (the top level's size) for preset {preset.name}")
+    return dataclasses.replace(preset, train_crop=args.crop)
+
+
 class Trainer:
     def __init__(self, args, stage, level, rank, world, ddp, device):
         self.args, self.stage, self.level = args, stage, level
         self.rank, self.world, self.ddp, self.device = rank, world, ddp, device
-        self.preset = cascade.get_preset(args.preset)
+        self.preset = train_preset(args)
         self.cfg = cascade.unet_config(self.preset, stage, level, conditioned=not args.outpaint)
         self.schedule = self.preset.schedules[level]
         self.path = os.path.join(args.out, cascade.model_filename(stage, level))
@@ -307,7 +322,7 @@ def main(argv=None):
         sys.exit(f"error: --data {e}")
     stop_flag = [False]
     signal.signal(signal.SIGTERM, lambda *_: stop_flag.__setitem__(0, True))  # preemption: save, then exit
-    preset = cascade.get_preset(args.preset)
+    preset = train_preset(args)
     if len(models) == 1:
         jobs, sync = [(models[0], rank, world)], ddp
     else:  # the paper's way: one model per rank, each trained alone (no gradient sync)

@@ -53,6 +53,20 @@ def test_resume_takes_new_lr(tmp_path):
     assert ck["step"] == 2 and [g["lr"] for g in ck["optimizer"]["param_groups"]] == [1e-5]
 
 
+def test_full_size_phase_after_crops(tmp_path, monkeypatch):
+    """--crop: the top level trains on crops, then on its full size (what sampling feeds); the model
+    still loads under the preset, whose train_crop is a training choice, not part of the model."""
+    sizes, get = [], train.data.StageLevelDataset.__getitem__
+    monkeypatch.setattr(train.data.StageLevelDataset, "__getitem__",
+                        lambda self, i: (lambda d: sizes.append(tuple(d["x0"].shape[-2:])) or d)(get(self, i)))
+    train.main(_args(tmp_path, "--stage", "1", "--level", "2", "--max-steps", "1"))  # tiny: 16 px crops of 32
+    train.main(_args(tmp_path, "--stage", "1", "--level", "2", "--max-steps", "2", "--crop", "32"))
+    assert sizes == [(16, 16)] * 2 + [(32, 32)] * 2
+    net, _ = cascade.load_unet(str(tmp_path / "ck" / "stage1_level2.pt"), cascade.get_preset("tiny"), 1, 2)
+    with pytest.raises(SystemExit, match="--crop 12: use a multiple of 8 from 8 to 32"):
+        train.main(_args(tmp_path, "--stage", "1", "--level", "2", "--max-steps", "3", "--crop", "12"))
+
+
 def test_resume_with_other_config_refused(tmp_path):
     train.main(_args(tmp_path, "--stage", "2", "--level", "0", "--max-steps", "1"))
     with pytest.raises(SystemExit, match="was trained with another"):
