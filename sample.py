@@ -389,7 +389,7 @@ class Job:
             sample_fn, grid, canvas, stage=s, seed=a.seed, order=a.order, batch=a.batch,
             lower=None if outpaint else lower, zoom=cascade.zoom(p, s), background=p.background,
             white_threshold=0.0 if outpaint else a.white_threshold, tissue_fraction=data.tissue_fraction,
-            done=done, share=share, on_round=on_round, after_round=after_round)
+            feather=feather, done=done, share=share, on_round=on_round, after_round=after_round)
         return DiskArray(path), stats
 
     # -------------------------------------------------------------- output

@@ -149,7 +149,7 @@ class StageStats:
 
 
 def generate_stage(sample_fn, grid, canvas, *, stage, seed, order="raster", batch=1, lower=None,
-                   zoom=None, background=255, white_threshold=0.0, tissue_fraction=None,
+                   zoom=None, background=255, white_threshold=0.0, tissue_fraction=None, feather=0,
                    done=(), share=None, on_round=None, after_round=None):
     """Generate every patch of a stage into `canvas`, round by round.
 
@@ -161,6 +161,8 @@ def generate_stage(sample_fn, grid, canvas, *, stage, seed, order="raster", batc
     white_threshold: patches whose region crop has a tissue fraction below it are filled with
                 the upsampled region instead of generated (0 = generate every patch).
     tissue_fraction: callable(uint8 (h, w, 3)) -> float in [0, 1] (data.tissue_fraction).
+    feather:    px over which a filled (white) patch's known pixels fade into its fill, as
+                sample_fn does for generated ones (cascade.feather_weight).
     done:       patches already in the canvas (resume); they are not generated again.
     share:      callable(list of batches) -> this rank's batches of a round (None: all).
     on_round:   callable(round, results) -> results of the whole round (all ranks), where
@@ -185,7 +187,7 @@ def generate_stage(sample_fn, grid, canvas, *, stage, seed, order="raster", batc
         for chunk in (share(chunks) if share else chunks):
             stats.max_batch = max(stats.max_batch, len(chunk))
             results += _generate_chunk(sample_fn, grid, canvas, chunk, k, finished_round, stage, seed, lower,
-                                       zoom, background, white_threshold, tissue_fraction)
+                                       zoom, background, white_threshold, tissue_fraction, feather)
         if on_round is not None:
             results = on_round(todo, results)
         for (i, j), pixels, skipped in results:
@@ -198,7 +200,7 @@ def generate_stage(sample_fn, grid, canvas, *, stage, seed, order="raster", batc
 
 
 def _generate_chunk(sample_fn, grid, canvas, chunk, k, finished_round, stage, seed, lower, zoom,
-                    background, white_threshold, tissue_fraction):
+                    background, white_threshold, tissue_fraction, feather):
     """Generate (or fill, if white) a list of independent patches of round k."""
     P = grid.patch
     known, masks, contexts, regions, gens, white = [], [], [], [], [], []
@@ -226,7 +228,8 @@ def _generate_chunk(sample_fn, grid, canvas, chunk, k, finished_round, stage, se
             out[b] = pixels
     for b in range(len(chunk)):
         if white[b]:  # filled from the stage below, keeping pixels its neighbours already fixed
-            fill = torch.where(mask[b], known[b], regions[b][0])
+            w = cascade.feather_weight(mask[b:b + 1], feather)[0]
+            fill = w * known[b] + (1 - w) * regions[b][0]
             out[b] = cascade.to_uint8(fill[None])[0]
     return [(c, out[b], white[b]) for b, c in enumerate(chunk)]
 

@@ -164,6 +164,23 @@ def test_white_patches_skipped_and_filled():
     assert (outputs[(0, 0)] == 255).all()
 
 
+def test_white_fill_feathers_known_pixels():
+    """A filled (white) patch blends its neighbours' known pixels into the fill like a generated one."""
+    grid = tiler.Grid(32, 4)
+    known_canvas = tiler.MemoryCanvas(116)
+    known_canvas.array[:] = np.random.default_rng(0).integers(0, 200, (116, 116, 3), dtype=np.uint8)
+    done = [c for c in np.ndindex(4, 4) if c != (1, 1)]
+    lower = np.full((88, 88, 3), 255, np.uint8)
+    canvas, outputs, stats, _ = _run("raster", lower=lower, white_threshold=0.5, canvas=known_canvas,
+                                     done=done, feather=2)
+    assert stats.skipped_white == 1 and list(outputs) == [(1, 1)]
+    mask = tiler.rects_mask(tiler.known_rects(grid, 1, 1, lambda a, b: (a, b) < (1, 1)), 32)[None]
+    w = cascade.feather_weight(mask, 2)[0]
+    assert [round(v, 4) for v in w.unique().tolist()] == [0, 0.3333, 0.6667, 1]
+    known = cascade.to_float(np.random.default_rng(0).integers(0, 200, (116, 116, 3), dtype=np.uint8)[28:60, 28:60])[0]
+    assert np.array_equal(outputs[(1, 1)], cascade.to_uint8((w * known + (1 - w))[None])[0])
+
+
 def test_outpainting_baseline_runs_without_lower_stage():
     canvas, outputs, stats, grid = _run("wavefront", batch=2, lower=None)
     assert stats.generated == 16
