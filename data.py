@@ -38,6 +38,10 @@ import cascade
 # background is white/grey (low saturation), pen marks and dust can be black (value < 0.1).
 TISSUE_MIN_SATURATION = 0.07
 TISSUE_MIN_VALUE = 0.10
+# [PAPER] "patches that are mostly white are ignored in both training and sampling": one rule for
+# both. Training redraws crops whose region is less tissue than this; sampling fills such patches
+# from the stage below (sample.py --white-threshold); metrics leave them out of patch features.
+MIN_TISSUE = 0.3
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".jpg", ".jpeg")
 
 
@@ -352,7 +356,7 @@ class StageLevelDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, slides, preset, stage, level, *, region_size=None, region_mode="tissue", cache_dir=None,
-                 seed=0, length=100_000, min_tissue=0.3, conditioned=True, augment=True, rank=0):
+                 seed=0, length=100_000, min_tissue=MIN_TISSUE, conditioned=True, augment=True, rank=0):
         self.preset, self.stage, self.level = preset, stage, level
         self.seed, self.length, self.min_tissue = seed, length, min_tissue
         self.conditioned, self.augment = conditioned, augment

@@ -228,7 +228,7 @@ def transforms(kind, n, preset, seed=0):
     return out
 
 
-def patch_features(source, kind, n, net, *, min_tissue=0.3, seed=0, batch=32, cache_dir=None, label=""):
+def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, seed=0, batch=32, cache_dir=None, label=""):
     """Features of up to n patches of a source: replayed transforms on slides (white crops,
     tissue < min_tissue, left out the same way on both sides), or the PNG files themselves."""
     key = hashlib.sha1(json.dumps([source.fingerprint(), str(kind), n, seed, min_tissue, net.digest, net.kind,
@@ -306,7 +306,7 @@ def main(argv=None):
     ap.add_argument("--vgg", default=None, help="VGG16 file (TorchScript or torchvision state dict) for IP / IR")
     ap.add_argument("--k", type=int, default=3, help="neighbourhood size of precision / recall")
     ap.add_argument("--preset", default="demo", help="geometry of the magnifications (cascade.PRESETS)")
-    ap.add_argument("--min-tissue", type=float, default=0.3, help="crops with less tissue are left out (both sides)")
+    ap.add_argument("--min-tissue", type=float, default=data.MIN_TISSUE, help="crops with less tissue are left out (both sides)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the crop positions")
     ap.add_argument("--cache", default=".urcdm_cache/metrics", help="feature cache directory ('' = off)")
     ap.add_argument("--json", default="metrics.json", help="where to write the results")

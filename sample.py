@@ -236,8 +236,9 @@ def parse_args(argv=None):
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="U-Net arithmetic: auto = bf16 autocast on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16, ~2x faster), else fp32")
-    ap.add_argument("--white-threshold", type=float, default=0.05,
-                    help="patches whose region is less tissue than this are filled from the stage below (0: off)")
+    ap.add_argument("--white-threshold", type=float, default=data.MIN_TISSUE,
+                    help="patches whose region is less tissue than this are filled from the stage below, "
+                         "as training leaves such crops out (default: the same rule, data.MIN_TISSUE; 0: off)")
     ap.add_argument("--mpp", type=float, default=0.25, help="microns per pixel written into the slide (level 0)")
     ap.add_argument("--compression", default="jpeg", choices=["jpeg", "zlib"], help="tile compression")
     ap.add_argument("--outpaint", action="store_true", help="the outpainting baseline: stage-3 models without lower-stage conditioning")
