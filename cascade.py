@@ -185,7 +185,7 @@ def feather_weight(mask, width):
     Pixels outside the patch count as known, so only the new region's edge is feathered.
     deviation: the paper pastes the known pixels exactly; a hard paste leaves a visible step
     where few-step inpainting did not quite meet them, so the last `width` known px fade into
-    the model's own x0_hat of them (classic feathered compositing)."""
+    the model's own x0_hat of them (feathered compositing [Feather])."""
     w = mask.float()
     if width <= 0:
         return w
