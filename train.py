@@ -94,10 +94,9 @@ def train_preset(args):
 
 
 class Trainer:
-    def __init__(self, args, stage, level, rank, world, ddp, device):
-        self.args, self.stage, self.level = args, stage, level
+    def __init__(self, args, preset, stage, level, rank, world, ddp, device):
+        self.args, self.preset, self.stage, self.level = args, preset, stage, level
         self.rank, self.world, self.ddp, self.device = rank, world, ddp, device
-        self.preset = train_preset(args)
         self.cfg = cascade.unet_config(self.preset, stage, level, conditioned=not args.outpaint)
         self.schedule = self.preset.schedules[level]
         self.path = os.path.join(args.out, cascade.model_filename(stage, level))
@@ -331,7 +330,7 @@ def main(argv=None):
             print(f"{len(models)} models on {world} process(es): " + "; ".join(
                 f"rank {r}: {models[r::world]}" for r in range(min(world, len(models)))), flush=True)
     for (s, l), r, w in jobs:
-        trainer = Trainer(args, s, l, r, w, sync, device)
+        trainer = Trainer(args, preset, s, l, r, w, sync, device)
         ds = data.StageLevelDataset(slides, preset, s, l, region_size=args.region_size, cache_dir=args.cache,
                                     seed=args.seed, length=2 ** 62, conditioned=not args.outpaint, rank=rank)
         if trainer.step >= trainer.max_steps:
