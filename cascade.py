@@ -4,8 +4,8 @@ URCDM = 3 stages x 3 levels. Stage s produces an N_s x N_s image (stage 1: the w
 slide zoomed out; stages 2 and 3: an overlapping grid of P x P patches). Within a stage a
 cascaded diffusion model (CDM) generates each patch at 64 -> 256 -> 1024 px (paper sizes);
 level l > 0 is conditioned on level l-1's output, and a stage s > 1 patch on two crops of
-the stage s-1 image: the *context* (P x P around the patch, at stage s-1 resolution) and
-the *region* (exactly the stage s-1 pixels under the patch, upsampled to P x P).
+the stage s-1 image: the *context* (P x P around the patch, at stage s-1 resolution) and,
+in our presets, the *region* (exactly the stage s-1 pixels under the patch, upsampled to P x P).
 
 This file is the one place where the geometry lives; data.py (training) and tiler.py
 (sampling) both call it, so training sees exactly what sampling feeds.
@@ -15,7 +15,9 @@ Images are float tensors in [-1, 1], (B, 3, H, W), unless a name says uint8.
 References
   [PAPER]   Cechnicka et al., URCDM, MICCAI 2024 (Sec. 2, Fig. 1; Eq. 3 for the CDM).
   [CDM]     Ho et al., Cascaded diffusion models, 2021.
-  [Imagen]  Saharia et al., 2022 (conditioning augmentation, sizes, step counts).
+  [Imagen]  Saharia et al., 2022 (conditioning augmentation, sizes, step counts); the authors
+            trained with lucidrains' imagen-pytorch 1.25, whose defaults the `paper` preset copies.
+  [MinSNR]  Hang et al., Efficient diffusion training via min-SNR weighting, 2023.
   [Feather] Szeliski, Image alignment and stitching: a tutorial, 2006 (feathered blending).
 """
 import math
@@ -34,57 +36,90 @@ import unet as unet_mod
 # ----------------------------------------------------------------------------- presets
 
 @dataclass(frozen=True)
+class Sampling:
+    """How a preset samples by default; sample.py's flags override each field. Never part of a
+    model's identity: a trained model can be sampled with any of these."""
+    steps: tuple                      # denoising steps per level
+    sampler: str = "ancestral"        # sde.SAMPLERS
+    eta: float = 0.0                  # DDIM's noise scale (0 = deterministic); other samplers ignore it
+    aug_level: float = 0.2            # t_aug of the conditioning augmentation [Imagen: 0.2]
+    threshold: object = None          # dynamic thresholding quantile p of x0_hat [Imagen: 0.95]; None = off
+    edge_margin: int = 0              # px of a patch's inner edges the next patch redraws (tiler.trusted_span)
+    feather: int = 0                  # px over which known pixels fade into a new patch (feather_weight)
+    fill_white: tuple = (3,)          # stages whose mostly-white patches are filled from the stage below
+    resample: int = 1                 # RePaint jumps per step (1 = off)
+
+
+@dataclass(frozen=True)
+class Training:
+    """How a preset's models are trained by default (train.py). Recorded in every checkpoint;
+    not part of a model's identity (a training phase may change them, e.g. --crop)."""
+    crop: int = 256                   # the top level trains on random crops of this side [Imagen]
+    aug_train: tuple = (0.0, 1.0)     # t_aug ~ U(lo, hi) in training [Imagen: U(0, 1)]
+    aug_per_batch: bool = True        # one t_aug per batch [imagen-pytorch] or one per sample
+    min_snr_gamma: object = 5.0       # min-SNR-gamma loss weight [MinSNR; imagen-pytorch default]; None = off
+    region_choice: str = "centre"     # each slide's region: 'centre' [PAPER] or 'tissue' (centred on it)
+
+
+@dataclass(frozen=True)
 class Preset:
+    """Everything a model depends on (its identity, compared when a checkpoint is loaded),
+    plus its training and sampling defaults."""
     name: str
-    patch: int                 # P: patch side at every stage, also the top level's size
-    n_patches: tuple           # patches per side per stage; stage 1 is (1,)
-    level_sizes: tuple         # the CDM's three image sizes; level_sizes[-1] == patch
-    unets: tuple               # named U-Net config (unet.CONFIGS) per level
-    steps: tuple               # default sampling steps per level
-    schedules: tuple           # noise schedule per level
-    sampler: str = "ancestral"
-    aug_sample: float = 0.2    # conditioning augmentation level t_aug at sampling [Imagen]
-    aug_train_max: float = 0.5 # training draws t_aug ~ U(0, aug_train_max)
-    train_crop: int = 256      # the top level trains on random crops of this size
-    background: int = 255      # grey level padded outside an image (white glass)
-
-    @property
-    def overlap(self):  # o = P / 8: 12.5 % overlap [PAPER]
-        return self.patch // 8
-
-    @property
-    def stride(self):  # S = P - o
-        return self.patch - self.overlap
-
-    @property
-    def edge_margin(self):  # m = o / 8: inner-edge px later patches redraw (tiler.trusted_span)
-        return self.overlap // 8
-
-    @property
-    def feather(self):  # px over which known pixels fade into a new patch (feather_weight)
-        return self.overlap // 8
+    patch: int                        # P: patch side at every stage, also the top level's size
+    n_patches: tuple                  # patches per side per stage; stage 1 is (1,)
+    level_sizes: tuple                # the CDM's three image sizes; level_sizes[-1] == patch
+    unets: tuple                      # named U-Net config (unet.CONFIGS) per level
+    schedules: tuple                  # noise schedule of x_t per level (sde.SCHEDULES)
+    objectives: tuple = ("v", "v", "v")  # what each level's U-Net predicts: 'v' or 'eps'
+    aug_schedule: str = "linear"      # log-SNR schedule of the conditioning augmentation noise [Imagen]
+    aug_inputs: str = "lowres"        # noised inputs: 'lowres' (level l-1's image) or 'all' (also context, region)
+    region: bool = False              # stages 2-3 also see the region crop (the pixels zoomed into)
+    background: int = 255             # grey level padded outside an image (white glass)
+    training: Training = Training()
+    sampling: Sampling = None
 
     def to_dict(self):
         return asdict(self)
 
     def model_dict(self):
-        """The fields a trained model depends on (not the sampling defaults: steps, sampler,
-        aug_sample; nor train_crop, a training choice), compared when a checkpoint is loaded."""
-        return {k: v for k, v in asdict(self).items() if k not in ("steps", "sampler", "aug_sample", "train_crop")}
+        """The fields a trained model depends on: all but the name and the two sets of defaults."""
+        return {k: v for k, v in asdict(self).items() if k not in ("name", "training", "sampling")}
 
 
+# Model files written before a field existed (format urcdm-model-v1, e.g. the shipped demo) were
+# trained with these values.
+V1_MODEL_DEFAULTS = dict(objectives=("v", "v", "v"), aug_schedule="cosine", aug_inputs="all", region=True)
+
+_PAPER_GEOMETRY = dict(patch=1024, n_patches=(1, 7, 46), level_sizes=(64, 256, 1024),
+                       unets=("paper64", "paper256", "paper1024"), schedules=("cosine", "cosine", "linear"))
 PRESETS = {
-    # DESIGN §2: P = 1024, stages 1024 / 6400 / 41344, 64 -> 256 -> 1024 px per CDM.
-    "paper": Preset("paper", patch=1024, n_patches=(1, 7, 46), level_sizes=(64, 256, 1024),
-                    unets=("paper64", "paper256", "paper1024"), steps=(1024, 256, 256),
-                    schedules=("cosine", "cosine", "linear")),
-    # Same structure at CPU size: stages 256 / 704 / 2048, 16 -> 64 -> 256 px per CDM.
+    # The authors' recipe: geometry and sizes [PAPER Sec. 2-3]; everything else the imagen-pytorch
+    # 1.25 defaults their training script leaves on (see docs/design.md, "The paper preset").
+    "paper": Preset("paper", **_PAPER_GEOMETRY,
+                    objectives=("eps", "v", "v"),  # their script: pred_objectives eps for the base unet
+                    sampling=Sampling(steps=(1024, 256, 256), threshold=0.95)),
+    # deviation: the paper's geometry and sizes with our choices (README, "Departures"): region
+    # conditioning, the inner-edge margin and the feathered paste (overlap / 8 = 16 px), white
+    # fill at stage 2 too.
+    "paper_plus": Preset("paper_plus", **_PAPER_GEOMETRY, objectives=("eps", "v", "v"), region=True,
+                         sampling=Sampling(steps=(1024, 256, 256), threshold=0.95, edge_margin=16, feather=16,
+                                           fill_white=(2, 3))),
+    # The shipped CPU demo (stages 256 / 704 / 2048, 16 -> 64 -> 256 px): the settings its
+    # checkpoints were trained with (v everywhere, cosine augmentation of every input over
+    # U(0, 0.5) per sample, region conditioning, no min-SNR, tissue-centred regions).
     "demo": Preset("demo", patch=256, n_patches=(1, 3, 9), level_sizes=(16, 64, 256),
-                   unets=("demo_base", "demo", "demo"), steps=(50, 25, 10),
-                   schedules=("cosine", "cosine", "linear"), train_crop=64),
+                   unets=("demo_base", "demo", "demo"), schedules=("cosine", "cosine", "linear"),
+                   **V1_MODEL_DEFAULTS,
+                   training=Training(crop=64, aug_train=(0.0, 0.5), aug_per_batch=False, min_snr_gamma=None,
+                                     region_choice="tissue"),
+                   sampling=Sampling(steps=(50, 25, 10), edge_margin=4, feather=4, fill_white=(2, 3))),
     # For tests and smoke runs: stages 32 / 88 / 116, 8 -> 16 -> 32 px, a few steps.
     "tiny": Preset("tiny", patch=32, n_patches=(1, 3, 4), level_sizes=(8, 16, 32), unets=("tiny",) * 3,
-                   steps=(3, 3, 3), schedules=("cosine", "cosine", "linear"), train_crop=16),
+                   schedules=("cosine", "cosine", "linear"), **V1_MODEL_DEFAULTS,
+                   training=Training(crop=16, aug_train=(0.0, 0.5), aug_per_batch=False, min_snr_gamma=None,
+                                     region_choice="tissue"),
+                   sampling=Sampling(steps=(3, 3, 3), fill_white=(2, 3))),
 }
 
 
@@ -96,9 +131,44 @@ def get_preset(name):
 
 # ----------------------------------------------------------------------------- geometry
 
+@dataclass(frozen=True)
+class Grid:
+    """The overlapping n x n patch grid of a stage: patch P, overlap o = P / 8 (12.5 % [PAPER]),
+    stride S = P - o, side N = P + (n - 1) S. margin: px at a patch's inner edges that later
+    neighbours regenerate (tiler.trusted_span)."""
+    patch: int
+    n: int
+    margin: int = 0
+
+    def __post_init__(self):  # the next patch must redraw the margin from its interior
+        if not 0 <= self.margin <= self.overlap // 2:
+            raise ValueError(f"margin {self.margin}: use 0 to {self.overlap // 2} (half the overlap)")
+
+    @property
+    def overlap(self):
+        return self.patch // 8
+
+    @property
+    def stride(self):
+        return self.patch - self.overlap
+
+    @property
+    def size(self):
+        return self.patch + (self.n - 1) * self.stride
+
+    def origin(self, i, j):
+        """Top-left (y0, x0) of patch (i, j) in stage pixels."""
+        return i * self.stride, j * self.stride
+
+
+def stage_grid(preset, stage, margin=0):
+    """The patch grid of a stage (stage 1 is one patch: the whole slide zoomed out)."""
+    return Grid(preset.patch, preset.n_patches[stage - 1], margin)
+
+
 def stage_size(preset, stage):
     """N_s = P + (n_s - 1) S: the side of the stage-s image."""
-    return preset.patch + (preset.n_patches[stage - 1] - 1) * preset.stride
+    return stage_grid(preset, stage).size
 
 
 def zoom(preset, stage):
@@ -202,28 +272,62 @@ def make_lowres(x_prev, size):
     return F.interpolate(x_prev, size=(size, size), mode="bilinear", align_corners=False)
 
 
+def cond_channels(preset, stage, level, conditioned=True):
+    """Conditioning channels of (stage, level): lowres (level > 0), context (stage > 1), region
+    (stage > 1, if the preset has it). conditioned=False: the outpainting baseline's stage 3."""
+    lower = stage > 1 and conditioned
+    return 3 * (level > 0) + 3 * lower + 3 * (lower and preset.region)
+
+
 def level_inputs(preset, stage, level, target_or_lowres, context=None, region=None, conditioned=True):
     """Conditioning channels of (stage, level), in the order the U-Net concatenates them:
-    [lowres (level > 0)], [context, region (stage > 1, conditioned)], all at level size.
-    `target_or_lowres` is level l-1's image (any size; made into the lowres input here).
-    Returns (B, C, L, L) or None when there is no conditioning."""
+    [lowres (level > 0)], [context, region (stage > 1, conditioned; region if the preset has it)],
+    all at level size. `target_or_lowres` is level l-1's image (any size; made into the lowres
+    input here). Returns (B, C, L, L) or None when there is no conditioning."""
     L = preset.level_sizes[level]
     parts = []
     if level > 0:
         parts.append(make_lowres(downsample(target_or_lowres, preset.level_sizes[level - 1]), L))
     if stage > 1 and conditioned:
-        parts += [downsample(context, L), downsample(region, L)]
+        parts += [downsample(context, L)] + ([downsample(region, L)] if preset.region else [])
     return torch.cat(parts, dim=1) if parts else None
 
 
-def cond_channels(stage, level, conditioned=True):
-    return 3 * (level > 0) + 6 * (stage > 1 and conditioned)
+def augmented_channels(preset, stage, level, conditioned=True):
+    """How many of the leading conditioning channels the augmentation noises [CDM, Imagen]:
+    'lowres' = level l-1's image only (imagen noises lowres_cond_img, never cond_images);
+    'all' = every conditioning channel. deviation ('all'): ours also noised context and region."""
+    return 3 * (level > 0) if preset.aug_inputs == "lowres" else cond_channels(preset, stage, level, conditioned)
+
+
+def augment(preset, stage, level, cond, t_aug, generator=None, conditioned=True):
+    """Conditioning augmentation of (stage, level)'s inputs, the one definition for training
+    (random t_aug per sample or batch) and sampling (a fixed level) [CDM, Imagen].
+    cond: (B, C, L, L) or None; t_aug: float or (B,). Returns (cond, aug_lam): aug_lam (B,)
+    is the noise's log-SNR for the U-Net's second embedding; None when nothing is noised."""
+    n = augmented_channels(preset, stage, level, conditioned)
+    if cond is None or n == 0:
+        return cond, None
+    noised, aug_lam = sde.augment_cond(cond[:, :n], t_aug, generator, preset.aug_schedule)
+    cond = noised if n == cond.shape[1] else torch.cat([noised, cond[:, n:]], dim=1)
+    return cond, aug_lam.to(cond.device)
 
 
 def unet_config(preset, stage, level, conditioned=True):
     """The U-Net config of (stage, level): the preset's named size with its input channels."""
-    ch = cond_channels(stage, level, conditioned)
-    return unet_mod.get_config(preset.unets[level], cond_ch=ch, aug_emb=ch > 0)
+    return unet_mod.get_config(preset.unets[level], cond_ch=cond_channels(preset, stage, level, conditioned),
+                               aug_emb=augmented_channels(preset, stage, level, conditioned) > 0)
+
+
+def denoiser(net, schedule, cond=None, aug_lam=None, bf16=False):
+    """model_fn(x_t, t) for sde.sample and sde.loss_fn: t -> lam(t) of the level's schedule ->
+    net(x_t, lam, cond, aug_lam), optionally under bf16 autocast. The one wrapper that training
+    and sampling share."""
+    def model_fn(x_t, t):
+        lam = sde.log_snr(t.cpu(), schedule).float().to(x_t.device)
+        with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return net(x_t, lam, cond, aug_lam).float()
+    return model_fn
 
 
 # ----------------------------------------------------------------------------- the CDM
@@ -238,21 +342,8 @@ class CDM:
         self.preset, self.stage, self.nets, self.conditioned = preset, stage, list(nets), conditioned
         self.device, self.bf16 = torch.device(device), bf16
 
-    def model_fn(self, level, cond, aug_t):
-        """model_fn(x_t, t) -> v_hat for sde.sample, with the conditioning bound."""
-        net, schedule = self.nets[level], self.preset.schedules[level]
-        aug_lam = None if cond is None else sde.log_snr(aug_t, "cosine").float()
-
-        aug_lam = None if aug_lam is None else aug_lam.to(self.device)
-
-        def fn(x_t, t):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                return net(x_t, sde.log_snr(t.cpu(), schedule).float().to(self.device), cond, aug_lam).float()
-        return fn
-
     @torch.no_grad()
-    def sample(self, generators, *, known=None, mask=None, context=None, region=None,
-               steps=None, sampler=None, resample=1, feather=0):
+    def sample(self, generators, *, known=None, mask=None, context=None, region=None, sampling=None):
         """Generate one patch per generator.
 
         generators: list of torch.Generator, one per patch (its only randomness).
@@ -260,29 +351,27 @@ class CDM:
           fixed by finished neighbours; None for no inpainting. Held at every level,
           downsampled to its size (a level pixel is known when its whole block is).
         context, region: (B, 3, P, P) float crops of the stage below (stages 2-3).
-        steps, sampler: per-level step counts and sampler; None = the preset's.
-        feather: px (at P) over which the known pixels fade into the new ones (feather_weight),
-          scaled to each level's size; 0 = known pixels are exact.
+        sampling: a Sampling (steps, sampler, eta, aug_level, threshold, feather, resample);
+          None = the preset's. feather is in px at P, scaled to each level's size.
         Returns (B, 3, P, P) float in [-1, 1]; known pixels are exact except the last
         `feather` px next to the new ones."""
         p, B, dev = self.preset, len(generators), self.device
-        steps = steps or p.steps
+        sp = sampling or p.sampling
         to = lambda t: None if t is None else t.to(dev)
         known, mask, context, region = to(known), to(mask), to(context), to(region)
         x = None
         for level, L in enumerate(p.level_sizes):
             cond = level_inputs(p, self.stage, level, x, context, region, self.conditioned)
-            aug_t = p.aug_sample
-            if cond is not None:  # conditioning augmentation at a fixed level [Imagen]
-                cond, aug_t = sde.augment_cond(cond, aug_t, generators)
+            cond, aug_lam = augment(p, self.stage, level, cond, sp.aug_level, generators, self.conditioned)
             k = m = w = None
             if known is not None:
                 k = downsample(known, L)
                 m = downsample(mask.float(), L) > 0.999
-                w = feather_weight(m, feather * L // p.patch)
-            x = sde.sample(self.model_fn(level, cond, aug_t), (B, 3, L, L), steps=steps[level],
-                           sampler=sampler or p.sampler, schedule=p.schedules[level], known=k, mask=m, blend=w,
-                           generator=generators, resample=resample, device=dev)
+                w = feather_weight(m, sp.feather * L // p.patch)
+            fn = denoiser(self.nets[level], p.schedules[level], cond, aug_lam, self.bf16)
+            x = sde.sample(fn, (B, 3, L, L), steps=sp.steps[level], sampler=sp.sampler, schedule=p.schedules[level],
+                           objective=p.objectives[level], eta=sp.eta, threshold=sp.threshold, known=k, mask=m,
+                           blend=w, generator=generators, resample=sp.resample, device=dev)
             x = x.clamp(-1, 1)
         return x.cpu()
 
@@ -297,9 +386,48 @@ def model_filename(stage, level):
 
 
 def model_payload(preset, stage, level, cfg, state_dict, conditioned=True, **extra):
-    """The dictionary saved as stage{s}_level{l}.pt (plain types only: weights_only=True loads it)."""
+    """The dictionary saved as stage{s}_level{l}.pt (plain types only: weights_only=True loads it).
+    It records the whole preset, training and sampling defaults included."""
     return {"format": MODEL_FORMAT, "preset": preset.to_dict(), "stage": stage, "level": level,
             "conditioned": conditioned, "unet_config": cfg.to_dict(), "ema": state_dict, **extra}
+
+
+def checkpoint_mismatch(ck, preset, stage, level, conditioned=None):
+    """Why a loaded model file is not (preset, stage, level)'s, or None if it is: the one check
+    for sampling (load_unet) and resuming (train.py). conditioned: None = either kind."""
+    if not isinstance(ck, dict) or ck.get("format") != MODEL_FORMAT:
+        return f"not a URCDM model file (format {MODEL_FORMAT} expected)"
+    if (ck["stage"], ck["level"]) != (stage, level):
+        return f"holds stage {ck['stage']} level {ck['level']}, expected stage {stage} level {level}"
+    mine = preset.model_dict()
+    saved = {k: ck["preset"].get(k, V1_MODEL_DEFAULTS.get(k)) for k in mine}
+    diff = [k for k in mine if _plain(saved[k]) != _plain(mine[k])]
+    if diff:
+        return (f"trained for preset {ck['preset'].get('name')!r} with other settings than preset {preset.name!r} "
+                f"({', '.join(f'{k}: {saved[k]!r} vs {mine[k]!r}' for k in diff)})")
+    if conditioned is not None and ck.get("conditioned", True) != conditioned:
+        return "an outpainting model" if conditioned else "a conditioned model, not an outpainting one"
+    return None
+
+
+FP16_MAX = 65504.0
+
+
+def weights_problem(state_dict):
+    """Why a model's weights are unusable, or None: a non-finite value, or one beyond fp16's
+    range (a run that exploded: its exported fp16 model would hold inf)."""
+    for k, v in state_dict.items():
+        if v.is_floating_point() and v.numel():
+            if not torch.isfinite(v).all():
+                return f"{k} is not finite"
+            if float(v.abs().max()) > FP16_MAX:
+                return f"{k} reaches {float(v.abs().max()):.3g}, beyond fp16's range"
+    return None
+
+
+def _plain(v):
+    """Tuples and lists compare alike (checkpoints may hold either)."""
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
 def load_unet(path, preset, stage, level, device="cpu"):
@@ -312,15 +440,9 @@ def load_unet(path, preset, stage, level, device="cpu"):
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line message
         raise ValueError(f"{path}: not a readable URCDM model file ({type(e).__name__}); {fix}") from None
-    if not isinstance(ck, dict) or ck.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path}: not a URCDM model file (format {MODEL_FORMAT} expected); {fix}")
-    if (ck["stage"], ck["level"]) != (stage, level):
-        raise ValueError(f"{path}: holds stage {ck['stage']} level {ck['level']}, expected stage {stage} "
-                         f"level {level}; rename or retrain it")
-    saved = {k: v for k, v in ck["preset"].items() if k in preset.model_dict()}
-    if saved != preset.model_dict():
-        raise ValueError(f"{path}: trained for preset {ck['preset'].get('name')!r} with other settings than "
-                         f"preset {preset.name!r}; pass the matching --preset or retrain")
+    why = checkpoint_mismatch(ck, preset, stage, level) or weights_problem(ck["ema"])
+    if why:
+        raise ValueError(f"{path}: {why}; pass the matching --preset or retrain")
     net = unet_mod.UNet(unet_mod.UNetConfig(**ck["unet_config"]))
     net.load_state_dict(ck["ema"])
     # channels_last: about 4x faster convolutions on CPU (tests/bench_unet.py), same on GPU
@@ -352,3 +474,10 @@ def init_distributed(device_arg=None):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return ddp, rank, world, device
+
+
+def native_bf16(device):
+    """Whether bf16 autocast is fast here: CUDA, or a CPU with bf16 units (AVX512-BF16 / AMX)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()

@@ -1,23 +1,28 @@
-"""Reading whole-slide images, tissue masks, and the nine URCDM training datasets.
+"""Slides in and out: what a training example is, the nine training datasets, slide files.
 
-Slides are read with tifffile (+ imagecodecs for JPEG / JPEG 2000 tiles): Aperio SVS,
-generic pyramidal tiled TIFF, OME-TIFF; plain PNG / JPEG / TIFF images for small data.
-Regions are read tile by tile (never the whole slide), OpenSlide-style:
-read_region(x, y, w, h, downsample) covers w*downsample x h*downsample level-0 pixels.
+A training example of (stage, level) is a crop of one slide's square *region* (paper: ~40000
+level-0 px) at that stage's scale: stage 1 = the region resized to N1; stage 2 = P x P crops of
+the region resized to N2; stage 3 = P x P crops at full resolution; stages 2-3 with context
+(and region) crops of the stage below, level l > 0 with make_lowres(level l-1). The geometry is
+cascade.py's, so training sees exactly what sampling feeds.
 
-Each slide contributes one square *region* (paper: ~40000 px, centred on the tissue).
-The nine datasets follow DESIGN §2 through cascade.py's geometry functions, so training
-sees exactly what sampling feeds: stage 1 = region resized to N1; stage 2 = region resized
-to N2, P x P crops; stage 3 = full-resolution P x P crops; context and region crops from the
-stage below; level l > 0 gets make_lowres(level l-1).
+Slide files: read with tifffile (+ imagecodecs for JPEG / JPEG 2000 tiles), Aperio SVS, generic
+pyramidal tiled TIFF, OME-TIFF, plain PNG / JPEG / TIFF for small data; regions are read tile by
+tile, OpenSlide-style (read_region(x, y, w, h, downsample) covers w*downsample x h*downsample
+level-0 px). Written: an Aperio-style pyramidal BigTIFF (write_aperio) streamed from a
+disk-backed image (DiskArray), so a 41344^2 slide never sits in memory.
 
 Usage: python data.py SLIDE [--preset demo] [--out preview.png]
 
 References
-  [PAPER]    Cechnicka et al., URCDM, MICCAI 2024 ("Datasets and Preprocessing").
+  [PAPER]     Cechnicka et al., URCDM, MICCAI 2024 ("Datasets and Preprocessing").
   [OpenSlide] read_region / downsample conventions, https://openslide.org/api/python/
+  [Aperio]    OpenSlide's Aperio format notes, https://openslide.org/formats/aperio/
+  [tifffile]  TiffWriter.write with tile iterators, https://github.com/cgohlke/tifffile
 """
 import argparse
+import contextlib
+import glob
 import hashlib
 import json
 import math
@@ -62,7 +67,155 @@ def tissue_fraction(rgb):
     return float(tissue_mask(rgb).mean())
 
 
-# ----------------------------------------------------------------------------- slides
+# ----------------------------------------------------------------------------- regions and caches
+
+def choose_region(slide, size, mode="tissue"):
+    """Level-0 top-left (x, y) of the size x size training region of a slide: centred on the
+    tissue (centroid of the thumbnail's tissue mask) or on the slide, kept inside the slide
+    when it fits. A slide smaller than the region is padded with background (warned)."""
+    W, H = slide.dimensions
+    if W < size or H < size:
+        warnings.warn(f"{slide.path}: slide {W}x{H} is smaller than the {size} px region; padding with background")
+    cx, cy = W / 2, H / 2
+    if mode == "tissue":
+        thumb = slide.thumbnail(512)
+        m = tissue_mask(thumb)
+        if m.any():
+            ys, xs = np.nonzero(m)
+            cy, cx = (ys.mean() + 0.5) * H / thumb.shape[0], (xs.mean() + 0.5) * W / thumb.shape[1]
+    elif mode != "centre":
+        raise ValueError(f"unknown region mode {mode!r}; use 'tissue' or 'centre'")
+    clamp = lambda c, n: int(round(min(max(c - size / 2, 0), n - size))) if n >= size else int(round((n - size) / 2))
+    return clamp(cx, W), clamp(cy, H)
+
+
+def _build_stage_image(slide, x, y, size, n, path, band=256):
+    """The region resized to n x n, written band by band into a .npy file (atomically)."""
+    with atomic_path(path) as tmp:
+        arr = DiskArray(tmp, (n, n, 3))
+        ds = size / n
+        for r0 in range(0, n, band):
+            arr.write(r0, 0, slide.read_region(x, y + r0 * ds, n, min(band, n - r0), ds))
+        arr.close()
+
+
+def slide_cache(slide_path, preset, region_size=None, cache_dir=None, rank=0, timeout=3600):
+    """Stage-1 and stage-2 images of a slide's region, built once on disk and memory-mapped.
+    The region is chosen by the preset's training.region_choice ('centre' or 'tissue').
+
+    Rank 0 builds (atomic writes, metadata last); other ranks wait for it.
+    Returns dict(stage1=memmap (N1, N1, 3), stage2=memmap (N2, N2, 3), x, y, size)."""
+    size, region_mode = region_size or cascade.stage_size(preset, 3), preset.training.region_choice
+    st = os.stat(slide_path)
+    key = hashlib.sha1(json.dumps([os.path.abspath(slide_path), st.st_size, st.st_mtime_ns, size, region_mode,
+                                   [cascade.stage_size(preset, s) for s in (1, 2, 3)]]).encode()).hexdigest()[:16]
+    cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(slide_path)), ".urcdm_cache")
+    os.makedirs(cache_dir, exist_ok=True)
+    base = os.path.join(cache_dir, f"{os.path.basename(slide_path)}.{key}")
+    meta_path = base + ".json"
+    if not os.path.exists(meta_path):
+        if rank == 0:
+            slide = open_slide(slide_path)
+            x, y = choose_region(slide, size, region_mode)
+            for s in (1, 2):
+                _build_stage_image(slide, x, y, size, cascade.stage_size(preset, s), f"{base}.stage{s}.npy")
+            write_json(meta_path, {"x": x, "y": y, "size": size, "slide": os.path.abspath(slide_path)})
+        else:
+            t0 = time.time()
+            while not os.path.exists(meta_path):
+                if time.time() - t0 > timeout:
+                    raise TimeoutError(f"{meta_path}: rank 0 did not build the cache within {timeout} s")
+                time.sleep(0.5)
+    with open(meta_path) as f:
+        meta = json.load(f)
+    return dict(meta, stage1=np.load(f"{base}.stage1.npy", mmap_mode="r"),
+                stage2=np.load(f"{base}.stage2.npy", mmap_mode="r"))
+
+
+# ----------------------------------------------------------------------------- the nine datasets
+
+def dihedral(x, k):
+    """The k-th of the 8 symmetries of the square (k in 0..7) on the last two dims."""
+    x = torch.rot90(x, k % 4, dims=(-2, -1))
+    return x.flip(-1) if k >= 4 else x
+
+
+class StageLevelDataset(torch.utils.data.Dataset):
+    """Training samples of one (stage, level) model.
+
+    Item idx is a pure function of (seed, idx): slide, crop position, symmetry and top-level
+    crop all come from a generator seeded with them, so any rank/worker split and any resume
+    point reproduces the same samples. Returns dict(x0=(3, L, L), cond=(C, L, L)) in [-1, 1]
+    (C = 0 for the unconditional stage-1 base model).
+
+    slides: list of slide paths. region_size: level-0 side of each slide's region (None:
+    N3, so stage 3 is at full resolution). min_tissue: crops of stages 2-3 whose region has
+    less tissue are redrawn (up to 10 times), as the paper ignores mostly white patches.
+    """
+
+    def __init__(self, slides, preset, stage, level, *, region_size=None, cache_dir=None,
+                 seed=0, length=100_000, min_tissue=MIN_TISSUE, conditioned=True, augment=True, rank=0):
+        self.preset, self.stage, self.level = preset, stage, level
+        self.seed, self.length, self.min_tissue = seed, length, min_tissue
+        self.conditioned, self.augment = conditioned, augment
+        self.paths = list(slides)
+        self.caches = [slide_cache(p, preset, region_size, cache_dir, rank) for p in self.paths]
+        self._slides = {}
+
+    def __len__(self):
+        return self.length
+
+    def _slide(self, k):
+        if k not in self._slides:
+            self._slides[k] = open_slide(self.paths[k])
+        return self._slides[k]
+
+    def _crop(self, rng, k):
+        """Target P x P (uint8) at stage `self.stage` and the (context, region) crops, or Nones."""
+        p, cache, P = self.preset, self.caches[k], self.preset.patch
+        N = cascade.stage_size(p, self.stage)
+        if self.stage == 1:
+            return np.asarray(cache["stage1"]), None, None
+        lower = cache[f"stage{self.stage - 1}"]
+        r = cascade.zoom(p, self.stage)
+        for _ in range(10):
+            y0, x0 = (int(v) for v in rng.integers(0, N - P + 1, size=2))
+            if tissue_fraction(cascade.region_window(lower, y0, x0, P, r)) >= self.min_tissue:
+                break
+        region = cascade.region_crop(lower, y0, x0, P, r)
+        if self.stage == 2:
+            target = np.asarray(cache["stage2"][y0:y0 + P, x0:x0 + P])
+        else:
+            ds = cache["size"] / N
+            target = self._slide(k).read_region(cache["x"] + x0 * ds, cache["y"] + y0 * ds, P, P, ds)
+        context = cascade.to_float(cascade.context_crop(lower, y0, x0, P, r, p.background))
+        return target, context, region
+
+    def __getitem__(self, idx):
+        rng = np.random.default_rng([self.seed, idx])
+        k = int(rng.integers(len(self.paths)))
+        target, context, region = self._crop(rng, k)
+        stack = [cascade.to_float(target)] + ([context, region] if context is not None else [])
+        stack = torch.cat(stack, dim=1)  # (1, 3 or 9, P, P)
+        if self.augment:  # the same symmetry for target and conditioning
+            stack = dihedral(stack, int(rng.integers(8)))
+        target = stack[:, :3]
+        ctx, reg = (stack[:, 3:6], stack[:, 6:9]) if context is not None else (None, None)
+        p, L = self.preset, self.preset.level_sizes[self.level]
+        x0 = cascade.downsample(target, L)
+        cond = cascade.level_inputs(p, self.stage, self.level, target, ctx, reg, self.conditioned)
+        cond = torch.zeros(1, 0, L, L) if cond is None else cond
+        if self.level == len(p.level_sizes) - 1 and p.training.crop < L:
+            # Top level: a random crop, the same window of target and every conditioning channel
+            # (the U-Net is fully convolutional; squeezing the whole context onto the crop, as
+            # imagen-pytorch does, would show it at another scale than at sampling).
+            cy, cx = (int(v) for v in rng.integers(0, L - p.training.crop + 1, size=2))
+            win = lambda t: t[..., cy:cy + p.training.crop, cx:cx + p.training.crop]
+            x0, cond = win(x0), win(cond)
+        return {"x0": x0[0].contiguous(), "cond": cond[0].contiguous()}
+
+
+# ----------------------------------------------------------------------------- slide files in
 
 def _to_rgb(arr, path):
     """Explicit colour-layout handling: gray -> RGB, RGBA -> RGB over white, others rejected."""
@@ -263,158 +416,157 @@ def list_slides(path):
     return good
 
 
-# ----------------------------------------------------------------------------- regions and caches
+# ----------------------------------------------------------------------------- slide files out
 
-def choose_region(slide, size, mode="tissue"):
-    """Level-0 top-left (x, y) of the size x size training region of a slide: centred on the
-    tissue (centroid of the thumbnail's tissue mask) or on the slide, kept inside the slide
-    when it fits. A slide smaller than the region is padded with background (warned)."""
-    W, H = slide.dimensions
-    if W < size or H < size:
-        warnings.warn(f"{slide.path}: slide {W}x{H} is smaller than the {size} px region; padding with background")
-    cx, cy = W / 2, H / 2
-    if mode == "tissue":
-        thumb = slide.thumbnail(512)
-        m = tissue_mask(thumb)
-        if m.any():
-            ys, xs = np.nonzero(m)
-            cy, cx = (ys.mean() + 0.5) * H / thumb.shape[0], (xs.mean() + 0.5) * W / thumb.shape[1]
-    elif mode != "centre":
-        raise ValueError(f"unknown region mode {mode!r}; use 'tissue' or 'centre'")
-    clamp = lambda c, n: int(round(min(max(c - size / 2, 0), n - size))) if n >= size else int(round((n - size) / 2))
-    return clamp(cx, W), clamp(cy, H)
+class DiskArray:
+    """An (H, W, 3) uint8 image in a .npy file, read and written with pread / pwrite.
 
+    Unlike np.memmap, touched pages do not stay mapped into the process, so the resident
+    memory stays at the size of the windows in flight however large the image is. It is the
+    tiler's canvas (read / write) and slices like an array, img[r0:r1] and img[y0:y1, x0:x1]
+    (what cascade.window, region_crop and write_aperio use)."""
 
-def _build_stage_image(slide, x, y, size, n, path, band=256):
-    """The region resized to n x n, written band by band into a .npy memmap (atomically)."""
-    tmp = f"{path}.tmp{os.getpid()}.npy"
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, n, 3))
-    ds = size / n
-    for r0 in range(0, n, band):
-        h = min(band, n - r0)
-        arr[r0:r0 + h] = slide.read_region(x, y + r0 * ds, n, h, ds)
-    arr.flush()
-    del arr
-    os.replace(tmp, path)
+    def __init__(self, path, shape=None, fill=None):
+        # shape given: create the file (sparse, zero-filled; `fill` writes a grey level).
+        if shape is not None:
+            np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=tuple(shape))
+        header = np.load(path, mmap_mode="r")  # maps the file, reads no pixels
+        if header.dtype != np.uint8 or header.ndim != 3 or header.shape[2] != 3:
+            raise ValueError(f"{path}: not an (H, W, 3) uint8 image file")
+        self.shape, self.offset, self.path = header.shape, header.offset, path
+        del header
+        self.fd, self.row_bytes = os.open(path, os.O_RDWR), self.shape[1] * 3
+        if fill is not None:
+            band = np.full((min(256, self.shape[0]), self.shape[1], 3), fill, np.uint8)
+            for r0 in range(0, self.shape[0], band.shape[0]):
+                self.write(r0, 0, band[:self.shape[0] - r0])
 
+    def _spans(self, y0, x0, h, w):  # (file offset, bytes) per row, or one span for whole rows
+        if x0 == 0 and w == self.shape[1]:
+            return [(self.offset + y0 * self.row_bytes, h * self.row_bytes)]
+        return [(self.offset + (y0 + r) * self.row_bytes + x0 * 3, w * 3) for r in range(h)]
 
-def slide_cache(slide_path, preset, region_size=None, region_mode="tissue", cache_dir=None, rank=0,
-                timeout=3600):
-    """Stage-1 and stage-2 images of a slide's region, built once on disk and memory-mapped.
+    def read(self, y0, x0, h, w):
+        buf = b"".join(os.pread(self.fd, n, off) for off, n in self._spans(y0, x0, h, w))
+        return np.frombuffer(buf, np.uint8).reshape(h, w, 3).copy()
 
-    Rank 0 builds (temp names + os.replace, metadata last); other ranks wait for it.
-    Returns dict(stage1=memmap (N1, N1, 3), stage2=memmap (N2, N2, 3), x, y, size)."""
-    size = region_size or cascade.stage_size(preset, 3)
-    st = os.stat(slide_path)
-    key = hashlib.sha1(json.dumps([os.path.abspath(slide_path), st.st_size, st.st_mtime_ns, size, region_mode,
-                                   [cascade.stage_size(preset, s) for s in (1, 2, 3)]]).encode()).hexdigest()[:16]
-    cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(slide_path)), ".urcdm_cache")
-    os.makedirs(cache_dir, exist_ok=True)
-    base = os.path.join(cache_dir, f"{os.path.basename(slide_path)}.{key}")
-    meta_path = base + ".json"
-    if not os.path.exists(meta_path):
-        if rank == 0:
-            slide = open_slide(slide_path)
-            x, y = choose_region(slide, size, region_mode)
-            for s in (1, 2):
-                _build_stage_image(slide, x, y, size, cascade.stage_size(preset, s), f"{base}.stage{s}.npy")
-            tmp = f"{meta_path}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump({"x": x, "y": y, "size": size, "slide": os.path.abspath(slide_path)}, f)
-            os.replace(tmp, meta_path)
-        else:
-            t0 = time.time()
-            while not os.path.exists(meta_path):
-                if time.time() - t0 > timeout:
-                    raise TimeoutError(f"{meta_path}: rank 0 did not build the cache within {timeout} s")
-                time.sleep(0.5)
-    with open(meta_path) as f:
-        meta = json.load(f)
-    return dict(meta, stage1=np.load(f"{base}.stage1.npy", mmap_mode="r"),
-                stage2=np.load(f"{base}.stage2.npy", mmap_mode="r"))
+    def write(self, y0, x0, arr):
+        arr = np.ascontiguousarray(arr, dtype=np.uint8)
+        data, pos = arr.tobytes(), 0
+        for off, n in self._spans(y0, x0, *arr.shape[:2]):
+            if os.pwrite(self.fd, data[pos:pos + n], off) != n:  # a short write: the disk is full
+                raise OSError(28, f"short write to {self.path} (disk full?)")
+            pos += n
 
-
-# ----------------------------------------------------------------------------- the nine datasets
-
-def dihedral(x, k):
-    """The k-th of the 8 symmetries of the square (k in 0..7) on the last two dims."""
-    x = torch.rot90(x, k % 4, dims=(-2, -1))
-    return x.flip(-1) if k >= 4 else x
-
-
-class StageLevelDataset(torch.utils.data.Dataset):
-    """Training samples of one (stage, level) model.
-
-    Item idx is a pure function of (seed, idx): slide, crop position, symmetry and top-level
-    crop all come from a generator seeded with them, so any rank/worker split and any resume
-    point reproduces the same samples. Returns dict(x0=(3, L, L), cond=(C, L, L)) in [-1, 1]
-    (C = 0 for the unconditional stage-1 base model).
-
-    slides: list of slide paths. region_size: level-0 side of each slide's region (None:
-    N3, so stage 3 is at full resolution). min_tissue: crops of stages 2-3 whose region has
-    less tissue are redrawn (up to 10 times), as the paper ignores mostly white patches.
-    """
-
-    def __init__(self, slides, preset, stage, level, *, region_size=None, region_mode="tissue", cache_dir=None,
-                 seed=0, length=100_000, min_tissue=MIN_TISSUE, conditioned=True, augment=True, rank=0):
-        self.preset, self.stage, self.level = preset, stage, level
-        self.seed, self.length, self.min_tissue = seed, length, min_tissue
-        self.conditioned, self.augment = conditioned, augment
-        self.paths = list(slides)
-        self.caches = [slide_cache(p, preset, region_size, region_mode, cache_dir, rank) for p in self.paths]
-        self._slides = {}
-
-    def __len__(self):
-        return self.length
-
-    def _slide(self, k):
-        if k not in self._slides:
-            self._slides[k] = open_slide(self.paths[k])
-        return self._slides[k]
-
-    def _crop(self, rng, k):
-        """Target P x P (uint8) at stage `self.stage` and the (context, region) crops, or Nones."""
-        p, cache, P = self.preset, self.caches[k], self.preset.patch
-        N = cascade.stage_size(p, self.stage)
-        if self.stage == 1:
-            return np.asarray(cache["stage1"]), None, None
-        lower = cache[f"stage{self.stage - 1}"]
-        r = cascade.zoom(p, self.stage)
-        for _ in range(10):
-            y0, x0 = (int(v) for v in rng.integers(0, N - P + 1, size=2))
-            if tissue_fraction(cascade.region_window(lower, y0, x0, P, r)) >= self.min_tissue:
-                break
-        region = cascade.region_crop(lower, y0, x0, P, r)
-        if self.stage == 2:
-            target = np.asarray(cache["stage2"][y0:y0 + P, x0:x0 + P])
-        else:
-            ds = cache["size"] / N
-            target = self._slide(k).read_region(cache["x"] + x0 * ds, cache["y"] + y0 * ds, P, P, ds)
-        context = cascade.to_float(cascade.context_crop(lower, y0, x0, P, r, p.background))
-        return target, context, region
+    def _box(self, idx):
+        ys, xs = idx if isinstance(idx, tuple) else (idx, slice(None))
+        (y0, y1, _), (x0, x1, _) = ys.indices(self.shape[0]), xs.indices(self.shape[1])
+        return y0, x0, max(y1 - y0, 0), max(x1 - x0, 0)
 
     def __getitem__(self, idx):
-        rng = np.random.default_rng([self.seed, idx])
-        k = int(rng.integers(len(self.paths)))
-        target, context, region = self._crop(rng, k)
-        stack = [cascade.to_float(target)] + ([context, region] if context is not None else [])
-        stack = torch.cat(stack, dim=1)  # (1, 3 or 9, P, P)
-        if self.augment:  # the same symmetry for target and conditioning
-            stack = dihedral(stack, int(rng.integers(8)))
-        target = stack[:, :3]
-        ctx, reg = (stack[:, 3:6], stack[:, 6:9]) if context is not None else (None, None)
-        p, L = self.preset, self.preset.level_sizes[self.level]
-        x0 = cascade.downsample(target, L)
-        cond = cascade.level_inputs(p, self.stage, self.level, target, ctx, reg, self.conditioned)
-        cond = torch.zeros(1, 0, L, L) if cond is None else cond
-        if self.level == len(p.level_sizes) - 1 and p.train_crop < L:
-            # Top level: a random crop, the same window of target and every conditioning channel
-            # (the U-Net is fully convolutional; squeezing the whole context onto the crop, as
-            # imagen-pytorch does, would show it at another scale than at sampling).
-            cy, cx = (int(v) for v in rng.integers(0, L - p.train_crop + 1, size=2))
-            win = lambda t: t[..., cy:cy + p.train_crop, cx:cx + p.train_crop]
-            x0, cond = win(x0), win(cond)
-        return {"x0": x0[0].contiguous(), "cond": cond[0].contiguous()}
+        return self.read(*self._box(idx))
+
+    def __setitem__(self, idx, value):
+        self.write(*self._box(idx)[:2], value)
+
+    def flush(self):
+        os.fsync(self.fd)
+
+    def close(self):
+        os.close(self.fd)
+
+
+def halve(src, dst, band=512):
+    """dst = 2x2 area average of src (edge-replicated when odd), band by band.
+    src: (H, W, 3) uint8 array-like; dst: (ceil(H/2), ceil(W/2), 3) uint8 array-like."""
+    H, W = src.shape[:2]
+    for r0 in range(0, H, band):
+        b = np.asarray(src[r0:r0 + band], dtype=np.float32)
+        b = np.pad(b, ((0, b.shape[0] % 2), (0, W % 2), (0, 0)), mode="edge")
+        avg = b.reshape(b.shape[0] // 2, 2, b.shape[1] // 2, 2, 3).mean(axis=(1, 3))
+        dst[r0 // 2:r0 // 2 + avg.shape[0]] = np.round(avg).astype(np.uint8)
+
+
+def _tiles(src, tile):
+    """Row-major tiles (tile, tile, 3) of an array-like, edge tiles padded; reads one band at a time."""
+    H, W = src.shape[:2]
+    for r0 in range(0, H, tile):
+        band = np.asarray(src[r0:r0 + tile])
+        band = np.pad(band, ((0, tile - band.shape[0]), (0, (-W) % tile), (0, 0)), mode="edge")
+        for c0 in range(0, band.shape[1], tile):
+            yield band[:, c0:c0 + tile]
+
+
+def write_aperio(path, image, *, tile=256, mpp=0.25, compression="jpeg", quality=90, min_side=1024,
+                 workdir=None, thumb_side=768):
+    """Write an (N, M, 3) uint8 array-like (array or memmap, read band by band) as an
+    Aperio-style pyramidal tiled BigTIFF at `path`. Lower levels are built x2 at a time into
+    temporary files under `workdir` (default: beside `path`), so memory stays bounded.
+    compression: 'jpeg' (needs imagecodecs) or 'zlib'."""
+    if compression not in ("jpeg", "zlib"):
+        raise ValueError(f"compression {compression!r}: use 'jpeg' or 'zlib'")
+    H, W = image.shape[:2]
+    workdir = workdir or os.path.dirname(os.path.abspath(path))
+    levels, temps = [image], []
+    while max(levels[-1].shape[:2]) > min_side:
+        h, w = (math.ceil(s / 2) for s in levels[-1].shape[:2])
+        tmp = os.path.join(workdir, f".{os.path.basename(path)}.level{len(levels)}.npy")
+        nxt = DiskArray(tmp, (h, w, 3))
+        halve(levels[-1], nxt)
+        levels.append(nxt)
+        temps.append(tmp)
+    small = np.asarray(levels[-1][:])
+    th = max(1, round(small.shape[0] * thumb_side / max(small.shape[:2])))
+    tw = max(1, round(small.shape[1] * thumb_side / max(small.shape[:2])))
+    thumb = np.asarray(Image.fromarray(small).resize((tw, th), Image.BOX))
+    codec = dict(compression=compression, compressionargs={"level": quality if compression == "jpeg" else 6})
+    q = f"{compression.upper()}/RGB Q={quality}" if compression == "jpeg" else "ZLIB/RGB"
+    props = f"AppMag = {10 / mpp:g}|MPP = {mpp:g}|Software = URCDM"
+    head = f"Aperio Image Library v12.0.0 URCDM synthetic slide\r\n{W}x{H} [0,0 {W}x{H}] ({tile}x{tile})"
+    try:
+        with tifffile.TiffWriter(path, bigtiff=True) as tif:
+            for k, lv in enumerate(levels):
+                h, w = lv.shape[:2]
+                desc = f"{head} {q}|{props}" if k == 0 else f"{head} -> {w}x{h} {q}"
+                tif.write(_tiles(lv, tile), shape=(h, w, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
+                          description=desc, metadata=None, subfiletype=0, buffersize=tile * tile * 3 * 64, **codec)
+                if k == 0:  # page 1: the stripped thumbnail
+                    tif.write(thumb, photometric="rgb", description=f"{head} -> {tw}x{th} - |{props}",
+                              metadata=None, **codec)
+    finally:
+        for lv in levels[1:]:
+            lv.close()
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------- files written whole
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """`with atomic_path(p) as tmp:` write tmp; on success it is synced and renamed to p, so a
+    reader (or a resumed run) sees the old file or the new one, never half of one; on failure
+    it is removed. The temp name keeps p's extension (np.save, np.load need it)."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path, obj):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f)
 
 
 # ----------------------------------------------------------------------------- CLI

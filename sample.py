@@ -5,24 +5,21 @@
     torchrun --nproc_per_node=8 sample.py ...          # each round's patches split across ranks
     python sample.py --preset paper --dry-run --out x.tif   # full geometry, cheap stand-in models
 
-Stage 1 generates the whole slide at N1 px; stages 2 and 3 each generate an overlapping grid
-of patches conditioned on the stage below (tiler.py). Stage images live in files under
-OUT.work/ (never all in memory), with a journal of finished patches: after a crash,
---resume continues and produces the same slide, bit for bit on CPU.
-
-Output format (DESIGN §6): Aperio-style tiled BigTIFF that OpenSlide (vendor 'aperio'),
-QuPath and tifffile read: page 0 = level 0 (tiled), page 1 = stripped thumbnail, then each
-x2-smaller level as its own tiled page, ImageDescription 'Aperio Image Library ...|MPP = ..'.
+The algorithm [PAPER Fig. 1]: stage 1 generates the whole slide at N1 px; stages 2 and 3 each
+generate an overlapping grid of patches, every patch conditioned on the stage below and on its
+finished neighbours (tiler.py); the last stage is written as an Aperio-style slide
+(data.write_aperio). Stage images live in files under OUT.work/ (never all in memory), with a
+journal of finished patches: after a crash, --resume continues and produces the same slide,
+bit for bit on CPU.
 
 References
   [PAPER]     Cechnicka et al., URCDM, MICCAI 2024 (Sec. 2, Fig. 1).
-  [Aperio]    OpenSlide's Aperio format notes, https://openslide.org/formats/aperio/
-  [tifffile]  TiffWriter.write with tile iterators, https://github.com/cgohlke/tifffile
 """
 import argparse
 import dataclasses
+import fcntl
+import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -36,149 +33,252 @@ from PIL import Image, ImageDraw
 
 import cascade
 import data
+import sde
 import tiler
 
 DEMO_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "demo")
 
 
-class DiskArray:
-    """An (H, W, 3) uint8 image in a .npy file, read and written with pread / pwrite.
-
-    Unlike np.memmap, touched pages do not stay mapped into the process, so the resident
-    memory stays at the size of the windows in flight however large the image is. Supports
-    the tiler's canvas interface (read / write), row-band slicing img[r0:r1] and 2-D windows
-    img[y0:y1, x0:x1] (what cascade.window, region_crop and write_aperio use)."""
-
-    def __init__(self, path, shape=None, fill=None):
-        # shape given: create the file (sparse, zero-filled; `fill` writes a grey level).
-        if shape is not None:
-            np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=tuple(shape))
-        with open(path, "rb") as f:
-            major, _ = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            self.shape, _, dtype = read_header(f)
-            self.offset = f.tell()
-        if dtype != np.uint8 or len(self.shape) != 3:
-            raise ValueError(f"{path}: not an (H, W, 3) uint8 image file")
-        self.path, self.fd = path, os.open(path, os.O_RDWR)
-        self.row_bytes = self.shape[1] * 3
-        if fill is not None:
-            band = np.full((min(256, self.shape[0]), self.shape[1], 3), fill, np.uint8)
-            for r0 in range(0, self.shape[0], band.shape[0]):
-                self.write(r0, 0, band[:self.shape[0] - r0])
-
-    def read(self, y0, x0, h, w):
-        out = np.empty((h, w, 3), np.uint8)
-        if w == self.shape[1] and x0 == 0:  # whole rows: one read
-            buf = os.pread(self.fd, h * self.row_bytes, self.offset + y0 * self.row_bytes)
-            return np.frombuffer(buf, np.uint8).reshape(h, w, 3).copy()
-        for r in range(h):
-            buf = os.pread(self.fd, w * 3, self.offset + (y0 + r) * self.row_bytes + x0 * 3)
-            out[r] = np.frombuffer(buf, np.uint8).reshape(w, 3)
-        return out
-
-    def write(self, y0, x0, arr):
-        arr = np.ascontiguousarray(arr, dtype=np.uint8)
-        h, w = arr.shape[:2]
-        if w == self.shape[1] and x0 == 0:
-            os.pwrite(self.fd, arr.tobytes(), self.offset + y0 * self.row_bytes)
-            return
-        for r in range(h):
-            os.pwrite(self.fd, arr[r].tobytes(), self.offset + (y0 + r) * self.row_bytes + x0 * 3)
-
-    def _box(self, idx):
-        ys, xs = idx if isinstance(idx, tuple) else (idx, slice(None))
-        y0, y1, _ = ys.indices(self.shape[0])
-        x0, x1, _ = xs.indices(self.shape[1])
-        return y0, x0, max(y1 - y0, 0), max(x1 - x0, 0)
-
-    def __getitem__(self, idx):
-        return self.read(*self._box(idx))
-
-    def __setitem__(self, idx, value):
-        y0, x0, _, _ = self._box(idx)
-        self.write(y0, x0, value)
-
-    def flush(self):
-        os.fsync(self.fd)
-
-    def close(self):
-        os.close(self.fd)
+def fail(msg):
+    sys.exit(f"error: {msg}")
 
 
-def halve(src, dst, band=512):
-    """dst = 2x2 area average of src (edge-replicated when odd), band by band.
-    src: (H, W, 3) uint8 array-like; dst: (ceil(H/2), ceil(W/2), 3) uint8 array-like."""
-    H, W = src.shape[:2]
-    for r0 in range(0, H, band):
-        b = np.asarray(src[r0:r0 + band], dtype=np.float32)
-        b = np.pad(b, ((0, b.shape[0] % 2), (0, W % 2), (0, 0)), mode="edge")
-        avg = b.reshape(b.shape[0] // 2, 2, b.shape[1] // 2, 2, 3).mean(axis=(1, 3))
-        dst[r0 // 2:r0 // 2 + avg.shape[0]] = np.round(avg).astype(np.uint8)
+# ----------------------------------------------------------------------------- settings
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a run's slide depends on, resolved once from the flags and the preset. The
+    journal stores it; --resume requires the same."""
+    preset: str
+    seed: int
+    stages: int                 # stop after this stage
+    order: str                  # tiler.ORDERS
+    batch: int                  # patches per U-Net batch
+    white_threshold: float      # patches whose region is less tissue are filled (stages in fill_white)
+    outpaint: bool              # stage 3 from its neighbours only (the paper's baseline)
+    dry_run: bool               # cheap stand-in models
+    precision: str              # fp32 or bf16 (resolved from auto)
+    sampling: dict              # cascade.Sampling as a dict (steps, sampler, eta, ... after the flags)
+    models: dict                # {file name: sha256} of the model files used ({} for --dry-run)
+    ckpt: str                   # the model directory, resolved
 
 
-def _tiles(src, tile):
-    """Row-major tiles (tile, tile, 3) of an array-like, edge tiles padded; reads one band at a time."""
-    H, W = src.shape[:2]
-    for r0 in range(0, H, tile):
-        band = np.asarray(src[r0:r0 + tile])
-        band = np.pad(band, ((0, tile - band.shape[0]), (0, (-W) % tile), (0, 0)), mode="edge")
-        for c0 in range(0, band.shape[1], tile):
-            yield band[:, c0:c0 + tile]
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output slide (.tif or .svs): Aperio-style pyramidal BigTIFF")
+    ap.add_argument("--ckpt", default=None, help=f"directory with stage{{s}}_level{{l}}.pt (default: {DEMO_CKPT})")
+    ap.add_argument("--preset", default="demo", help=f"geometry, models and defaults: {', '.join(cascade.PRESETS)}")
+    ap.add_argument("--seed", type=int, default=0, help="the slide's seed; every patch's noise derives from it")
+    g = ap.add_argument_group("sampling (default: the preset's)")
+    g.add_argument("--sampler", default=None, choices=sde.SAMPLERS, help="step rule")
+    g.add_argument("--steps", type=int, nargs=3, default=None, metavar=("L0", "L1", "L2"), help="steps per level")
+    g.add_argument("--eta", type=float, default=None, help="DDIM's noise scale (0 = deterministic, 1 = ancestral)")
+    g.add_argument("--threshold", type=float, default=None, help="dynamic thresholding quantile of x0_hat (0 = off)")
+    g.add_argument("--resample", type=int, default=None, help="RePaint resampling jumps per step (1 = off)")
+    g.add_argument("--aug-level", type=float, default=None, help="conditioning augmentation level t_aug")
+    g.add_argument("--edge-margin", type=int, default=None,
+                   help="px at a patch's inner edges that the next patch redraws (0 = hold the whole overlap, as the paper)")
+    g.add_argument("--feather", type=int, default=None,
+                   help="px over which known pixels fade into the new patch (0 = pasted exactly, as the paper)")
+    g.add_argument("--fill-white", type=int, nargs="*", default=None, choices=[2, 3], metavar="STAGE",
+                   help="stages whose mostly-white patches are filled from the stage below (none: generate all)")
+    ap.add_argument("--white-threshold", type=float, default=data.MIN_TISSUE,
+                    help="'mostly white': a region less tissue than this (default data.MIN_TISSUE, training's rule)")
+    ap.add_argument("--order", default="wavefront", choices=tiler.ORDERS,
+                    help="raster (the paper), wavefront (same slide, 136 rounds at paper size), checkerboard (4 rounds, another slide)")
+    ap.add_argument("--batch", type=int, default=8, help="patches per U-Net batch (a run's slide depends on it on CPU)")
+    ap.add_argument("--stages", type=int, default=3, choices=[1, 2, 3], help="stop after this stage")
+    ap.add_argument("--resume", action="store_true", help="continue an interrupted run (OUT.work/)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out and discard OUT.work/")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="U-Net arithmetic: auto = bf16 autocast on CUDA and on CPUs with native bf16, else fp32")
+    ap.add_argument("--mpp", type=float, default=None,
+                    help="microns per pixel of the final stage (default: from the models' training slides)")
+    ap.add_argument("--compression", default="jpeg", choices=["jpeg", "zlib"], help="tile compression")
+    ap.add_argument("--outpaint", action="store_true", help="the outpainting baseline: stage 3 without the stage below")
+    ap.add_argument("--dry-run", action="store_true", help="cheap deterministic stand-in for the U-Nets (no checkpoints)")
+    ap.add_argument("--keep-work", action="store_true", help="keep OUT.work/ (stage images, journal) at the end")
+    return ap.parse_args(argv)
 
 
-def write_aperio(path, image, *, tile=256, mpp=0.25, compression="jpeg", quality=90, min_side=1024,
-                 workdir=None, thumb_side=768):
-    """Write an (N, M, 3) uint8 array-like (array or memmap, read band by band) as an
-    Aperio-style pyramidal tiled BigTIFF at `path`. Lower levels are built x2 at a time into
-    temporary files under `workdir` (default: beside `path`), so memory stays bounded.
-    compression: 'jpeg' (needs imagecodecs) or 'zlib'."""
-    if compression not in ("jpeg", "zlib"):
-        raise ValueError(f"compression {compression!r}: use 'jpeg' or 'zlib'")
-    H, W = image.shape[:2]
-    workdir = workdir or os.path.dirname(os.path.abspath(path))
-    levels, temps = [image], []
-    while max(levels[-1].shape[:2]) > min_side:
-        h, w = (math.ceil(s / 2) for s in levels[-1].shape[:2])
-        tmp = os.path.join(workdir, f".{os.path.basename(path)}.level{len(levels)}.npy")
-        nxt = DiskArray(tmp, (h, w, 3))
-        halve(levels[-1], nxt)
-        levels.append(nxt)
-        temps.append(tmp)
-    small = np.asarray(levels[-1][:])
-    th = max(1, round(small.shape[0] * thumb_side / max(small.shape[:2])))
-    tw = max(1, round(small.shape[1] * thumb_side / max(small.shape[:2])))
-    thumb = np.asarray(Image.fromarray(small).resize((tw, th), Image.BOX))
-    codec = dict(compression=compression, compressionargs={"level": quality if compression == "jpeg" else 6})
-    q = f"{compression.upper()}/RGB Q={quality}" if compression == "jpeg" else "ZLIB/RGB"
-    props = f"AppMag = {10 / mpp:g}|MPP = {mpp:g}|Software = URCDM"
-    head = f"Aperio Image Library v12.0.0 URCDM synthetic slide\r\n{W}x{H} [0,0 {W}x{H}] ({tile}x{tile})"
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve(args, device):
+    """Settings from the flags and the preset: every default and every check in one place,
+    before any work. Returns (Settings, preset)."""
     try:
-        with tifffile.TiffWriter(path, bigtiff=True) as tif:
-            for k, lv in enumerate(levels):
-                h, w = lv.shape[:2]
-                desc = f"{head} {q}|{props}" if k == 0 else f"{head} -> {w}x{h} {q}"
-                tif.write(_tiles(lv, tile), shape=(h, w, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
-                          description=desc, metadata=None, subfiletype=0, buffersize=tile * tile * 3 * 64, **codec)
-                if k == 0:  # page 1: the stripped thumbnail
-                    tif.write(thumb, photometric="rgb", description=f"{head} -> {tw}x{th} - |{props}",
-                              metadata=None, **codec)
-    finally:
-        for lv in levels[1:]:
-            lv.close()
-        for tmp in temps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        preset = cascade.get_preset(args.preset)
+    except ValueError as e:
+        fail(f"--preset {e}")
+    p, sp = preset, preset.sampling
+    checks = [("--batch", args.batch, args.batch >= 1, ">= 1"),
+              ("--steps", args.steps, args.steps is None or min(args.steps) >= 1, "each >= 1"),
+              ("--resample", args.resample, args.resample is None or args.resample >= 1, ">= 1"),
+              ("--eta", args.eta, args.eta is None or args.eta >= 0, ">= 0"),
+              ("--threshold", args.threshold, args.threshold is None or 0 <= args.threshold <= 1, "in [0, 1]"),
+              ("--aug-level", args.aug_level, args.aug_level is None or 0 <= args.aug_level <= 1, "in [0, 1]"),
+              ("--white-threshold", args.white_threshold, 0 <= args.white_threshold <= 1, "in [0, 1]"),
+              ("--mpp", args.mpp, args.mpp is None or args.mpp > 0, "> 0 (microns per pixel)"),
+              ("--feather", args.feather, args.feather is None or 0 <= args.feather <= p.patch // 16,
+               f"in 0 .. {p.patch // 16} px for preset {p.name} (half its {p.patch // 8} px overlap)")]
+    for flag, value, ok, rule in checks:
+        if not ok:
+            fail(f"{flag} {value}: use a value {rule}")
+    margin = sp.edge_margin if args.edge_margin is None else args.edge_margin
+    try:  # checked by the rule the tiler applies
+        cascade.Grid(p.patch, 1, margin)
+    except ValueError as e:
+        fail(f"--edge-margin (preset {p.name}): {e}")
+    pick = lambda flag, default: default if flag is None else flag
+    sampling = dataclasses.replace(
+        sp, steps=tuple(pick(args.steps, sp.steps)), sampler=pick(args.sampler, sp.sampler), eta=pick(args.eta, sp.eta),
+        threshold=sp.threshold if args.threshold is None else (args.threshold or None),
+        resample=pick(args.resample, sp.resample), aug_level=pick(args.aug_level, sp.aug_level),
+        edge_margin=margin, feather=pick(args.feather, sp.feather),
+        fill_white=tuple(pick(args.fill_white, sp.fill_white)))
+    ckpt, models = "", {}
+    if not args.dry_run:
+        ckpt = os.path.realpath(args.ckpt or DEMO_CKPT)
+        if not os.path.isdir(ckpt):
+            fail(f"--ckpt {ckpt}: no such directory. Train the nine models with train.py (README, 'Training') "
+                 "or pass --dry-run to try the pipeline without models")
+        stages = [3] if args.outpaint else range(1, args.stages + 1)
+        names = [cascade.model_filename(s, l) for s in stages for l in range(3)]
+        missing = [n for n in names if not os.path.isfile(os.path.join(ckpt, n))]
+        if missing:
+            fail(f"--ckpt {ckpt}: missing model file {missing[0]}; train it with `python train.py --preset {p.name} "
+                 f"--stage {missing[0][5]} --level {missing[0][12]}` or point --ckpt elsewhere")
+        for n in names:  # each file's identity now, cheaply (mmap: no weights read), not after hours of work
+            try:
+                ck = torch.load(os.path.join(ckpt, n), map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001
+                fail(f"--ckpt {os.path.join(ckpt, n)}: not a readable URCDM model file ({type(e).__name__})")
+            why = cascade.checkpoint_mismatch(ck, p, int(n[5]), int(n[12]), None if args.outpaint else True)
+            if why:
+                fail(f"--ckpt {os.path.join(ckpt, n)}: {why}")
+        models = {n: sha256(os.path.join(ckpt, n)) for n in names}
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and cascade.native_bf16(device))
+    out = os.path.abspath(args.out)
+    if os.path.isdir(out):
+        fail(f"--out {args.out} is a directory; give a file name such as {os.path.join(args.out, 'slide.tif')}")
+    if not os.path.isdir(os.path.dirname(out)) or not os.access(os.path.dirname(out), os.W_OK):
+        fail(f"--out {args.out}: cannot write into {os.path.dirname(out)} (missing or read-only)")
+    settings = Settings(preset=p.name, seed=args.seed, stages=3 if args.outpaint else args.stages, order=args.order,
+                        batch=args.batch, white_threshold=args.white_threshold, outpaint=args.outpaint,
+                        dry_run=args.dry_run, precision="bf16" if bf16 else "fp32",
+                        sampling=dataclasses.asdict(sampling), models=models, ckpt=ckpt)
+    return settings, preset
 
 
-def native_bf16(device):
-    """Whether bf16 autocast is fast here: CUDA, or a CPU with bf16 units (AVX512-BF16 / AMX)."""
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+# ----------------------------------------------------------------------------- the journal
+
+class Journal:
+    """OUT.work/journal.json: the run's settings and its finished patches, so that --resume
+    continues where a run stopped. A round's results are first saved whole (round.npz), then
+    written to the stage image, then marked done: a run killed in between re-applies the saved
+    round instead of regenerating from a half-written image."""
+
+    def __init__(self, work, settings):
+        self.work, self.path, self.round_path = work, os.path.join(work, "journal.json"), os.path.join(work, "round.npz")
+        self.state = {"settings": dataclasses.asdict(settings), "done": {}, "filled": {}, "seconds": {},
+                      "model_seconds": {}}
+
+    def done(self, stage):
+        return [tuple(c) for c in self.state["done"].get(str(stage), [])]
+
+    def save(self):
+        data.write_json(self.path, self.state)
+
+    def load(self):
+        with open(self.path) as f:
+            self.state = json.load(f)
+
+    def stage_round(self, stage, results):
+        """Save a round's results before they touch the stage image."""
+        cells = np.array([c for c, _, _ in results], np.int64).reshape(-1, 2)
+        with data.atomic_path(self.round_path) as tmp:
+            np.savez(tmp, stage=stage, cells=cells, pixels=np.stack([px for _, px, _ in results]),
+                     filled=np.array([f for _, _, f in results], bool))
+
+    def pending_round(self):
+        """(stage, results) of a round saved but not marked done, or None."""
+        if not os.path.exists(self.round_path):
+            return None
+        z = np.load(self.round_path)
+        if str(int(z["stage"])) in self.state["done"] and tuple(z["cells"][0]) in self.done(int(z["stage"])):
+            return None  # marked done already; the file was left by a kill before its removal
+        return int(z["stage"]), [(tuple(map(int, c)), px, bool(f)) for c, px, f in zip(z["cells"], z["pixels"], z["filled"])]
+
+    def mark(self, stage, results, seconds, model_seconds=0.0):
+        key = str(stage)
+        self.state["done"].setdefault(key, []).extend([list(c) for c, _, _ in results])
+        self.state["filled"].setdefault(key, []).extend([list(c) for c, _, f in results if f])
+        self.state["seconds"][key] = self.state["seconds"].get(key, 0) + seconds
+        self.state["model_seconds"][key] = self.state["model_seconds"].get(key, 0) + model_seconds
+        self.save()
+        if os.path.exists(self.round_path):
+            os.remove(self.round_path)
 
 
-# ----------------------------------------------------------------------------- the dry-run stand-in
+def open_work(args, settings, rank, world):
+    """OUT.work/ with its journal, locked for this run (rank 0 holds an exclusive lock). A run
+    with finished patches is continued only with --resume and discarded only with --overwrite;
+    a work directory without any finished patch never blocks a fresh start."""
+    work = args.out + ".work"
+    journal, lock = Journal(work, settings), None
+    if rank == 0:
+        if os.path.exists(args.out) and not args.overwrite:
+            fail(f"--out {args.out} exists; pass --overwrite to replace it")
+        os.makedirs(work, exist_ok=True)
+        lock = open(os.path.join(work, "lock"), "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            fail(f"{work} is in use by another sample.py run (pid {lock.read().strip() or '?'}); wait for it or "
+                 "choose another --out")
+        lock.seek(0), lock.truncate(), lock.write(str(os.getpid())), lock.flush()
+        started = os.path.exists(journal.path)
+        if started:
+            journal.load()
+        has_work = started and any(journal.state["done"].values())
+        if has_work and args.resume:
+            old, new = journal.state["settings"], json.loads(json.dumps(dataclasses.asdict(settings)))
+            diff = [k for k in new if old.get(k) != new[k]]
+            if diff:
+                fail(f"--resume with other settings than the interrupted run ({', '.join(diff)}: "
+                     f"{[old.get(k) for k in diff]} then, {[new[k] for k in diff]} now); "
+                     "use the original flags and models, or --overwrite")
+        elif has_work and not args.overwrite:
+            fail(f"{work} holds an unfinished run; pass --resume to continue it or --overwrite to restart")
+        else:
+            if args.resume:
+                print(f"nothing to resume in {work}; starting afresh", file=sys.stderr)
+            for f in os.listdir(work):
+                if f != "lock":
+                    path = os.path.join(work, f)
+                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            journal = Journal(work, settings)
+            journal.save()
+    barrier(world)
+    if rank != 0:
+        journal.load()
+    return work, journal, lock
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- models
 
 class DryRunCDM:
     """A cheap deterministic stand-in for a stage's CDM (--dry-run): the upsampled region of
@@ -202,226 +302,123 @@ class DryRunCDM:
         return x if known is None else torch.where(mask, known, x)
 
 
-# ----------------------------------------------------------------------------- the job
-
-SETTINGS = ("preset", "seed", "sampler", "steps", "order", "batch", "white_threshold", "outpaint", "resample",
-            "dry_run", "ckpt", "stages", "precision", "aug_level", "edge_margin",
-            "feather")
-
-
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="output slide (.tif or .svs): Aperio-style pyramidal BigTIFF")
-    ap.add_argument("--ckpt", default=None, help=f"directory with stage{{s}}_level{{l}}.pt (default: {DEMO_CKPT})")
-    ap.add_argument("--preset", default="demo", help="geometry and models: demo (CPU) or paper")
-    ap.add_argument("--seed", type=int, default=0, help="the slide's seed; every patch's noise derives from it")
-    ap.add_argument("--sampler", default=None, choices=["ancestral", "ddim", "dpmpp2m"], help="default: the preset's")
-    ap.add_argument("--steps", type=int, nargs=3, default=None, metavar=("L0", "L1", "L2"),
-                    help="sampling steps per level (default: the preset's)")
-    ap.add_argument("--resample", type=int, default=1, help="RePaint resampling jumps per step (1 = off)")
-    ap.add_argument("--aug-level", type=float, default=None,
-                    help="conditioning augmentation level t_aug at sampling (default: the preset's)")
-    ap.add_argument("--edge-margin", type=int, default=None,
-                    help="px at a patch's inner edges that the next patch redraws instead of holding fixed "
-                         "(default: the preset's, overlap / 8; 0 = hold the whole overlap as the paper)")
-    ap.add_argument("--feather", type=int, default=None,
-                    help="px over which a neighbour's known pixels fade into the new patch "
-                         "(default: the preset's, overlap / 8; 0 = pasted exactly as the paper)")
-    ap.add_argument("--order", default="wavefront", choices=tiler.ORDERS,
-                    help="raster (the paper), wavefront (same slide, 136 rounds at paper size), checkerboard (4 rounds, different slide)")
-    ap.add_argument("--batch", type=int, default=8, help="patches per U-Net batch (a run's slide depends on it on CPU)")
-    ap.add_argument("--stages", type=int, default=3, choices=[1, 2, 3], help="stop after this stage")
-    ap.add_argument("--resume", action="store_true", help="continue an interrupted run (OUT.work/)")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out and discard OUT.work/")
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="U-Net arithmetic: auto = bf16 autocast on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16, ~2x faster), else fp32")
-    ap.add_argument("--white-threshold", type=float, default=data.MIN_TISSUE,
-                    help="patches whose region is less tissue than this are filled from the stage below, "
-                         "as training leaves such crops out (default: the same rule, data.MIN_TISSUE; 0: off)")
-    ap.add_argument("--mpp", type=float, default=0.25, help="microns per pixel written into the slide (level 0)")
-    ap.add_argument("--compression", default="jpeg", choices=["jpeg", "zlib"], help="tile compression")
-    ap.add_argument("--outpaint", action="store_true", help="the outpainting baseline: stage-3 models without lower-stage conditioning")
-    ap.add_argument("--dry-run", action="store_true", help="cheap deterministic stand-in for the U-Nets (no checkpoints)")
-    ap.add_argument("--keep-work", action="store_true", help="keep OUT.work/ (stage images, journal) at the end")
-    return ap.parse_args(argv)
+def load_cdm(settings, preset, stage, device):
+    if settings.dry_run:
+        return DryRunCDM(preset, stage)
+    try:
+        return cascade.load_cdm(settings.ckpt, preset, stage, device, bf16=settings.precision == "bf16")
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"--ckpt {e}")
 
 
-class Job:
-    def __init__(self, args, rank, world):
-        self.args, self.rank, self.world = args, rank, world
-        self.preset = cascade.get_preset(args.preset)
-        self.work = args.out + ".work"
-        self.journal_path = os.path.join(self.work, "journal.json")
-        self.settings = {k: getattr(args, k) for k in SETTINGS}
-        self.settings["steps"] = list(args.steps or self.preset.steps)
-        self.settings["sampler"] = args.sampler or self.preset.sampler
-        self.journal = {"settings": self.settings, "done": {}, "skipped": {}, "seconds": {}, "model_seconds": {}}
-        self.t_start = time.time()
+class Timed:
+    """A CDM's sample() that adds up the seconds spent in the model and counts non-finite output."""
 
-    # -------------------------------------------------------------- journal
-    def load_or_start(self):
-        a = self.args
-        if os.path.exists(a.out) and not a.overwrite:
-            sys.exit(f"error: --out {a.out} exists; pass --overwrite to replace it")
-        if os.path.exists(self.journal_path) and a.resume:
-            with open(self.journal_path) as f:
-                old = json.load(f)
-            diff = [k for k in self.settings if old["settings"].get(k) != self.settings[k]]
-            if diff:
-                sys.exit(f"error: --resume with other settings than the interrupted run ({', '.join(diff)}: "
-                         f"{[old['settings'].get(k) for k in diff]} then, {[self.settings[k] for k in diff]} now); "
-                         "use the original flags or --overwrite")
-            self.journal = old
-            return
-        if os.path.exists(self.work) and not a.overwrite:
-            sys.exit(f"error: {self.work} holds an unfinished run; pass --resume to continue it or --overwrite to restart")
-        if a.resume:
-            print(f"nothing to resume in {self.work}; starting afresh", file=sys.stderr)
-        self.barrier()  # every rank has checked before rank 0 creates the work directory
-        if self.rank == 0:
-            shutil.rmtree(self.work, ignore_errors=True)
-            os.makedirs(self.work)
-            self.save_journal()
-        self.barrier()
+    def __init__(self, cdm, sampling):
+        self.cdm, self.sampling, self.seconds = cdm, sampling, 0.0
 
-    def save_journal(self):
-        if self.rank == 0:
-            tmp = self.journal_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(self.journal, f)
-            os.replace(tmp, self.journal_path)
-
-    def barrier(self):
-        if self.world > 1:
-            dist.barrier()
-
-    # -------------------------------------------------------------- models
-    def cdm(self, stage, device):
-        if self.args.dry_run:
-            return DryRunCDM(self.preset, stage)
-        ckpt = self.args.ckpt or DEMO_CKPT
-        if not os.path.isdir(ckpt):
-            sys.exit(f"error: --ckpt {ckpt}: no such directory. Train the nine models with train.py "
-                     f"(see README, 'Training') or pass --dry-run to try the pipeline without models")
-        try:
-            bf16 = self.args.precision == "bf16" or (self.args.precision == "auto" and native_bf16(device))
-            cdm = cascade.load_cdm(ckpt, self.preset, stage, device, bf16=bf16)
-            if self.args.aug_level is not None:
-                cdm.preset = dataclasses.replace(cdm.preset, aug_sample=self.args.aug_level)
-            return cdm
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(f"error: --ckpt {e}")
-
-    # -------------------------------------------------------------- stages
-    def stage_path(self, s):
-        return os.path.join(self.work, f"stage{s}.npy")
-
-    def run_stage1(self, device):
-        path, N = self.stage_path(1), cascade.stage_size(self.preset, 1)
-        if "1" not in self.journal["done"]:
-            t0 = time.time()
-            if self.rank == 0:
-                x = self.cdm(1, device).sample([tiler.patch_generator(self.args.seed, 1, 0, 0)],
-                                               steps=self.settings["steps"], sampler=self.settings["sampler"],
-                                               resample=self.args.resample)
-                img = DiskArray(path, (N, N, 3))
-                img.write(0, 0, cascade.to_uint8(x)[0])
-                img.flush()
-                self.journal["done"]["1"] = [[0, 0]]
-                self.journal["seconds"]["1"] = time.time() - t0
-                self.save_journal()
-            self.barrier()
-            if self.rank != 0:
-                with open(self.journal_path) as f:
-                    self.journal = json.load(f)
-        print(f"stage 1: {N} x {N} done", file=sys.stderr)
-        return DiskArray(path)
-
-    def run_grid_stage(self, s, lower, device):
-        p, a = self.preset, self.args
-        margin = p.edge_margin if a.edge_margin is None else a.edge_margin
-        feather = p.feather if a.feather is None else a.feather
-        grid = tiler.Grid(p.patch, p.n_patches[s - 1], margin)
-        path = self.stage_path(s)
-        if self.rank == 0 and not os.path.exists(path):
-            DiskArray(path, (grid.size, grid.size, 3), fill=p.background).close()
-        self.barrier()
-        canvas = DiskArray(path)
-        done = [tuple(c) for c in self.journal["done"].get(str(s), [])]
-        outpaint = a.outpaint and s == 3
-        cdm = self.cdm(s, device)
-        total, t0, n0 = grid.n ** 2, time.time(), len(done)
-        def sample_fn(gens, **kw):  # the model's share of the time is counted apart
-            t = time.time()
-            x = cdm.sample(gens, steps=self.settings["steps"], sampler=self.settings["sampler"], resample=a.resample,
-                           feather=feather, **kw)
-            self.journal["model_seconds"][str(s)] = self.journal["model_seconds"].get(str(s), 0) + time.time() - t
-            return x
-
-        def share(chunks):  # batches are cut from the whole round first: any rank count, same slide
-            return chunks[self.rank::self.world]
-
-        def on_round(todo, results):
-            if self.world == 1:
-                return results
-            gathered = [None] * self.world
-            dist.all_gather_object(gathered, results)
-            return [r for part in gathered for r in part]
-
-        def after_round(stats, results):
-            if self.rank == 0:
-                canvas.flush()  # pixels on disk before the journal says so
-                self.journal["done"].setdefault(str(s), []).extend([list(c) for c, _, _ in results])
-                self.journal["skipped"].setdefault(str(s), []).extend([list(c) for c, _, sk in results if sk])
-                self.journal["seconds"][str(s)] = self.journal["seconds"].get(str(s), 0) + time.time() - self.t_round
-                self.save_journal()
-                n = len(self.journal["done"][str(s)])
-                rate = (n - n0) / max(time.time() - t0, 1e-9)
-                print(f"stage {s}: {n}/{total} patches, {len(self.journal['skipped'][str(s)])} skipped as white, "
-                      f"{rate:.2f} patches/s, ETA {(total - n) / max(rate, 1e-9) / 60:.1f} min", file=sys.stderr, flush=True)
-            self.barrier()
-            self.t_round = time.time()
-
-        if self.rank != 0:  # only rank 0 writes the stage image; the others read it
-            canvas.write = lambda *args: None
-        self.t_round = time.time()
-        stats = tiler.generate_stage(
-            sample_fn, grid, canvas, stage=s, seed=a.seed, order=a.order, batch=a.batch,
-            lower=None if outpaint else lower, zoom=cascade.zoom(p, s), background=p.background,
-            white_threshold=0.0 if outpaint else a.white_threshold, tissue_fraction=data.tissue_fraction,
-            feather=feather, done=done, share=share, on_round=on_round, after_round=after_round)
-        return DiskArray(path), stats
-
-    # -------------------------------------------------------------- output
-    def finish(self, images):
-        """Write the slide (temp name, then rename) and the preview PNGs; print a summary."""
-        a, final = self.args, images[max(images)]
-        tmp = a.out + ".tmp"
+    def __call__(self, generators, **inputs):
         t0 = time.time()
-        write_aperio(tmp, final, mpp=a.mpp * (cascade.stage_size(self.preset, 3) / final.shape[0]),
-                     compression=a.compression, workdir=self.work)
-        os.replace(tmp, a.out)
-        t_write = time.time() - t0
-        previews = write_previews(a.out, images, self.preset)
-        if not a.keep_work:
-            for img in images.values():
-                img.close()
-            shutil.rmtree(self.work, ignore_errors=True)
-        total = time.time() - self.t_start
-        lines = [f"wrote {a.out}: {final.shape[1]} x {final.shape[0]} px, {os.path.getsize(a.out) / 1e6:.1f} MB, "
-                 f"{total / 60:.1f} min in this run"]
-        for s, secs in sorted(self.journal["seconds"].items()):
-            n = len(self.journal["done"].get(s, []))
-            sk = len(self.journal["skipped"].get(s, []))
-            line = f"  stage {s}: {n} patches in {secs:.1f} s ({n / max(secs, 1e-9):.2f} patches/s)"
-            if s in self.journal["model_seconds"]:
-                model = self.journal["model_seconds"][s]
-                line += (f", {sk} skipped as white ({100 * sk / max(n, 1):.0f} %), outside the model "
-                         f"{(secs - model) / max(n, 1):.3f} s/patch (rank 0)")
-            lines.append(line)
-        lines.append(f"  pyramid written in {t_write:.1f} s; previews: {', '.join(previews)}")
-        print("\n".join(lines), file=sys.stderr)
+        x = self.cdm.sample(generators, sampling=self.sampling, **inputs)
+        self.seconds += time.time() - t0
+        if not torch.isfinite(x).all():
+            raise FloatingPointError("the model produced non-finite pixels (NaN or inf): its weights are broken; "
+                                     "retrain or re-export it")
+        return x
+
+
+# ----------------------------------------------------------------------------- one grid stage
+
+def gather(results, world):
+    """Every rank's results of a round, in rank order (all-gather of Python objects)."""
+    if world == 1:
+        return results
+    parts = [None] * world
+    dist.all_gather_object(parts, results)
+    return [r for part in parts for r in part]
+
+
+def apply(canvas, grid, results):
+    for (i, j), pixels, _ in results:
+        canvas.write(*grid.origin(i, j), pixels)
+    canvas.flush()  # pixels on disk before the journal says so
+
+
+def progress(stage, journal, n_total, n_fill_left, t0, generated0):
+    """One line: patches done, generated / filled; ETA from the generation rate alone (a
+    filled patch costs next to nothing)."""
+    done, filled = len(journal.done(stage)), len(journal.state["filled"].get(str(stage), []))
+    generated = done - filled
+    rate = (generated - generated0) / max(time.time() - t0, 1e-9)
+    left_gen = n_total - done - n_fill_left
+    eta = f"ETA {left_gen / rate / 60:.1f} min" if rate > 0 else "ETA -"
+    print(f"stage {stage}: {done}/{n_total} patches ({generated} generated, {filled} filled as glass); "
+          f"left: {left_gen} to generate, {n_fill_left} to fill; {rate:.2f} generated patches/s, {eta}",
+          file=sys.stderr, flush=True)
+
+
+def grid_stage(stage, lower_img, canvas, journal, settings, preset, device, rank, world):
+    """Stage 2 or 3: the patch grid, round by round; this rank takes every world-th batch of a
+    round, rank 0 writes the round and marks it in the journal."""
+    S, sp = settings, cascade.Sampling(**settings.sampling)
+    grid = cascade.stage_grid(preset, stage, sp.edge_margin)
+    lower = None if S.outpaint else tiler.Lower(lower_img, cascade.zoom(preset, stage), preset.background)
+    white = tiler.WhiteTest(S.white_threshold, data.tissue_fraction) if stage in sp.fill_white and lower else None
+    sample_fn = Timed(load_cdm(S, preset, stage, device), sp)
+    todo = tiler.plan(S.order, grid.n, S.batch, journal.done(stage))
+    cells = [c for rnd in todo for b in rnd for c in b]
+    n_fill = sum(white(lower, *grid.origin(*c), grid.patch) for c in cells) if white else 0
+    t0, gen0 = time.time(), len(journal.done(stage)) - len(journal.state["filled"].get(str(stage), []))
+    for rnd in todo:
+        t_round, sample_fn.seconds = time.time(), 0.0
+        # Generate: this rank's batches of the round.
+        mine = []
+        for batch in rnd[rank::world]:
+            inputs = tiler.batch_inputs(grid, canvas, batch, order=S.order, lower=lower, white=white)
+            mine += tiler.run_batch(sample_fn, inputs, stage=stage, seed=S.seed, feather=sp.feather)
+        results = gather(mine, world)
+        # Write: rank 0 saves the round, writes it into the stage image, marks it done.
+        if rank == 0:
+            journal.stage_round(stage, results)
+            apply(canvas, grid, results)
+            journal.mark(stage, results, time.time() - t_round, sample_fn.seconds)
+            n_fill -= sum(f for _, _, f in results)
+            progress(stage, journal, grid.n ** 2, n_fill, t0, gen0)
+        barrier(world)
+
+
+# ----------------------------------------------------------------------------- the slide file
+
+def write_slide(args, settings, preset, images, journal, t_start):
+    """Write the slide (temp name, then rename), the preview PNGs, and a summary."""
+    final_stage = max(images)
+    final = images[final_stage]
+    mpp = args.mpp or model_mpp(settings, preset, final_stage)
+    t0 = time.time()
+    with data.atomic_path(args.out) as tmp:
+        data.write_aperio(tmp, final, mpp=mpp, compression=args.compression, workdir=args.out + ".work")
+    t_write = time.time() - t0
+    previews = write_previews(args.out, images, preset)
+    lines = [f"wrote {args.out}: {final.shape[1]} x {final.shape[0]} px at {mpp:.4g} um/px, "
+             f"{os.path.getsize(args.out) / 1e6:.1f} MB, {(time.time() - t_start) / 60:.1f} min in this run"]
+    for s, secs in sorted(journal.state["seconds"].items()):
+        n, filled = len(journal.done(int(s))), len(journal.state["filled"].get(s, []))
+        model = journal.state["model_seconds"].get(s, secs)
+        lines.append(f"  stage {s}: {n} patches in {secs:.1f} s ({n - filled} generated, {filled} filled as glass); "
+                     f"outside the model {(secs - model) / max(n, 1):.3f} s/patch (rank 0)")
+    lines.append(f"  pyramid written in {t_write:.1f} s; previews: {', '.join(previews)}")
+    print("\n".join(lines), file=sys.stderr)
+
+
+def model_mpp(settings, preset, stage):
+    """Microns per pixel of a stage: the training slides' (carried in the model files) times
+    the zoom from that stage to stage 3. 0.25 (40x) when the models do not say (--dry-run)."""
+    mpp3 = 0.25
+    if settings.models:
+        ck = torch.load(os.path.join(settings.ckpt, sorted(settings.models)[-1]), map_location="cpu",
+                        weights_only=True)
+        mpp3 = ck.get("mpp") or mpp3
+    return mpp3 * cascade.stage_size(preset, 3) / cascade.stage_size(preset, stage)
 
 
 def _fit(arr, side):
@@ -435,7 +432,7 @@ def write_previews(out, images, preset, side=512):
     """OUT.preview.png: the paper's Fig. 1 from our own output - stage 1 (whole slide), the
     stage-2 patch at its centre, the stage-3 patch at the centre of that, each with a box
     where the next one sits. OUT.thumbnail.png: the final slide, zoomed out."""
-    P, panels, box = preset.patch, [], None
+    P, panels = preset.patch, []
     centre = {s: (img.shape[0] - P) // 2 for s, img in images.items()}
     for s in sorted(images):
         img = images[s]
@@ -459,31 +456,63 @@ def write_previews(out, images, preset, side=512):
     return paths
 
 
+# ----------------------------------------------------------------------------- main
+
 def main(argv=None):
     args = parse_args(argv)
     ddp, rank, world, device = cascade.init_distributed(args.device)
-    try:
-        preset = cascade.get_preset(args.preset)
-    except ValueError as e:
-        sys.exit(f"error: --preset {e}")
-    try:  # checked before any work, by the rule the tiler applies
-        tiler.Grid(preset.patch, 1, preset.edge_margin if args.edge_margin is None else args.edge_margin)
-    except ValueError as e:
-        sys.exit(f"error: --edge-margin (preset {preset.name}): {e}")
-    if args.feather is not None and not 0 <= args.feather <= preset.overlap // 2:
-        sys.exit(f"error: --feather {args.feather}: use 0 to {preset.overlap // 2} px for preset {preset.name} "
-                 f"(at most half its {preset.overlap} px overlap)")
-    job = Job(args, rank, world)
-    job.load_or_start()
+    t_start = time.time()
+    settings, preset = resolve(args, device)
+    work, journal, lock = open_work(args, settings, rank, world)
+    stage_path = lambda s: os.path.join(work, f"stage{s}.npy")
+
+    # A round saved but not marked done when the last run stopped: apply it as it was.
+    pending = journal.pending_round() if rank == 0 else None
+    if pending:
+        s, results = pending
+        grid = cascade.stage_grid(preset, s, settings.sampling["edge_margin"])
+        canvas = data.DiskArray(stage_path(s))
+        apply(canvas, grid, results)
+        journal.mark(s, results, 0.0)
+        canvas.close()
+    barrier(world)
+
+    # Stage 1: the whole slide, zoomed out, one CDM sample [PAPER Fig. 1, left].
     images = {}
-    if args.outpaint:  # the baseline: stage 3 from its neighbours alone
-        images[3], _ = job.run_grid_stage(3, None, device)
-    else:
-        images[1] = job.run_stage1(device)
-        for s in range(2, args.stages + 1):
-            images[s], _ = job.run_grid_stage(s, images[s - 1], device)
+    if not settings.outpaint:
+        N1 = cascade.stage_size(preset, 1)
+        if not journal.done(1) and rank == 0:
+            t0, cdm = time.time(), Timed(load_cdm(settings, preset, 1, device), cascade.Sampling(**settings.sampling))
+            x = cdm([tiler.patch_generator(settings.seed, 1, 0, 0)])
+            img = data.DiskArray(stage_path(1), (N1, N1, 3))
+            img.write(0, 0, cascade.to_uint8(x)[0])
+            img.flush()
+            journal.mark(1, [((0, 0), None, False)], time.time() - t0, cdm.seconds)
+        barrier(world)
+        if rank != 0:
+            journal.load()
+        images[1] = data.DiskArray(stage_path(1))
+        print(f"stage 1: {N1} x {N1} done", file=sys.stderr)
+
+    # Stages 2 and 3: patch grids, each conditioned on the stage below [PAPER Fig. 1, middle, right].
+    first = 3 if settings.outpaint else 2
+    for s in range(first, settings.stages + 1):
+        if rank == 0 and not os.path.exists(stage_path(s)):
+            N = cascade.stage_size(preset, s)
+            with data.atomic_path(stage_path(s)) as tmp:
+                data.DiskArray(tmp, (N, N, 3), fill=preset.background).close()
+        barrier(world)
+        canvas = data.DiskArray(stage_path(s))
+        grid_stage(s, images.get(s - 1), canvas, journal, settings, preset, device, rank, world)
+        images[s] = canvas
+
+    # The slide: the last stage as a pyramidal BigTIFF, previews, a summary.
     if rank == 0:
-        job.finish(images)
+        write_slide(args, settings, preset, images, journal, t_start)
+        for img in images.values():
+            img.close()
+        if not args.keep_work:
+            shutil.rmtree(work, ignore_errors=True)
     if ddp:
         dist.barrier()
         dist.destroy_process_group()

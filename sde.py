@@ -7,6 +7,8 @@ lam(t) = log(alpha^2 / sigma^2), with alpha^2 = sigmoid(lam), sigma^2 = sigmoid(
 
 A model is any callable `model_fn(x_t, t) -> v_hat` with t of shape (B,) in [0, 1], so
 the samplers run with a U-Net or with a closed-form denoiser (see tests/test_sde.py).
+Names: t and s are times (s < t: one step goes from t to s), alpha_t, sigma_t, lam_t their
+coefficients; x_t the noisy state; x0_hat, v_hat, eps_hat the model's predictions.
 
 References
   [PAPER]    Cechnicka et al., URCDM, MICCAI 2024, Eq. 1-2 (forward / reverse SDE).
@@ -15,6 +17,7 @@ References
   [Imagen]   Saharia et al., 2022 (cosine / linear log-SNR, cond. noise augmentation).
   [CDM]      Ho et al., Cascaded diffusion models, 2021 (conditioning augmentation).
   [SDE-v]    Salimans & Ho, Progressive distillation, 2022 (v-parametrisation).
+  [DDPM]     Ho et al., Denoising diffusion probabilistic models, 2020 (eps objective).
   [DDIM]     Song et al., Denoising diffusion implicit models, 2021.
   [DPM++]    Lu et al., DPM-Solver++, 2022 (2M multistep data-prediction solver).
   [RePaint]  Lugmayr et al., RePaint, 2022 (inpainting, resampling jumps).
@@ -36,8 +39,8 @@ def log_snr(t, schedule="cosine"):
     """lam(t) for t in [0, 1] (tensor), decreasing in t. [Imagen]"""
     t = torch.as_tensor(t, dtype=torch.float64)
     if schedule == "cosine":
-        s = 0.008  # lam = -log(cos((t+s)/(1+s) pi/2)^-2 - 1) [Imagen, Nichol & Dhariwal]
-        lam = -torch.log(torch.cos((t + s) / (1 + s) * math.pi / 2) ** -2 - 1)
+        offset = 0.008  # lam = -log(cos((t+o)/(1+o) pi/2)^-2 - 1), o = 0.008 [Imagen, Nichol & Dhariwal]
+        lam = -torch.log(torch.cos((t + offset) / (1 + offset) * math.pi / 2) ** -2 - 1)
     elif schedule == "linear":
         lam = -torch.log(torch.expm1(1e-4 + 10 * t ** 2))  # Imagen's 'linear' beta schedule
     else:
@@ -109,28 +112,58 @@ def rand(n, generator=None):
     return torch.rand(n, generator=generator, dtype=torch.float64)
 
 
+# ----------------------------------------------------------------------------- what the network predicts
+
+OBJECTIVES = ("v", "eps")
+
+
+def x0_from_output(out, x_t, alpha_t, sigma_t, objective="v"):
+    """The network's output read as x0_hat: from v_hat [SDE-v] or from eps_hat [DDPM]:
+    x0_hat = (x_t - sigma_t eps_hat) / alpha_t."""
+    if objective == "v":
+        return x0_from_v(x_t, out, alpha_t, sigma_t)
+    if objective == "eps":
+        return (x_t - _bc(sigma_t, x_t) * out) / _bc(alpha_t, x_t)
+    raise ValueError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
+
+
+def dynamic_threshold(x0_hat, p):
+    """Imagen's dynamic thresholding [Imagen Sec. 2.3]: per sample, q = the p-quantile of |x0_hat|,
+    q = max(q, 1); x0_hat is clipped to [-q, q] and divided by q, so it lies in [-1, 1]."""
+    q = torch.quantile(x0_hat.abs().flatten(1).float(), p, dim=1).clamp(min=1.0)
+    q = _bc(q, x0_hat)
+    return x0_hat.clamp(-q, q) / q
+
+
 # ----------------------------------------------------------------------------- training loss
 
-def loss_fn(model_fn, x0, *, schedule="cosine", min_snr_gamma=None, generator=None):
-    """v-MSE loss at t ~ U(0, 1) per sample [SDE-v]; optional min-SNR-gamma weight [MinSNR].
+def loss_fn(model_fn, x0, *, schedule="cosine", objective="v", min_snr_gamma=None, generator=None):
+    """MSE between the network's output and its target at t ~ U(0, 1) per sample: v [SDE-v] or
+    eps [DDPM]; optional min-SNR-gamma weight [MinSNR].
 
-    model_fn: callable(x_t, t) -> v_hat. min_snr_gamma: None = plain v-MSE (unit weight),
-    else weight = min(SNR, gamma) / (SNR + 1), the v-space form of min-SNR-gamma.
-    Returns the scalar mean loss.
+    model_fn: callable(x_t, t) -> v_hat (or eps_hat). min_snr_gamma: None = unit weight, else
+    min(SNR, gamma) / (SNR + 1) for v and min(SNR, gamma) / SNR for eps (both are the same
+    weight, min(SNR, gamma), on the x0 error).
+    Returns (losses (B,), t (B,)): the per-sample losses and the times they were drawn at.
     """
     B = x0.shape[0]
     t = rand(B, generator).to(x0.device)
     eps = randn(x0.shape, generator, x0.device, x0.dtype)
+    x_t = q_sample(x0, t, eps, schedule)  # [PAPER Eq. 1]
     alpha, sigma = alpha_sigma(t, schedule)
-    x_t = _bc(alpha, x0) * x0 + _bc(sigma, x0) * eps
-    v = v_target(x0, eps, alpha, sigma)
-    v_hat = model_fn(x_t, t.to(x0.dtype))
-    per_sample = ((v_hat.float() - v.float()) ** 2).flatten(1).mean(1)  # (B,)
+    target = v_target(x0, eps, alpha, sigma) if objective == "v" else eps
+    out = model_fn(x_t, t.to(x0.dtype))
+    per_sample = ((out.float() - target.float()) ** 2).flatten(1).mean(1)  # (B,)
     if min_snr_gamma is not None:
-        snr = torch.exp(log_snr(t, schedule))
-        weight = torch.minimum(snr, torch.full_like(snr, min_snr_gamma)) / (snr + 1)
-        per_sample = per_sample * weight.to(per_sample)
-    return per_sample.mean()
+        per_sample = per_sample * min_snr_weight(t, schedule, min_snr_gamma, objective).to(per_sample)
+    return per_sample, t
+
+
+def min_snr_weight(t, schedule, gamma, objective="v"):
+    """min(SNR, gamma) / (SNR + 1) for the v-loss, min(SNR, gamma) / SNR for the eps-loss [MinSNR]."""
+    snr = torch.exp(log_snr(t, schedule))
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    return clipped / (snr + 1) if objective == "v" else clipped / snr
 
 
 # ----------------------------------------------------------------------------- conditioning augmentation
@@ -138,19 +171,23 @@ def loss_fn(model_fn, x0, *, schedule="cosine", min_snr_gamma=None, generator=No
 def augment_cond(cond, t_aug, generator=None, schedule="cosine"):
     """Noise a conditioning image to level t_aug [CDM, Imagen noise conditioning augmentation].
 
-    cond: (B, C, H, W). t_aug: float (sampling: a fixed level, Imagen uses 0.2) or a (B,)
-    tensor (training: random levels). t_aug = 0 returns cond unchanged.
-    Returns (noised cond, t_aug as a (B,) tensor) - the U-Net embeds the second value.
+    cond: (B, C, H, W). t_aug: float (sampling: a fixed level) or a (B,) tensor (training:
+    random levels); t_aug = 0 leaves a sample unchanged. schedule: the log-SNR schedule of the
+    augmentation noise (Imagen: its own linear one, whatever the level's schedule).
+    Returns (noised cond, aug_lam): aug_lam (B,) float32 is the log-SNR of the noise, which
+    the U-Net embeds (one definition for training and sampling).
     """
     B = cond.shape[0]
     t_aug = torch.as_tensor(t_aug, dtype=torch.float64).expand(B).clone()
     eps = randn(cond.shape, generator, cond.device, cond.dtype)
     keep = (t_aug <= 0).to(cond.device).view(-1, *[1] * (cond.dim() - 1))
-    noised = torch.where(keep, cond, q_sample(cond, t_aug, eps))
-    return noised, t_aug.to(cond.dtype)
+    noised = torch.where(keep, cond, q_sample(cond, t_aug, eps, schedule))
+    return noised, log_snr(t_aug, schedule).float()
 
 
-# ----------------------------------------------------------------------------- sampling
+# ----------------------------------------------------------------------------- sampling: the step rules
+# Each rule moves the state from time t to time s < t, given the model's x0_hat at t.
+# `noise()` draws fresh standard normal noise (called only by stochastic rules).
 
 def time_grid(steps):
     """t_0 = 1 > t_1 > ... > t_steps = 0, uniform in t."""
@@ -162,31 +199,68 @@ def _coeffs(t, schedule):
     if t <= 0:
         return math.inf, 1.0, 0.0
     lam = float(log_snr(t, schedule))
-    a, s = alpha_sigma_from_lam(torch.tensor(lam, dtype=torch.float64))
-    return lam, float(a), float(s)
+    alpha, sigma = alpha_sigma_from_lam(torch.tensor(lam, dtype=torch.float64))
+    return lam, float(alpha), float(sigma)
+
+
+def ancestral_step(x_t, x0_hat, lam_t, lam_s, alpha_t, alpha_s, sigma_s, noise):
+    """Ancestral sampling: draw x_s from the posterior q(x_s | x_t, x0 = x0_hat), the discretised
+    reverse SDE [PAPER Eq. 2; VDM]. With c = 1 - exp(lam_t - lam_s):
+        mean = alpha_s ((1 - c) x_t / alpha_t + c x0_hat),   var = sigma_s^2 c."""
+    c = -math.expm1(lam_t - lam_s)
+    mean = alpha_s * ((1 - c) * x_t / alpha_t + c * x0_hat)
+    return mean + sigma_s * math.sqrt(c) * noise()
+
+
+def ddim_step(x_t, x0_hat, lam_t, lam_s, alpha_t, sigma_t, alpha_s, sigma_s, eta, noise):
+    """DDIM [DDIM Eq. 12]: x_s = alpha_s x0_hat + sqrt(sigma_s^2 - std^2) eps_hat + std z, with
+    eps_hat = (x_t - alpha_t x0_hat) / sigma_t and std = eta sigma_s sqrt(c). eta = 0 is the
+    deterministic ODE sampler; eta = 1 has the ancestral step's variance."""
+    c = -math.expm1(lam_t - lam_s)
+    std = sigma_s * math.sqrt(c) * eta
+    eps_hat = (x_t - alpha_t * x0_hat) / sigma_t
+    x_s = alpha_s * x0_hat + math.sqrt(max(sigma_s ** 2 - std ** 2, 0.0)) * eps_hat
+    return x_s + std * noise() if std > 0 else x_s
+
+
+def dpmpp2m_step(x_t, x0_hat, x0_prev, lam_t, lam_s, h_prev, sigma_t, alpha_s, sigma_s):
+    """DPM-Solver++(2M) [DPM++ Alg. 2], a second-order multistep ODE solver in h = step of
+    log(alpha / sigma) = (lam_s - lam_t) / 2. x0_prev: x0_hat of the previous step (None on the
+    first step: a first-order step), h_prev its h.
+        D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_prev,  r = h_prev / h
+        x_s = (sigma_s / sigma_t) x_t - alpha_s expm1(-h) D"""
+    h = (lam_s - lam_t) / 2
+    D = x0_hat
+    if x0_prev is not None:
+        ratio = h_prev / h
+        D = (1 + 1 / (2 * ratio)) * x0_hat - 1 / (2 * ratio) * x0_prev
+    return (sigma_s / sigma_t) * x_t - alpha_s * math.expm1(-h) * D
 
 
 def repaint_jump(x_s, lam_s, lam_t, generator=None):
     """Re-noise x_s (at lam_s) forward to lam_t < lam_s [RePaint]:
     x_t = (alpha_t/alpha_s) x_s + sqrt(sigma_t^2 - (alpha_t/alpha_s)^2 sigma_s^2) eps,
     so that x_t ~ q(x_t | x_0) whenever x_s ~ q(x_s | x_0)."""
-    a_s, s_s = alpha_sigma_from_lam(torch.tensor(lam_s, dtype=torch.float64))
-    a_t, s_t = alpha_sigma_from_lam(torch.tensor(lam_t, dtype=torch.float64))
-    ratio = float(a_t / a_s)
-    std = math.sqrt(max(float(s_t ** 2) - ratio ** 2 * float(s_s ** 2), 0.0))
+    alpha_s, sigma_s = alpha_sigma_from_lam(torch.tensor(lam_s, dtype=torch.float64))
+    alpha_t, sigma_t = alpha_sigma_from_lam(torch.tensor(lam_t, dtype=torch.float64))
+    ratio = float(alpha_t / alpha_s)
+    std = math.sqrt(max(float(sigma_t ** 2) - ratio ** 2 * float(sigma_s ** 2), 0.0))
     return ratio * x_s + std * randn(x_s.shape, generator, x_s.device, x_s.dtype)
 
 
-def sample(model_fn, shape, *, steps, sampler="ancestral", schedule="cosine", known=None,
-           mask=None, blend=None, generator=None, eta=1.0, resample=1, device="cpu", dtype=torch.float32):
+# ----------------------------------------------------------------------------- sampling: the loop
+
+def sample(model_fn, shape, *, steps, sampler="ancestral", schedule="cosine", objective="v", eta=0.0,
+           threshold=None, known=None, mask=None, blend=None, generator=None, resample=1, device="cpu",
+           dtype=torch.float32):
     """Draw samples by integrating the reverse process from t = 1 to t = 0.
 
-    model_fn:  callable(x_t (B, ...), t (B,) in [0, 1]) -> v_hat, same shape as x_t.
+    model_fn:  callable(x_t (B, ...), t (B,) in [0, 1]) -> the network's output (v_hat or eps_hat).
     shape:     (B, ...) of the samples.
     steps:     number of denoising steps (model calls, times `resample` for RePaint).
-    sampler:   'ancestral' (posterior step of the discretised reverse SDE [PAPER Eq. 2]),
-               'ddim' (with `eta`; eta = 1 equals 'ancestral', eta = 0 is the ODE), or
-               'dpmpp2m' (DPM-Solver++(2M), second-order multistep ODE solver).
+    sampler:   'ancestral' [PAPER Eq. 2], 'ddim' (with `eta`; 0 = deterministic) or 'dpmpp2m'.
+    objective: what model_fn predicts: 'v' or 'eps'.
+    threshold: None, or the quantile p of Imagen's dynamic thresholding of x0_hat (e.g. 0.95).
     known:     None, or a tensor broadcastable to `shape` with pixels held fixed.
     mask:      None, or bool broadcastable to `shape`; True where `known` holds (inpainting
                by replacement; known pixels are exact in the output).
@@ -208,6 +282,7 @@ def sample(model_fn, shape, *, steps, sampler="ancestral", schedule="cosine", kn
         mask = mask.to(device).expand(shape)
         blend = None if blend is None else blend.to(device, dtype).expand(shape)
     B = shape[0]
+    noise = lambda: randn(shape, generator, device, dtype)
 
     def paste(x, alpha, sigma):
         # Replace known pixels by the known image noised to the level of x [RePaint]: the
@@ -216,47 +291,36 @@ def sample(model_fn, shape, *, steps, sampler="ancestral", schedule="cosine", kn
             return x
         if sigma == 0 and blend is not None:  # deviation: feathered final paste (cascade.feather_weight)
             return blend * known + (1 - blend) * x
-        noised = alpha * known + sigma * randn(shape, generator, device, dtype) if sigma > 0 else known
+        noised = alpha * known + sigma * noise() if sigma > 0 else known
         return torch.where(mask, noised, x)
 
     grid = time_grid(steps)
-    x = randn(shape, generator, device, dtype)
-    x = paste(x, *_coeffs(float(grid[0]), schedule)[1:])
+    x = paste(noise(), *_coeffs(float(grid[0]), schedule)[1:])
     x0_prev, h_prev = None, None
     for i in range(steps):
         t, s = float(grid[i]), float(grid[i + 1])
-        lam_t, a_t, s_t = _coeffs(t, schedule)
-        lam_s, a_s, s_s = _coeffs(s, schedule)
+        lam_t, alpha_t, sigma_t = _coeffs(t, schedule)
+        lam_s, alpha_s, sigma_s = _coeffs(s, schedule)
         n_rep = resample if s > 0 else 1  # no jump back from the clean data
         for r in range(n_rep):
             # Denoise.
-            v_hat = model_fn(x, torch.full((B,), t, device=device, dtype=dtype))
-            x0_hat = x0_from_v(x, v_hat.to(dtype), a_t, s_t)
+            out = model_fn(x, torch.full((B,), t, device=device, dtype=dtype)).to(dtype)
+            x0_hat = x0_from_output(out, x, alpha_t, sigma_t, objective)
+            if threshold is not None:
+                x0_hat = dynamic_threshold(x0_hat, threshold)
             # Step t -> s.
             if s <= 0:
-                x_new = x0_hat  # last step: the mean with c = 1, no noise
-            elif sampler == "dpmpp2m":
-                h = (lam_s - lam_t) / 2  # step in log(alpha / sigma) [DPM++]
-                D = x0_hat
-                if x0_prev is not None and r == 0:
-                    ratio = h_prev / h
-                    D = (1 + 1 / (2 * ratio)) * x0_hat - 1 / (2 * ratio) * x0_prev
-                x_new = (s_s / s_t) * x - a_s * math.expm1(-h) * D
+                x_s = x0_hat  # the last step is the clean prediction, no noise
+            elif sampler == "ancestral":
+                x_s = ancestral_step(x, x0_hat, lam_t, lam_s, alpha_t, alpha_s, sigma_s, noise)
+            elif sampler == "ddim":
+                x_s = ddim_step(x, x0_hat, lam_t, lam_s, alpha_t, sigma_t, alpha_s, sigma_s, eta, noise)
             else:
-                c = -math.expm1(lam_t - lam_s)  # c = 1 - exp(lam_t - lam_s) [VDM]
-                std = s_s * math.sqrt(c) * (eta if sampler == "ddim" else 1.0)
-                if sampler == "ancestral":
-                    # posterior mean of q(x_s | x_t, x0_hat) [PAPER Eq. 2 discretised, VDM]
-                    mean = a_s * ((1 - c) * x / a_t + c * x0_hat)
-                else:
-                    # DDIM: x_s = alpha_s x0_hat + sqrt(sigma_s^2 - std^2) eps_hat [DDIM]
-                    eps_hat = eps_from_v(x, v_hat.to(dtype), a_t, s_t)
-                    mean = a_s * x0_hat + math.sqrt(max(s_s ** 2 - std ** 2, 0.0)) * eps_hat
-                x_new = mean + std * randn(shape, generator, device, dtype) if std > 0 else mean
-            x_new = paste(x_new, a_s, s_s)
-            if r < n_rep - 1:
-                x = repaint_jump(x_new, lam_s, lam_t, generator)  # back to t, redo the step
-            else:
-                x = x_new
+                x_s = dpmpp2m_step(x, x0_hat, x0_prev if r == 0 else None, lam_t, lam_s, h_prev,
+                                   sigma_t, alpha_s, sigma_s)
+            # Inpaint: hold the known pixels.
+            x_s = paste(x_s, alpha_s, sigma_s)
+            # RePaint: jump back to t and redo the step.
+            x = repaint_jump(x_s, lam_s, lam_t, generator) if r < n_rep - 1 else x_s
         x0_prev, h_prev = x0_hat, (lam_s - lam_t) / 2 if s > 0 else None
     return x

@@ -1,7 +1,7 @@
 """The overlapping patch grid of stages 2 and 3, generation orders, and stitching.
 
-A stage image of n x n patches (P px, overlap o = P/8, stride S = P - o) is generated patch
-by patch. When patch (i, j) is generated, the pixels already written by finished
+A stage image of n x n patches (cascade.Grid: P px, overlap o = P/8, stride S = P - o) is
+generated patch by patch. When patch (i, j) is generated, the pixels already written by finished
 overlapping neighbours are held fixed (inpainting by replacement) [PAPER Sec. 2]. Which
 neighbours are finished depends on the order:
   raster       the paper's: one patch after another, (i-1, j-1), (i-1, j), (i-1, j+1),
@@ -12,10 +12,15 @@ neighbours are finished depends on the order:
   checkerboard the 4 parity phases (i % 2, j % 2); later phases see neighbours on all
                sides. 4 rounds, a different (not identical) result.
 
+The caller runs the loop: plan() gives the rounds of batches, batch_inputs() reads one batch's
+inputs, run_batch() generates it; a round is written to the canvas after all its batches.
+generate_stage() is that loop in one process.
+
 References
   [PAPER]    Cechnicka et al., URCDM, MICCAI 2024 (overlap 12.5 %, inpainting, white skip).
   [RePaint]  Lugmayr et al., 2022 (inpainting by replacement).
 """
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,32 +32,7 @@ import sde
 ORDERS = ("raster", "wavefront", "checkerboard")
 
 
-@dataclass(frozen=True)
-class Grid:
-    patch: int       # P
-    n: int           # patches per side
-    margin: int = 0  # px at a patch's inner edges that later neighbours regenerate (known_rects)
-
-    def __post_init__(self):  # the next patch must redraw the margin from its interior
-        if not 0 <= self.margin <= self.overlap // 2:
-            raise ValueError(f"margin {self.margin}: use 0 to {self.overlap // 2} (half the overlap)")
-
-    @property
-    def overlap(self):
-        return self.patch // 8
-
-    @property
-    def stride(self):
-        return self.patch - self.overlap
-
-    @property
-    def size(self):  # N = P + (n - 1) S
-        return self.patch + (self.n - 1) * self.stride
-
-    def origin(self, i, j):
-        """Top-left (y0, x0) of patch (i, j) in stage pixels."""
-        return i * self.stride, j * self.stride
-
+# ----------------------------------------------------------------------------- orders
 
 def rounds(order, n):
     """The patches of an n x n grid grouped into rounds: all patches of a round are
@@ -69,18 +49,20 @@ def rounds(order, n):
     raise ValueError(f"unknown order {order!r}; use one of {ORDERS}")
 
 
+@functools.lru_cache(maxsize=8)
 def round_index(order, n):
-    """{(i, j): index of its round}."""
+    """{(i, j): index of its round} (cached: do not modify)."""
     return {c: k for k, rnd in enumerate(rounds(order, n)) for c in rnd}
 
 
 def trusted_span(grid, a):
     """[lo, hi) along one axis of the pixels of patch index a that later neighbours hold
     fixed: the whole patch less `grid.margin` px on each side that is not the stage's border.
-    # deviation: the paper holds the whole overlap. A U-Net's outermost output pixels carry an
-    # edge artefact (ours: the last 2-4 columns ~20-40 grey levels darker, zero padding and
-    # stride-2 convolutions are not symmetric); held fixed, they become a line at every patch
-    # border. Leaving them unknown lets the next patch redraw them from its interior."""
+    deviation: the paper holds the whole overlap. A U-Net's outermost output pixels carry an
+    edge artefact (ours: the last 2-4 columns ~20-40 grey levels darker, zero padding and
+    stride-2 convolutions are not symmetric); held fixed, they become a line at every patch
+    border. Leaving them unknown lets the next patch redraw them from its interior."""
+    # deviation: the paper holds the whole overlap fixed (Sampling.edge_margin = 0 in `paper`).
     lo = a * grid.stride
     m_lo = grid.margin if a > 0 else 0
     m_hi = grid.margin if a < grid.n - 1 else 0
@@ -114,19 +96,9 @@ def rects_mask(rects, P):
     return m
 
 
-def patch_seed(seed, stage, i, j):
-    """A 63-bit seed for patch (i, j) of a stage, derived from the run's seed only, so a
-    patch's noise does not depend on batch size, order of generation or rank count."""
-    return sde.derive_seed("urcdm", seed, stage, i, j)
-
-
-def patch_generator(seed, stage, i, j):
-    return torch.Generator().manual_seed(patch_seed(seed, stage, i, j))
-
-
 class MemoryCanvas:
-    """An (N, N, 3) uint8 stage image in RAM. sample.py provides a disk-backed canvas with
-    the same two methods."""
+    """An (N, N, 3) uint8 stage image in RAM, for tests and small stages. data.DiskArray is the
+    disk-backed canvas with the same two methods, read and write."""
 
     def __init__(self, size, background=255):
         self.size = size
@@ -139,100 +111,133 @@ class MemoryCanvas:
         self.array[y0:y0 + patch.shape[0], x0:x0 + patch.shape[1]] = patch
 
 
-@dataclass
-class StageStats:
-    generated: int = 0
-    skipped_white: int = 0
-    resumed: int = 0
-    rounds: int = 0
-    max_batch: int = 0
-
-
-def generate_stage(sample_fn, grid, canvas, *, stage, seed, order="raster", batch=1, lower=None,
-                   zoom=None, background=255, white_threshold=0.0, tissue_fraction=None, feather=0,
-                   done=(), share=None, on_round=None, after_round=None):
-    """Generate every patch of a stage into `canvas`, round by round.
-
-    sample_fn:  callable(generators, known=, mask=, context=, region=) -> (B, 3, P, P) float,
-                e.g. cascade.CDM.sample, or a closed-form stand-in in tests.
-    lower:      (H, W, 3) uint8 stage s-1 image for the context / region crops; None for the
-                outpainting baseline (neighbours only, no lower-stage conditioning).
-    zoom:       r_s, stage size over lower-stage size.
-    white_threshold: patches whose region crop has a tissue fraction below it are filled with
-                the upsampled region instead of generated (0 = generate every patch).
-    tissue_fraction: callable(uint8 (h, w, 3)) -> float in [0, 1] (data.tissue_fraction).
-    feather:    px over which a filled (white) patch's known pixels fade into its fill, as
-                sample_fn does for generated ones (cascade.feather_weight).
-    done:       patches already in the canvas (resume); they are not generated again.
-    share:      callable(list of batches) -> this rank's batches of a round (None: all).
-    on_round:   callable(round, results) -> results of the whole round (all ranks), where
-                results is a list of ((i, j), uint8 (P, P, 3), skipped: bool); called after
-                this rank's part, before writing (e.g. an all-gather between ranks).
-    after_round: callable(stats, results) after the round is written (journal, progress).
-    Returns StageStats.
-    """
-    stats = StageStats()
-    finished_round = round_index(order, grid.n)
-    done = set(done)
-    for k, rnd in enumerate(rounds(order, grid.n)):
+def plan(order, n, batch, done=()):
+    """The work of a stage: its rounds (tiler.rounds), each cut into batches of up to `batch`
+    patches, leaving out the patches in `done` (resume) and rounds with nothing left.
+    Batches are cut from a whole round before ranks take their share, so a batch's content
+    (and with it every floating-point result) does not depend on the number of ranks.
+    Returns a list of rounds, each a list of batches, each a list of (i, j)."""
+    done = set(map(tuple, done))
+    out = []
+    for rnd in rounds(order, n):
         todo = [c for c in rnd if c not in done]
-        stats.resumed += len(rnd) - len(todo)
-        if not todo:
-            continue
-        stats.rounds += 1
-        # Batches are cut from the whole round before ranks take their share, so a batch's
-        # content (and with it every floating-point result) does not depend on the rank count.
-        chunks = [todo[a:a + batch] for a in range(0, len(todo), batch)]
-        results = []
-        for chunk in (share(chunks) if share else chunks):
-            stats.max_batch = max(stats.max_batch, len(chunk))
-            results += _generate_chunk(sample_fn, grid, canvas, chunk, k, finished_round, stage, seed, lower,
-                                       zoom, background, white_threshold, tissue_fraction, feather)
-        if on_round is not None:
-            results = on_round(todo, results)
-        for (i, j), pixels, skipped in results:
-            canvas.write(*grid.origin(i, j), pixels)
-            stats.skipped_white += skipped
-            stats.generated += not skipped
-        if after_round is not None:
-            after_round(stats, results)
-    return stats
+        if todo:
+            out.append([todo[a:a + batch] for a in range(0, len(todo), batch)])
+    return out
 
 
-def _generate_chunk(sample_fn, grid, canvas, chunk, k, finished_round, stage, seed, lower, zoom,
-                    background, white_threshold, tissue_fraction, feather):
-    """Generate (or fill, if white) a list of independent patches of round k."""
-    P = grid.patch
-    known, masks, contexts, regions, gens, white = [], [], [], [], [], []
-    for i, j in chunk:
+# ----------------------------------------------------------------------------- one batch of patches
+
+def patch_seed(seed, stage, i, j):
+    """A 63-bit seed for patch (i, j) of a stage, derived from the run's seed only, so a
+    patch's noise does not depend on batch size, order of generation or rank count."""
+    return sde.derive_seed("urcdm", seed, stage, i, j)
+
+
+def patch_generator(seed, stage, i, j):
+    return torch.Generator().manual_seed(patch_seed(seed, stage, i, j))
+
+
+@dataclass(frozen=True)
+class Lower:
+    """The stage below, which a patch zooms into: its (H, W, 3) uint8 image (array-like), the
+    zoom r_s from it to this stage, and the grey level padded outside it."""
+    image: object
+    zoom: float
+    background: int = 255
+
+    def context(self, y0, x0, P):  # (1, 3, P, P) float: P x P lower px around the patch
+        return cascade.to_float(cascade.context_crop(self.image, y0, x0, P, self.zoom, self.background))
+
+    def region(self, y0, x0, P):  # (1, 3, P, P) float: the lower px under the patch, upsampled
+        return cascade.region_crop(self.image, y0, x0, P, self.zoom)
+
+    def region_window(self, y0, x0, P):  # uint8: the lower px under the patch, not resampled
+        return cascade.region_window(self.image, y0, x0, P, self.zoom)
+
+
+@dataclass(frozen=True)
+class WhiteTest:
+    """Which patches are filled from the stage below instead of generated: those whose region
+    is less tissue than `threshold` [PAPER: mostly white patches are ignored]."""
+    threshold: float
+    tissue_fraction: object  # callable(uint8 (h, w, 3)) -> float in [0, 1], e.g. data.tissue_fraction
+
+    def __call__(self, lower, y0, x0, P):
+        return self.threshold > 0 and self.tissue_fraction(lower.region_window(y0, x0, P)) < self.threshold
+
+
+@dataclass
+class BatchInputs:
+    """Everything a batch of independent patches needs, read from the canvas and the stage below:
+    known (B, 3, P, P) float and mask (B, 1, P, P) bool (pixels finished neighbours fixed),
+    context and region (B, 3, P, P) or None (outpainting), white: list of bool (to be filled)."""
+    cells: list
+    known: torch.Tensor
+    mask: torch.Tensor
+    context: object
+    region: object
+    white: list
+
+
+def batch_inputs(grid, canvas, cells, *, order, lower=None, white=None):
+    """Read a batch's inputs. cells: independent patches of one round of `order`; canvas: the
+    stage image (read(y0, x0, h, w) -> uint8); lower: a Lower, None for the outpainting
+    baseline; white: a WhiteTest or None (generate every patch)."""
+    P, finished_round = grid.patch, round_index(order, grid.n)
+    known, masks, contexts, regions, white_flags = [], [], [], [], []
+    for i, j in cells:
         y0, x0 = grid.origin(i, j)
-        rects = known_rects(grid, i, j, lambda a, b: finished_round[(a, b)] < k)
-        masks.append(rects_mask(rects, P))
+        k = finished_round[(i, j)]
+        masks.append(rects_mask(known_rects(grid, i, j, lambda a, b: finished_round[(a, b)] < k), P))
         known.append(cascade.to_float(canvas.read(y0, x0, P, P)))
-        gens.append(patch_generator(seed, stage, i, j))
         if lower is not None:
-            contexts.append(cascade.to_float(cascade.context_crop(lower, y0, x0, P, zoom, background)))
-            regions.append(cascade.region_crop(lower, y0, x0, P, zoom))
-            white.append(white_threshold > 0 and
-                         tissue_fraction(cascade.region_window(lower, y0, x0, P, zoom)) < white_threshold)
-        else:
-            white.append(False)
-    known, mask = torch.cat(known), torch.stack(masks)  # (B, 3, P, P), (B, 1, P, P)
-    out = [None] * len(chunk)
-    gen_idx = [b for b in range(len(chunk)) if not white[b]]
+            contexts.append(lower.context(y0, x0, P))
+            regions.append(lower.region(y0, x0, P))
+        white_flags.append(lower is not None and white is not None and white(lower, y0, x0, P))
+    cat = lambda xs: torch.cat(xs) if xs else None
+    return BatchInputs(list(cells), torch.cat(known), torch.stack(masks), cat(contexts), cat(regions), white_flags)
+
+
+def run_batch(sample_fn, inputs, *, stage, seed, feather=0):
+    """Generate (or fill, if white) a batch of patches.
+
+    sample_fn: callable(generators, known=, mask=, context=, region=) -> (B, 3, P, P) float,
+               e.g. cascade.CDM.sample, or a closed-form stand-in in tests.
+    feather:   px over which a filled patch's known pixels fade into its fill, as sample_fn does
+               for generated ones (cascade.feather_weight).
+    Returns [((i, j), uint8 (P, P, 3), filled: bool)] in the order of inputs.cells."""
+    cells, white = inputs.cells, inputs.white
+    out = [None] * len(cells)
+    gen_idx = [b for b in range(len(cells)) if not white[b]]
     if gen_idx:
-        sel = lambda xs: torch.cat([xs[b] for b in gen_idx]) if xs else None
-        x = sample_fn([gens[b] for b in gen_idx], known=known[gen_idx], mask=mask[gen_idx],
-                      context=sel(contexts), region=sel(regions))
+        sel = lambda x: None if x is None else x[gen_idx]
+        x = sample_fn([patch_generator(seed, stage, *cells[b]) for b in gen_idx], known=inputs.known[gen_idx],
+                      mask=inputs.mask[gen_idx], context=sel(inputs.context), region=sel(inputs.region))
         for b, pixels in zip(gen_idx, cascade.to_uint8(x)):
             out[b] = pixels
-    for b in range(len(chunk)):
+    for b in range(len(cells)):
         if white[b]:  # filled from the stage below, keeping pixels its neighbours already fixed
-            w = cascade.feather_weight(mask[b:b + 1], feather)[0]
-            fill = w * known[b] + (1 - w) * regions[b][0]
-            out[b] = cascade.to_uint8(fill[None])[0]
-    return [(c, out[b], white[b]) for b, c in enumerate(chunk)]
+            w = cascade.feather_weight(inputs.mask[b:b + 1], feather)[0]
+            out[b] = cascade.to_uint8((w * inputs.known[b] + (1 - w) * inputs.region[b])[None])[0]
+    return [(c, out[b], white[b]) for b, c in enumerate(cells)]
 
+
+def generate_stage(sample_fn, grid, canvas, *, stage, seed, order="raster", batch=1, lower=None, white=None,
+                   feather=0, done=()):
+    """Every patch of a stage into `canvas`, in one process (sample.py runs the same plan
+    split across ranks, with a journal). Returns [((i, j), uint8 (P, P, 3), filled)]."""
+    results = []
+    for rnd in plan(order, grid.n, batch, done):
+        for cells in rnd:
+            inputs = batch_inputs(grid, canvas, cells, order=order, lower=lower, white=white)
+            results += run_batch(sample_fn, inputs, stage=stage, seed=seed, feather=feather)
+        for (i, j), pixels, _ in results[-sum(map(len, rnd)):]:  # a round is written after all its batches
+            canvas.write(*grid.origin(i, j), pixels)
+    return results
+
+
+# ----------------------------------------------------------------------------- seams
 
 def seam_lines(grid, order, transpose=False):
     """Where a patch's content can meet its earlier neighbour's across vertical lines. For every

@@ -3,10 +3,12 @@
     python train.py --preset demo --stage 2 --level 1 --data SLIDES_DIR --out CKPT_DIR
     torchrun --nproc_per_node=9 train.py --stage 3 --level 0 --data ... --out ...   # data-parallel
     torchrun --nproc_per_node=9 train.py --stage all --level all ...   # one model per rank, as the paper
+    python train.py --plot CKPT_DIR                                     # loss curves of the nine models
 
 Re-running the same command resumes from CKPT_DIR/stage{s}_level{l}.pt. Randomness is derived
 from (seed, step, rank) and the data position is saved, so a resumed run continues exactly
-where it stopped (on CPU: bit-identical weights to an uninterrupted run).
+where it stopped (on CPU: bit-identical weights to an uninterrupted run). Each model logs to
+CKPT_DIR/stage{s}_level{l}.log.jsonl (one JSON object per logged step).
 
 References
   [PAPER]   Cechnicka et al., URCDM, MICCAI 2024 (gradient clipping 1, v-parametrisation, 200k steps).
@@ -16,8 +18,11 @@ References
 import argparse
 import copy
 import dataclasses
+import glob
 import hashlib
+import json
 import os
+import re
 import signal
 import sys
 import time
@@ -25,7 +30,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 import cascade
 import data
@@ -35,11 +40,11 @@ import unet as unet_mod
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="demo", help="geometry and model sizes (cascade.PRESETS)")
-    ap.add_argument("--stage", default="1", help="1, 2, 3 or 'all'")
-    ap.add_argument("--level", default="0", help="0, 1, 2 or 'all'")
+    ap.add_argument("--preset", default="demo", help=f"geometry, model sizes and recipe: {', '.join(cascade.PRESETS)}")
+    ap.add_argument("--stage", default="1", choices=["1", "2", "3", "all"], help="which stage's model(s)")
+    ap.add_argument("--level", default="0", choices=["0", "1", "2", "all"], help="which level's model(s)")
     ap.add_argument("--data", default=None, help="a slide file or a directory of slides (required to train)")
-    ap.add_argument("--out", required=True, help="checkpoint directory (stage{s}_level{l}.pt)")
+    ap.add_argument("--out", default=None, help="checkpoint directory (stage{s}_level{l}.pt)")
     ap.add_argument("--batch", type=int, default=8, help="per-process batch; global batch = batch x ranks")
     ap.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate [Imagen]")
     ap.add_argument("--max-steps", type=int, nargs="+", default=[200_000],
@@ -47,97 +52,149 @@ def parse_args(argv=None):
     ap.add_argument("--ema", type=float, default=0.9999, help="EMA decay (warm-up: min(ema, (1+n)/(10+n)))")
     ap.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     ap.add_argument("--keep", type=int, default=3, help="numbered snapshots to keep (0: none)")
-    ap.add_argument("--sample-every", type=int, default=0, help="write a PNG of EMA samples every N steps (0: off)")
-    ap.add_argument("--sample-steps", type=int, default=25, help="sampling steps for those PNGs")
-    ap.add_argument("--log-every", type=int, default=50, help="print the loss every N steps")
+    ap.add_argument("--sample-every", type=int, default=0, help="write a preview PNG of EMA samples every N steps (0: off)")
+    ap.add_argument("--sample-steps", type=int, default=25, help="sampling steps for those previews")
+    ap.add_argument("--log-every", type=int, default=50, help="log the loss every N steps (and at step 1)")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="auto = bf16 autocast on CUDA, fp32 on CPU; bf16 on CPU needs native support")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: what torch picks)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (the saved one is uncompiled)")
     ap.add_argument("--crop", type=int, default=None,
-                    help="side of the top level's random training crops (default: the preset's train_crop); "
-                         "the level's full size trains on what sampling feeds (see README, 'Training')")
+                    help="side of the top level's random training crops (default: the preset's); the level's "
+                         "full size trains on what sampling feeds (README, 'Training')")
+    ap.add_argument("--min-snr-gamma", type=float, default=None,
+                    help="min-SNR-gamma loss weight (default: the preset's; 0 = off)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--min-snr-gamma", type=float, default=None, help="min-SNR-gamma loss weight (None: off)")
     ap.add_argument("--outpaint", action="store_true", help="train the outpainting baseline (no lower-stage crops)")
     ap.add_argument("--region-size", type=int, default=None, help="level-0 side of each slide's region (default N3)")
     ap.add_argument("--cache", default=None, help="cache directory for stage images (default beside the slides)")
     ap.add_argument("--workers", type=int, default=None, help="data loader workers (default: 4 on CUDA, 0 on CPU)")
     ap.add_argument("--max-nonfinite", type=int, default=20, help="stop after this many non-finite losses in a row")
+    ap.add_argument("--check-replicas", action="store_true", help="print each rank's weight digest at the end (DDP)")
     ap.add_argument("--export", metavar="DIR", default=None,
                     help="do not train: write EMA-only fp16 model files of the --out checkpoints into DIR")
+    ap.add_argument("--plot", metavar="CKPT_DIR", default=None, help="do not train: draw the loss curves into a PNG")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    for flag, value, ok in (("--batch", args.batch, args.batch >= 1), ("--lr", args.lr, args.lr > 0),
+                            ("--max-steps", args.max_steps, len(args.max_steps) in (1, 3) and min(args.max_steps) >= 0),
+                            ("--ema", args.ema, 0 <= args.ema < 1), ("--save-every", args.save_every, args.save_every >= 1),
+                            ("--log-every", args.log_every, args.log_every >= 1), ("--keep", args.keep, args.keep >= 0),
+                            ("--sample-steps", args.sample_steps, args.sample_steps >= 1),
+                            ("--threads", args.threads, args.threads is None or args.threads >= 1),
+                            ("--max-nonfinite", args.max_nonfinite, args.max_nonfinite >= 1)):
+        if not ok:
+            sys.exit(f"error: {flag} {value}: out of range (see --help)")
+    if not (args.plot or args.out):
+        sys.exit("error: --out CKPT_DIR is required")
+    return args
 
 
 def models_to_train(args):
     """[(stage, level), ...] from --stage / --level."""
-    pick = lambda v, allv, name: allv if v == "all" else [int(v)] if v.isdigit() and int(v) in allv else \
-        sys.exit(f"error: --{name} {v!r}: use one of {allv} or 'all'")
-    return [(s, l) for s in pick(args.stage, [1, 2, 3], "stage") for l in pick(args.level, [0, 1, 2], "level")]
-
-
-def atomic_save(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    stages = [1, 2, 3] if args.stage == "all" else [int(args.stage)]
+    levels = [0, 1, 2] if args.level == "all" else [int(args.level)]
+    return [(s, l) for s in stages for l in levels]
 
 
 def train_preset(args):
-    """The preset, with the top level's training crop from --crop."""
+    """The preset with the training flags that override its recipe (--crop, --min-snr-gamma)."""
     preset = cascade.get_preset(args.preset)
-    if args.crop is None:
-        return preset
-    top = preset.level_sizes[-1]
-    if not (8 <= args.crop <= top and args.crop % 8 == 0):
-        sys.exit(f"error: --crop {args.crop}: use a multiple of 8 from 8 to {top} (the top level's size) for preset {preset.name}")
-    return dataclasses.replace(preset, train_crop=args.crop)
+    tr = preset.training
+    if args.crop is not None:
+        top = preset.level_sizes[-1]
+        if not (8 <= args.crop <= top and args.crop % 8 == 0):
+            sys.exit(f"error: --crop {args.crop}: use a multiple of 8 from 8 to {top} (the top level's size) for preset {preset.name}")
+        tr = dataclasses.replace(tr, crop=args.crop)
+    if args.min_snr_gamma is not None:
+        tr = dataclasses.replace(tr, min_snr_gamma=args.min_snr_gamma or None)
+    return dataclasses.replace(preset, training=tr)
+
+
+def index_lists(position, batch, rank, world):
+    """This rank's dataset indices, one list per step, from a data position (samples consumed
+    by all ranks so far) on: step k takes [pos + rank B, pos + (rank + 1) B) of the global batch."""
+    while True:
+        yield [position + rank * batch + b for b in range(batch)]
+        position += batch * world
+
+
+def slides_mpp(slides, preset, region_size):
+    """Microns per stage-3 pixel: the slides' level-0 MPP times the region's downsample to N3
+    (the median when slides differ; None when no slide says)."""
+    mpps = [m for m in (data.open_slide(p).mpp for p in slides) if m]
+    if not mpps:
+        return None
+    return float(np.median(mpps)) * (region_size or cascade.stage_size(preset, 3)) / cascade.stage_size(preset, 3)
+
+
+def remove_orphans(out):
+    """Temp files of saves that a kill interrupted (their process is gone)."""
+    for path in glob.glob(os.path.join(out, "*.tmp*.pt")):
+        m = re.search(r"\.tmp(\d+)\.pt$", path)
+        if m and not _alive(int(m.group(1))):
+            os.remove(path)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 class Trainer:
-    def __init__(self, args, preset, stage, level, rank, world, ddp, device):
+    """One model: its weights, EMA, optimiser, data position and log.
+    rank / world: this process's place in the model's data-parallel group (a group of one when
+    each rank trains its own model); ddp: whether gradients are averaged across the group."""
+
+    def __init__(self, args, preset, stage, level, rank, world, ddp, device, mpp=None):
         self.args, self.preset, self.stage, self.level = args, preset, stage, level
-        self.rank, self.world, self.ddp, self.device = rank, world, ddp, device
-        self.cfg = cascade.unet_config(self.preset, stage, level, conditioned=not args.outpaint)
-        self.schedule = self.preset.schedules[level]
+        self.rank, self.world, self.ddp, self.device, self.mpp = rank, world, ddp, device, mpp
+        self.conditioned = not args.outpaint
+        self.cfg = cascade.unet_config(preset, stage, level, self.conditioned)
+        self.schedule, self.objective = preset.schedules[level], preset.objectives[level]
         self.path = os.path.join(args.out, cascade.model_filename(stage, level))
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         self.model = unet_mod.UNet(self.cfg).to(device, memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.opt = torch.optim.Adam(self.model.parameters(), lr=args.lr, betas=(0.9, 0.99))
-        self.step, self.position, self.nonfinite_total = 0, 0, 0
-        steps = args.max_steps
-        if len(steps) not in (1, 3):
-            sys.exit("error: --max-steps takes one value, or three (one per level)")
-        self.max_steps = steps[0] if len(steps) == 1 else steps[level]
+        self.step, self.position, self.nonfinite_total, self.bad_in_a_row = 0, 0, 0, 0
+        self.max_steps = args.max_steps[0] if len(args.max_steps) == 1 else args.max_steps[level]
         if os.path.exists(self.path):
             self.resume()
+        self.log = TrainLog(self.path[:-3] + ".log.jsonl", self.step) if rank == 0 else None
         self.net = self.model
         if ddp:
-            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
         if args.compile:
             self.net = torch.compile(self.net)
-        bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-        self.autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+        self.bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
 
     # -------------------------------------------------------------- checkpoints
     def state(self):
         return cascade.model_payload(
-            self.preset, self.stage, self.level, self.cfg, self.ema.state_dict(), conditioned=not self.args.outpaint,
-            model=self.model.state_dict(), optimizer=self.opt.state_dict(), step=self.step,
-            data_position=self.position, nonfinite_total=self.nonfinite_total, seed=self.args.seed)
+            self.preset, self.stage, self.level, self.cfg, self.ema.state_dict(), conditioned=self.conditioned,
+            model=self.model.state_dict(), optimizer=self.opt.state_dict(), step=self.step, mpp=self.mpp,
+            data_position=self.position, nonfinite_total=self.nonfinite_total, seed=self.args.seed,
+            args={k: v for k, v in vars(self.args).items() if v is None or isinstance(v, (int, float, str, bool, list))})
 
     def resume(self):
-        ck = torch.load(self.path, map_location="cpu", weights_only=True)
-        if "model" not in ck:
-            sys.exit(f"error: {self.path} holds EMA weights only (an exported model); it cannot resume training")
-        mine = cascade.model_payload(self.preset, self.stage, self.level, self.cfg, None,
-                                     conditioned=not self.args.outpaint, seed=self.args.seed)
-        ck["preset"] = {k: v for k, v in ck["preset"].items() if k in self.preset.model_dict()}
-        mine["preset"] = self.preset.model_dict()
-        for key in ("preset", "stage", "level", "unet_config", "conditioned", "seed"):
-            if ck.get(key) != mine[key]:
-                sys.exit(f"error: {self.path} was trained with another {key} ({ck.get(key)!r}, now {mine[key]!r}); "
-                         "use another --out or the original settings")
+        try:
+            ck = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            sys.exit(f"error: {self.path}: not a readable checkpoint ({type(e).__name__}); move it away to start afresh")
+        why = cascade.checkpoint_mismatch(ck, self.preset, self.stage, self.level, self.conditioned)
+        if why is None and "model" not in ck:
+            why = "EMA weights only (an exported model)"
+        if why is None and ck.get("seed") != self.args.seed:
+            why = f"seed {ck.get('seed')}, now {self.args.seed}"
+        if why:
+            sys.exit(f"error: {self.path} cannot be resumed: {why}; use another --out or the original settings")
         self.model.load_state_dict(ck["model"])
         self.ema.load_state_dict(ck["ema"])
         self.opt.load_state_dict(ck["optimizer"])
@@ -150,36 +207,36 @@ class Trainer:
     def save(self):
         if self.rank != 0:
             return
+        for name, sd in (("weights", self.model.state_dict()), ("EMA weights", self.ema.state_dict())):
+            why = cascade.weights_problem(sd)
+            if why:
+                raise FloatingPointError(f"{name} at step {self.step} are broken ({why}); not saved, "
+                                         f"{self.path} keeps the last good state; lower --lr or check the data")
         st = self.state()
-        atomic_save(st, self.path)
+        with data.atomic_path(self.path) as tmp:
+            torch.save(st, tmp)
         if self.args.keep > 0:
             base = self.path[:-3]
-            atomic_save(st, f"{base}.step{self.step:08d}.pt")
-            snaps = sorted(f for f in os.listdir(self.args.out)
-                           if f.startswith(os.path.basename(base) + ".step") and f.endswith(".pt"))
+            with data.atomic_path(f"{base}.step{self.step:08d}.pt") as tmp:
+                torch.save(st, tmp)
+            snaps = sorted(glob.glob(glob.escape(base) + ".step*.pt"))
             for old in snaps[:-self.args.keep]:
-                os.remove(os.path.join(self.args.out, old))
+                os.remove(old)
 
     # -------------------------------------------------------------- one step
-    def batch_indices(self, position):
-        B = self.args.batch
-        return [position + self.rank * B + b for b in range(B)]
-
-    def loss(self, batch, g):
+    def losses(self, batch, g):
+        """Per-sample losses (B,) and their times t (B,) on one batch [SDE-v, MinSNR]."""
         x0 = batch["x0"].to(self.device, memory_format=torch.channels_last)
         cond = batch["cond"].to(self.device, memory_format=torch.channels_last)
-        aug_lam = None
-        if cond.shape[1] == 0:
-            cond = None
-        else:  # conditioning augmentation: t_aug ~ U(0, max) per sample [CDM, Imagen]
-            t_aug = sde.rand(x0.shape[0], g) * self.preset.aug_train_max
-            cond, _ = sde.augment_cond(cond, t_aug, g)
-            aug_lam = sde.log_snr(t_aug, "cosine").float().to(self.device)
-
-        def model_fn(x_t, t):
-            with torch.autocast(**self.autocast):
-                return self.net(x_t, sde.log_snr(t.cpu(), self.schedule).float().to(self.device), cond, aug_lam).float()
-        return sde.loss_fn(model_fn, x0, schedule=self.schedule, min_snr_gamma=self.args.min_snr_gamma, generator=g)
+        cond = None if cond.shape[1] == 0 else cond
+        # Conditioning augmentation: t_aug ~ U(lo, hi), per sample or one per batch [CDM, Imagen].
+        lo, hi = self.preset.training.aug_train
+        t_aug = lo + (hi - lo) * sde.rand(1 if self.preset.training.aug_per_batch else x0.shape[0], g)
+        cond, aug_lam = cascade.augment(self.preset, self.stage, self.level, cond, t_aug.expand(x0.shape[0]), g,
+                                        self.conditioned)
+        fn = cascade.denoiser(self.net, self.schedule, cond, aug_lam, self.bf16)
+        return sde.loss_fn(fn, x0, schedule=self.schedule, objective=self.objective,
+                           min_snr_gamma=self.preset.training.min_snr_gamma, generator=g)
 
     def update_ema(self):
         decay = min(self.args.ema, (1 + self.step) / (10 + self.step))  # warm-up
@@ -190,106 +247,219 @@ class Trainer:
                 e.copy_(b)
 
     def all_mean(self, value):
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        t = torch.as_tensor(value, dtype=torch.float64, device=self.device).reshape(-1).clone()
         if self.ddp:
             dist.all_reduce(t)
             t /= self.world
-        return float(t)
+        return t
 
-    # -------------------------------------------------------------- preview samples
-    @torch.no_grad()
-    def write_samples(self, ds):
-        """PNG rows: conditioning groups | EMA sample | target, for 4 fixed items."""
-        items = [ds[10 ** 9 + k] for k in range(4)]
-        x0 = torch.stack([it["x0"] for it in items])
-        cond = torch.stack([it["cond"] for it in items]).to(self.device)
-        g = torch.Generator().manual_seed(self.args.seed)
-        aug_lam = None
-        if cond.shape[1]:
-            cond, t_aug = sde.augment_cond(cond, self.preset.aug_sample, g)
-            aug_lam = sde.log_snr(t_aug.double(), "cosine").float().to(self.device)
-        else:
-            cond = None
-        fn = lambda x_t, t: self.ema(x_t, sde.log_snr(t.cpu(), self.schedule).float().to(self.device), cond, aug_lam)
-        x = sde.sample(fn, tuple(x0.shape), steps=self.args.sample_steps, schedule=self.schedule, generator=g,
-                       device=self.device).clamp(-1, 1).cpu()
-        groups = (list(cond.cpu().clamp(-1, 1).split(3, dim=1)) if cond is not None else []) + [x, x0]
-        grid = cascade.to_uint8(torch.cat(groups, dim=3))  # (4, L, L * n, 3)
-        os.makedirs(os.path.join(self.args.out, "samples"), exist_ok=True)
-        path = os.path.join(self.args.out, "samples", f"stage{self.stage}_level{self.level}_step{self.step:08d}.png")
-        Image.fromarray(np.concatenate(list(grid))).save(path)
+    def count_nonfinite(self, finite):
+        """Non-finite losses or gradients skip the step on every rank together (DDP needs all ranks
+        to step alike); too many in a row stop training with the last good checkpoint kept."""
+        self.bad_in_a_row = 0 if finite else self.bad_in_a_row + 1
+        self.nonfinite_total += not finite
+        if self.bad_in_a_row >= self.args.max_nonfinite:
+            raise FloatingPointError(f"{self.bad_in_a_row} non-finite losses in a row at step {self.step}; stopped "
+                                     f"({self.path} keeps the last good checkpoint); lower --lr or check the data")
 
     # -------------------------------------------------------------- the loop
     def train(self, ds, stop_flag):
         args, G = self.args, self.args.batch * self.world
         workers = args.workers if args.workers is not None else (4 if self.device.type == "cuda" else 0)
         loader = iter(torch.utils.data.DataLoader(
-            ds, batch_sampler=_IndexLists(self, self.position), num_workers=workers,
+            ds, batch_sampler=index_lists(self.position, args.batch, self.rank, self.world), num_workers=workers,
             persistent_workers=workers > 0))
         if self.rank == 0:
             print(f"stage {self.stage} level {self.level}: {unet_mod.count_params(self.cfg) / 1e6:.2f} M params, "
-                  f"batch {args.batch} x {self.world} ranks = global batch {G}, steps {self.step} -> {self.max_steps}",
-                  flush=True)
-        bad_in_a_row, t0, step0, loss_sum, loss_n = 0, time.time(), self.step, 0.0, 0
+                  f"batch {args.batch} x {self.world} ranks = global batch {G}, steps {self.step} -> {self.max_steps}, "
+                  f"{'bf16' if self.bf16 else 'fp32'}, {torch.get_num_threads()} threads", flush=True)
+        meter = Meter(self.step)
         while self.step < self.max_steps:
+            # Forward: the loss of this rank's part of the global batch.
             batch = next(loader)
             seed = sde.derive_seed(args.seed, self.stage, self.level, self.step, self.rank)
             torch.manual_seed(seed)  # dropout
-            loss = self.loss(batch, torch.Generator().manual_seed(seed))
-            # Skip non-finite steps on every rank together (DDP needs all ranks to step alike).
-            finite = self.all_mean(float(torch.isfinite(loss))) == 1.0
+            losses, t = self.losses(batch, torch.Generator().manual_seed(seed))
+            loss = losses.mean()
+            # Backward and update, unless the loss or the gradients are not finite.
+            finite = float(self.all_mean(float(torch.isfinite(loss)))) == 1.0
             self.opt.zero_grad(set_to_none=True)
+            grad_norm = float("nan")
             if finite:
                 loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)  # [PAPER] clip at 1
-                finite = bool(torch.isfinite(norm))
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0))  # [PAPER] clip at 1
+                finite = bool(np.isfinite(grad_norm))
             if finite:
                 self.opt.step()
                 self.update_ema()
-                bad_in_a_row = 0
-                loss_sum, loss_n = loss_sum + self.all_mean(loss.detach()), loss_n + 1
-            else:
-                bad_in_a_row += 1
-                self.nonfinite_total += 1
-                if bad_in_a_row >= args.max_nonfinite:
-                    raise FloatingPointError(f"{bad_in_a_row} non-finite losses in a row at step {self.step}; stopped "
-                                             f"(last good checkpoint kept: {self.path}); lower --lr or check the data")
+                meter.add(self.all_mean(losses.detach().double()), self.all_mean(t.double()), grad_norm)
+            self.count_nonfinite(finite)
             self.step += 1
             self.position += G
-            if self.rank == 0 and (self.step % args.log_every == 0 or self.step == self.max_steps) and loss_n:
-                dt = time.time() - t0
-                rate = (self.step - step0) / dt
-                eta = (self.max_steps - self.step) / max(rate, 1e-9)
+            # Log, preview, checkpoint.
+            if self.rank == 0 and (self.step % args.log_every == 0 or self.step == self.max_steps
+                                   or self.step == meter.step0 + 1):
+                rec = meter.record(self.step, G, self.opt.param_groups[0]["lr"], self.nonfinite_total)
+                self.log.append(rec)
+                eta = (self.max_steps - self.step) * rec["sec_per_step"]
                 print(f"stage {self.stage} level {self.level} step {self.step}/{self.max_steps} "
-                      f"loss {loss_sum / loss_n:.4f} {rate * G:.1f} img/s "
+                      f"loss {rec['loss']:.4f} {rec['img_per_s']:.1f} img/s {rec['sec_per_step']:.2f} s/step "
                       f"non-finite {self.nonfinite_total} eta {eta / 60:.1f} min", flush=True)
-                loss_sum, loss_n = 0.0, 0
             if self.rank == 0 and args.sample_every and self.step % args.sample_every == 0:
-                self.write_samples(ds)
-            stopping = self.all_mean(float(stop_flag[0])) > 0
+                write_preview(self, ds)
+            stopping = float(self.all_mean(float(stop_flag[0]))) > 0
             if self.step % args.save_every == 0 or self.step == self.max_steps or stopping:
                 self.save()
             if stopping:
                 if self.rank == 0:
                     print(f"stopped by signal at step {self.step}; checkpoint saved to {self.path}", flush=True)
                 return False
-        if self.ddp:  # proof that data parallelism kept the replicas identical
+        if self.ddp and args.check_replicas:  # proof that data parallelism kept the replicas identical
             digest = hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes() for p in self.model.parameters()))
             print(f"rank {self.rank}: weights sha1 {digest.hexdigest()}", flush=True)
         return True
 
 
-class _IndexLists(torch.utils.data.Sampler):
-    """Per-step index lists of this rank, from a data position on (samples consumed so far)."""
+# ----------------------------------------------------------------------------- watching a run
 
-    def __init__(self, trainer, position):
-        self.trainer, self.position = trainer, position
+class Meter:
+    """Losses, times t, gradient norms and wall time since the last log line."""
 
-    def __iter__(self):
-        pos = self.position
-        while True:
-            yield self.trainer.batch_indices(pos)
-            pos += self.trainer.args.batch * self.trainer.world
+    def __init__(self, step0):
+        self.step0, self.t_start = step0, time.time()
+        self._reset(step0)
+
+    def _reset(self, step):
+        self.losses, self.times, self.norms, self.last_step, self.t_last = [], [], [], step, time.time()
+
+    def add(self, losses, t, grad_norm):
+        self.losses.append(losses.cpu())
+        self.times.append(t.cpu())
+        self.norms.append(grad_norm)
+
+    def record(self, step, global_batch, lr, nonfinite):
+        """One log record: the mean loss, the loss per quarter of t (the health of a diffusion
+        run: t near 0 is fine detail, t near 1 is layout), lr, grad norm, speed, non-finite count."""
+        dt, n = time.time() - self.t_last, step - self.last_step
+        loss = torch.cat(self.losses) if self.losses else torch.zeros(0, dtype=torch.float64)
+        t = torch.cat(self.times) if self.times else torch.zeros(0, dtype=torch.float64)
+        quarter = (t * 4).clamp(max=3).long()
+        buckets = [float(loss[quarter == q].mean()) if (quarter == q).any() else None for q in range(4)]
+        rec = {"step": step, "loss": float(loss.mean()) if len(loss) else float("nan"), "loss_t_quarters": buckets,
+               "lr": lr, "grad_norm": float(np.mean(self.norms)) if self.norms else None,
+               "img_per_s": n * global_batch / max(dt, 1e-9), "sec_per_step": dt / max(n, 1),
+               "nonfinite": nonfinite, "wall_s": time.time() - self.t_start}
+        self._reset(step)
+        return rec
+
+
+class TrainLog:
+    """A model's log, CKPT_DIR/stage{s}_level{l}.log.jsonl, one JSON object per line. On resume,
+    lines past the checkpoint's step (logged after its last save, before a kill) are dropped, so
+    the resumed run appends them again once: no step is missing or duplicated."""
+
+    def __init__(self, path, resume_step):
+        self.path = path
+        if os.path.exists(path):
+            with open(path) as f:
+                keep = [line for line in f if line.strip() and _json_step(line) is not None
+                        and _json_step(line) <= resume_step]
+            with data.atomic_path(path) as tmp, open(tmp, "w") as f:
+                f.writelines(keep)
+
+    def append(self, rec):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def _json_step(line):
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut by a kill
+
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if _json_step(line) is not None]
+
+
+def _label(draw, xy, text, fill=(0, 0, 0)):
+    draw.text(xy, text, fill=fill, font=ImageFont.load_default())
+
+
+@torch.no_grad()
+def write_preview(trainer, ds, n=4):
+    """CKPT_DIR/samples/stage{s}_level{l}_step{N}.png: one row per fixed held-out item: its
+    conditioning inputs, the EMA model's sample and the target, each at >= 128 px, labelled."""
+    T, p = trainer, trainer.preset
+    items = [ds[10 ** 9 + k] for k in range(n)]
+    x0 = torch.stack([it["x0"] for it in items])
+    cond = torch.stack([it["cond"] for it in items]).to(T.device)
+    cond = None if cond.shape[1] == 0 else cond
+    g = torch.Generator().manual_seed(T.args.seed)
+    cond_in = None if cond is None else cond.cpu().clamp(-1, 1)
+    cond, aug_lam = cascade.augment(p, T.stage, T.level, cond, p.sampling.aug_level, g, T.conditioned)
+    fn = cascade.denoiser(T.ema, T.schedule, cond, aug_lam, T.bf16)
+    x = sde.sample(fn, tuple(x0.shape), steps=T.args.sample_steps, schedule=T.schedule, objective=T.objective,
+                   generator=g, device=T.device).clamp(-1, 1).cpu()
+    names = (["lowres"] if T.level > 0 else []) + (["context", "region"][:cond_in.shape[1] // 3 - (T.level > 0)]
+                                                    if cond_in is not None else [])
+    cols = (list(cond_in.split(3, dim=1)) if cond_in is not None else []) + [x, x0]
+    names += ["EMA sample", "target"]
+    side = max(128, x0.shape[-1])
+    tiles = [torch.nn.functional.interpolate(c, size=(side, side), mode="nearest") for c in cols]
+    rows = cascade.to_uint8(torch.cat(tiles, dim=3))  # (n, side, side * len(cols), 3)
+    head = 28
+    img = Image.new("RGB", (rows.shape[2], head + n * side), "white")
+    img.paste(Image.fromarray(np.concatenate(list(rows))), (0, head))
+    draw = ImageDraw.Draw(img)
+    _label(draw, (4, 2), f"stage {T.stage} level {T.level}, step {T.step}, {T.args.sample_steps} sampling steps")
+    for k, name in enumerate(names):
+        _label(draw, (k * side + 4, 15), name)
+    os.makedirs(os.path.join(T.args.out, "samples"), exist_ok=True)
+    path = os.path.join(T.args.out, "samples", f"stage{T.stage}_level{T.level}_step{T.step:08d}.png")
+    img.save(path)
+    return path
+
+
+def plot_curves(ckpt_dir, out=None, panel=(360, 240)):
+    """CKPT_DIR/loss_curves.png: each model's loss against its step, raw (light) and smoothed
+    (EMA over log records, dark), one panel per model, drawn with Pillow (no plotting library
+    needed for a few lines)."""
+    logs = sorted(glob.glob(os.path.join(ckpt_dir, "stage*_level*.log.jsonl")))
+    if not logs:
+        sys.exit(f"error: --plot {ckpt_dir}: no stage*_level*.log.jsonl files (train a model there first)")
+    W, H = panel
+    cols = min(3, len(logs))
+    img = Image.new("RGB", (cols * W, ((len(logs) + cols - 1) // cols) * H), "white")
+    draw = ImageDraw.Draw(img)
+    for k, path in enumerate(logs):
+        recs = [r for r in read_log(path) if np.isfinite(r.get("loss", float("nan")))]
+        ox, oy = (k % cols) * W, (k // cols) * H
+        _label(draw, (ox + 6, oy + 4), os.path.basename(path).split(".")[0] + f" ({len(recs)} records)")
+        if len(recs) < 2:
+            continue
+        steps, loss = np.array([r["step"] for r in recs], float), np.array([r["loss"] for r in recs])
+        smooth = np.copy(loss)
+        for i in range(1, len(loss)):
+            smooth[i] = 0.8 * smooth[i - 1] + 0.2 * loss[i]
+        lo, hi = np.percentile(loss, 1), np.percentile(loss, 99)
+        hi = hi if hi > lo else lo + 1e-6
+        box = (ox + 50, oy + 20, ox + W - 10, oy + H - 24)
+        draw.rectangle(box, outline=(160, 160, 160))
+        px = lambda s, v: (box[0] + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (box[2] - box[0]),
+                           box[3] - (min(max(v, lo), hi) - lo) / (hi - lo) * (box[3] - box[1]))
+        draw.line([px(s, v) for s, v in zip(steps, loss)], fill=(170, 190, 235), width=1)
+        draw.line([px(s, v) for s, v in zip(steps, smooth)], fill=(20, 60, 160), width=2)
+        _label(draw, (ox + 2, box[1]), f"{hi:.3g}")
+        _label(draw, (ox + 2, box[3] - 10), f"{lo:.3g}")
+        _label(draw, (box[0], box[3] + 4), f"step {int(steps[0])}")
+        _label(draw, (box[2] - 70, box[3] + 4), f"step {int(steps[-1])}")
+    out = out or os.path.join(ckpt_dir, "loss_curves.png")
+    with data.atomic_path(out) as tmp:
+        img.save(tmp, format="PNG")
+    return out
 
 
 def export(args, models):
@@ -298,47 +468,74 @@ def export(args, models):
     os.makedirs(dest, exist_ok=True)
     for s, l in models:
         src = os.path.join(args.out, cascade.model_filename(s, l))
-        ck = torch.load(src, map_location="cpu", weights_only=True)
+        try:
+            ck = torch.load(src, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            sys.exit(f"error: {src}: not a readable checkpoint ({type(e).__name__})")
         keep = {k: ck[k] for k in ("format", "preset", "stage", "level", "conditioned", "unet_config", "step")}
+        keep.update(mpp=ck.get("mpp"), args=ck.get("args"))
         # fp16 halves the files (the demo's nine models ship in the repository); loading casts back to fp32
         keep["ema"] = {k: v.half() if v.is_floating_point() else v for k, v in ck["ema"].items()}
-        atomic_save(keep, os.path.join(dest, cascade.model_filename(s, l)))
+        why = cascade.weights_problem(keep["ema"])
+        if why:
+            sys.exit(f"error: {src}: its EMA weights are broken ({why}); not exported")
+        with data.atomic_path(os.path.join(dest, cascade.model_filename(s, l))) as tmp:
+            torch.save(keep, tmp)
         print(f"exported {src} (step {ck['step']}) -> {dest}")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.plot:
+        return print(f"wrote {plot_curves(args.plot)}")
     models = models_to_train(args)
     if args.export:
         return export(args, models)
     if args.data is None:
         sys.exit("error: --data SLIDES is required to train (a slide file or a directory of slides)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ddp, rank, world, device = cascade.init_distributed(args.device)
+    preset = train_preset(args)
     os.makedirs(args.out, exist_ok=True)
     try:
         slides = data.list_slides(args.data)
+        mpp = slides_mpp(slides, preset, args.region_size)
     except data.SlideError as e:
         sys.exit(f"error: --data {e}")
+    if rank == 0:
+        remove_orphans(args.out)
     stop_flag = [False]
     signal.signal(signal.SIGTERM, lambda *_: stop_flag.__setitem__(0, True))  # preemption: save, then exit
-    preset = train_preset(args)
-    if len(models) == 1:
+    if len(models) == 1:  # one model, data-parallel over all ranks
         jobs, sync = [(models[0], rank, world)], ddp
     else:  # the paper's way: one model per rank, each trained alone (no gradient sync)
         jobs, sync = [(m, 0, 1) for m in models[rank::world]], False
         if rank == 0:
             print(f"{len(models)} models on {world} process(es): " + "; ".join(
                 f"rank {r}: {models[r::world]}" for r in range(min(world, len(models)))), flush=True)
-    for (s, l), r, w in jobs:
-        trainer = Trainer(args, preset, s, l, r, w, sync, device)
-        ds = data.StageLevelDataset(slides, preset, s, l, region_size=args.region_size, cache_dir=args.cache,
-                                    seed=args.seed, length=2 ** 62, conditioned=not args.outpaint, rank=rank)
-        if trainer.step >= trainer.max_steps:
-            if trainer.rank == 0:
-                print(f"{trainer.path}: already at step {trainer.step} >= --max-steps; nothing to do")
-            continue
-        if not trainer.train(ds, stop_flag):
-            break
+    try:
+        for (s, l), group_rank, group_size in jobs:
+            trainer = Trainer(args, preset, s, l, group_rank, group_size, sync, device, mpp)
+            if trainer.step >= trainer.max_steps:
+                if trainer.rank == 0:
+                    print(f"{trainer.path}: already at step {trainer.step} >= --max-steps; nothing to do")
+                continue
+            if trainer.rank == 0 and args.max_steps == [200_000] and device.type == "cpu":
+                print(f"note: --max-steps is the paper's 200000 and this runs on a CPU; see the ETA below and "
+                      "pass --max-steps for a shorter run", flush=True)
+            if rank == 0:
+                print(f"building the stage images of {len(slides)} slide(s) for stage {s} (cached after the first "
+                      "time)...", flush=True)
+            t0 = time.time()
+            ds = data.StageLevelDataset(slides, preset, s, l, region_size=args.region_size, cache_dir=args.cache,
+                                        seed=args.seed, length=2 ** 62, conditioned=not args.outpaint, rank=rank)
+            if rank == 0:
+                print(f"  ready in {time.time() - t0:.1f} s", flush=True)
+            if not trainer.train(ds, stop_flag):
+                break
+    except FloatingPointError as e:
+        sys.exit(f"error: {e}")
     if ddp:
         dist.destroy_process_group()
 

@@ -10,7 +10,7 @@ References
   [DDPM]    Ho et al., Denoising diffusion probabilistic models, 2020 (ResBlock U-Net).
   [ADM]     Dhariwal & Nichol, Diffusion models beat GANs, 2021 (scale-shift norm,
             attention at low resolution, zero-initialised output).
-  [Imagen]  Saharia et al., 2022; imagen-pytorch (the paper's model sizes, DESIGN §4).
+  [Imagen]  Saharia et al., 2022; imagen-pytorch (the paper's model sizes, docs/design.md).
 """
 import math
 from dataclasses import asdict, dataclass
@@ -114,11 +114,38 @@ class Attention(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x):  # (B, C, H, W)
+    def forward(self, x, emb=None):  # (B, C, H, W); emb unused
         B, C, H, W = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
         h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
         return x + self.out(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class NoAttention(nn.Identity):
+    def forward(self, x, emb=None):
+        return x
+
+
+class Block(nn.ModuleList):
+    """A ResBlock, then self-attention or nothing: block(h, emb). (A ModuleList, so the weights
+    keep the names [0] and [1] that saved models use.)"""
+
+    def forward(self, h, emb):
+        return self[1](self[0](h, emb))
+
+
+class Down(nn.Conv2d):
+    """Halve the resolution: a 3x3 convolution with stride 2. (B, C, H, W) -> (B, C, H/2, W/2)"""
+
+    def forward(self, h, emb=None):
+        return super().forward(h)
+
+
+class Up(nn.Sequential):
+    """Double the resolution: nearest-neighbour upsampling, then a 3x3 convolution."""
+
+    def forward(self, h, emb=None):
+        return super().forward(h)
 
 
 class UNet(nn.Module):
@@ -132,30 +159,30 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(cfg.img_ch + cfg.cond_ch, w, 3, padding=1)
         chans = [w * m for m in cfg.mults]
         nblocks = cfg.per_level_blocks()
-        res = lambda cin, cout: ResBlock(cin, cout, emb_dim, cfg.dropout, g)
-        attn = lambda ch, on: Attention(ch, cfg.head_dim, g) if on else nn.Identity()
+        attn = lambda ch, on: Attention(ch, cfg.head_dim, g) if on else NoAttention()
+        block = lambda cin, cout, on: Block([ResBlock(cin, cout, emb_dim, cfg.dropout, g), attn(cout, on)])
 
-        # Down path: each block's output is kept for a skip connection.
+        # Encoder: per level `blocks` Blocks, then a Down; every output is kept for a skip.
         self.down, skip_ch, ch = nn.ModuleList(), [w], w
         for lvl, (cout, nb) in enumerate(zip(chans, nblocks)):
             for _ in range(nb):
-                self.down.append(nn.ModuleList([res(ch, cout), attn(cout, cfg.attn[lvl])]))
+                self.down.append(block(ch, cout, cfg.attn[lvl]))
                 ch = cout
                 skip_ch.append(ch)
             if lvl < len(chans) - 1:
-                self.down.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+                self.down.append(Down(ch, ch, 3, stride=2, padding=1))
                 skip_ch.append(ch)
-        self.mid = nn.ModuleList([res(ch, ch), Attention(ch, cfg.head_dim, g) if cfg.attn[-1] else nn.Identity(),
-                                  res(ch, ch)])
-        # Up path: one more block per level than down, each eating one skip.
+        # Middle: ResBlock, attention (if the lowest level has it), ResBlock.
+        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, cfg.dropout, g), attn(ch, cfg.attn[-1]),
+                                  ResBlock(ch, ch, emb_dim, cfg.dropout, g)])
+        # Decoder: per level one Block more than the encoder, each eating one skip, then an Up.
         self.up = nn.ModuleList()
         for lvl in reversed(range(len(chans))):
             for _ in range(nblocks[lvl] + 1):
-                self.up.append(nn.ModuleList([res(ch + skip_ch.pop(), chans[lvl]), attn(chans[lvl], cfg.attn[lvl])]))
+                self.up.append(block(ch + skip_ch.pop(), chans[lvl], cfg.attn[lvl]))
                 ch = chans[lvl]
             if lvl > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                             nn.Conv2d(ch, ch, 3, padding=1)))
+                self.up.append(Up(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
         self.out = nn.Sequential(norm(ch, g), nn.SiLU(), nn.Conv2d(ch, cfg.img_ch, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)  # zero output at init [ADM]
         nn.init.zeros_(self.out[-1].bias)
@@ -164,29 +191,31 @@ class UNet(nn.Module):
         """x: (B, img_ch, H, W) noisy image, H and W divisible by 2^(levels-1).
         lam: (B,) log-SNR of x. cond: (B, cond_ch, H, W) or None when cond_ch = 0.
         aug_lam: (B,) log-SNR of the conditioning augmentation; None = no augmentation.
-        Returns v_hat (B, img_ch, H, W)."""
+        Returns the prediction (v_hat or eps_hat) (B, img_ch, H, W)."""
         cfg = self.cfg
         f = 2 ** (len(cfg.mults) - 1)
         if x.shape[-1] % f or x.shape[-2] % f:
             raise ValueError(f"U-Net input {tuple(x.shape[-2:])} is not divisible by {f}")
-        if cfg.cond_ch:
-            x = torch.cat([x, cond.to(x.dtype)], dim=1)
+        # Embedding of the noise level (and of the augmentation level).
         emb = self.emb(noise_embedding(lam, cfg.width))
         if self.aug_emb is not None:
             aug_lam = torch.full_like(lam, 30.0) if aug_lam is None else aug_lam  # 30 = clean
             emb = emb + self.aug_emb(noise_embedding(aug_lam, cfg.width))
         emb = emb.to(x.dtype)
-        h = self.conv_in(x)
+        # Encoder.
+        h = self.conv_in(torch.cat([x, cond.to(x.dtype)], dim=1) if cfg.cond_ch else x)
         skips = [h]
-        for layer in self.down:
-            h = layer[1](layer[0](h, emb)) if isinstance(layer, nn.ModuleList) else layer(h)
+        for block in self.down:
+            h = block(h, emb)
             skips.append(h)
-        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
-        for layer in self.up:
-            if isinstance(layer, nn.ModuleList):
-                h = layer[1](layer[0](torch.cat([h, skips.pop()], dim=1), emb))
-            else:
-                h = layer(h)
+        # Middle.
+        for block in self.mid:
+            h = block(h, emb)
+        # Decoder.
+        for block in self.up:
+            if isinstance(block, Block):
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, emb)
         return self.out(h)
 
 

@@ -1,4 +1,5 @@
 """cascade.py: geometry against hand computations, the CDM, checkpoint loading."""
+import dataclasses
 import shutil
 
 import numpy as np
@@ -14,7 +15,8 @@ def test_stage_sizes_and_zoom():
     paper = cascade.get_preset("paper")
     assert [cascade.stage_size(paper, s) for s in (1, 2, 3)] == [1024, 6400, 41344]
     assert cascade.zoom(paper, 2) == 6.25 and cascade.zoom(paper, 3) == pytest.approx(6.46)
-    assert (paper.overlap, paper.stride) == (128, 896)
+    g = cascade.stage_grid(paper, 3)
+    assert (g.overlap, g.stride, g.size) == (128, 896, 41344)
     demo = cascade.get_preset("demo")
     assert [cascade.stage_size(demo, s) for s in (1, 2, 3)] == [256, 704, 2048]
     for p in (paper, demo):
@@ -69,7 +71,7 @@ def test_lowres_and_level_inputs():
     for stage in (1, 2):
         for level in range(3):
             cond = cascade.level_inputs(p, stage, level, x, x, x)
-            ch = cascade.cond_channels(stage, level)
+            ch = cascade.cond_channels(p, stage, level)
             assert (cond is None and ch == 0) or cond.shape == (2, ch, p.level_sizes[level], p.level_sizes[level])
 
 
@@ -106,7 +108,8 @@ def test_cdm_feather_keeps_known_pixels_away_from_the_new_ones():
     mask = torch.zeros(1, 1, 32, 32, dtype=torch.bool)
     mask[..., :10] = True
     gen = lambda: [torch.Generator().manual_seed(1)]
-    out = cdm.sample(gen(), known=known, mask=mask, context=known, region=known, feather=4)
+    sampling = dataclasses.replace(p.sampling, feather=4)
+    out = cdm.sample(gen(), known=known, mask=mask, context=known, region=known, sampling=sampling)
     assert torch.equal(out[..., :6], known[..., :6])
     assert (out[..., 6:10] - known[..., 6:10]).abs().amax() > 1e-3
 
@@ -130,8 +133,9 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
         cascade.load_cdm(str(tmp_path), p, 3)
     with pytest.raises(ValueError, match="trained for preset"):
         cascade.load_cdm(str(tmp_path), small_preset(background=250), 2)
-    cascade.load_cdm(str(tmp_path), small_preset(steps=(9, 9, 9)), 2)  # sampling defaults may change
-    cascade.load_cdm(str(tmp_path), small_preset(train_crop=8), 2)  # and so may the training crop
+    tiny = small_preset()
+    cascade.load_cdm(str(tmp_path), small_preset(sampling=cascade.Sampling(steps=(9, 9, 9))), 2)  # sampling defaults may change
+    cascade.load_cdm(str(tmp_path), small_preset(training=cascade.Training(crop=8)), 2)  # and so may the training recipe
     shutil.copy(tmp_path / "stage2_level1.pt", tmp_path / "stage2_level2.pt")
     with pytest.raises(ValueError, match="holds stage 2 level 1, expected stage 2 level 2"):
         cascade.load_cdm(str(tmp_path), p, 2)

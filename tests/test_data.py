@@ -10,7 +10,6 @@ from PIL import Image
 
 import cascade
 import data
-import sample
 from conftest import ROOT, small_preset
 
 CMU = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
@@ -33,12 +32,12 @@ def synthetic_rgb(h=1200, w=1000, seed=0):
 
 def write_slide(path, img, kind="svs", compression="zlib"):
     if kind == "svs":
-        sample.write_aperio(path, img, tile=128, mpp=0.5, compression=compression, min_side=200)
+        data.write_aperio(path, img, tile=128, mpp=0.5, compression=compression, min_side=200)
         return
     levels = [img]
     while max(levels[-1].shape[:2]) > 200:
         nxt = np.zeros(((levels[-1].shape[0] + 1) // 2, (levels[-1].shape[1] + 1) // 2, 3), np.uint8)
-        sample.halve(levels[-1], nxt)
+        data.halve(levels[-1], nxt)
         levels.append(nxt)
     kw = dict(tile=(128, 128), photometric="rgb", compression=compression)
     with tifffile.TiffWriter(path, bigtiff=True, ome=kind == "ome") as tif:
@@ -120,9 +119,9 @@ def test_nine_datasets_shapes_and_ranges(slides, tmp_path):
             ds = data.StageLevelDataset([paths["svs", "zlib"]], p, stage, level, region_size=400,
                                         cache_dir=str(tmp_path), length=4)
             item = ds[1]
-            L = p.level_sizes[level] if level < 2 else p.train_crop
+            L = p.level_sizes[level] if level < 2 else p.training.crop
             assert item["x0"].shape == (3, L, L)
-            assert item["cond"].shape == (cascade.cond_channels(stage, level), L, L)
+            assert item["cond"].shape == (cascade.cond_channels(p, stage, level), L, L)
             for t in item.values():
                 assert t.dtype == torch.float32
                 assert t.numel() == 0 or t.min() >= -1 and t.max() <= 1

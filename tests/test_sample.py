@@ -1,5 +1,6 @@
 """sample.py: the slide file, exact resume after SIGKILL, ranks, refusals."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import tifffile
 import torch
 
 import cascade
-import sample
+import data
 import unet
 from conftest import ROOT
 
@@ -59,13 +60,13 @@ def test_slide_pyramid_equals_canvas(tmp_path, tiny_ckpt):
     assert np.array_equal(level0, canvas)
     for suffix in (".preview.png", ".thumbnail.png"):
         assert os.path.getsize(str(out) + suffix) > 0
-    assert "stage 3: 16 patches" in res.stderr and "skipped as white" in res.stderr
+    assert "stage 3: 16 patches" in res.stderr and "filled as glass" in res.stderr
 
 
 def test_writer_pyramid_and_openslide(tmp_path):
     img = np.random.default_rng(0).integers(0, 256, (2500, 2100, 3), dtype=np.uint8)
     path = str(tmp_path / "w.svs")
-    sample.write_aperio(path, img, compression="zlib", mpp=0.5)
+    data.write_aperio(path, img, compression="zlib", mpp=0.5)
     with tifffile.TiffFile(path) as tif:
         assert tif.is_svs
         assert [lv.shape[-3:-1] for lv in tif.series[0].levels] == [(2500, 2100), (1250, 1050), (625, 525)]
@@ -115,7 +116,7 @@ def test_bad_or_missing_ckpt(tmp_path, tiny_ckpt):
     res = _run(_cmd(tmp_path / "a.tif", str(tmp_path / "nowhere")))
     assert res.returncode != 0 and "no such directory" in res.stderr and "Traceback" not in res.stderr
     bad = tmp_path / "bad"
-    bad.mkdir()
+    shutil.copytree(tiny_ckpt, bad)
     (bad / "stage1_level0.pt").write_bytes(b"junk")
     res = _run(_cmd(tmp_path / "b.tif", str(bad)))
     assert res.returncode != 0 and "stage1_level0.pt: not a readable URCDM model file" in res.stderr
@@ -126,7 +127,7 @@ def test_bad_edge_margin(tmp_path, tiny_ckpt):
     res = _run(_cmd(tmp_path / "a.tif", tiny_ckpt, "--edge-margin", "3"))  # tiny: overlap 4
     assert res.returncode != 0 and "--edge-margin" in res.stderr and "margin 3: use 0 to 2" in res.stderr and "Traceback" not in res.stderr
     res = _run(_cmd(tmp_path / "a.tif", tiny_ckpt, "--feather", "-1"))
-    assert res.returncode != 0 and "--feather -1: use 0 to 2 px" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode != 0 and "--feather -1: use a value in 0 .. 2 px" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_two_ranks_bit_identical_to_one(tmp_path, tiny_ckpt):

@@ -53,7 +53,7 @@ def test_tiny_unet_learns():
     fn = lambda x, t: model(x, sde.log_snr(t).float())
     losses = []
     for step in range(200):
-        loss = sde.loss_fn(fn, data, generator=g)
+        loss = sde.loss_fn(fn, data, generator=g)[0].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
