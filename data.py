@@ -564,9 +564,9 @@ def atomic_path(path):
         raise
 
 
-def write_json(path, obj):
+def write_json(path, obj, indent=None):
     with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f)
+        json.dump(obj, f, indent=indent)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -257,8 +257,8 @@ def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, seed=0, 
     feats = np.concatenate(feats) if feats else np.zeros((0, 1), np.float32)
     if path:
         os.makedirs(cache_dir, exist_ok=True)
-        np.save(path + ".tmp.npy", feats)
-        os.replace(path + ".tmp.npy", path)
+        with data.atomic_path(path) as tmp:
+            np.save(tmp, feats)
     return feats
 
 
@@ -318,10 +318,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, data.SlideError) as e:
         sys.exit(f"error: {e}")
     print(format_table(results))
-    tmp = args.json + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, args.json)
+    data.write_json(args.json, results, indent=1)
     print(f"wrote {args.json}")
     return results
 

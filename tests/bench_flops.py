@@ -39,7 +39,7 @@ def main():
     ap.add_argument("--steps", type=int, nargs=3, default=None, help="steps per level (default: the preset's)")
     args = ap.parse_args()
     p = cascade.get_preset(args.preset)
-    steps = args.steps or p.steps
+    steps = args.steps or p.sampling.steps
     total = 0.0
     for s in (1, 2, 3):
         n = p.n_patches[s - 1] ** 2
@@ -48,9 +48,9 @@ def main():
             f = forward_flops(cascade.unet_config(p, s, level), L)
             per_patch += f * steps[level]
             if s == 3:
-                train = forward_flops(cascade.unet_config(p, s, level), p.train_crop if level == 2 else L) * 3
+                train = forward_flops(cascade.unet_config(p, s, level), p.training.crop if level == 2 else L) * 3
                 print(f"  level {level} ({L} px): {human(f)} per forward; training step per image "
-                      f"(fwd+bwd ~ 3x fwd{', on ' + str(p.train_crop) + ' crops' if level == 2 else ''}): {human(train)}")
+                      f"(fwd+bwd ~ 3x fwd{', on ' + str(p.training.crop) + ' crops' if level == 2 else ''}): {human(train)}")
         total += n * per_patch
         print(f"stage {s}: {n} patches x {human(per_patch)} = {human(n * per_patch)}")
     print(f"whole slide at steps {steps}: {total:.2e} FLOP; on 9 A100s (312 TFLOP/s bf16) at 40 % MFU: "

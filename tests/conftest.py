@@ -12,7 +12,7 @@ import sde  # noqa: E402
 
 
 def gaussian_oracle(mu, s, schedule="cosine"):
-    """Optimal v-predictor for data x0 ~ N(mu, s^2) per pixel (DESIGN §3):
+    """Optimal v-predictor for data x0 ~ N(mu, s^2) per pixel (docs/design.md, "Diffusion"):
     x0_hat = mu + alpha s^2 (x_t - alpha mu) / (alpha^2 s^2 + sigma^2), v_hat = (alpha x_t - x0_hat) / sigma."""
     def model_fn(x, t):
         alpha, sigma = sde.alpha_sigma(t.double(), schedule)

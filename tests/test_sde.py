@@ -70,7 +70,7 @@ CONVERGED_STEPS = {"ancestral": 400, "ddim": 300, "dpmpp2m": 40}
 @pytest.mark.parametrize("sampler", sde.SAMPLERS)
 def test_sampler_reproduces_gaussian(sampler, schedule):
     """x0 ~ N(mu, s^2) with the exact denoiser: the samples have mean mu and std s within
-    5 standard errors plus a 1 % discretisation allowance (DESIGN §3)."""
+    5 standard errors plus a 1 % discretisation allowance (docs/design.md, "Diffusion")."""
     mu, s = 0.3, 0.5
     x = sde.sample(gaussian_oracle(mu, s, schedule), (N,), steps=CONVERGED_STEPS[sampler], sampler=sampler,
                    schedule=schedule, generator=torch.Generator().manual_seed(3), eta=0.0)
@@ -174,3 +174,12 @@ def test_augment_cond():
     assert torch.equal(same, cond) and torch.equal(lam0, sde.log_snr(torch.zeros(2)).float())
     noised, t = sde.augment_cond(cond, torch.tensor([0.0, 0.5]), torch.Generator().manual_seed(1))
     assert torch.equal(noised[0], cond[0]) and not torch.equal(noised[1], cond[1])
+
+
+def test_loss_uses_the_forward_process(monkeypatch):
+    """Eq. 1 is written once: the loss noises x0 through q_sample."""
+    seen = []
+    real = sde.q_sample
+    monkeypatch.setattr(sde, "q_sample", lambda *a, **k: seen.append(1) or real(*a, **k))
+    sde.loss_fn(lambda x, t: torch.zeros_like(x), torch.zeros(2, 3), generator=torch.Generator().manual_seed(0))
+    assert seen

@@ -10,7 +10,7 @@ import torch
 
 import cascade
 import train
-from conftest import ROOT
+from conftest import ROOT, oracle_net
 
 SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
 
@@ -121,3 +121,20 @@ def test_two_rank_torchrun_replicas_identical(tmp_path):
     assert "global batch 4" in out.stdout
     ck = torch.load(tmp_path / "ck" / "stage2_level1.pt", weights_only=True)
     assert ck["step"] == 3 and ck["data_position"] == 12
+
+
+def test_training_and_sampling_share_one_denoiser_and_one_augmentation(tmp_path, monkeypatch):
+    """train.py and cascade.CDM (sampling) build the model call and the conditioning augmentation
+    through the same two functions, so they cannot drift apart."""
+    calls = []
+    for name in ("denoiser", "augment"):
+        real = getattr(cascade, name)
+        monkeypatch.setattr(cascade, name, lambda *a, _r=real, _n=name, **k: (calls.append(_n), _r(*a, **k))[1])
+    train.main(_args(tmp_path, "--stage", "2", "--level", "1", "--max-steps", "1"))
+    assert set(calls) == {"denoiser", "augment"}
+    calls.clear()
+    p = cascade.get_preset("tiny")
+    cdm = cascade.CDM(p, 2, [oracle_net()] * 3)
+    x = torch.zeros(1, 3, 32, 32)
+    cdm.sample([torch.Generator().manual_seed(0)], context=x, region=x)
+    assert calls.count("denoiser") == 3 and calls.count("augment") == 3

@@ -37,7 +37,7 @@ def test_gradients_reach_every_parameter():
 
 @pytest.mark.parametrize("name,target", [("paper64", 410e6), ("paper256", 300e6), ("paper1024", 690e6)])
 def test_paper_parameter_counts(name, target):
-    """The paper's models (DESIGN §4) within +-25 %, counted on the meta device."""
+    """The paper's models (docs/design.md, "The paper preset") within +-25 %, counted on the meta device."""
     cfg = unet.get_config(name, cond_ch=0 if name == "paper64" else 9, aug_emb=name != "paper64")
     assert abs(unet.count_params(cfg) / target - 1) < 0.25
 
