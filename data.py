@@ -48,6 +48,8 @@ TISSUE_MIN_VALUE = 0.10
 # from the stage below (sample.py --white-threshold); metrics leave them out of patch features.
 MIN_TISSUE = 0.3
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".jpg", ".jpeg")
+OUTPUT_SUFFIXES = (".preview.png", ".thumbnail.png", ".datasets.png", "loss_curves.png")  # what we write
+MAX_READ_PIXELS = 2 ** 28  # the largest window one read decodes (768 MiB of RGB)
 
 
 class SlideError(Exception):
@@ -89,11 +91,14 @@ def choose_region(slide, size, mode="tissue"):
     return clamp(cx, W), clamp(cy, H)
 
 
-def _build_stage_image(slide, x, y, size, n, path, band=256):
-    """The region resized to n x n, written band by band into a .npy file (atomically)."""
+def _build_stage_image(slide, x, y, size, n, path):
+    """The region resized to n x n, written band by band into a .npy file (atomically); a band
+    reads at most a quarter of MAX_READ_PIXELS from the level it comes from."""
+    ds = size / n
+    f = ds / slide.level_downsamples[slide.best_level(ds)]  # source px per output px at that level
+    band = int(min(256, max(1, MAX_READ_PIXELS // (4 * n * f * f))))
     with atomic_path(path) as tmp:
         arr = DiskArray(tmp, (n, n, 3))
-        ds = size / n
         for r0 in range(0, n, band):
             arr.write(r0, 0, slide.read_region(x, y + r0 * ds, n, min(band, n - r0), ds))
         arr.close()
@@ -218,7 +223,10 @@ class StageLevelDataset(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------- slide files in
 
 def _to_rgb(arr, path):
-    """Explicit colour-layout handling: gray -> RGB, RGBA -> RGB over white, others rejected."""
+    """Explicit colour-layout handling: 16-bit -> 8-bit (x * 255 / 65535, rounded), gray -> RGB,
+    RGBA -> RGB over white, others rejected."""
+    if arr.dtype == np.uint16:
+        arr = ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
     if arr.dtype != np.uint8:
         raise SlideError(f"{path}: {arr.dtype} pixels are not supported; convert the slide to 8-bit RGB")
     if arr.ndim == 2:
@@ -252,7 +260,7 @@ class _TiffLevel:
             return self.slide._whole(self.page)[y0:y0 + h, x0:x0 + w]
         th, tw = key.tilelength, key.tilewidth
         across = math.ceil(self.width / tw)
-        out = np.empty((h, w, key.samplesperpixel if key.samplesperpixel > 1 else 1), np.uint8)
+        out = np.empty((h, w, key.samplesperpixel if key.samplesperpixel > 1 else 1), key.dtype)
         for ty in range(y0 // th, (y0 + h - 1) // th + 1):
             for tx in range(x0 // tw, (x0 + w - 1) // tw + 1):
                 tile = self._tile(ty * across + tx)  # (th, tw, spp)
@@ -325,6 +333,10 @@ class Slide:
         bx0, by0, bx1, by1 = x / d, y / d, (x + w * downsample) / d, (y + h * downsample) / d
         ix0, iy0 = math.floor(bx0), math.floor(by0)
         ix1, iy1 = math.ceil(bx1), math.ceil(by1)
+        if (ix1 - ix0) * (iy1 - iy0) > MAX_READ_PIXELS:  # bounded memory, whatever a header claims
+            raise SlideError(f"{self.path}: reading {w}x{h} px at downsample {downsample:g} needs {ix1 - ix0}x"
+                             f"{iy1 - iy0} px of level {k} (more than {MAX_READ_PIXELS} px): the slide has no pyramid "
+                             "level near that scale; save it with a pyramid (e.g. vips tiffsave --pyramid --tile)")
         win = cascade.window(_LevelView(lv), iy0, ix0, iy1 - iy0, ix1 - ix0, self.background)
         if (ix1 - ix0, iy1 - iy0) == (w, h) and f == 1:
             return win
@@ -387,7 +399,9 @@ def open_slide(path):
         with Image.open(path) as im:
             if im.mode == "CMYK":
                 raise SlideError(f"{path}: CMYK images are not supported; convert to RGB")
-            arr = np.asarray(im.convert("RGBA" if "A" in im.getbands() else ("L" if im.mode in ("L", "I;16", "I") else "RGB")))
+            arr = np.asarray(im if im.mode.startswith("I;16") else im.convert(
+                "RGBA" if "A" in im.getbands() else ("L" if im.mode == "L" else "RGB")))
+            arr = arr.astype(np.uint16) if im.mode.startswith("I;16") else arr
     except SlideError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -398,10 +412,11 @@ def open_slide(path):
 def list_slides(path):
     """Open every slide in a directory (or the one file given). A bad file is reported on
     stderr and skipped, with a count at the end; returns the usable paths."""
-    paths = [path] if os.path.isfile(path) else sorted(
-        os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(SLIDE_SUFFIXES))
     if not os.path.exists(path):
         raise SlideError(f"{path}: no such file or directory")
+    paths = [path] if os.path.isfile(path) else sorted(  # our own outputs are never slides
+        os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(SLIDE_SUFFIXES)
+        and not f.lower().endswith(OUTPUT_SUFFIXES) and not f.startswith("."))
     good = []
     for p in paths:
         try:
@@ -584,28 +599,31 @@ def main(argv=None):
     ap.add_argument("slide", help="slide file (.svs, .tif, OME-TIFF, .png, .jpg)")
     ap.add_argument("--preset", default="demo", help="preset whose geometry to use (default: demo)")
     ap.add_argument("--region-size", type=int, default=None, help="level-0 side of the region (default: N3)")
-    ap.add_argument("--out", default=None, help="preview PNG (default: SLIDE.datasets.png)")
+    ap.add_argument("--out", default=None,
+                    help="preview PNG (default: SLIDE_NAME.datasets.png in the current directory, not beside the slide)")
     ap.add_argument("--cache", default=None, help="cache directory (default: .urcdm_cache beside the slide)")
     args = ap.parse_args(argv)
     try:
         slide = open_slide(args.slide)
         preset = cascade.get_preset(args.preset)
+        print(f"{args.slide}: {slide.dimensions[0]} x {slide.dimensions[1]} px, MPP {slide.mpp}")
+        for k, (dim, d) in enumerate(zip(slide.level_dimensions, slide.level_downsamples)):
+            print(f"  level {k}: {dim[0]} x {dim[1]} (downsample {d:g})")
+        print(f"  tissue fraction (thumbnail): {tissue_fraction(slide.thumbnail(1024)):.3f}")
+        rows = []
+        for stage in (1, 2, 3):
+            for level in range(3):
+                ds = StageLevelDataset([args.slide], preset, stage, level, region_size=args.region_size,
+                                       cache_dir=args.cache, length=1)
+                row = _preview(ds)
+                rows.append(np.pad(row, ((2, 2), (0, 128 * 4 - row.shape[1]), (0, 0)), constant_values=255))
     except (SlideError, ValueError) as e:
         sys.exit(f"error: {e}")
-    print(f"{args.slide}: {slide.dimensions[0]} x {slide.dimensions[1]} px, MPP {slide.mpp}")
-    for k, (dim, d) in enumerate(zip(slide.level_dimensions, slide.level_downsamples)):
-        print(f"  level {k}: {dim[0]} x {dim[1]} (downsample {d:g})")
-    print(f"  tissue fraction (thumbnail): {tissue_fraction(slide.thumbnail(1024)):.3f}")
-    rows = []
-    for stage in (1, 2, 3):
-        for level in range(3):
-            ds = StageLevelDataset([args.slide], preset, stage, level, region_size=args.region_size,
-                                   cache_dir=args.cache, length=1)
-            row = _preview(ds)
-            rows.append(np.pad(row, ((2, 2), (0, 128 * 4 - row.shape[1]), (0, 0)), constant_values=255))
-    out = args.out or args.slide + ".datasets.png"
-    Image.fromarray(np.concatenate(rows)).save(out)
-    print(f"preview of the nine datasets (rows: stage 1-3 x level 0-2; target, then lowres (levels 1-2), context and region (stages 2-3)): {out}")
+    out = args.out or os.path.basename(args.slide) + ".datasets.png"
+    with atomic_path(out) as tmp:
+        Image.fromarray(np.concatenate(rows)).save(tmp, format="PNG")
+    print(f"preview of the nine datasets (rows: stage 1-3 x level 0-2; target, then lowres (levels 1-2), "
+          f"context and region (stages 2-3)): {out}")
 
 
 if __name__ == "__main__":

@@ -163,7 +163,11 @@ class FeatureNet:
             if kind != "vgg":
                 raise ValueError(f"{flag} {path}: not a TorchScript file") from None
             self.net, self.scripted = VGG16Features(), False
-            self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            try:
+                self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            except Exception as e:  # noqa: BLE001 - unreadable, or another network's weights
+                raise ValueError(f"{flag} {path}: neither a TorchScript file nor torchvision's VGG16 state dict "
+                                 f"({type(e).__name__})") from None
             self.net = self.net.to(device).eval()
 
     @torch.no_grad()
@@ -238,7 +242,7 @@ def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, seed=0, 
         return np.load(path)
     P = source.preset.patch
     if source.is_patches:
-        jobs = [lambda f=f: np.asarray(Image.open(f).convert("RGB")) for f in source.files[:n]]
+        jobs = [lambda f=f: read_image(f) for f in source.files[:n]]
     else:
         count = len(source.slides) if kind == 0 else n  # one whole region per slide at mag 0
         jobs = [lambda t=t: source.crop(*t, P) for t in transforms(kind, count, source.preset, seed)]
@@ -260,6 +264,15 @@ def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, seed=0, 
         with data.atomic_path(path) as tmp:
             np.save(tmp, feats)
     return feats
+
+
+def read_image(path):
+    """An image file as (h, w, 3) uint8; a one-line error if it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds
+        raise ValueError(f"{path}: not a readable image ({type(e).__name__}); remove or replace it") from None
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -313,6 +326,10 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     args.cache = args.cache or None
+    for flag, value, ok in (("--k", args.k, args.k >= 1), ("--n", args.n, args.n >= 2),
+                            ("--min-tissue", args.min_tissue, 0 <= args.min_tissue <= 1)):
+        if not ok:
+            sys.exit(f"error: {flag} {value}: out of range (--k >= 1, --n >= 2, --min-tissue in [0, 1])")
     try:
         results = evaluate(args)
     except (FileNotFoundError, ValueError, data.SlideError) as e:

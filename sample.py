@@ -117,7 +117,20 @@ def resolve(args, device):
         preset = cascade.get_preset(args.preset)
     except ValueError as e:
         fail(f"--preset {e}")
-    p, sp = preset, preset.sampling
+    stages = [3] if args.outpaint else list(range(1, args.stages + 1))
+    sampling = resolve_sampling(args, preset)
+    ckpt, models = ("", {}) if args.dry_run else check_models(args, preset, stages)
+    check_out(args, preset, stages)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and cascade.native_bf16(device))
+    return Settings(preset=preset.name, seed=args.seed, stages=max(stages), order=args.order, batch=args.batch,
+                    white_threshold=args.white_threshold, outpaint=args.outpaint, dry_run=args.dry_run,
+                    precision="bf16" if bf16 else "fp32", sampling=dataclasses.asdict(sampling), models=models,
+                    ckpt=ckpt), preset
+
+
+def resolve_sampling(args, p):
+    """The preset's Sampling with the flags that override it, each flag checked."""
+    sp = p.sampling
     checks = [("--batch", args.batch, args.batch >= 1, ">= 1"),
               ("--steps", args.steps, args.steps is None or min(args.steps) >= 1, "each >= 1"),
               ("--resample", args.resample, args.resample is None or args.resample >= 1, ">= 1"),
@@ -137,44 +150,49 @@ def resolve(args, device):
     except ValueError as e:
         fail(f"--edge-margin (preset {p.name}): {e}")
     pick = lambda flag, default: default if flag is None else flag
-    sampling = dataclasses.replace(
+    return dataclasses.replace(
         sp, steps=tuple(pick(args.steps, sp.steps)), sampler=pick(args.sampler, sp.sampler), eta=pick(args.eta, sp.eta),
         threshold=sp.threshold if args.threshold is None else (args.threshold or None),
         resample=pick(args.resample, sp.resample), aug_level=pick(args.aug_level, sp.aug_level),
         edge_margin=margin, feather=pick(args.feather, sp.feather),
         fill_white=tuple(pick(args.fill_white, sp.fill_white)))
-    ckpt, models = "", {}
-    if not args.dry_run:
-        ckpt = os.path.realpath(args.ckpt or DEMO_CKPT)
-        if not os.path.isdir(ckpt):
-            fail(f"--ckpt {ckpt}: no such directory. Train the nine models with train.py (README, 'Training') "
-                 "or pass --dry-run to try the pipeline without models")
-        stages = [3] if args.outpaint else range(1, args.stages + 1)
-        names = [cascade.model_filename(s, l) for s in stages for l in range(3)]
-        missing = [n for n in names if not os.path.isfile(os.path.join(ckpt, n))]
-        if missing:
-            fail(f"--ckpt {ckpt}: missing model file {missing[0]}; train it with `python train.py --preset {p.name} "
-                 f"--stage {missing[0][5]} --level {missing[0][12]}` or point --ckpt elsewhere")
-        for n in names:  # each file's identity now, cheaply (mmap: no weights read), not after hours of work
-            try:
-                ck = torch.load(os.path.join(ckpt, n), map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:  # noqa: BLE001
-                fail(f"--ckpt {os.path.join(ckpt, n)}: not a readable URCDM model file ({type(e).__name__})")
-            why = cascade.checkpoint_mismatch(ck, p, int(n[5]), int(n[12]), None if args.outpaint else True)
-            if why:
-                fail(f"--ckpt {os.path.join(ckpt, n)}: {why}")
-        models = {n: sha256(os.path.join(ckpt, n)) for n in names}
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and cascade.native_bf16(device))
+
+
+def check_models(args, p, stages):
+    """The model directory (resolved) and {file: sha256} of the files the stages need; each file's
+    identity is checked now, cheaply (mmap: no weights read), not after hours of work."""
+    ckpt = os.path.realpath(args.ckpt or DEMO_CKPT)
+    if not os.path.isdir(ckpt):
+        fail(f"--ckpt {ckpt}: no such directory. Train the nine models with train.py (README, 'Training') "
+             "or pass --dry-run to try the pipeline without models")
+    names = [cascade.model_filename(s, lvl) for s in stages for lvl in range(3)]
+    for n in names:
+        path, (s, lvl) = os.path.join(ckpt, n), (int(n[5]), int(n[12]))
+        if not os.path.isfile(path):
+            fail(f"--ckpt {ckpt}: missing model file {n}; train it with `python train.py --preset {p.name} "
+                 f"--stage {s} --level {lvl}` or point --ckpt elsewhere")
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001
+            fail(f"--ckpt {path}: not a readable URCDM model file ({type(e).__name__})")
+        why = cascade.checkpoint_mismatch(ck, p, s, lvl, None if args.outpaint else True)
+        if why:
+            fail(f"--ckpt {path}: {why}")
+    return ckpt, {n: sha256(os.path.join(ckpt, n)) for n in names}
+
+
+def check_out(args, p, stages):
+    """--out names a file in a writable directory with room for the run."""
     out = os.path.abspath(args.out)
     if os.path.isdir(out):
         fail(f"--out {args.out} is a directory; give a file name such as {os.path.join(args.out, 'slide.tif')}")
-    if not os.path.isdir(os.path.dirname(out)) or not os.access(os.path.dirname(out), os.W_OK):
-        fail(f"--out {args.out}: cannot write into {os.path.dirname(out)} (missing or read-only)")
-    settings = Settings(preset=p.name, seed=args.seed, stages=3 if args.outpaint else args.stages, order=args.order,
-                        batch=args.batch, white_threshold=args.white_threshold, outpaint=args.outpaint,
-                        dry_run=args.dry_run, precision="bf16" if bf16 else "fp32",
-                        sampling=dataclasses.asdict(sampling), models=models, ckpt=ckpt)
-    return settings, preset
+    folder = os.path.dirname(out)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        fail(f"--out {args.out}: cannot write into {folder} (missing or read-only)")
+    need = sum(3 * cascade.stage_size(p, s) ** 2 for s in stages) * 1.4  # stage images, pyramid temps, slide
+    free = shutil.disk_usage(folder).free
+    if free < need and not args.resume:
+        fail(f"--out {args.out}: this run needs about {need / 1e9:.1f} GB in {folder}, {free / 1e9:.1f} GB are free")
 
 
 # ----------------------------------------------------------------------------- the journal
@@ -518,5 +536,16 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
+def one_line_errors(fn, *a):
+    """Run fn; faults of the machine or of the models end with one line, not a traceback."""
+    try:
+        return fn(*a)
+    except OSError as e:  # disk full (28), read-only file system (30), a vanished directory ...
+        fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}; nothing written was lost "
+             "(resume with --resume once the cause is fixed)")
+    except FloatingPointError as e:
+        fail(str(e))
+
+
 if __name__ == "__main__":
-    main()
+    one_line_errors(main)

@@ -474,11 +474,11 @@ def export(args, models):
             sys.exit(f"error: {src}: not a readable checkpoint ({type(e).__name__})")
         keep = {k: ck[k] for k in ("format", "preset", "stage", "level", "conditioned", "unet_config", "step")}
         keep.update(mpp=ck.get("mpp"), args=ck.get("args"))
-        # fp16 halves the files (the demo's nine models ship in the repository); loading casts back to fp32
-        keep["ema"] = {k: v.half() if v.is_floating_point() else v for k, v in ck["ema"].items()}
-        why = cascade.weights_problem(keep["ema"])
+        why = cascade.weights_problem(ck["ema"])  # non-finite, or beyond fp16's range
         if why:
             sys.exit(f"error: {src}: its EMA weights are broken ({why}); not exported")
+        # fp16 halves the files (the demo's nine models ship in the repository); loading casts back to fp32
+        keep["ema"] = {k: v.half() if v.is_floating_point() else v for k, v in ck["ema"].items()}
         with data.atomic_path(os.path.join(dest, cascade.model_filename(s, l))) as tmp:
             torch.save(keep, tmp)
         print(f"exported {src} (step {ck['step']}) -> {dest}")
@@ -534,7 +534,7 @@ def main(argv=None):
                 print(f"  ready in {time.time() - t0:.1f} s", flush=True)
             if not trainer.train(ds, stop_flag):
                 break
-    except FloatingPointError as e:
+    except (FloatingPointError, data.SlideError) as e:  # one line, no traceback
         sys.exit(f"error: {e}")
     if ddp:
         dist.destroy_process_group()

@@ -49,3 +49,24 @@ def small_preset(**kw):
 
     import cascade
     return dataclasses.replace(cascade.get_preset("tiny"), **kw)
+
+
+def save_tiny_models(d, mpp=None, std=0.03):
+    """Nine random-weight U-Nets of the 'tiny' preset in directory d, saved as train.py saves them."""
+    import cascade
+    import unet
+    p = cascade.get_preset("tiny")
+    for s in (1, 2, 3):
+        for lvl in range(3):
+            torch.manual_seed(10 * s + lvl)
+            net = unet.UNet(cascade.unet_config(p, s, lvl))
+            for prm in net.parameters():
+                torch.nn.init.normal_(prm, std=std)
+            torch.save(cascade.model_payload(p, s, lvl, net.cfg, net.state_dict(), mpp=mpp),
+                       os.path.join(d, cascade.model_filename(s, lvl)))
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    return save_tiny_models(tmp_path_factory.mktemp("ckpt"))

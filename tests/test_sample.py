@@ -16,21 +16,6 @@ import unet
 from conftest import ROOT
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    """Nine random-weight U-Nets of the 'tiny' preset, saved as train.py saves them."""
-    d = tmp_path_factory.mktemp("ckpt")
-    p = cascade.get_preset("tiny")
-    for s in (1, 2, 3):
-        for l in range(3):
-            torch.manual_seed(10 * s + l)
-            net = unet.UNet(cascade.unet_config(p, s, l))
-            for prm in net.parameters():
-                torch.nn.init.normal_(prm, std=0.03)
-            torch.save(cascade.model_payload(p, s, l, net.cfg, net.state_dict()), d / cascade.model_filename(s, l))
-    return str(d)
-
-
 def _cmd(out, ckpt, *extra):
     return [sys.executable, os.path.join(ROOT, "sample.py"), "--preset", "tiny", "--ckpt", ckpt, "--out", str(out),
             "--compression", "zlib", "--device", "cpu", "--batch", "2", *extra]
