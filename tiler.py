@@ -257,23 +257,30 @@ def seam_lines(grid, order, transpose=False):
     return lines
 
 
-def seam_score(img, grid, order="raster"):
+def seam_score(img, grid, order="raster", block=8):
     """How visible the patch borders of a stage image generated in `order` are (1.0 = not at all):
     mean |gradient| across the lines where content switches patch over the mean |gradient|
     across lines o/4 to o/2 px away, on the same rows (nearby lines, so that the tissue under a
     few long lines does not bias it). Both candidate lines are scored, the end of the known
     pixels and the edge of the later patch's write (seam_lines); the larger ratio is returned.
-    img: (N, N) or (N, N, C) array."""
-    img = np.asarray(img, dtype=np.float64)
-    img = img[..., None] if img.ndim == 2 else img
+    Reference lines are taken at multiples of `block` px away where there are such offsets, so
+    that they share a JPEG-compressed slide's 8 x 8 block phase with the line they are compared to.
+    img: (N, N) or (N, N, C) array-like, read one band per line (a DiskArray, a slide view)."""
     o, N = grid.overlap, img.shape[0]
-    offsets = [d for a in range(max(1, o // 4), max(2, o // 2)) for d in (-a, a)]
+    near = range(max(1, o // 4), max(2, o // 2) + 1)
+    phased = [a for a in near if a % block == 0]
+    offsets = [d for a in (phased or near) for d in (-a, a)]
+    reach = max(abs(d) for d in offsets) + 1
     seam, ref = ([], []), ([], [])
-    for t, a in enumerate((img, img.transpose(1, 0, 2))):  # vertical lines, then horizontal ones
-        d = np.abs(np.diff(a, axis=1)).mean(-1)  # d[:, q - 1] = |a[:, q] - a[:, q - 1]|
-        for line in seam_lines(grid, order, transpose=bool(t)):
+    for transpose in (False, True):  # vertical lines, then horizontal ones
+        for line in seam_lines(grid, order, transpose):
             r0, r1 = line[2:]
             for c, q in enumerate(line[:2]):
-                seam[c].append(d[r0:r1, q - 1].mean())
-                ref[c].extend(d[r0:r1, q - 1 + e].mean() for e in offsets if 0 <= q - 1 + e < N - 1)
+                lo, hi = max(q - 1 - reach, 0), min(q + reach + 1, N)
+                band = np.asarray(img[lo:hi, r0:r1] if transpose else img[r0:r1, lo:hi], dtype=np.float64)
+                band = band[..., None] if band.ndim == 2 else band
+                band = band.transpose(1, 0, 2) if transpose else band  # rows along the line, columns across it
+                d = np.abs(np.diff(band, axis=1)).mean(-1)  # d[:, j] = |a[:, lo + j + 1] - a[:, lo + j]|
+                seam[c].append(d[:, q - 1 - lo].mean())
+                ref[c].extend(d[:, q - 1 + e - lo].mean() for e in offsets if 0 <= q - 1 + e - lo < d.shape[1])
     return float(max(np.mean(s) / np.mean(r) for s, r in zip(seam, ref)))

@@ -34,7 +34,7 @@ def test_train_sample_evaluate_demo(tmp_path):
         img = tif.pages[0].asarray()
     assert img.std() > 0
     net = random_net(tmp_path / "net.pt")
-    res = metrics.main(["--real", SLIDE, "--fake", str(out), "--mag", "1", "2", "--n", "8", "--inception", net,
+    res = metrics.main(["--real", SLIDE, "--fake", str(out), "--mag", "1", "2", "--n", "8", "--inception", net, "--inception-input", "0-255",
                         "--vgg", net, "--preset", "demo", "--cache", "", "--json", str(tmp_path / "m.json"),
                         "--min-tissue", "0"])
     assert res["mag2"]["n_real"] == 8 and res["mag2"]["n_fake"] == 8 and np.isfinite(res["mag2"]["fid"])

@@ -289,7 +289,7 @@ def test_metrics_bad_inputs_one_line(tmp_path):
     from test_metrics import random_net
     net = random_net(tmp_path / "net.pt")
     base = ["--real", str(patches), "--fake", str(patches), "--preset", "tiny", "--cache", "", "--mag", "2",
-            "--json", str(tmp_path / "m.json")]
+            "--json", str(tmp_path / "m.json"), "--inception-input", "0-255"]
     with pytest.raises(SystemExit, match="4.png: not a readable image"):
         metrics.main(base + ["--inception", net])
     (tmp_path / "bad_vgg.pt").write_bytes(b"junk")

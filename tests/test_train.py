@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,3 +139,39 @@ def test_training_and_sampling_share_one_denoiser_and_one_augmentation(tmp_path,
     x = torch.zeros(1, 3, 32, 32)
     cdm.sample([torch.Generator().manual_seed(0)], context=x, region=x)
     assert calls.count("denoiser") == 3 and calls.count("augment") == 3
+
+
+def test_log_survives_a_kill_and_a_resume(tmp_path, monkeypatch):
+    """Steps logged after the last save are dropped on resume and logged again: 1..5, once each."""
+    real = train.Trainer.losses
+
+    def killed_at_4(self, b, g):
+        if self.step == 3:  # step 3 logged, last save at 2
+            raise KeyboardInterrupt("simulated kill")
+        return real(self, b, g)
+    monkeypatch.setattr(train.Trainer, "losses", killed_at_4)
+    args = _args(tmp_path, "--stage", "1", "--level", "0", "--save-every", "2", "--keep", "0")
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + ["--max-steps", "5"])
+    log = tmp_path / "ck" / "stage1_level0.log.jsonl"
+    assert [r["step"] for r in train.read_log(log)] == [1, 2, 3]
+    monkeypatch.setattr(train.Trainer, "losses", real)
+    train.main(args + ["--max-steps", "5"])
+    recs = train.read_log(log)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]
+    assert all(len(r["loss_t_quarters"]) == 4 and r["img_per_s"] > 0 and r["lr"] == 1e-4 for r in recs)
+
+
+def test_curves_and_previews(tmp_path):
+    for level in ("0", "1"):
+        train.main(_args(tmp_path, "--stage", "2", "--level", level, "--max-steps", "3", "--sample-every", "3",
+                         "--sample-steps", "2"))
+    train.main(["--plot", str(tmp_path / "ck")])
+    from PIL import Image
+    curves = Image.open(tmp_path / "ck" / "loss_curves.png")
+    assert curves.size == (720, 240)
+    preview = Image.open(tmp_path / "ck" / "samples" / "stage2_level1_step00000003.png")
+    # lowres, context, region, EMA sample, target: 5 columns of 128 px under a 28 px label band
+    assert preview.size == (5 * 128, 28 + 4 * 128)
+    band = np.asarray(preview)[:28]
+    assert (band < 128).any()  # the labels are drawn
