@@ -120,10 +120,14 @@ def slide_cache(slide_path, preset, region_size=None, cache_dir=None, rank=0, ti
     meta_path = base + ".json"
     if not os.path.exists(meta_path):
         if rank == 0:
+            t0 = time.time()
+            print(f"building the stage images of {slide_path} (stage 1: {cascade.stage_size(preset, 1)} px, "
+                  f"stage 2: {cascade.stage_size(preset, 2)} px) into {cache_dir} ...", file=sys.stderr, flush=True)
             slide = open_slide(slide_path)
             x, y = choose_region(slide, size, region_mode)
             for s in (1, 2):
                 _build_stage_image(slide, x, y, size, cascade.stage_size(preset, s), f"{base}.stage{s}.npy")
+            print(f"  done in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
             write_json(meta_path, {"x": x, "y": y, "size": size, "slide": os.path.abspath(slide_path)})
         else:
             t0 = time.time()

@@ -420,18 +420,19 @@ def evaluate(args):
     vgg = FeatureNet(args.vgg, "vgg", "--vgg", args.device) if args.vgg else None
     real, fake = Source(args.real, preset), Source(args.fake, preset)
     kw = dict(min_tissue=args.min_tissue, seed=args.seed, cache_dir=args.cache)
+    kw_fake = dict(kw, seed=args.seed if args.fake_seed is None else args.fake_seed)
     results = {"network": inception.label(), "ip_ir_features": "vgg16 fc2" if vgg else "inception pool3 (fallback)"}
     for kind in list(args.mag) + (["pfid"] if args.n_pfid else []):
         n, crop = (args.n_pfid, None) if kind == "pfid" else (args.n, args.crop[kind] if args.crop else None)
         fr = patch_features(real, kind, n, inception, crop=crop, label=f"real mag {kind}", **kw)
-        ff = patch_features(fake, kind, n, inception, crop=crop, label=f"fake mag {kind}", **kw)
+        ff = patch_features(fake, kind, n, inception, crop=crop, label=f"fake mag {kind}", **kw_fake)
         row = {"n_real": len(fr), "n_fake": len(ff)}
         row["pfid" if kind == "pfid" else "fid"] = fid_from_features(fr, ff) if min(len(fr), len(ff)) > 1 else None
         row["kid"], row["kid_std"] = kid(fr, ff, seed=args.seed)
         if kind != "pfid":
             vr, vf = (fr, ff) if vgg is None else (
                 patch_features(real, kind, n, vgg, crop=crop, label=f"real mag {kind} vgg", **kw),
-                patch_features(fake, kind, n, vgg, crop=crop, label=f"fake mag {kind} vgg", **kw))
+                patch_features(fake, kind, n, vgg, crop=crop, label=f"fake mag {kind} vgg", **kw_fake))
             ok = min(len(vr), len(vf)) > args.k
             row["ip"], row["ir"] = precision_recall(vr, vf, k=args.k) if ok else (None, None)
         results[f"mag{kind}" if kind != "pfid" else "pfid"] = row
@@ -486,6 +487,9 @@ def main(argv=None):
                     help="crops at magnifications 1-2 with less tissue are left out (each side)")
     ap.add_argument("--order", default="wavefront", choices=tiler.ORDERS, help="generation order, for the seam score")
     ap.add_argument("--seed", type=int, default=0, help="seed of the crop positions and KID subsets")
+    ap.add_argument("--fake-seed", type=int, default=None,
+                    help="another seed for the generated side's crops (default: the same crops replayed); "
+                         "e.g. a real slide against itself with another seed gives the floor")
     ap.add_argument("--cache", default=".urcdm_cache/metrics", help="feature cache directory ('' = off)")
     ap.add_argument("--json", default="metrics.json", help="where to write the results")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -191,6 +191,8 @@ class Trainer:
         why = cascade.checkpoint_mismatch(ck, self.preset, self.stage, self.level, self.conditioned)
         if why is None and "model" not in ck:
             why = "EMA weights only (an exported model)"
+        if why is None and unet_mod.UNetConfig(**ck["unet_config"]) != self.cfg:
+            why = f"another U-Net ({ck['unet_config']}, now {self.cfg.to_dict()})"
         if why is None and ck.get("seed") != self.args.seed:
             why = f"seed {ck.get('seed')}, now {self.args.seed}"
         if why:
@@ -522,16 +524,10 @@ def main(argv=None):
                     print(f"{trainer.path}: already at step {trainer.step} >= --max-steps; nothing to do")
                 continue
             if trainer.rank == 0 and args.max_steps == [200_000] and device.type == "cpu":
-                print(f"note: --max-steps is the paper's 200000 and this runs on a CPU; see the ETA below and "
-                      "pass --max-steps for a shorter run", flush=True)
-            if rank == 0:
-                print(f"building the stage images of {len(slides)} slide(s) for stage {s} (cached after the first "
-                      "time)...", flush=True)
-            t0 = time.time()
+                print("note: --max-steps is left at the paper's 200000 and this runs on a CPU: the ETA after step 1 "
+                      "says how long that takes; pass --max-steps for a shorter run", flush=True)
             ds = data.StageLevelDataset(slides, preset, s, l, region_size=args.region_size, cache_dir=args.cache,
                                         seed=args.seed, length=2 ** 62, conditioned=not args.outpaint, rank=rank)
-            if rank == 0:
-                print(f"  ready in {time.time() - t0:.1f} s", flush=True)
             if not trainer.train(ds, stop_flag):
                 break
     except (FloatingPointError, data.SlideError) as e:  # one line, no traceback

@@ -32,6 +32,10 @@ class UNetConfig:
     cond_ch: int = 0                      # extra conditioning channels concatenated to x_t
     aug_emb: bool = False                 # second embedding for the cond. augmentation level
     groups: int = 32                      # GroupNorm groups (capped by the channel count)
+    efficient: bool = False               # Imagen's Efficient U-Net layout (see UNet) [Imagen App. B.1]
+    late_widen: bool = False              # ADM layout: a level's encoder blocks keep the channels of the
+                                          #   level above; its down conv widens them (imagen-pytorch)
+    shared_kv: bool = False               # attention with one shared key / value head (imagen-pytorch)
 
     def __post_init__(self):
         self.mults, self.attn = tuple(self.mults), tuple(bool(a) for a in self.attn)
@@ -47,14 +51,16 @@ class UNetConfig:
         return asdict(self)
 
 
-# Named configs. The paper's three models (imagen-pytorch defaults used by the authors).
+# Named configs. The paper's three models (imagen-pytorch as the authors configured it).
 CONFIGS = {
-    # 64 px base model, ~410 M parameters in the paper.
-    "paper64": UNetConfig(width=256, mults=(1, 2, 3, 4), blocks=3, attn=(False, True, True, True)),
-    # 64 -> 256 super-resolution model, ~300 M.
-    "paper256": UNetConfig(width=128, mults=(1, 2, 4, 8), blocks=2, attn=(False, False, False, True)),
-    # 256 -> 1024 super-resolution model, ~690 M; no attention at high resolution.
-    "paper1024": UNetConfig(width=128, mults=(1, 2, 4, 8), blocks=(2, 4, 6, 8), attn=(False,) * 4),
+    # 64 px base model, ~410 M parameters in the paper; imagen's plain U-Net: encoder blocks at the
+    # level above's channels, multi-query attention.
+    "paper64": UNetConfig(width=256, mults=(1, 2, 3, 4), blocks=3, attn=(False, True, True, True), late_widen=True,
+                          shared_kv=True),
+    # 64 -> 256 super-resolution model, ~300 M; memory-efficient (the authors' setting).
+    "paper256": UNetConfig(width=128, mults=(1, 2, 4, 8), blocks=2, attn=(False, False, False, True), efficient=True),
+    # 256 -> 1024 super-resolution model, ~690 M; no attention; memory-efficient (the authors' setting).
+    "paper1024": UNetConfig(width=128, mults=(1, 2, 4, 8), blocks=(2, 4, 6, 8), attn=(False,) * 4, efficient=True),
     # Small models for the CPU demo and for tests.
     "demo": UNetConfig(width=32, mults=(1, 2, 2), blocks=1, attn=(False, False, True), head_dim=32),
     "demo_base": UNetConfig(width=32, mults=(1, 2), blocks=1, attn=(False, True), head_dim=32),
@@ -105,18 +111,25 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over the H*W positions, residual."""
+    """Multi-head self-attention over the H*W positions, residual. shared_kv: one key / value
+    head shared by all query heads (multi-query attention, as imagen-pytorch's U-Net)."""
 
-    def __init__(self, ch, head_dim, groups):
+    def __init__(self, ch, head_dim, groups, shared_kv=False):
         super().__init__()
-        self.heads = max(1, ch // head_dim)
-        self.norm, self.qkv, self.out = norm(ch, groups), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+        self.heads, self.kv_heads = max(1, ch // head_dim), 1 if shared_kv else max(1, ch // head_dim)
+        d = ch // self.heads
+        self.norm, self.out = norm(ch, groups), nn.Conv2d(ch, ch, 1)
+        self.qkv = nn.Conv2d(ch, ch + 2 * self.kv_heads * d, 1)  # q, then k, then v
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x, emb=None):  # (B, C, H, W); emb unused
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
+        d = C // self.heads
+        qkv = self.qkv(self.norm(x))
+        q = qkv[:, :C].reshape(B, self.heads, d, H * W)                         # (B, heads, d, HW)
+        k, v = qkv[:, C:].reshape(B, 2, self.kv_heads, d, H * W).unbind(1)      # (B, kv_heads, d, HW)
+        k, v = k.expand(B, self.heads, d, H * W), v.expand(B, self.heads, d, H * W)
         h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
         return x + self.out(h.transpose(-1, -2).reshape(B, C, H, W))
 
@@ -148,7 +161,38 @@ class Up(nn.Sequential):
         return super().forward(h)
 
 
+class PixelDown(nn.Sequential):
+    """Efficient layout: halve the resolution losslessly (pixel unshuffle: 2x2 pixels -> 4x the
+    channels), then a 1x1 convolution to the level's channels. (B, C, H, W) -> (B, C', H/2, W/2)"""
+
+    def __init__(self, cin, cout):
+        super().__init__(nn.PixelUnshuffle(2), nn.Conv2d(4 * cin, cout, 1))
+
+    def forward(self, h, emb=None):
+        return super().forward(h)
+
+
+class PixelUp(nn.Sequential):
+    """Efficient layout: a 1x1 convolution to 4x the channels at the low resolution, then pixel
+    shuffle to double it; no 3x3 convolution at the high resolution. (B, C, H, W) -> (B, C', 2H, 2W)"""
+
+    def __init__(self, cin, cout):
+        super().__init__(nn.Conv2d(cin, 4 * cout, 1), nn.PixelShuffle(2))
+
+    def forward(self, h, emb=None):
+        return super().forward(h)
+
+
 class UNet(nn.Module):
+    """Two layouts of the same blocks:
+    ADM / DDPM (efficient=False): each level runs its ResBlocks at its resolution, then a stride-2
+      convolution halves it; the decoder upsamples (nearest + 3x3 conv) at the higher resolution.
+    Efficient U-Net [Imagen App. B.1] (efficient=True): full resolution holds only the input conv,
+      one ResBlock in and one out (which also sees the input conv's features); every level first
+      halves the resolution (PixelDown), then runs its blocks, so each level works one octave lower
+      (about 1/4 of the FLOPs at the same channels); upsampling is a 1x1 conv + pixel shuffle at
+      the low resolution. The 256 and 1024 px models of the authors use it."""
+
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
@@ -159,41 +203,59 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(cfg.img_ch + cfg.cond_ch, w, 3, padding=1)
         chans = [w * m for m in cfg.mults]
         nblocks = cfg.per_level_blocks()
-        attn = lambda ch, on: Attention(ch, cfg.head_dim, g) if on else NoAttention()
+        attn = lambda ch, on: Attention(ch, cfg.head_dim, g, cfg.shared_kv) if on else NoAttention()
         block = lambda cin, cout, on: Block([ResBlock(cin, cout, emb_dim, cfg.dropout, g), attn(cout, on)])
 
-        # Encoder: per level `blocks` Blocks, then a Down; every output is kept for a skip.
+        # Encoder: per level `blocks` Blocks, then a Down (ADM), or a PixelDown, then the Blocks
+        # (efficient); every output is kept for a skip, and so is the input conv's.
         self.down, skip_ch, ch = nn.ModuleList(), [w], w
+        res = lambda cin, cout: ResBlock(cin, cout, emb_dim, cfg.dropout, g)
+        self.in_block = res(w, w) if cfg.efficient else None
         for lvl, (cout, nb) in enumerate(zip(chans, nblocks)):
-            for _ in range(nb):
-                self.down.append(block(ch, cout, cfg.attn[lvl]))
+            if cfg.efficient:
+                self.down.append(PixelDown(ch, cout))
                 ch = cout
                 skip_ch.append(ch)
-            if lvl < len(chans) - 1:
-                self.down.append(Down(ch, ch, 3, stride=2, padding=1))
+            width = ch if cfg.late_widen and not cfg.efficient else cout
+            for _ in range(nb):
+                self.down.append(block(ch, width, cfg.attn[lvl]))
+                ch = width
                 skip_ch.append(ch)
-        # Middle: ResBlock, attention (if the lowest level has it), ResBlock.
-        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, cfg.dropout, g), attn(ch, cfg.attn[-1]),
-                                  ResBlock(ch, ch, emb_dim, cfg.dropout, g)])
-        # Decoder: per level one Block more than the encoder, each eating one skip, then an Up.
+            if not cfg.efficient and lvl < len(chans) - 1:
+                self.down.append(Down(ch, cout, 3, stride=2, padding=1))
+                ch = cout
+                skip_ch.append(ch)
+        # Middle: ResBlock, attention (if the lowest level has it), ResBlock; late_widen first
+        # widens the last level's channels (a 3x3 conv, no halving).
+        widen = [Down(ch, chans[-1], 3, stride=1, padding=1)] if ch != chans[-1] else []
+        ch = chans[-1]
+        self.mid = nn.ModuleList(widen + [ResBlock(ch, ch, emb_dim, cfg.dropout, g), attn(ch, cfg.attn[-1]),
+                                          ResBlock(ch, ch, emb_dim, cfg.dropout, g)])
+        # Decoder: per level one Block more than the encoder, each eating one skip, then an Up
+        # (efficient: a PixelUp to the level above's channels, at every level).
         self.up = nn.ModuleList()
         for lvl in reversed(range(len(chans))):
             for _ in range(nblocks[lvl] + 1):
                 self.up.append(block(ch + skip_ch.pop(), chans[lvl], cfg.attn[lvl]))
                 ch = chans[lvl]
-            if lvl > 0:
+            if cfg.efficient:
+                self.up.append(PixelUp(ch, chans[lvl - 1] if lvl > 0 else w))
+                ch = chans[lvl - 1] if lvl > 0 else w
+            elif lvl > 0:
                 self.up.append(Up(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
+        self.out_block = res(ch + skip_ch.pop(), w) if cfg.efficient else None
+        ch = w if cfg.efficient else ch
         self.out = nn.Sequential(norm(ch, g), nn.SiLU(), nn.Conv2d(ch, cfg.img_ch, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)  # zero output at init [ADM]
         nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x, lam, cond=None, aug_lam=None):
-        """x: (B, img_ch, H, W) noisy image, H and W divisible by 2^(levels-1).
+        """x: (B, img_ch, H, W) noisy image, H and W divisible by 2^(levels-1) (efficient: 2^levels).
         lam: (B,) log-SNR of x. cond: (B, cond_ch, H, W) or None when cond_ch = 0.
         aug_lam: (B,) log-SNR of the conditioning augmentation; None = no augmentation.
         Returns the prediction (v_hat or eps_hat) (B, img_ch, H, W)."""
         cfg = self.cfg
-        f = 2 ** (len(cfg.mults) - 1)
+        f = 2 ** (len(cfg.mults) - (0 if cfg.efficient else 1))
         if x.shape[-1] % f or x.shape[-2] % f:
             raise ValueError(f"U-Net input {tuple(x.shape[-2:])} is not divisible by {f}")
         # Embedding of the noise level (and of the augmentation level).
@@ -205,6 +267,8 @@ class UNet(nn.Module):
         # Encoder.
         h = self.conv_in(torch.cat([x, cond.to(x.dtype)], dim=1) if cfg.cond_ch else x)
         skips = [h]
+        if self.in_block is not None:  # efficient: the one full-resolution ResBlock in
+            h = self.in_block(h, emb)
         for block in self.down:
             h = block(h, emb)
             skips.append(h)
@@ -216,6 +280,8 @@ class UNet(nn.Module):
             if isinstance(block, Block):
                 h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb)
+        if self.out_block is not None:  # efficient: the one full-resolution ResBlock out
+            h = self.out_block(torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h)
 
 

@@ -1,7 +1,8 @@
-"""FLOP counts of the paper's three U-Nets (forward, one image) and of a whole slide.
+"""FLOP counts: every U-Net config (params, forward and forward+backward TFLOP at the sizes that
+matter) and a whole slide for every preset, beside the authors' reference numbers.
 
 Not a test. Counted with torch.utils.flop_counter on the meta device (no memory, no compute).
-    python tests/bench_flops.py [--preset paper]
+    python tests/bench_flops.py [--steps 50 25 10] [--white 0.0]
 """
 import argparse
 import os
@@ -14,47 +15,72 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cascade  # noqa: E402
 import unet  # noqa: E402
 
+# The authors' models, counted the same way on lucidrains' imagen-pytorch 1.26 U-Nets with their
+# training script's settings (stage-3 conditioning channels): forward TFLOP per image at the level's
+# size, and a training step of the 1024 px model on its 256 px crop (issue 14 of this project).
+AUTHORS = {"paper64": (64, 0.259), "paper256": (256, 0.458), "paper1024": (1024, 12.09)}
+AUTHORS_TRAIN_1024_ON_256 = 2.25  # TFLOP, forward + backward, one image
+AUTHORS_SLIDE = 7.53e18           # FLOP, a 41344^2 slide at 1024 / 256 / 256 steps
+
 
 def human(f):
     for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
         if f >= scale:
-            return f"{f / scale:.2f} {unit}"
-    return f"{f / 1e6:.2f} MFLOP"
+            return f"{f / scale:.3g} {unit}"
+    return f"{f / 1e6:.3g} MFLOP"
 
 
-def forward_flops(cfg, size):
+def flops(cfg, size, backward=False):
+    """FLOP of one image through `cfg` at size x size: forward, or forward + backward."""
     with torch.device("meta"):
         net = unet.UNet(cfg)
-        x = torch.zeros(1, 3, size, size)
+        x = torch.zeros(1, 3, size, size, requires_grad=backward)
         cond = torch.zeros(1, cfg.cond_ch, size, size) if cfg.cond_ch else None
         lam = torch.zeros(1)
         with FlopCounterMode(display=False) as fc:
-            net(x, lam, cond, lam)
+            out = net(x, lam, cond, lam)
+            if backward:
+                out.sum().backward()
     return fc.get_total_flops()
+
+
+def slide_flops(p, steps, white=0.0):
+    """FLOP of one slide of preset p at `steps` per level; `white` = share of stage-3 patches filled."""
+    total = 0.0
+    for s in (1, 2, 3):
+        n = p.n_patches[s - 1] ** 2 * (1 - white if s == 3 else 1)
+        total += n * sum(flops(cascade.unet_config(p, s, lvl), L) * steps[lvl] for lvl, L in enumerate(p.level_sizes))
+    return total
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="paper")
-    ap.add_argument("--steps", type=int, nargs=3, default=None, help="steps per level (default: the preset's)")
+    ap.add_argument("--steps", type=int, nargs=3, default=None, help="steps per level (default: each preset's)")
+    ap.add_argument("--white", type=float, default=0.0, help="share of stage-3 patches filled as glass")
     args = ap.parse_args()
-    p = cascade.get_preset(args.preset)
-    steps = args.steps or p.sampling.steps
-    total = 0.0
-    for s in (1, 2, 3):
-        n = p.n_patches[s - 1] ** 2
-        per_patch = 0.0
-        for level, L in enumerate(p.level_sizes):
-            f = forward_flops(cascade.unet_config(p, s, level), L)
-            per_patch += f * steps[level]
-            if s == 3:
-                train = forward_flops(cascade.unet_config(p, s, level), p.training.crop if level == 2 else L) * 3
-                print(f"  level {level} ({L} px): {human(f)} per forward; training step per image "
-                      f"(fwd+bwd ~ 3x fwd{', on ' + str(p.training.crop) + ' crops' if level == 2 else ''}): {human(train)}")
-        total += n * per_patch
-        print(f"stage {s}: {n} patches x {human(per_patch)} = {human(n * per_patch)}")
-    print(f"whole slide at steps {steps}: {total:.2e} FLOP; on 9 A100s (312 TFLOP/s bf16) at 40 % MFU: "
-          f"{total / (9 * 312e12 * 0.4) / 3600:.1f} h")
+    paper = cascade.get_preset("paper")
+    print("U-Net configs (stage-3 conditioning of the paper preset):")
+    for lvl, name in enumerate(paper.unets):
+        cfg = cascade.unet_config(paper, 3, lvl)
+        size, ref = AUTHORS[name]
+        f = flops(cfg, size)
+        print(f"  {name:10s} {unet.count_params(cfg) / 1e6:6.1f} M params; forward at {size} px {f / 1e12:.3f} TFLOP "
+              f"(authors {ref}, ratio {f / 1e12 / ref:.2f}); fwd+bwd {flops(cfg, size, True) / 1e12:.3f} TFLOP")
+        if name == "paper1024":
+            crop = paper.training.crop
+            fc, fb = flops(cfg, crop), flops(cfg, crop, True)
+            print(f"  {'':10s} on its {crop} px training crop: forward {fc / 1e12:.3f} TFLOP, fwd+bwd "
+                  f"{fb / 1e12:.3f} TFLOP (authors {AUTHORS_TRAIN_1024_ON_256}, ratio {fb / 1e12 / AUTHORS_TRAIN_1024_ON_256:.2f})")
+    for name in ("demo_base", "demo", "tiny"):
+        cfg = unet.get_config(name, cond_ch=9)
+        print(f"  {name:10s} {unet.count_params(cfg) / 1e6:6.2f} M params")
+    print("Whole slides:")
+    for name, p in cascade.PRESETS.items():
+        steps = args.steps or p.sampling.steps
+        total = slide_flops(p, steps, args.white)
+        ref = f" (authors {AUTHORS_SLIDE:.2e}, ratio {total / AUTHORS_SLIDE:.2f})" if p.patch == 1024 else ""
+        print(f"  {name:10s} {cascade.stage_size(p, 3)}^2 px at steps {tuple(steps)}: {total:.3g} FLOP{ref}; "
+              f"9 A100s (312 TFLOP/s bf16) at 40 % MFU: {total / (9 * 312e12 * 0.4) / 3600:.2f} h")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ def test_config_output_shape_and_zero_init(name):
     # Each named config's structure (levels, blocks, attention) at a tiny width.
     cfg = unet.get_config(name, width=8, head_dim=8, groups=4, cond_ch=6, aug_emb=True)
     model = unet.UNet(cfg).to(memory_format=torch.channels_last)
-    size = 2 ** (len(cfg.mults) - 1) * 3  # any multiple of 2^(levels-1), not only powers of 2
+    size = 2 ** (len(cfg.mults) - (0 if cfg.efficient else 1)) * 3  # any multiple of 2^(levels(-1)), not only 2^k
     x = torch.randn(2, 3, size, size).to(memory_format=torch.channels_last)
     out = model(x, torch.zeros(2), torch.randn(2, 6, size, size), torch.zeros(2))
     assert out.shape == x.shape
@@ -24,8 +24,9 @@ def test_bad_input_size_is_rejected():
         model(torch.randn(1, 3, 15, 15), torch.zeros(1))
 
 
-def test_gradients_reach_every_parameter():
-    model = unet.UNet(unet.get_config("tiny", cond_ch=3, aug_emb=True))
+@pytest.mark.parametrize("layout", [{}, {"efficient": True}, {"late_widen": True, "shared_kv": True}])
+def test_gradients_reach_every_parameter(layout):
+    model = unet.UNet(unet.get_config("tiny", cond_ch=3, aug_emb=True, **layout))
     for p in model.parameters():  # leave the zero init, which blocks gradients on purpose
         if torch.count_nonzero(p) == 0:
             torch.nn.init.normal_(p, std=0.02)

@@ -1,0 +1,104 @@
+"""Benchmark: the README's results table for the shipped demo, regenerated.
+
+Not a test (pytest does not collect it). Samples demo slides (seeds), then evaluates against the
+bundled CC0 slide with metrics.py, same crops for every row:
+  real vs real     two disjoint crop samples of the bundled slide (the floor)
+  demo             the shipped models at their defaults
+  paper seams      the same models with the paper's seam handling (--edge-margin 0 --feather 0)
+  no detail        bicubic upsampling of the stage below (stage 2 = stage 1 upsampled, stage 3 =
+                   stage 2 upsampled): what a cascade without generated detail scores
+    python tests/bench_eval.py --out runs/eval [--seeds 0 1 2] [--n 75]
+Writes OUT/results.md and OUT/results.json; slides and features are kept and reused.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import cascade  # noqa: E402
+import data  # noqa: E402
+import metrics  # noqa: E402
+
+SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
+
+
+def sample(out, seed, *flags):
+    if not os.path.exists(out):
+        cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "--out", out, "--seed", str(seed), *flags]
+        subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
+
+
+def no_detail(src, out, preset):
+    """A slide whose stage s is the bicubic upsample of the generated stage s-1."""
+    if os.path.exists(out):
+        return
+    s1 = Image.open(src + ".stage1.png")
+    s2 = Image.open(src + ".stage2.png")
+    n2, n3 = cascade.stage_size(preset, 2), cascade.stage_size(preset, 3)
+    s1.save(out + ".stage1.png")
+    s1.resize((n2, n2), Image.BICUBIC).save(out + ".stage2.png")
+    data.write_aperio(out, np.asarray(s2.resize((n3, n3), Image.BICUBIC)), mpp=0.499)
+
+
+def row(name, fake_dir, args, extra=()):
+    argv = ["--real", SLIDE, "--fake", fake_dir, "--preset", "demo", "--n", str(args.n), "--n-pfid", str(args.n),
+            "--crop", "128", "256", "256", "--cache", os.path.join(args.out, "features"),
+            "--json", os.path.join(args.out, f"{name}.json"), *extra]
+    print(f"== {name}", flush=True)
+    return metrics.main(argv)
+
+
+def table(rows):
+    f = lambda v, d=1: "n.a." if v is None else f"{v:.{d}f}"
+    lines = ["| | FID mag 0 / 1 / 2 | KID x1e3 mag 0 / 1 / 2 | IP mag 0 / 1 / 2 | IR mag 0 / 1 / 2 | pFID "
+             "| consistency MAE stage 2 / 3 | seam stage 2 / 3 |", "|---" * 8 + "|"]
+    for name, r in rows.items():
+        mags = [r[f"mag{m}"] for m in range(3)]
+        cons = r.get("consistency", {}).get("fake", [])
+        mae = [np.mean([np.mean(c[str(s)]["mae"] if str(s) in c else c[s]["mae"]) for c in cons]) for s in (2, 3)] \
+            if cons else [None, None]
+        seams = r.get("seam") or []
+        seam = [np.mean([sc[str(s)] if str(s) in sc else sc[s] for sc in seams]) if seams and
+                all((str(s) in sc or s in sc) for sc in seams) else None for s in (2, 3)]
+        lines.append(f"| {name} | {' / '.join(f(m['fid'], 0) for m in mags)} | "
+                     f"{' / '.join(f(None if m['kid'] is None else 1e3 * m['kid'], 0) for m in mags)} | "
+                     f"{' / '.join(f(m['ip'], 2) for m in mags)} | {' / '.join(f(m['ir'], 2) for m in mags)} | "
+                     f"{f(r['pfid']['pfid'], 0)} | {f(mae[0])} / {f(mae[1])} | {f(seam[0], 2)} / {f(seam[1], 2)} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/eval")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--n", type=int, default=75, help="crops per side and magnification")
+    args = ap.parse_args()
+    preset = cascade.get_preset("demo")
+    dirs = {k: os.path.join(args.out, k) for k in ("demo", "paper_seams", "no_detail")}
+    for d in dirs.values():
+        os.makedirs(d, exist_ok=True)
+    for seed in args.seeds:
+        sample(os.path.join(dirs["demo"], f"s{seed}.tif"), seed)
+        sample(os.path.join(dirs["paper_seams"], f"s{seed}.tif"), seed, "--edge-margin", "0", "--feather", "0")
+        no_detail(os.path.join(dirs["demo"], f"s{seed}.tif"), os.path.join(dirs["no_detail"], f"s{seed}.tif"), preset)
+    rows = {"real vs real (floor)": row("floor", SLIDE, args, ["--fake-seed", "1"])}
+    rows["demo"] = row("demo", dirs["demo"], args)
+    rows["demo, paper seams"] = row("paper_seams", dirs["paper_seams"], args)
+    rows["no detail (bicubic)"] = row("no_detail", dirs["no_detail"], args)
+    text = (f"{len(args.seeds)} demo slides (seeds {' '.join(map(str, args.seeds))}) against the bundled slide; "
+            f"{args.n} crops a side per magnification (128 / 256 / 256 px at mag 0 / 1 / 2; tissue >= "
+            f"{data.MIN_TISSUE} at mag 1-2), {args.n} pFID crops\n\n" + table(rows))
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(text + "\n")
+    data.write_json(os.path.join(args.out, "results.json"), rows, indent=1)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
