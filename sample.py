@@ -61,6 +61,8 @@ class Settings:
     sampling: dict              # cascade.Sampling as a dict (steps, sampler, eta, ... after the flags)
     models: dict                # {file name: sha256} of the model files used ({} for --dry-run)
     ckpt: str                   # the model directory, resolved
+    from_slide: str = ""        # --from: a real slide whose lower stage is used ("" = none)
+    start_stage: int = 1        # the first stage generated (1; 2-3 with --from; 3 for --outpaint)
 
 
 def parse_args(argv=None):
@@ -97,6 +99,12 @@ def parse_args(argv=None):
                     help="microns per pixel of the final stage (default: from the models' training slides)")
     ap.add_argument("--compression", default="jpeg", choices=["jpeg", "zlib"], help="tile compression")
     ap.add_argument("--outpaint", action="store_true", help="the outpainting baseline: stage 3 without the stage below")
+    ap.add_argument("--from", dest="from_slide", default=None, metavar="SLIDE",
+                    help="zoom into a real slide: its lower stage, built as training builds it, replaces the generated one")
+    ap.add_argument("--start-stage", type=int, default=None, choices=[2, 3],
+                    help="with --from: the first stage to generate (2: from the slide's stage-1 image; 3: from its stage 2)")
+    ap.add_argument("--seeds", default=None, help="many slides: '0-99' or '0,4,7'; OUT gets _s<seed> before its suffix")
+    ap.add_argument("--n", type=int, default=None, help="many slides: N seeds from --seed on")
     ap.add_argument("--dry-run", action="store_true", help="cheap deterministic stand-in for the U-Nets (no checkpoints)")
     ap.add_argument("--keep-work", action="store_true", help="keep OUT.work/ (stage images, journal) at the end")
     return ap.parse_args(argv)
@@ -110,22 +118,44 @@ def sha256(path):
     return h.hexdigest()
 
 
-def resolve(args, device):
+def resolve(args, device, rank=0):
     """Settings from the flags and the preset: every default and every check in one place,
     before any work. Returns (Settings, preset)."""
     try:
         preset = cascade.get_preset(args.preset)
     except ValueError as e:
         fail(f"--preset {e}")
-    stages = [3] if args.outpaint else list(range(1, args.stages + 1))
+    start = check_from(args, preset) if args.from_slide else (3 if args.outpaint else 1)
+    stages = list(range(start, args.stages + 1))
     sampling = resolve_sampling(args, preset)
     ckpt, models = ("", {}) if args.dry_run else check_models(args, preset, stages)
-    check_out(args, preset, stages)
+    if rank == 0:  # only rank 0 writes (other machines need no shared file system)
+        check_out(args, preset, stages)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cascade.native_bf16(device))
     return Settings(preset=preset.name, seed=args.seed, stages=max(stages), order=args.order, batch=args.batch,
                     white_threshold=args.white_threshold, outpaint=args.outpaint, dry_run=args.dry_run,
                     precision="bf16" if bf16 else "fp32", sampling=dataclasses.asdict(sampling), models=models,
-                    ckpt=ckpt), preset
+                    ckpt=ckpt, from_slide=os.path.realpath(args.from_slide) if args.from_slide else "",
+                    start_stage=start), preset
+
+
+def check_from(args, p):
+    """--from SLIDE --start-stage S: a readable slide at least the region's size, S within --stages.
+    Returns S."""
+    start = args.start_stage or 2
+    if args.outpaint:
+        fail("--from and --outpaint: choose one (the outpainting baseline has no lower stage)")
+    if start > args.stages:
+        fail(f"--start-stage {start} with --stages {args.stages}: nothing to generate")
+    try:
+        W, H = data.open_slide(args.from_slide).dimensions
+    except data.SlideError as e:
+        fail(f"--from {e}")
+    N3 = cascade.stage_size(p, 3)
+    if min(W, H) < N3:
+        fail(f"--from {args.from_slide}: {W} x {H} px is smaller than preset {p.name}'s {N3} px region; "
+             "use a larger slide or another preset")
+    return start
 
 
 def resolve_sampling(args, p):
@@ -285,15 +315,22 @@ def open_work(args, settings, rank, world):
                     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
             journal = Journal(work, settings)
             journal.save()
-    barrier(world)
-    if rank != 0:
-        journal.load()
+    share_journal(journal, world)
     return work, journal, lock
 
 
 def barrier(world):
     if world > 1:
         dist.barrier()
+
+
+def share_journal(journal, world):
+    """Rank 0's journal state to every rank: only rank 0 reads or writes files, so ranks on other
+    machines need no shared file system."""
+    if world > 1:
+        state = [journal.state]
+        dist.broadcast_object_list(state, src=0)
+        journal.state = state[0]
 
 
 # ----------------------------------------------------------------------------- models
@@ -347,13 +384,22 @@ class Timed:
 
 # ----------------------------------------------------------------------------- one grid stage
 
-def gather(results, world):
-    """Every rank's results of a round, in rank order (all-gather of Python objects)."""
+def scatter(batches, rank, world):
+    """Rank 0's list of a round's batch inputs -> this rank's share (every world-th batch)."""
+    if world == 1:
+        return batches
+    mine = [None]
+    dist.scatter_object_list(mine, [batches[r::world] for r in range(world)] if rank == 0 else None, src=0)
+    return mine[0]
+
+
+def gather(results, rank, world):
+    """Every rank's results of a round, on rank 0 (None elsewhere)."""
     if world == 1:
         return results
-    parts = [None] * world
-    dist.all_gather_object(parts, results)
-    return [r for part in parts for r in part]
+    parts = [None] * world if rank == 0 else None
+    dist.gather_object(results, parts, dst=0)
+    return [r for part in parts for r in part] if rank == 0 else None
 
 
 def apply(canvas, grid, results):
@@ -376,25 +422,28 @@ def progress(stage, journal, n_total, n_fill_left, t0, generated0):
 
 
 def grid_stage(stage, lower_img, canvas, journal, settings, preset, device, rank, world):
-    """Stage 2 or 3: the patch grid, round by round; this rank takes every world-th batch of a
-    round, rank 0 writes the round and marks it in the journal."""
+    """Stage 2 or 3: the patch grid, round by round. Rank 0 reads every batch's inputs and sends
+    each rank its share (every world-th batch), gathers the results, writes the round and marks
+    it in the journal; the other ranks only compute. lower_img, canvas: None on other ranks."""
     S, sp = settings, cascade.Sampling(**settings.sampling)
     grid = cascade.stage_grid(preset, stage, sp.edge_margin)
-    lower = None if S.outpaint else tiler.Lower(lower_img, cascade.zoom(preset, stage), preset.background)
+    lower = None if S.outpaint or rank else tiler.Lower(lower_img, cascade.zoom(preset, stage), preset.background)
     white = tiler.WhiteTest(S.white_threshold, data.tissue_fraction) if stage in sp.fill_white and lower else None
     sample_fn = Timed(load_cdm(S, preset, stage, device), sp)
+    share_journal(journal, world)
     todo = tiler.plan(S.order, grid.n, S.batch, journal.done(stage))
     cells = [c for rnd in todo for b in rnd for c in b]
     n_fill = sum(white(lower, *grid.origin(*c), grid.patch) for c in cells) if white else 0
     t0, gen0 = time.time(), len(journal.done(stage)) - len(journal.state["filled"].get(str(stage), []))
+    read = lambda cells: tiler.batch_inputs(grid, canvas, cells, order=S.order, lower=lower, white=white)
     for rnd in todo:
         t_round, sample_fn.seconds = time.time(), 0.0
-        # Generate: this rank's batches of the round.
-        mine = []
-        for batch in rnd[rank::world]:
-            inputs = tiler.batch_inputs(grid, canvas, batch, order=S.order, lower=lower, white=white)
-            mine += tiler.run_batch(sample_fn, inputs, stage=stage, seed=S.seed, feather=sp.feather)
-        results = gather(mine, world)
+        # Generate: this rank's batches of the round (inputs read by rank 0; lazily in one process).
+        mine = (read(b) for b in rnd) if world == 1 else scatter([read(b) for b in rnd] if rank == 0 else None,
+                                                                   rank, world)
+        results = [r for inputs in mine for r in tiler.run_batch(sample_fn, inputs, stage=stage, seed=S.seed,
+                                                                 feather=sp.feather)]
+        results = gather(results, rank, world)
         # Write: rank 0 saves the round, writes it into the stage image, marks it done.
         if rank == 0:
             journal.stage_round(stage, results)
@@ -487,8 +536,19 @@ def write_previews(out, images, preset, side=512):
 def main(argv=None):
     args = parse_args(argv)
     ddp, rank, world, device = cascade.init_distributed(args.device)
+    if args.seeds or args.n:
+        many_slides(args, device, rank, world)
+    else:
+        generate(args, device, rank, world)
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def generate(args, device, rank=0, world=1):
+    """One slide [PAPER Fig. 1]. Returns the journal's state (rank 0)."""
     t_start = time.time()
-    settings, preset = resolve(args, device)
+    settings, preset = resolve(args, device, rank)
     work, journal, lock = open_work(args, settings, rank, world)
     stage_path = lambda s: os.path.join(work, f"stage{s}.npy")
 
@@ -505,7 +565,7 @@ def main(argv=None):
 
     # Stage 1: the whole slide, zoomed out, one CDM sample [PAPER Fig. 1, left].
     images = {}
-    if not settings.outpaint:
+    if settings.start_stage == 1:
         N1 = cascade.stage_size(preset, 1)
         if not journal.done(1) and rank == 0:
             t0, cdm = time.time(), Timed(load_cdm(settings, preset, 1, device), cascade.Sampling(**settings.sampling))
@@ -515,20 +575,26 @@ def main(argv=None):
             img.flush()
             journal.mark(1, [((0, 0), None, False)], time.time() - t0, cdm.seconds)
         barrier(world)
-        if rank != 0:
-            journal.load()
-        images[1] = data.DiskArray(stage_path(1))
+        images[1] = data.DiskArray(stage_path(1)) if rank == 0 else None
         print(f"stage 1: {N1} x {N1} done", file=sys.stderr)
+    # Or (--from) a real slide's lower stage, built as training builds it, in place of generated ones.
+    elif settings.from_slide:
+        lower = settings.start_stage - 1
+        if not journal.done(lower) and rank == 0:
+            t0 = time.time()
+            real_lower_stage(settings, preset, lower, stage_path(lower), work)
+            journal.mark(lower, [((0, 0), None, False)], time.time() - t0)
+        barrier(world)
+        images[lower] = data.DiskArray(stage_path(lower)) if rank == 0 else None
+        print(f"stage {lower}: taken from {settings.from_slide}", file=sys.stderr)
 
     # Stages 2 and 3: patch grids, each conditioned on the stage below [PAPER Fig. 1, middle, right].
-    first = 3 if settings.outpaint else 2
-    for s in range(first, settings.stages + 1):
+    for s in range(max(settings.start_stage, 2), settings.stages + 1):
         if rank == 0 and not os.path.exists(stage_path(s)):
             N = cascade.stage_size(preset, s)
             with data.atomic_path(stage_path(s)) as tmp:
                 data.DiskArray(tmp, (N, N, 3), fill=preset.background).close()
-        barrier(world)
-        canvas = data.DiskArray(stage_path(s))
+        canvas = data.DiskArray(stage_path(s)) if rank == 0 else None
         grid_stage(s, images.get(s - 1), canvas, journal, settings, preset, device, rank, world)
         images[s] = canvas
 
@@ -539,9 +605,65 @@ def main(argv=None):
             img.close()
         if not args.keep_work:
             shutil.rmtree(work, ignore_errors=True)
-    if ddp:
-        dist.barrier()
-        dist.destroy_process_group()
+    return journal.state
+
+
+def real_lower_stage(settings, preset, stage, path, work):
+    """Stage `stage` of the real slide of --from: its region resized to N_stage exactly as
+    training builds it (data.slide_cache: same region choice, same resize)."""
+    N = cascade.stage_size(preset, stage)
+    img = data.DiskArray(path, (N, N, 3))
+    cache = data.slide_cache(settings.from_slide, preset, cache_dir=os.path.join(work, "from"))
+    for r0 in range(0, N, 256):
+        img.write(r0, 0, np.asarray(cache[f"stage{stage}"][r0:r0 + 256]))
+    img.flush()
+    img.close()
+
+
+def parse_seeds(args):
+    if args.n:
+        return list(range(args.seed, args.seed + args.n))
+    try:
+        out = []
+        for part in args.seeds.split(","):
+            a, _, b = part.partition("-")
+            out += list(range(int(a), int(b or a) + 1))
+        return out
+    except ValueError:
+        fail(f"--seeds {args.seeds}: use a range such as 0-99 or a list such as 0,4,7")
+
+
+def many_slides(args, device, rank, world):
+    """One slide per seed, whole slides split across ranks (each rank alone on its slides). A
+    slide with its record (OUT_s<seed>.tif.json) is skipped; an unfinished one resumes. Rank 0
+    writes OUT.manifest.json: seed, path, settings, seconds, patches generated / filled, sha256."""
+    seeds, (root, ext) = parse_seeds(args), os.path.splitext(args.out)
+    if args.n is not None and args.n < 1:
+        fail(f"--n {args.n}: use a value >= 1")
+    records = []
+    for seed in seeds[rank::world]:
+        out = f"{root}_s{seed}{ext}"
+        rec_path = out + ".json"
+        if os.path.exists(rec_path) and os.path.exists(out):
+            with open(rec_path) as f:
+                records.append(json.load(f))
+            print(f"{out}: done already, skipped", file=sys.stderr)
+            continue
+        one = argparse.Namespace(**{**vars(args), "out": out, "seed": seed, "seeds": None, "n": None, "resume": True})
+        t0 = time.time()
+        state = generate(one, device)
+        count = lambda key: {s: len(v) for s, v in state[key].items()}
+        rec = {"seed": seed, "path": os.path.abspath(out), "settings": state["settings"], "seconds": time.time() - t0,
+               "patches": count("done"), "filled": count("filled"), "sha256": sha256(out)}
+        data.write_json(rec_path, rec, indent=1)
+        records.append(rec)
+    if world > 1:
+        parts = [None] * world if rank == 0 else None
+        dist.gather_object(records, parts, dst=0)
+        records = [r for part in parts for r in part] if rank == 0 else records
+    if rank == 0:
+        data.write_json(args.out + ".manifest.json", sorted(records, key=lambda r: r["seed"]), indent=1)
+        print(f"wrote {args.out}.manifest.json: {len(records)} slides", file=sys.stderr)
 
 
 def one_line_errors(fn, *a):

@@ -131,3 +131,87 @@ def test_dry_run_demo_geometry(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     with tifffile.TiffFile(out) as tif:
         assert [lv.shape[-3:-1] for lv in tif.series[0].levels] == [(2048, 2048), (1024, 1024)]
+
+
+def test_two_machines_without_a_shared_file_system(tmp_path, tiny_ckpt):
+    """Two torchrun launchers (two "nodes", one rank each) in separate directories: only rank 0's
+    holds files; the slide equals one process's, byte for byte."""
+    one = tmp_path / "one.tif"
+    assert _run(_cmd(one, tiny_ckpt, "--edge-margin", "1", "--feather", "2")).returncode == 0
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    procs = []
+    for rank, cwd in enumerate(nodes):
+        cwd.mkdir()
+        cmd = _cmd("s.tif", tiny_ckpt, "--edge-margin", "1", "--feather", "2")
+        cmd[1:2] = ["-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}",
+                    "--master_addr=127.0.0.1", "--master_port=29561", cmd[1]]
+        procs.append(subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert (nodes[0] / "s.tif").read_bytes() == one.read_bytes()
+    assert os.listdir(nodes[1]) == []
+
+
+SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
+
+
+def test_zoom_into_a_real_slide_and_evaluate_paired(tmp_path, tiny_ckpt):
+    """--from: the real slide's stage 2, built as training builds it, conditions a generated stage 3;
+    metrics then compares the generated stage 3 with the real one over the same region."""
+    out = tmp_path / "z.tif"
+    res = _run(_cmd(out, tiny_ckpt, "--from", SLIDE, "--start-stage", "3", "--keep-work"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    real2 = data.slide_cache(SLIDE, cascade.get_preset("tiny"), cache_dir=str(tmp_path / "c"))["stage2"]
+    assert np.array_equal(np.load(str(out) + ".work/stage2.npy"), real2)
+    assert not os.path.exists(str(out) + ".work/stage1.npy") and "stage 2: taken from" in res.stderr
+    import metrics
+    from test_metrics import random_net
+    r = metrics.main(["--real", SLIDE, "--fake", str(out), "--preset", "tiny", "--mag", "2", "--n", "6",
+                      "--inception", random_net(tmp_path / "net.pt"), "--inception-input", "0-255", "--cache", "",
+                      "--json", str(tmp_path / "m.json"), "--min-tissue", "0"])
+    assert r["mag2"]["n_fake"] == 6 and np.isfinite(r["mag2"]["fid"])
+    assert r["consistency"]["fake"][0][3]["mae"] and 2 in r["consistency"]["fake"][0]
+
+
+def test_zoom_bad_inputs(tmp_path, tiny_ckpt):
+    from PIL import Image
+    Image.new("RGB", (50, 50), (200, 100, 150)).save(tmp_path / "small.png")
+    (tmp_path / "junk.svs").write_bytes(b"junk")
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_ckpt, partial)
+    os.remove(partial / "stage3_level1.pt")
+    for flags, message in ((("--from", str(tmp_path / "junk.svs")), "junk.svs: not"),
+                           (("--from", str(tmp_path / "small.png")), "smaller than preset tiny's 116 px region"),
+                           (("--from", SLIDE, "--start-stage", "3", "--stages", "2"), "nothing to generate")):
+        res = _run(_cmd(tmp_path / "a.tif", tiny_ckpt, *flags))
+        assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+    res = _run(_cmd(tmp_path / "a.tif", str(partial), "--from", SLIDE, "--start-stage", "3"))
+    assert res.returncode != 0 and "missing model file stage3_level1.pt" in res.stderr
+    res = _run(_cmd(tmp_path / "b.tif", str(partial), "--from", SLIDE, "--start-stage", "2", "--stages", "2"))
+    assert res.returncode == 0, res.stderr[-1500:]  # stage 3's models are not needed there
+
+
+def test_many_slides_manifest_and_resume(tmp_path, tiny_ckpt):
+    """--n 3: a kill during the third slide; the rerun skips the first two and finishes the third,
+    bit-identical to a slide made alone."""
+    alone = tmp_path / "alone.tif"
+    assert _run(_cmd(alone, tiny_ckpt, "--seed", "2", "--order", "raster")).returncode == 0
+    cmd = _cmd(tmp_path / "many.tif", tiny_ckpt, "--n", "3", "--order", "raster")
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=_env())
+    wrote = 0
+    for line in proc.stderr:
+        wrote += line.startswith("wrote ")
+        if wrote == 2 and line.startswith("stage 3: 5/16"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert not (tmp_path / "many_s2.tif").exists() and (tmp_path / "many_s1.tif").exists()
+    res = _run(cmd)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stderr.count("done already, skipped") == 2 and "stage 3: 6/16" in res.stderr
+    assert (tmp_path / "many_s2.tif").read_bytes() == alone.read_bytes()
+    import json
+    manifest = json.load(open(str(tmp_path / "many.tif") + ".manifest.json"))
+    assert [m["seed"] for m in manifest] == [0, 1, 2] and all(len(m["sha256"]) == 64 for m in manifest)
+    assert manifest[2]["patches"]["3"] == 16 and manifest[2]["settings"]["seed"] == 2
