@@ -48,7 +48,8 @@ TISSUE_MIN_VALUE = 0.10
 # from the stage below (sample.py --white-threshold); metrics leave them out of patch features.
 MIN_TISSUE = 0.3
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".jpg", ".jpeg")
-OUTPUT_SUFFIXES = (".preview.png", ".thumbnail.png", ".datasets.png", "loss_curves.png")  # what we write
+OUTPUT_SUFFIXES = (".preview.png", ".thumbnail.png", ".datasets.png", "loss_curves.png", ".stage1.png",
+                   ".stage2.png")  # what we write beside slides: never taken for slides
 MAX_READ_PIXELS = 2 ** 28  # the largest window one read decodes (768 MiB of RGB)
 
 

@@ -401,13 +401,14 @@ class RegionView:
         return self.slide.read_region(self.x + xs.start, self.y + ys.start, xs.stop - xs.start, ys.stop - ys.start)
 
 
-def seam_scores(source, k, order):
-    """tiler.seam_score of stages 2 (its PNG, if kept) and 3 (the slide file) of generated slide k."""
+def seam_scores(source, k, order, margin):
+    """tiler.seam_score of stages 2 (its PNG, if kept) and 3 (the slide file) of generated slide k,
+    made in `order` with inner-edge margin `margin`."""
     p, out = source.preset, {}
     for s in (2, 3):
         img = RegionView(source, k) if s == 3 else source.stage_png(k, 2)
         if img is not None:
-            out[s] = tiler.seam_score(img, cascade.stage_grid(p, s, p.sampling.edge_margin), order)
+            out[s] = tiler.seam_score(img, cascade.stage_grid(p, s, margin), order)
     return out
 
 
@@ -442,7 +443,8 @@ def evaluate(args):
     if not fake.is_patches:
         results["consistency"] = {"fake": [consistency(fake, k) for k in range(len(fake.files))],
                                   "real": [consistency(real, k) for k in range(len(real.files))]}
-        results["seam"] = [seam_scores(fake, k, args.order) for k in range(len(fake.files))]
+        margin = preset.sampling.edge_margin if args.edge_margin is None else args.edge_margin
+        results["seam"] = [seam_scores(fake, k, args.order, margin) for k in range(len(fake.files))]
     return results
 
 
@@ -486,6 +488,8 @@ def main(argv=None):
     ap.add_argument("--min-tissue", type=float, default=data.MIN_TISSUE,
                     help="crops at magnifications 1-2 with less tissue are left out (each side)")
     ap.add_argument("--order", default="wavefront", choices=tiler.ORDERS, help="generation order, for the seam score")
+    ap.add_argument("--edge-margin", type=int, default=None,
+                    help="the slides' inner-edge margin, for the seam score (default: the preset's)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the crop positions and KID subsets")
     ap.add_argument("--fake-seed", type=int, default=None,
                     help="another seed for the generated side's crops (default: the same crops replayed); "

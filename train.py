@@ -527,7 +527,8 @@ def main(argv=None):
                 print("note: --max-steps is left at the paper's 200000 and this runs on a CPU: the ETA after step 1 "
                       "says how long that takes; pass --max-steps for a shorter run", flush=True)
             ds = data.StageLevelDataset(slides, preset, s, l, region_size=args.region_size, cache_dir=args.cache,
-                                        seed=args.seed, length=2 ** 62, conditioned=not args.outpaint, rank=rank)
+                                        seed=args.seed, length=2 ** 62, conditioned=not args.outpaint,
+                                        rank=int(os.environ.get("LOCAL_RANK", 0)))  # one cache build per machine
             if not trainer.train(ds, stop_flag):
                 break
     except (FloatingPointError, data.SlideError) as e:  # one line, no traceback

@@ -186,7 +186,8 @@ def test_previews_are_not_slides(tmp_path, monkeypatch):
     d = tmp_path / "slides"
     d.mkdir()
     os.symlink(SLIDE, d / "a.svs")
-    for name in ("a.svs.datasets.png", "x.tif.preview.png", "x.tif.thumbnail.png", "loss_curves.png", ".hidden.png"):
+    for name in ("a.svs.datasets.png", "x.tif.preview.png", "x.tif.thumbnail.png", "loss_curves.png", ".hidden.png",
+                 "x.tif.stage1.png", "x.tif.stage2.png"):
         Image.new("RGB", (8, 8)).save(d / name)
     assert data.list_slides(str(d)) == [str(d / "a.svs")]
     monkeypatch.chdir(tmp_path)
