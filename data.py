@@ -22,7 +22,6 @@ References
 """
 import argparse
 import contextlib
-import glob
 import hashlib
 import json
 import math
@@ -582,6 +581,15 @@ def atomic_path(path):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def file_digest(path, algorithm="sha256"):
+    """Hex digest of a file's content, read in 1 MiB blocks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_json(path, obj, indent=None):

@@ -159,14 +159,6 @@ def installed_inception():
     return path if path and os.path.isfile(path) else None
 
 
-def sha1(path):
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def resize_clean(images, size):
     """(B, H, W, 3) uint8 -> (B, size, size, 3) float32 in [0, 255]: clean-fid's resize, PIL bicubic
     on each channel in float ('F' mode, antialiased, no quantisation) [clean-fid]."""
@@ -194,7 +186,7 @@ class FeatureNet:
                 else "give a TorchScript VGG16 or torchvision's 'vgg16-397923af.pth' state dict"))
         self.kind, self.device, self.flag, self.path = kind, device, flag, path
         self.size = 299 if kind == "inception" else 224
-        self.digest = sha1(path)
+        self.digest = data.file_digest(path, "sha1")
         if kind == "inception":
             self.input = inception_input or ("tf" if self.digest in KNOWN_INCEPTION else None)
             if self.input not in INCEPTION_INPUTS:

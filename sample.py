@@ -18,7 +18,6 @@ References
 import argparse
 import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -108,14 +107,6 @@ def parse_args(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="cheap deterministic stand-in for the U-Nets (no checkpoints)")
     ap.add_argument("--keep-work", action="store_true", help="keep OUT.work/ (stage images, journal) at the end")
     return ap.parse_args(argv)
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve(args, device, rank=0):
@@ -208,7 +199,7 @@ def check_models(args, p, stages):
         why = cascade.checkpoint_mismatch(ck, p, s, lvl, None if args.outpaint else True)
         if why:
             fail(f"--ckpt {path}: {why}")
-    return ckpt, {n: sha256(os.path.join(ckpt, n)) for n in names}
+    return ckpt, {n: data.file_digest(os.path.join(ckpt, n)) for n in names}
 
 
 def check_out(args, p, stages):
@@ -479,7 +470,7 @@ def write_slide(args, settings, preset, images, journal, t_start):
         model = journal.state["model_seconds"].get(s, secs)
         lines.append(f"  stage {s}: {n} patches in {secs:.1f} s ({n - filled} generated, {filled} filled as glass); "
                      f"outside the model {(secs - model) / max(n, 1):.3f} s/patch (rank 0)")
-    lines.append(f"  seam score (1.0 = invisible): " + ", ".join(f"stage {s} {v:.3f}" for s, v in seams.items()))
+    lines.append("  seam score (1.0 = invisible): " + ", ".join(f"stage {s} {v:.3f}" for s, v in seams.items()))
     lines.append(f"  pyramid written in {t_write:.1f} s; previews and lower stages: {', '.join(previews)}, "
                  f"{args.out}.stage{{1,2}}.png")
     print("\n".join(lines), file=sys.stderr)
@@ -654,7 +645,7 @@ def many_slides(args, device, rank, world):
         state = generate(one, device)
         count = lambda key: {s: len(v) for s, v in state[key].items()}
         rec = {"seed": seed, "path": os.path.abspath(out), "settings": state["settings"], "seconds": time.time() - t0,
-               "patches": count("done"), "filled": count("filled"), "sha256": sha256(out)}
+               "patches": count("done"), "filled": count("filled"), "sha256": data.file_digest(out)}
         data.write_json(rec_path, rec, indent=1)
         records.append(rec)
     if world > 1:

@@ -13,7 +13,6 @@ bundled CC0 slide with metrics.py, same crops for every row:
 Writes OUT/results.md and OUT/results.json; slides and features are kept and reused.
 """
 import argparse
-import json
 import os
 import subprocess
 import sys

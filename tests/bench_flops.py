@@ -5,6 +5,7 @@ Not a test. Counted with torch.utils.flop_counter on the meta device (no memory,
     python tests/bench_flops.py [--steps 50 25 10] [--white 0.0]
 """
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -44,6 +45,21 @@ def flops(cfg, size, backward=False):
     return fc.get_total_flops()
 
 
+def saved_activations(cfg, size):
+    """Bytes autograd saves for the backward pass of one image (fp32), counted on the meta device."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+    with torch.device("meta"):
+        net = unet.UNet(cfg)
+        cond = torch.zeros(1, cfg.cond_ch, size, size) if cfg.cond_ch else None
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            net(torch.zeros(1, 3, size, size), torch.zeros(1), cond, torch.zeros(1))
+    return total[0]
+
+
 def slide_flops(p, steps, white=0.0):
     """FLOP of one slide of preset p at `steps` per level; `white` = share of stage-3 patches filled."""
     total = 0.0
@@ -66,6 +82,10 @@ def main():
         f = flops(cfg, size)
         print(f"  {name:10s} {unet.count_params(cfg) / 1e6:6.1f} M params; forward at {size} px {f / 1e12:.3f} TFLOP "
               f"(authors {ref}, ratio {f / 1e12 / ref:.2f}); fwd+bwd {flops(cfg, size, True) / 1e12:.3f} TFLOP")
+        L = paper.training.crop if name == "paper1024" else size
+        adm = dataclasses.replace(cfg, efficient=False, late_widen=False, shared_kv=False)
+        print(f"  {'':10s} activations saved for backward, one image at {L} px (fp32): "
+              f"{saved_activations(cfg, L) / 2 ** 30:.2f} GiB (ADM layout {saved_activations(adm, L) / 2 ** 30:.2f})")
         if name == "paper1024":
             crop = paper.training.crop
             fc, fb = flops(cfg, crop), flops(cfg, crop, True)

@@ -133,7 +133,6 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
         cascade.load_cdm(str(tmp_path), p, 3)
     with pytest.raises(ValueError, match="trained for preset"):
         cascade.load_cdm(str(tmp_path), small_preset(background=250), 2)
-    tiny = small_preset()
     cascade.load_cdm(str(tmp_path), small_preset(sampling=cascade.Sampling(steps=(9, 9, 9))), 2)  # sampling defaults may change
     cascade.load_cdm(str(tmp_path), small_preset(training=cascade.Training(crop=8)), 2)  # and so may the training recipe
     shutil.copy(tmp_path / "stage2_level1.pt", tmp_path / "stage2_level2.pt")

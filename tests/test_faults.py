@@ -2,7 +2,6 @@
 Each test names the defect it guards against; together: nothing lost, nothing silent."""
 import fcntl
 import gc
-import json
 import os
 import struct
 import subprocess

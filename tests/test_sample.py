@@ -8,11 +8,9 @@ import sys
 import numpy as np
 import pytest
 import tifffile
-import torch
 
 import cascade
 import data
-import unet
 from conftest import ROOT
 
 
