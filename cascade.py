@@ -105,9 +105,11 @@ PRESETS = {
     "paper_plus": Preset("paper_plus", **_PAPER_GEOMETRY, objectives=("eps", "v", "v"), region=True,
                          sampling=Sampling(steps=(1024, 256, 256), threshold=0.95, edge_margin=16, feather=16,
                                            fill_white=(2, 3))),
-    # The shipped CPU demo (stages 256 / 704 / 2048, 16 -> 64 -> 256 px): the settings its
-    # checkpoints were trained with (v everywhere, cosine augmentation of every input over
-    # U(0, 0.5) per sample, region conditioning, no min-SNR, tissue-centred regions).
+    # The shipped CPU demo (stages 256 / 704 / 2048, 16 -> 64 -> 256 px).
+    # deviation: the settings its checkpoints were trained with, not the authors' (README,
+    # "Departures"): v everywhere, cosine augmentation of every input over U(0, 0.5) per sample,
+    # region conditioning, no min-SNR, tissue-centred regions, no thresholding, the inner-edge
+    # margin and feather (overlap / 8 = 4 px), white fill at stages 2 and 3, the ADM U-Net layout.
     "demo": Preset("demo", patch=256, n_patches=(1, 3, 9), level_sizes=(16, 64, 256),
                    unets=("demo_base", "demo", "demo"), schedules=("cosine", "cosine", "linear"),
                    **V1_MODEL_DEFAULTS,

@@ -45,7 +45,7 @@ TISSUE_MIN_VALUE = 0.10
 # [PAPER] "patches that are mostly white are ignored in both training and sampling": one rule for
 # both. Training redraws crops whose region is less tissue than this; sampling fills such patches
 # from the stage below (sample.py --white-threshold); metrics leave them out of patch features.
-MIN_TISSUE = 0.3
+MIN_TISSUE = 0.3  # deviation: the paper does not quantify "mostly white"
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".jpg", ".jpeg")
 OUTPUT_SUFFIXES = (".preview.png", ".thumbnail.png", ".datasets.png", "loss_curves.png", ".stage1.png",
                    ".stage2.png")  # what we write beside slides: never taken for slides
@@ -79,7 +79,7 @@ def choose_region(slide, size, mode="tissue"):
     if W < size or H < size:
         warnings.warn(f"{slide.path}: slide {W}x{H} is smaller than the {size} px region; padding with background")
     cx, cy = W / 2, H / 2
-    if mode == "tissue":
+    if mode == "tissue":  # deviation: the paper takes the centre crop ('centre', the paper preset)
         thumb = slide.thumbnail(512)
         m = tissue_mask(thumb)
         if m.any():
