@@ -4,6 +4,9 @@
     python sample.py --preset paper --ckpt CKPT_DIR --out slide.svs --order wavefront --batch 16
     torchrun --nproc_per_node=8 sample.py ...          # each round's patches split across ranks
     python sample.py --preset paper --dry-run --out x.tif   # full geometry, cheap stand-in models
+    python sample.py --from REAL.svs --start-stage 3 --out twin.tif   # zoom into a real slide
+    python sample.py --n 100 --out synth/slide.tif     # 100 slides and synth/slide.tif.manifest.json
+    torchrun --nnodes=2 --node_rank=K --master_addr=HOST ... sample.py ...   # rank 0 alone holds files
 
 The algorithm [PAPER Fig. 1]: stage 1 generates the whole slide at N1 px; stages 2 and 3 each
 generate an overlapping grid of patches, every patch conditioned on the stage below and on its
@@ -481,8 +484,8 @@ def model_mpp(settings, preset, stage):
     the zoom from that stage to stage 3. 0.25 (40x) when the models do not say (--dry-run)."""
     mpp3 = 0.25
     if settings.models:
-        ck = torch.load(os.path.join(settings.ckpt, sorted(settings.models)[-1]), map_location="cpu",
-                        weights_only=True)
+        path = os.path.join(settings.ckpt, sorted(settings.models)[-1])
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no weights read
         mpp3 = ck.get("mpp") or mpp3
     return mpp3 * cascade.stage_size(preset, 3) / cascade.stage_size(preset, stage)
 
