@@ -34,7 +34,8 @@ class UNetConfig:
     groups: int = 32                      # GroupNorm groups (capped by the channel count)
     efficient: bool = False               # Imagen's Efficient U-Net layout (see UNet) [Imagen App. B.1]
     late_widen: bool = False              # ADM layout: a level's encoder blocks keep the channels of the
-                                          #   level above; its down conv widens them (imagen-pytorch)
+                                          #   level above; its down conv widens them, and the decoder's
+                                          #   up conv narrows them back (imagen-pytorch)
     shared_kv: bool = False               # attention with one shared key / value head (imagen-pytorch)
 
     def __post_init__(self):
@@ -241,8 +242,10 @@ class UNet(nn.Module):
             if cfg.efficient:
                 self.up.append(PixelUp(ch, chans[lvl - 1] if lvl > 0 else w))
                 ch = chans[lvl - 1] if lvl > 0 else w
-            elif lvl > 0:
-                self.up.append(Up(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
+            elif lvl > 0:  # late_widen: the conv narrows to the level above's channels (imagen-pytorch)
+                cout = chans[lvl - 1] if cfg.late_widen else ch
+                self.up.append(Up(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, cout, 3, padding=1)))
+                ch = cout
         self.out_block = res(ch + skip_ch.pop(), w) if cfg.efficient else None
         ch = w if cfg.efficient else ch
         self.out = nn.Sequential(norm(ch, g), nn.SiLU(), nn.Conv2d(ch, cfg.img_ch, 3, padding=1))

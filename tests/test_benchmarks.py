@@ -21,3 +21,16 @@ def test_efficient_layout_meets_the_authors_compute():
     cfg = cascade.unet_config(p, 3, 2)
     assert bench_flops.flops(cfg, 1024) <= 12.1e12
     assert bench_flops.flops(cfg, 256, backward=True) <= 2.25e12
+
+
+def test_every_paper_unet_meets_issue_14s_goals():
+    """Forward FLOP at or below the goals (the authors' imagen-pytorch U-Nets), params at least 85 % of
+    theirs, saved activations at or below theirs (bench_flops.AUTHORS_MEASURED, from bench_authors.py)."""
+    p = cascade.get_preset("paper")
+    for lvl, name in enumerate(p.unets):
+        cfg = cascade.unet_config(p, 3, lvl)
+        a_params, _, a_px, _, a_saved = bench_flops.AUTHORS_MEASURED[name]
+        size = bench_flops.AUTHORS[name][0]
+        assert bench_flops.flops(cfg, size) <= bench_flops.GOALS[name] * 1e12, name
+        assert bench_flops.unet.count_params(cfg) >= 0.85 * a_params * 1e6, name
+        assert bench_flops.saved_activations(cfg, a_px) <= a_saved * 2 ** 30, name
