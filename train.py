@@ -38,6 +38,34 @@ import sde
 import unet as unet_mod
 
 
+# ----------------------------------------------------------------------------- recipes
+# A recipe is the list of train.py runs (phases) that made a set of models, run in order by
+# `python train.py --recipe NAME --data SLIDES --out CKPT_DIR [--export DIR]`. A phase trains its
+# models up to its --max-steps and resumes exactly, so re-running the command continues where it
+# stopped and a finished phase is skipped. Only --data, --out, --cache, --threads, --device and
+# --export may be given beside --recipe; everything else is the recipe's.
+RECIPES = {
+    # The shipped demo models (checkpoints/demo; docs/notes.md, "Training the demo"): about 4
+    # CPU-hours on 2 cores. Crops of 64 px for the top level, then a last phase at its full 256 px.
+    "demo": dict(common="--preset demo --batch 16 --lr 5e-4 --ema 0.995", phases=[
+        "--stage all --level all --max-steps 800 500 3000",
+        "--stage 1 --level 2 --max-steps 6500",
+        "--stage 3 --level 2 --max-steps 4000",
+        "--stage 2 --level 0 --max-steps 4000",
+        "--stage 3 --level 0 --max-steps 4000",
+        "--stage 3 --level 1 --max-steps 2000",
+        "--stage 2 --level 1 --max-steps 1324",
+        "--stage 1 --level 2 --max-steps 6650 --crop 256 --batch 4 --lr 2e-4 --ema 0.99",
+        "--stage 2 --level 2 --max-steps 3150 --crop 256 --batch 4 --lr 2e-4 --ema 0.99",
+        "--stage 3 --level 2 --max-steps 4150 --crop 256 --batch 4 --lr 2e-4 --ema 0.99"]),
+    # For tests and smoke runs: two phases of the tiny preset, seconds on a CPU.
+    "tiny": dict(common="--preset tiny --batch 2", phases=[
+        "--stage all --level all --max-steps 2",
+        "--stage 1 --level 2 --max-steps 3 --crop 32"]),
+}
+RECIPE_FLAGS = ("data", "out", "cache", "threads", "device", "export")  # what --recipe lets the user set
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="demo", help=f"geometry, model sizes and recipe: {', '.join(cascade.PRESETS)}")
@@ -74,6 +102,8 @@ def parse_args(argv=None):
     ap.add_argument("--export", metavar="DIR", default=None,
                     help="do not train: write EMA-only fp16 model files of the --out checkpoints into DIR")
     ap.add_argument("--plot", metavar="CKPT_DIR", default=None, help="do not train: draw the loss curves into a PNG")
+    ap.add_argument("--recipe", default=None, choices=sorted(RECIPES),
+                    help="run a recipe's phases in order (RECIPES in train.py), then --export if given")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     args = ap.parse_args(argv)
     for flag, value, ok in (("--batch", args.batch, args.batch >= 1), ("--lr", args.lr, args.lr > 0),
@@ -87,6 +117,12 @@ def parse_args(argv=None):
             sys.exit(f"error: {flag} {value}: out of range (see --help)")
     if not (args.plot or args.out):
         sys.exit("error: --out CKPT_DIR is required")
+    if args.recipe:
+        defaults = vars(ap.parse_args(["--out", "x"]))
+        extra = [k for k, v in vars(args).items() if k not in RECIPE_FLAGS + ("recipe",) and v != defaults[k]]
+        if extra:
+            sys.exit(f"error: --recipe {args.recipe} sets its own flags; drop --{extra[0].replace('_', '-')} "
+                     f"(only --{', --'.join(f.replace('_', '-') for f in RECIPE_FLAGS)} may be given with it)")
     return args
 
 
@@ -486,8 +522,27 @@ def export(args, models):
         print(f"exported {src} (step {ck['step']}) -> {dest}")
 
 
+def run_recipe(args):
+    """Run each phase of RECIPES[args.recipe] as its own train.py run, then export."""
+    import shlex
+    recipe = RECIPES[args.recipe]
+    mine = [f for k in RECIPE_FLAGS if k != "export" and getattr(args, k) is not None
+            for f in (f"--{k}", str(getattr(args, k)))]
+    phases = recipe["phases"]
+    for i, phase in enumerate(phases):
+        argv = shlex.split(recipe["common"]) + shlex.split(phase) + mine
+        print(f"recipe {args.recipe}, phase {i + 1}/{len(phases)}: train.py {shlex.join(argv)}", flush=True)
+        if main(argv) is False:
+            return print(f"recipe {args.recipe}: stopped in phase {i + 1}; the same command continues it")
+    if args.export:
+        main(shlex.split(recipe["common"]) + ["--stage", "all", "--level", "all", "--out", args.out,
+                                             "--export", args.export])
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.recipe:
+        return run_recipe(args)
     if args.plot:
         return print(f"wrote {plot_curves(args.plot)}")
     models = models_to_train(args)
@@ -535,6 +590,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if ddp:
         dist.destroy_process_group()
+    return not stop_flag[0]  # False: stopped by SIGTERM (saved)
 
 
 if __name__ == "__main__":

@@ -175,3 +175,20 @@ def test_curves_and_previews(tmp_path):
     assert preview.size == (5 * 128, 28 + 4 * 128)
     band = np.asarray(preview)[:28]
     assert (band < 128).any()  # the labels are drawn
+
+
+def test_recipe_runs_its_phases_and_resumes(tmp_path, capsys):
+    """--recipe: every phase runs in order, then the export; a second call finds each phase done."""
+    argv = ["--recipe", "tiny", "--data", SLIDE, "--out", str(tmp_path / "ck"), "--cache", str(tmp_path / "cache"),
+            "--export", str(tmp_path / "models")]
+    train.main(argv)
+    out = capsys.readouterr().out
+    assert "phase 1/2" in out and "phase 2/2" in out
+    steps = {(s, l): torch.load(tmp_path / "ck" / cascade.model_filename(s, l), weights_only=True)["step"]
+             for s in (1, 2, 3) for l in (0, 1, 2)}
+    assert steps == {k: 3 if k == (1, 2) else 2 for k in steps}
+    assert sorted(os.listdir(tmp_path / "models")) == sorted(cascade.model_filename(s, l) for s, l in steps)
+    train.main(argv)
+    assert capsys.readouterr().out.count("nothing to do") == 10  # nine in phase 1, one in phase 2
+    with pytest.raises(SystemExit, match="--recipe tiny sets its own flags; drop --lr"):
+        train.main(argv + ["--lr", "1e-3"])
