@@ -34,7 +34,7 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image
+from PIL import Image, ImageFilter
 
 import cascade
 import data
@@ -381,6 +381,30 @@ def consistency(source, k):
     return out
 
 
+def symmetries(img):
+    """The 8 flips / rotations of an (h, w) image (the training augmentation's group)."""
+    rots = [np.rot90(img, r) for r in range(4)]
+    return rots + [np.fliplr(r) for r in rots]
+
+
+def blurred_grey(img, radius=2):
+    """(h, w, 3) uint8 -> (h, w) float grey, Gaussian-blurred by `radius` px, zero mean, unit norm."""
+    g = np.asarray(Image.fromarray(img).convert("L").filter(ImageFilter.GaussianBlur(radius)), np.float64)
+    g = g - g.mean()
+    return g / max(np.linalg.norm(g), 1e-12)
+
+
+def nearest_real_correlation(fake, reals, radius=2):
+    """Memorisation of stage 1: the largest correlation between a generated stage-1 image and any
+    real one (the training regions'), over the 8 flips / rotations, after a blur of `radius` px
+    (so texture cannot hide a copied layout). About 1: the layout is a copy; unrelated tissue:
+    far lower. Returns (correlation, index of the nearest real image)."""
+    f = blurred_grey(fake, radius)
+    best = max((float((blurred_grey(np.ascontiguousarray(v), radius) * f).sum()), i)
+               for i, r in enumerate(reals) for v in symmetries(r) if v.shape == fake.shape)
+    return best
+
+
 class RegionView:
     """Slide k's region at level 0 as an array-like (shape, [y0:y1, x0:x1]) for tiler.seam_score."""
 
@@ -437,6 +461,12 @@ def evaluate(args):
                                   "real": [consistency(real, k) for k in range(len(real.files))]}
         margin = preset.sampling.edge_margin if args.edge_margin is None else args.edge_margin
         results["seam"] = [seam_scores(fake, k, args.order, margin) for k in range(len(fake.files))]
+        if not real.is_patches:  # each generated stage 1 against the real stage-1 images
+            N1 = cascade.stage_size(preset, 1)
+            reals = [real.crop(k, 1, 1.0, 0, 0, N1) for k in range(len(real.files))]
+            results["stage1_nearest_real"] = [nearest_real_correlation(
+                fake.stage_png(k, 1) if fake.stage_png(k, 1) is not None else fake.crop(k, 1, 1.0, 0, 0, N1), reals)[0]
+                for k in range(len(fake.files))]
     return results
 
 
@@ -457,6 +487,9 @@ def format_table(results):
             lines.append(f"consistency {side} slide {k}: " + "; ".join(
                 f"stage {s} vs {int(s) - 1}: MAE {'/'.join(f'{v:.1f}' for v in c[s]['mae'])} (RGB), {c[s]['psnr']:.1f} dB"
                 for s in sorted(c)))
+    if results.get("stage1_nearest_real"):
+        lines.append("stage 1, nearest real stage-1 image (correlation over 8 symmetries, 2 px blur; 1 = a copy): "
+                     + ", ".join(f"{v:.3f}" for v in results["stage1_nearest_real"]))
     for k, sc in enumerate(results.get("seam", [])):
         lines.append(f"seam score slide {k}: " + ", ".join(f"stage {s} {v:.3f}" for s, v in sorted(sc.items())))
     return "\n".join(lines)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import metrics
+from PIL import Image
 from conftest import small_preset
 from test_data import synthetic_rgb, write_slide
 
@@ -170,3 +171,16 @@ def test_the_real_fid_network_loads_from_the_installed_package():
     f = net(probe)[0]
     assert f.shape == (2048,) and (f >= 0).all()
     assert np.allclose(f[:4], PROBE_FEATURES, atol=1e-3), f[:4]
+
+
+def test_nearest_real_correlation_finds_a_copy_under_any_symmetry():
+    """Stage-1 memorisation measure: a flipped / rotated copy of a real image scores ~1, another
+    image far less."""
+    rng = np.random.default_rng(0)
+    smooth = lambda: np.asarray(Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).resize(
+        (64, 64), Image.BICUBIC))
+    real, other = smooth(), smooth()
+    copy = np.ascontiguousarray(np.fliplr(np.rot90(real, 1)))
+    c, idx = metrics.nearest_real_correlation(copy, [other, real])
+    assert c > 0.999 and idx == 1
+    assert metrics.nearest_real_correlation(other, [real])[0] < 0.6
