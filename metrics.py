@@ -381,6 +381,14 @@ def consistency(source, k):
     return out
 
 
+def glass_grey(source, k):
+    """The 90th percentile of the grey level of slide k's region, read at stage-2 size: on a slide
+    with some glass, the glass's brightness (white = 255; a scan's glass is about 240-250)."""
+    N2 = cascade.stage_size(source.preset, 2)
+    img = source.crop(k, 3, 1.0, 0, 0, N2)
+    return float(np.percentile(np.asarray(Image.fromarray(img).convert("L")), 90))
+
+
 def symmetries(img):
     """The 8 flips / rotations of an (h, w) image (the training augmentation's group)."""
     rots = [np.rot90(img, r) for r in range(4)]
@@ -461,6 +469,8 @@ def evaluate(args):
                                   "real": [consistency(real, k) for k in range(len(real.files))]}
         margin = preset.sampling.edge_margin if args.edge_margin is None else args.edge_margin
         results["seam"] = [seam_scores(fake, k, args.order, margin) for k in range(len(fake.files))]
+        results["grey_p90"] = {side: [glass_grey(src, k) for k in range(len(src.files))]
+                               for side, src in (("fake", fake), ("real", real)) if not src.is_patches}
         if not real.is_patches:  # each generated stage 1 against the real stage-1 images
             N1 = cascade.stage_size(preset, 1)
             reals = [real.crop(k, 1, 1.0, 0, 0, N1) for k in range(len(real.files))]
@@ -487,6 +497,8 @@ def format_table(results):
             lines.append(f"consistency {side} slide {k}: " + "; ".join(
                 f"stage {s} vs {int(s) - 1}: MAE {'/'.join(f'{v:.1f}' for v in c[s]['mae'])} (RGB), {c[s]['psnr']:.1f} dB"
                 for s in sorted(c)))
+    for side, values in results.get("grey_p90", {}).items():
+        lines.append(f"grey level, 90th percentile ({side}): " + ", ".join(f"{v:.0f}" for v in values))
     if results.get("stage1_nearest_real"):
         lines.append("stage 1, nearest real stage-1 image (correlation over 8 symmetries, 2 px blur; 1 = a copy): "
                      + ", ".join(f"{v:.3f}" for v in results["stage1_nearest_real"]))

@@ -116,6 +116,8 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert saved == json.loads(json.dumps(res))
     assert saved["mag0"]["n_real"] == 2 and saved["mag2"]["n_real"] > 3
     assert 0 <= saved["mag2"]["ip"] <= 1 and saved["mag2"]["fid"] > 0
+    assert len(saved["grey_p90"]["fake"]) == len(saved["grey_p90"]["real"]) == 2
+    assert len(saved["stage1_nearest_real"]) == 2 and all(-1 <= c <= 1 for c in saved["stage1_nearest_real"])
     n_cached = len(os.listdir(tmp_path / "cache"))
     same = metrics.main(args[:2] + ["--fake", str(tmp_path / "real")] + args[4:])  # real vs itself
     assert same["mag2"]["fid"] == pytest.approx(0, abs=1e-3) and same["mag2"]["ip"] == 1 and same["mag2"]["ir"] == 1
@@ -184,3 +186,12 @@ def test_nearest_real_correlation_finds_a_copy_under_any_symmetry():
     c, idx = metrics.nearest_real_correlation(copy, [other, real])
     assert c > 0.999 and idx == 1
     assert metrics.nearest_real_correlation(other, [real])[0] < 0.6
+
+
+def test_glass_grey_is_the_90th_percentile_of_the_region(tmp_path):
+    p = small_preset()
+    img = np.full((116, 116, 3), 100, np.uint8)
+    img[:, 58:] = 244  # half tissue, half glass
+    path = str(tmp_path / "g.svs")
+    write_slide(path, img)
+    assert metrics.glass_grey(metrics.Source(path, p), 0) == pytest.approx(244, abs=1)
