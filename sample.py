@@ -473,9 +473,11 @@ def write_slide(args, settings, preset, images, journal, t_start):
         model = journal.state["model_seconds"].get(s, secs)
         lines.append(f"  stage {s}: {n} patches in {secs:.1f} s ({n - filled} generated, {filled} filled as glass); "
                      f"outside the model {(secs - model) / max(n, 1):.3f} s/patch (rank 0)")
-    lines.append("  seam score (1.0 = invisible): " + ", ".join(f"stage {s} {v:.3f}" for s, v in seams.items()))
-    lines.append(f"  pyramid written in {t_write:.1f} s; previews and lower stages: {', '.join(previews)}, "
-                 f"{args.out}.stage{{1,2}}.png")
+    if seams:
+        lines.append("  seam score (1.0 = invisible): " + ", ".join(f"stage {s} {v:.3f}" for s, v in seams.items()))
+    lower = [f"{args.out}.stage{s}.png" for s in sorted(images)[:-1]]
+    lines.append(f"  pyramid written in {t_write:.1f} s; previews{' and lower stages' if lower else ''}: "
+                 f"{', '.join(previews + lower)}")
     print("\n".join(lines), file=sys.stderr)
 
 

@@ -34,3 +34,9 @@ def test_every_paper_unet_meets_issue_14s_goals():
         assert bench_flops.flops(cfg, size) <= bench_flops.GOALS[name] * 1e12, name
         assert bench_flops.unet.count_params(cfg) >= 0.85 * a_params * 1e6, name
         assert bench_flops.saved_activations(cfg, a_px) <= a_saved * 2 ** 30, name
+
+
+def test_paper_plus_slide_is_5x_below_the_authors():
+    """Issue 14's goal: a paper-geometry slide at paper_plus's sampling settings <= 1.5e18 FLOP (no glass)."""
+    p = cascade.get_preset("paper_plus")
+    assert bench_flops.slide_flops(p, p.sampling.steps) <= 1.5e18 < bench_flops.AUTHORS_SLIDE / 5
