@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 import time
@@ -524,7 +525,6 @@ def export(args, models):
 
 def run_recipe(args):
     """Run each phase of RECIPES[args.recipe] as its own train.py run, then export."""
-    import shlex
     recipe = RECIPES[args.recipe]
     mine = [f for k in RECIPE_FLAGS if k != "export" and getattr(args, k) is not None
             for f in (f"--{k}", str(getattr(args, k)))]

@@ -40,3 +40,15 @@ def test_paper_plus_slide_is_5x_below_the_authors():
     """Issue 14's goal: a paper-geometry slide at paper_plus's sampling settings <= 1.5e18 FLOP (no glass)."""
     p = cascade.get_preset("paper_plus")
     assert bench_flops.slide_flops(p, p.sampling.steps) <= 1.5e18 < bench_flops.AUTHORS_SLIDE / 5
+
+
+def test_bench_layout_variants_parse_and_train_tiny(tmp_path):
+    import bench_layout
+    assert bench_layout.parse_variant("eff_w48_lr1e-3_snr5") == (
+        {"efficient": True, "width": 48}, {"lr": 1e-3, "min_snr_gamma": 5.0})
+    assert bench_layout.parse_variant("adm") == ({"efficient": False}, {})
+    p = cascade.get_preset("tiny")
+    ds = bench_layout.data.StageLevelDataset([bench_layout.SLIDE], p, 2, 1, cache_dir=str(tmp_path), length=2 ** 62)
+    cfg = cascade.unet_config(p, 2, 1)
+    ema, steps = bench_layout.train_for(cfg, p, 2, 1, ds, 0.2, 2, min_snr_gamma=5.0)
+    assert steps >= 1 and bench_layout.validation_loss(ema, p, 2, 1, [ds[10 ** 9 + k] for k in range(2)]) > 0
