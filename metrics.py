@@ -408,9 +408,11 @@ def nearest_real_correlation(fake, reals, radius=2):
     (so texture cannot hide a copied layout). About 1: the layout is a copy; unrelated tissue:
     far lower. Returns (correlation, index of the nearest real image)."""
     f = blurred_grey(fake, radius)
-    best = max((float((blurred_grey(np.ascontiguousarray(v), radius) * f).sum()), i)
-               for i, r in enumerate(reals) for v in symmetries(r) if v.shape == fake.shape)
-    return best
+    scores = [(float((blurred_grey(np.ascontiguousarray(v), radius) * f).sum()), i)
+              for i, r in enumerate(reals) for v in symmetries(r) if v.shape == fake.shape]
+    if not scores:
+        raise ValueError(f"stage-1 images of {fake.shape[:2]} px have no real one of that size to compare with")
+    return max(scores)
 
 
 class RegionView:

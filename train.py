@@ -119,8 +119,7 @@ def parse_args(argv=None):
     if not (args.plot or args.out):
         sys.exit("error: --out CKPT_DIR is required")
     if args.recipe:
-        defaults = vars(ap.parse_args(["--out", "x"]))
-        extra = [k for k, v in vars(args).items() if k not in RECIPE_FLAGS + ("recipe",) and v != defaults[k]]
+        extra = [k for k, v in vars(args).items() if k not in RECIPE_FLAGS + ("recipe",) and v != ap.get_default(k)]
         if extra:
             sys.exit(f"error: --recipe {args.recipe} sets its own flags; drop --{extra[0].replace('_', '-')} "
                      f"(only --{', --'.join(f.replace('_', '-') for f in RECIPE_FLAGS)} may be given with it)")
