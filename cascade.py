@@ -39,7 +39,8 @@ import unet as unet_mod
 class Sampling:
     """How a preset samples by default; sample.py's flags override each field. Never part of a
     model's identity: a trained model can be sampled with any of these."""
-    steps: tuple                      # denoising steps per level
+    steps: tuple                      # denoising steps per level (3 values: every stage alike), or per
+                                      #   stage and level (9: stage 1's levels 0-2, then stage 2's, stage 3's)
     sampler: str = "ancestral"        # sde.SAMPLERS
     eta: float = 0.0                  # DDIM's noise scale (0 = deterministic); other samplers ignore it
     aug_level: float = 0.2            # t_aug of the conditioning augmentation [Imagen: 0.2]
@@ -48,6 +49,14 @@ class Sampling:
     feather: int = 0                  # px over which known pixels fade into a new patch (feather_weight)
     fill_white: tuple = (3,)          # stages whose mostly-white patches are filled from the stage below
     resample: int = 1                 # RePaint jumps per step (1 = off)
+
+    def __post_init__(self):
+        if len(self.steps) not in (3, 9) or min(self.steps) < 1:
+            raise ValueError(f"steps {self.steps}: give 3 values (one per level) or 9 (per stage and level), each >= 1")
+
+    def level_steps(self, stage, level):
+        """Denoising steps of (stage, level)."""
+        return self.steps[level] if len(self.steps) == 3 else self.steps[3 * (stage - 1) + level]
 
 
 @dataclass(frozen=True)
@@ -373,7 +382,7 @@ class CDM:
                 m = downsample(mask.float(), L) > 0.999
                 w = feather_weight(m, sp.feather * L // p.patch)
             fn = denoiser(self.nets[level], p.schedules[level], cond, aug_lam, self.bf16)
-            x = sde.sample(fn, (B, 3, L, L), steps=sp.steps[level], sampler=sp.sampler, schedule=p.schedules[level],
+            x = sde.sample(fn, (B, 3, L, L), steps=sp.level_steps(self.stage, level), sampler=sp.sampler, schedule=p.schedules[level],
                            objective=p.objectives[level], eta=sp.eta, threshold=sp.threshold, known=k, mask=m,
                            blend=w, generator=generators, resample=sp.resample, device=dev)
             x = x.clamp(-1, 1)

@@ -75,7 +75,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="the slide's seed; every patch's noise derives from it")
     g = ap.add_argument_group("sampling (default: the preset's)")
     g.add_argument("--sampler", default=None, choices=sde.SAMPLERS, help="step rule")
-    g.add_argument("--steps", type=int, nargs=3, default=None, metavar=("L0", "L1", "L2"), help="steps per level")
+    g.add_argument("--steps", type=int, nargs="+", default=None, metavar="N",
+                   help="steps per level (3 values), or per stage and level (9: stage 1's levels 0-2, stage 2's, stage 3's)")
     g.add_argument("--eta", type=float, default=None, help="DDIM's noise scale (0 = deterministic, 1 = ancestral)")
     g.add_argument("--threshold", type=float, default=None, help="dynamic thresholding quantile of x0_hat (0 = off)")
     g.add_argument("--resample", type=int, default=None, help="RePaint resampling jumps per step (1 = off)")
@@ -156,7 +157,8 @@ def resolve_sampling(args, p):
     """The preset's Sampling with the flags that override it, each flag checked."""
     sp = p.sampling
     checks = [("--batch", args.batch, args.batch >= 1, ">= 1"),
-              ("--steps", args.steps, args.steps is None or min(args.steps) >= 1, "each >= 1"),
+              ("--steps", args.steps, args.steps is None or (len(args.steps) in (3, 9) and min(args.steps) >= 1),
+               "list of 3 (per level) or 9 (per stage and level), each >= 1"),
               ("--resample", args.resample, args.resample is None or args.resample >= 1, ">= 1"),
               ("--eta", args.eta, args.eta is None or args.eta >= 0, ">= 0"),
               ("--threshold", args.threshold, args.threshold is None or 0 <= args.threshold <= 1, "in [0, 1]"),

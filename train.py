@@ -103,6 +103,9 @@ def parse_args(argv=None):
     ap.add_argument("--export", metavar="DIR", default=None,
                     help="do not train: write EMA-only fp16 model files of the --out checkpoints into DIR")
     ap.add_argument("--plot", metavar="CKPT_DIR", default=None, help="do not train: draw the loss curves into a PNG")
+    ap.add_argument("--init", metavar="DIR", default=None,
+                    help="start each new model from DIR's model file (its EMA weights and step; a fresh optimiser), "
+                         "e.g. to fine-tune the shipped demo; a checkpoint already in --out is resumed instead")
     ap.add_argument("--recipe", default=None, choices=sorted(RECIPES),
                     help="run a recipe's phases in order (RECIPES in train.py), then --export if given")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
@@ -202,6 +205,8 @@ class Trainer:
         self.max_steps = args.max_steps[0] if len(args.max_steps) == 1 else args.max_steps[level]
         if os.path.exists(self.path):
             self.resume()
+        elif args.init:
+            self.start_from(os.path.join(args.init, cascade.model_filename(stage, level)))
         self.log = TrainLog(self.path[:-3] + ".log.jsonl", self.step) if rank == 0 else None
         self.net = self.model
         if ddp:
@@ -241,6 +246,22 @@ class Trainer:
         self.step, self.position, self.nonfinite_total = ck["step"], ck["data_position"], ck["nonfinite_total"]
         if self.rank == 0:
             print(f"resuming {self.path} at step {self.step}", flush=True)
+
+    def start_from(self, path):
+        """Model and EMA from another run's model file (exported or not) and its step; the optimiser
+        and the data position start afresh."""
+        try:
+            net, conditioned = cascade.load_unet(path, self.preset, self.stage, self.level)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: --init {e}")
+        if conditioned != self.conditioned or net.cfg != self.cfg:
+            sys.exit(f"error: --init {path}: another U-Net or conditioning than --preset {self.preset.name} trains; "
+                     f"pass the preset it was trained with")
+        self.model.load_state_dict(net.state_dict())
+        self.ema.load_state_dict(net.state_dict())
+        self.step = int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+        if self.rank == 0:
+            print(f"starting from {path} (step {self.step}, its EMA weights; a fresh optimiser)", flush=True)
 
     def save(self):
         if self.rank != 0:

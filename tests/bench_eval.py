@@ -9,7 +9,8 @@ bundled CC0 slide with metrics.py, same crops for every row:
                    stage 2 upsampled): what a cascade without generated detail scores
   paired stage 3   stage 3 generated from the real slide's stage 2 (sample.py --from): mag 2 then
                    measures stage 3 alone, without the errors it inherits (mag 0-1 are real)
-    python tests/bench_eval.py --out runs/eval [--seeds 0 1 2] [--n 75]
+  old demo         with --old DIR: the models in DIR at the defaults (e.g. the previous demo)
+    python tests/bench_eval.py --out runs/eval [--seeds 0 1 2 3] [--n 75] [--old DIR] [--rows ...]
 Writes OUT/results.md and OUT/results.json; slides and features are kept and reused.
 """
 import argparse
@@ -29,9 +30,19 @@ import metrics  # noqa: E402
 SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
 
 
+# row key: (label, sample.py flags, metrics.py flags)
+ROWS = {"floor": ("real vs real (floor)", (), ["--fake-seed", "1"]),
+        "demo": ("demo", (), []),
+        "old": ("old demo", (), []),
+        "paper_seams": ("demo, paper seams", ("--edge-margin", "0", "--feather", "0"), ["--edge-margin", "0"]),
+        "no_detail": ("no detail (bicubic)", (), []),
+        "paired": ("paired: stage 3 from the real stage 2", ("--from", SLIDE, "--start-stage", "3"), [])}
+
+
 def sample(out, seed, *flags):
     if not os.path.exists(out):
         cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "--out", out, "--seed", str(seed), *flags]
+        print(" ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
 
 
@@ -55,10 +66,14 @@ def row(name, fake_dir, args, extra=()):
     return metrics.main(argv)
 
 
+def mean_of(values):
+    return float(np.mean(values)) if values else None
+
+
 def table(rows):
     f = lambda v, d=1: "n.a." if v is None else f"{v:.{d}f}"
     lines = ["| | FID mag 0 / 1 / 2 | KID x1e3 mag 0 / 1 / 2 | IP mag 0 / 1 / 2 | IR mag 0 / 1 / 2 | pFID "
-             "| consistency MAE stage 2 / 3 | seam stage 2 / 3 |", "|---" * 8 + "|"]
+             "| consistency MAE stage 2 / 3 | seam stage 2 / 3 | glass p90 | stage 1 ~ training |", "|---" * 10 + "|"]
     for name, r in rows.items():
         mags = [r[f"mag{m}"] for m in range(3)]
         cons = [] if name.startswith("no detail") else r.get("consistency", {}).get("fake", [])  # stages mixed
@@ -70,30 +85,34 @@ def table(rows):
         lines.append(f"| {name} | {' / '.join(f(m['fid'], 0) for m in mags)} | "
                      f"{' / '.join(f(None if m['kid'] is None else 1e3 * m['kid'], 0) for m in mags)} | "
                      f"{' / '.join(f(m['ip'], 2) for m in mags)} | {' / '.join(f(m['ir'], 2) for m in mags)} | "
-                     f"{f(r['pfid']['pfid'], 0)} | {f(mae[0])} / {f(mae[1])} | {f(seam[0], 2)} / {f(seam[1], 2)} |")
+                     f"{f(r['pfid']['pfid'], 0)} | {f(mae[0])} / {f(mae[1])} | {f(seam[0], 2)} / {f(seam[1], 2)} | "
+                     f"{f(mean_of(r.get('grey_p90', {}).get('fake')), 0)} | {f(mean_of(r.get('stage1_nearest_real')), 2)} |")
     return "\n".join(lines)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/eval")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--n", type=int, default=75, help="crops per side and magnification")
+    ap.add_argument("--ckpt", default=os.path.join(ROOT, "checkpoints", "demo"), help="the demo's models")
+    ap.add_argument("--old", metavar="DIR", default=None, help="also score the models in DIR (e.g. the previous demo)")
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="which rows to make")
     args = ap.parse_args()
     preset = cascade.get_preset("demo")
-    dirs = {k: os.path.join(args.out, k) for k in ("demo", "paper_seams", "no_detail", "paired")}
-    for d in dirs.values():
-        os.makedirs(d, exist_ok=True)
+    rows, todo = {}, [r for r in args.rows if r != "old" or args.old]
     for seed in args.seeds:
-        sample(os.path.join(dirs["demo"], f"s{seed}.tif"), seed)
-        sample(os.path.join(dirs["paper_seams"], f"s{seed}.tif"), seed, "--edge-margin", "0", "--feather", "0")
-        no_detail(os.path.join(dirs["demo"], f"s{seed}.tif"), os.path.join(dirs["no_detail"], f"s{seed}.tif"), preset)
-        sample(os.path.join(dirs["paired"], f"s{seed}.tif"), seed, "--from", SLIDE, "--start-stage", "3")
-    rows = {"real vs real (floor)": row("floor", SLIDE, args, ["--fake-seed", "1"])}
-    rows["demo"] = row("demo", dirs["demo"], args)
-    rows["demo, paper seams"] = row("paper_seams", dirs["paper_seams"], args, ["--edge-margin", "0"])
-    rows["no detail (bicubic)"] = row("no_detail", dirs["no_detail"], args)
-    rows["paired: stage 3 from the real stage 2"] = row("paired", dirs["paired"], args)
+        for r in todo:
+            fake = os.path.join(args.out, r, f"s{seed}.tif")
+            os.makedirs(os.path.dirname(fake), exist_ok=True)
+            if r == "no_detail":
+                sample(os.path.join(args.out, "demo", f"s{seed}.tif"), seed, "--ckpt", args.ckpt)
+                no_detail(os.path.join(args.out, "demo", f"s{seed}.tif"), fake, preset)
+            elif r != "floor":
+                sample(fake, seed, "--ckpt", args.old if r == "old" else args.ckpt, *ROWS[r][1])
+    for r in todo:
+        name = ROWS[r][0] + (f" ({os.path.relpath(args.old, ROOT)})" if r == "old" else "")
+        rows[name] = row(r, SLIDE if r == "floor" else os.path.join(args.out, r), args, ROWS[r][2])
     text = (f"{len(args.seeds)} demo slides (seeds {' '.join(map(str, args.seeds))}) against the bundled slide; "
             f"{args.n} crops a side per magnification (128 / 256 / 256 px at mag 0 / 1 / 2; tissue >= "
             f"{data.MIN_TISSUE} at mag 1-2), {args.n} pFID crops\n\n" + table(rows))

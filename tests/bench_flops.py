@@ -73,17 +73,20 @@ def saved_activations(cfg, size):
 
 
 def slide_flops(p, steps, white=0.0):
-    """FLOP of one slide of preset p at `steps` per level; `white` = share of stage-3 patches filled."""
-    total = 0.0
+    """FLOP of one slide of preset p at `steps` per level (3) or per stage and level (9); `white` =
+    share of stage-3 patches filled."""
+    sp, total = cascade.Sampling(steps=tuple(steps)), 0.0
     for s in (1, 2, 3):
         n = p.n_patches[s - 1] ** 2 * (1 - white if s == 3 else 1)
-        total += n * sum(flops(cascade.unet_config(p, s, lvl), L) * steps[lvl] for lvl, L in enumerate(p.level_sizes))
+        total += n * sum(flops(cascade.unet_config(p, s, lvl), L) * sp.level_steps(s, lvl)
+                         for lvl, L in enumerate(p.level_sizes))
     return total
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, nargs=3, default=None, help="steps per level (default: each preset's)")
+    ap.add_argument("--steps", type=int, nargs="+", default=None,
+                    help="steps per level (3) or per stage and level (9) (default: each preset's)")
     ap.add_argument("--white", type=float, default=0.0, help="share of stage-3 patches filled as glass")
     args = ap.parse_args()
     paper = cascade.get_preset("paper")

@@ -101,10 +101,11 @@ def main(argv=None):
         lines.append(f"  level {level} ({p.unets[level]}): train {ips:.1f} img/s, peak {mem}, "
                      f"{f * ips / 1e12:.1f} TFLOP/s achieved; 200k steps at batch {args.batch}: {days:.2f} days")
         sec = forward_time(p, level, args.sample_batch, args.iters, device, bf16)
-        per_patch += sec * p.sampling.steps[level]
+        per_patch += sec * p.sampling.level_steps(3, level)
         lines.append(f"             sampling: {sec * 1e3:.1f} ms per patch and step at {L} px")
     n = sum(k * k for k in p.n_patches)
-    lines.append(f"  one patch (steps {p.sampling.steps}): {per_patch:.1f} s; a whole slide ({n} patches, none "
+    lines.append(f"  one stage-3 patch (steps {tuple(p.sampling.level_steps(3, l) for l in range(3))}): "
+                 f"{per_patch:.1f} s; a whole slide ({n} patches at that cost, none "
                  f"filled): {n * per_patch / 3600:.2f} h on one device, {n * per_patch / 3600 / 9:.2f} h on nine")
     print("\n".join(lines))
     return per_patch

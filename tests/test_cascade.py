@@ -141,3 +141,24 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     (tmp_path / "stage2_level1.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable URCDM model file"):
         cascade.load_cdm(str(tmp_path), p, 2)
+
+
+def test_steps_per_stage_and_level():
+    """Sampling.steps: 3 values apply to every stage; 9 give each stage its own (stage 2 = 4th-6th)."""
+    calls = []
+
+    def counting(level):
+        net = oracle_net()
+        return lambda *a: calls.append(level) or net(*a)
+
+    p = small_preset()
+    P = p.patch
+    inputs = dict(context=torch.zeros(1, 3, P, P), region=torch.zeros(1, 3, P, P))
+    for steps, expect in (((2, 3, 4), [2, 3, 4]), ((9, 9, 9, 1, 2, 3, 9, 9, 9), [1, 2, 3])):
+        calls.clear()
+        sp = dataclasses.replace(p.sampling, steps=steps)
+        cascade.CDM(p, 2, [counting(l) for l in range(3)]).sample([torch.Generator().manual_seed(0)], sampling=sp,
+                                                                  **inputs)
+        assert [calls.count(l) for l in range(3)] == expect
+    with pytest.raises(ValueError, match="3 values .* or 9"):
+        cascade.Sampling(steps=(1, 2))

@@ -192,3 +192,30 @@ def test_recipe_runs_its_phases_and_resumes(tmp_path, capsys):
     assert capsys.readouterr().out.count("nothing to do") == 10  # nine in phase 1, one in phase 2
     with pytest.raises(SystemExit, match="--recipe tiny sets its own flags; drop --lr"):
         train.main(argv + ["--lr", "1e-3"])
+
+
+def test_init_starts_from_another_runs_model_file(tmp_path, capsys):
+    """--init DIR: a new model starts from DIR's (exported) EMA weights and step with a fresh
+    optimiser; an existing checkpoint in --out is resumed instead; a file of another preset is refused."""
+    train.main(_args(tmp_path, "--stage", "2", "--level", "1", "--max-steps", "3", out="first"))
+    train.main(_args(tmp_path, "--stage", "2", "--level", "1", "--export", str(tmp_path / "models"), out="first"))
+    name = cascade.model_filename(2, 1)
+    exported = torch.load(tmp_path / "models" / name, weights_only=True)["ema"]
+    train.main(_args(tmp_path, "--stage", "2", "--level", "1", "--max-steps", "3", "--init", str(tmp_path / "models"),
+                     out="second"))
+    assert "nothing to do" in capsys.readouterr().out  # it starts at the file's step 3
+    train.main(_args(tmp_path, "--stage", "2", "--level", "1", "--max-steps", "4", "--init", str(tmp_path / "models"),
+                     "--lr", "1e-12", out="third"))
+    ck = torch.load(tmp_path / "third" / name, weights_only=True)
+    assert ck["step"] == 4 and ck["data_position"] == 2  # one step taken; the data start afresh
+    for k, v in exported.items():  # a near-zero learning rate: the weights are still the exported ones
+        assert torch.allclose(ck["model"][k].float(), v.float(), atol=1e-3), k
+    train.main(_args(tmp_path, "--stage", "2", "--level", "1", "--max-steps", "5", "--init", str(tmp_path / "nowhere"),
+                     out="third"))  # resumed: --init is not read
+    assert torch.load(tmp_path / "third" / name, weights_only=True)["step"] == 5
+    with pytest.raises(SystemExit, match=r"--init .*stage2_level1.pt: .*preset"):
+        train.main(["--preset", "demo", "--data", SLIDE, "--out", str(tmp_path / "demo"), "--cache", str(tmp_path / "cache"),
+                    "--stage", "2", "--level", "1", "--max-steps", "1", "--init", str(tmp_path / "models")])
+    with pytest.raises(SystemExit, match=r"--init .*missing model file"):
+        train.main(_args(tmp_path, "--stage", "2", "--level", "1", "--max-steps", "1", "--init", str(tmp_path / "nowhere"),
+                         out="fourth"))
