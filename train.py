@@ -46,8 +46,10 @@ import unet as unet_mod
 # stopped and a finished phase is skipped. Only --data, --out, --cache, --threads, --device and
 # --export may be given beside --recipe; everything else is the recipe's.
 RECIPES = {
-    # The shipped demo models (checkpoints/demo; docs/notes.md, "Training the demo"): about 4
-    # CPU-hours on 2 cores. Crops of 64 px for the top level, then a last phase at its full 256 px.
+    # The shipped demo models (checkpoints/demo; docs/notes.md, "Training the demo" and "Demo v2").
+    # Phases 1-10 made demo v1 (about 4 hours on 2 cores): crops of 64 px for the top level, then
+    # a last phase at its full 256 px. Phases 11-13 make v2 (1.6 hours more, one thread): stage 2's
+    # levels 1-2 further at lr 2e-4, its top level again ending at full size; stages 1 and 3 stay v1's.
     "demo": dict(common="--preset demo --batch 16 --lr 5e-4 --ema 0.995", phases=[
         "--stage all --level all --max-steps 800 500 3000",
         "--stage 1 --level 2 --max-steps 6500",
@@ -58,7 +60,11 @@ RECIPES = {
         "--stage 2 --level 1 --max-steps 1324",
         "--stage 1 --level 2 --max-steps 6650 --crop 256 --batch 4 --lr 2e-4 --ema 0.99",
         "--stage 2 --level 2 --max-steps 3150 --crop 256 --batch 4 --lr 2e-4 --ema 0.99",
-        "--stage 3 --level 2 --max-steps 4150 --crop 256 --batch 4 --lr 2e-4 --ema 0.99"]),
+        "--stage 3 --level 2 --max-steps 4150 --crop 256 --batch 4 --lr 2e-4 --ema 0.99",
+        # v2
+        "--stage 2 --level 1 --max-steps 3000 --lr 2e-4",
+        "--stage 2 --level 2 --max-steps 4689 --lr 2e-4",
+        "--stage 2 --level 2 --max-steps 4739 --crop 256 --batch 4 --lr 2e-4 --ema 0.99"]),
     # For tests and smoke runs: two phases of the tiny preset, seconds on a CPU.
     "tiny": dict(common="--preset tiny --batch 2", phases=[
         "--stage all --level all --max-steps 2",

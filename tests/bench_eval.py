@@ -15,6 +15,7 @@ Writes OUT/results.md and OUT/results.json; slides and features are kept and reu
 """
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 
@@ -97,6 +98,7 @@ def main():
     ap.add_argument("--n", type=int, default=75, help="crops per side and magnification")
     ap.add_argument("--ckpt", default=os.path.join(ROOT, "checkpoints", "demo"), help="the demo's models")
     ap.add_argument("--old", metavar="DIR", default=None, help="also score the models in DIR (e.g. the previous demo)")
+    ap.add_argument("--sample-flags", default="", help="more sample.py flags for the demo row, e.g. '--steps 50 50 40'")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="which rows to make")
     args = ap.parse_args()
     preset = cascade.get_preset("demo")
@@ -109,7 +111,8 @@ def main():
                 sample(os.path.join(args.out, "demo", f"s{seed}.tif"), seed, "--ckpt", args.ckpt)
                 no_detail(os.path.join(args.out, "demo", f"s{seed}.tif"), fake, preset)
             elif r != "floor":
-                sample(fake, seed, "--ckpt", args.old if r == "old" else args.ckpt, *ROWS[r][1])
+                more = shlex.split(args.sample_flags) if r == "demo" else []
+                sample(fake, seed, "--ckpt", args.old if r == "old" else args.ckpt, *ROWS[r][1], *more)
     for r in todo:
         name = ROWS[r][0] + (f" ({os.path.relpath(args.old, ROOT)})" if r == "old" else "")
         rows[name] = row(r, SLIDE if r == "floor" else os.path.join(args.out, r), args, ROWS[r][2])
