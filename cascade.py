@@ -382,9 +382,10 @@ class CDM:
                 m = downsample(mask.float(), L) > 0.999
                 w = feather_weight(m, sp.feather * L // p.patch)
             fn = denoiser(self.nets[level], p.schedules[level], cond, aug_lam, self.bf16)
-            x = sde.sample(fn, (B, 3, L, L), steps=sp.level_steps(self.stage, level), sampler=sp.sampler, schedule=p.schedules[level],
-                           objective=p.objectives[level], eta=sp.eta, threshold=sp.threshold, known=k, mask=m,
-                           blend=w, generator=generators, resample=sp.resample, device=dev)
+            x = sde.sample(fn, (B, 3, L, L), steps=sp.level_steps(self.stage, level), sampler=sp.sampler,
+                           schedule=p.schedules[level], objective=p.objectives[level], eta=sp.eta,
+                           threshold=sp.threshold, known=k, mask=m, blend=w, generator=generators,
+                           resample=sp.resample, device=dev)
             x = x.clamp(-1, 1)
         return x.cpu()
 
