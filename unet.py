@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import sde
+
 
 @dataclass
 class UNetConfig:
@@ -77,9 +79,9 @@ def get_config(name, **overrides):
 
 
 def noise_embedding(lam, dim):
-    """Sinusoidal features of the log-SNR. lam in about [-30, 30] is mapped to [0, 1500] so
+    """Sinusoidal features of the log-SNR. lam in [-LAM_CLAMP, LAM_CLAMP] = [-30, 30] is mapped to [0, 1500] so
     the usual frequencies (periods 1 .. 10000) resolve it like a DDPM timestep. (B,) -> (B, dim)"""
-    c = (lam.float() + 30.0) * 25.0
+    c = (lam.float() + sde.LAM_CLAMP) * 25.0
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=lam.device) / half)
     args = c[:, None] * freqs[None]
@@ -124,7 +126,7 @@ class Attention(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x, emb=None):  # (B, C, H, W); emb unused
+    def forward(self, x):  # (B, C, H, W)
         B, C, H, W = x.shape
         d = C // self.heads
         qkv = self.qkv(self.norm(x))
@@ -135,11 +137,6 @@ class Attention(nn.Module):
         return x + self.out(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
-class NoAttention(nn.Identity):
-    def forward(self, x, emb=None):
-        return x
-
-
 class Block(nn.ModuleList):
     """A ResBlock, then self-attention or nothing: block(h, emb). (A ModuleList, so the weights
     keep the names [0] and [1] that saved models use.)"""
@@ -148,109 +145,128 @@ class Block(nn.ModuleList):
         return self[1](self[0](h, emb))
 
 
-class Down(nn.Conv2d):
-    """Halve the resolution: a 3x3 convolution with stride 2. (B, C, H, W) -> (B, C, H/2, W/2)"""
-
-    def forward(self, h, emb=None):
-        return super().forward(h)
+TAKES_EMB = (ResBlock, Block)  # the layers called as layer(h, emb); every other one as layer(h)
 
 
-class Up(nn.Sequential):
-    """Double the resolution: nearest-neighbour upsampling, then a 3x3 convolution."""
-
-    def forward(self, h, emb=None):
-        return super().forward(h)
-
-
-class PixelDown(nn.Sequential):
+def pixel_down(cin, cout):
     """Efficient layout: halve the resolution losslessly (pixel unshuffle: 2x2 pixels -> 4x the
     channels), then a 1x1 convolution to the level's channels. (B, C, H, W) -> (B, C', H/2, W/2)"""
-
-    def __init__(self, cin, cout):
-        super().__init__(nn.PixelUnshuffle(2), nn.Conv2d(4 * cin, cout, 1))
-
-    def forward(self, h, emb=None):
-        return super().forward(h)
+    return nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(4 * cin, cout, 1))
 
 
-class PixelUp(nn.Sequential):
+def pixel_up(cin, cout):
     """Efficient layout: a 1x1 convolution to 4x the channels at the low resolution, then pixel
-    shuffle to double it; no 3x3 convolution at the high resolution. (B, C, H, W) -> (B, C', 2H, 2W)"""
+    shuffle doubles it; no 3x3 convolution at the high resolution. (B, C, H, W) -> (B, C', 2H, 2W)"""
+    return nn.Sequential(nn.Conv2d(cin, 4 * cout, 1), nn.PixelShuffle(2))
 
-    def __init__(self, cin, cout):
-        super().__init__(nn.Conv2d(cin, 4 * cout, 1), nn.PixelShuffle(2))
 
-    def forward(self, h, emb=None):
-        return super().forward(h)
+def conv_down(cin, cout):
+    """ADM: halve the resolution with a stride-2 3x3 convolution. (B, C, H, W) -> (B, C', H/2, W/2)"""
+    return nn.Conv2d(cin, cout, 3, stride=2, padding=1)
+
+
+def conv_up(cin, cout):
+    """ADM: nearest-neighbour upsampling, then a 3x3 convolution. (B, C, H, W) -> (B, C', 2H, 2W)"""
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, padding=1))
 
 
 class UNet(nn.Module):
-    """Two layouts of the same blocks:
-    ADM / DDPM (efficient=False): each level runs its ResBlocks at its resolution, then a stride-2
-      convolution halves it; the decoder upsamples (nearest + 3x3 conv) at the higher resolution.
-    Efficient U-Net [Imagen App. B.1] (efficient=True): full resolution holds only the input conv,
-      one ResBlock in and one out (which also sees the input conv's features); every level first
-      halves the resolution (PixelDown), then runs its blocks, so each level works one octave lower
-      (about 1/4 of the FLOPs at the same channels); upsampling is a 1x1 conv + pixel shuffle at
-      the low resolution. The 256 and 1024 px models of the authors use it."""
+    """Three layouts of the same blocks (encoder, middle, decoder; skips from every encoder output):
+    ADM [DDPM, ADM] (the default): each level runs its Blocks at its resolution, then a stride-2
+      conv halves it; the decoder upsamples (nearest + 3x3 conv) and runs its Blocks.
+    Imagen's plain U-Net (late_widen; the authors' 64 px base model): as ADM, but a level's
+      encoder Blocks keep the channels of the level above, its down conv widens them, and the
+      decoder's up conv narrows them back.
+    Efficient U-Net [Imagen App. B.1] (efficient; the authors' 256 and 1024 px models): full
+      resolution holds only the input conv, one ResBlock in and one out; every level first halves
+      the resolution (pixel_down), then runs its Blocks, so it works one octave lower (about 1/4
+      of the FLOPs at the same channels); the decoder upsamples with pixel_up at low resolution."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
         w, g, emb_dim = cfg.width, cfg.groups, 4 * cfg.width
-        self.emb = nn.Sequential(nn.Linear(w, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.aug_emb = (nn.Sequential(nn.Linear(w, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-                        if cfg.aug_emb else None)
+        mlp = lambda: nn.Sequential(nn.Linear(w, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.emb = mlp()  # of the noise level lam
+        self.aug_emb = mlp() if cfg.aug_emb else None  # of the augmentation level aug_lam
         self.conv_in = nn.Conv2d(cfg.img_ch + cfg.cond_ch, w, 3, padding=1)
-        chans = [w * m for m in cfg.mults]
-        nblocks = cfg.per_level_blocks()
-        attn = lambda ch, on: Attention(ch, cfg.head_dim, g, cfg.shared_kv) if on else NoAttention()
-        block = lambda cin, cout, on: Block([ResBlock(cin, cout, emb_dim, cfg.dropout, g), attn(cout, on)])
-
-        # Encoder: per level `blocks` Blocks, then a Down (ADM), or a PixelDown, then the Blocks
-        # (efficient); every output is kept for a skip, and so is the input conv's.
-        self.down, skip_ch, ch = nn.ModuleList(), [w], w
-        res = lambda cin, cout: ResBlock(cin, cout, emb_dim, cfg.dropout, g)
-        self.in_block = res(w, w) if cfg.efficient else None
-        for lvl, (cout, nb) in enumerate(zip(chans, nblocks)):
-            if cfg.efficient:
-                self.down.append(PixelDown(ch, cout))
-                ch = cout
-                skip_ch.append(ch)
-            width = ch if cfg.late_widen and not cfg.efficient else cout
-            for _ in range(nb):
-                self.down.append(block(ch, width, cfg.attn[lvl]))
-                ch = width
-                skip_ch.append(ch)
-            if not cfg.efficient and lvl < len(chans) - 1:
-                self.down.append(Down(ch, cout, 3, stride=2, padding=1))
-                ch = cout
-                skip_ch.append(ch)
+        chans, ch = [w * m for m in cfg.mults], w
+        # Encoder: every output is kept for a skip (and the input conv's).
+        self.down, skip_ch = nn.ModuleList(), [w]
+        self.in_block = self.res(w, w) if cfg.efficient else None
+        encoder = self.efficient_encoder if cfg.efficient else self.adm_encoder
+        for lvl, cout in enumerate(chans):
+            ch = encoder(lvl, ch, cout, skip_ch)
         # Middle: ResBlock, attention (if the lowest level has it), ResBlock; late_widen first
-        # widens the last level's channels (a 3x3 conv, no halving).
-        widen = [Down(ch, chans[-1], 3, stride=1, padding=1)] if ch != chans[-1] else []
+        # widens to the last level's channels (a 3x3 conv at the same resolution).
+        widen = [nn.Conv2d(ch, chans[-1], 3, padding=1)] if ch != chans[-1] else []
         ch = chans[-1]
-        self.mid = nn.ModuleList(widen + [ResBlock(ch, ch, emb_dim, cfg.dropout, g), attn(ch, cfg.attn[-1]),
-                                          ResBlock(ch, ch, emb_dim, cfg.dropout, g)])
-        # Decoder: per level one Block more than the encoder, each eating one skip, then an Up
-        # (efficient: a PixelUp to the level above's channels, at every level).
+        self.mid = nn.ModuleList(widen + [self.res(ch, ch), self.attn(ch, len(chans) - 1), self.res(ch, ch)])
+        # Decoder: per level one Block more than the encoder, each eating one skip.
         self.up = nn.ModuleList()
+        decoder = self.efficient_decoder if cfg.efficient else self.adm_decoder
         for lvl in reversed(range(len(chans))):
-            for _ in range(nblocks[lvl] + 1):
-                self.up.append(block(ch + skip_ch.pop(), chans[lvl], cfg.attn[lvl]))
-                ch = chans[lvl]
-            if cfg.efficient:
-                self.up.append(PixelUp(ch, chans[lvl - 1] if lvl > 0 else w))
-                ch = chans[lvl - 1] if lvl > 0 else w
-            elif lvl > 0:  # late_widen: the conv narrows to the level above's channels (imagen-pytorch)
-                cout = chans[lvl - 1] if cfg.late_widen else ch
-                self.up.append(Up(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, cout, 3, padding=1)))
-                ch = cout
-        self.out_block = res(ch + skip_ch.pop(), w) if cfg.efficient else None
-        ch = w if cfg.efficient else ch
-        self.out = nn.Sequential(norm(ch, g), nn.SiLU(), nn.Conv2d(ch, cfg.img_ch, 3, padding=1))
+            ch = decoder(lvl, ch, chans, skip_ch)
+        self.out_block = self.res(ch + skip_ch.pop(), w) if cfg.efficient else None
+        self.out = nn.Sequential(norm(w if cfg.efficient else ch, g), nn.SiLU(),
+                                 nn.Conv2d(w if cfg.efficient else ch, cfg.img_ch, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)  # zero output at init [ADM]
         nn.init.zeros_(self.out[-1].bias)
+
+    # The pieces each layout is built of. `ch` is the running channel count; each returns it.
+    def res(self, cin, cout):
+        return ResBlock(cin, cout, 4 * self.cfg.width, self.cfg.dropout, self.cfg.groups)
+
+    def attn(self, ch, lvl):
+        cfg = self.cfg
+        return Attention(ch, cfg.head_dim, cfg.groups, cfg.shared_kv) if cfg.attn[lvl] else nn.Identity()
+
+    def block(self, cin, cout, lvl):
+        return Block([self.res(cin, cout), self.attn(cout, lvl)])
+
+    def adm_encoder(self, lvl, ch, cout, skip_ch):
+        """ADM level: the Blocks at this resolution (late_widen: at the level above's channels),
+        then conv_down (not after the lowest level)."""
+        width = ch if self.cfg.late_widen else cout
+        for _ in range(self.cfg.per_level_blocks()[lvl]):
+            self.down.append(self.block(ch, width, lvl))
+            ch = width
+            skip_ch.append(ch)
+        if lvl < len(self.cfg.mults) - 1:
+            self.down.append(conv_down(ch, cout))
+            ch = cout
+            skip_ch.append(ch)
+        return ch
+
+    def efficient_encoder(self, lvl, ch, cout, skip_ch):
+        """Efficient level: pixel_down first, then the Blocks one octave lower."""
+        self.down.append(pixel_down(ch, cout))
+        skip_ch.append(cout)
+        for _ in range(self.cfg.per_level_blocks()[lvl]):
+            self.down.append(self.block(cout, cout, lvl))
+            skip_ch.append(cout)
+        return cout
+
+    def adm_decoder(self, lvl, ch, chans, skip_ch):
+        """ADM level: Blocks eating skips, then conv_up (late_widen: narrowing to the level
+        above's channels, as imagen-pytorch)."""
+        for _ in range(self.cfg.per_level_blocks()[lvl] + 1):
+            self.up.append(self.block(ch + skip_ch.pop(), chans[lvl], lvl))
+            ch = chans[lvl]
+        if lvl > 0:
+            cout = chans[lvl - 1] if self.cfg.late_widen else ch
+            self.up.append(conv_up(ch, cout))
+            ch = cout
+        return ch
+
+    def efficient_decoder(self, lvl, ch, chans, skip_ch):
+        """Efficient level: Blocks eating skips, then pixel_up to the level above's channels."""
+        for _ in range(self.cfg.per_level_blocks()[lvl] + 1):
+            self.up.append(self.block(ch + skip_ch.pop(), chans[lvl], lvl))
+            ch = chans[lvl]
+        cout = chans[lvl - 1] if lvl > 0 else self.cfg.width
+        self.up.append(pixel_up(ch, cout))
+        return cout
 
     def forward(self, x, lam, cond=None, aug_lam=None):
         """x: (B, img_ch, H, W) noisy image, H and W divisible by 2^(levels-1) (efficient: 2^levels).
@@ -261,10 +277,11 @@ class UNet(nn.Module):
         f = 2 ** (len(cfg.mults) - (0 if cfg.efficient else 1))
         if x.shape[-1] % f or x.shape[-2] % f:
             raise ValueError(f"U-Net input {tuple(x.shape[-2:])} is not divisible by {f}")
-        # Embedding of the noise level (and of the augmentation level).
+        run = lambda layer, h: layer(h, emb) if isinstance(layer, TAKES_EMB) else layer(h)
+        # Embedding of the noise level (and of the augmentation level; clean when not given).
         emb = self.emb(noise_embedding(lam, cfg.width))
         if self.aug_emb is not None:
-            aug_lam = torch.full_like(lam, 30.0) if aug_lam is None else aug_lam  # 30 = clean
+            aug_lam = torch.full_like(lam, sde.LAM_CLAMP) if aug_lam is None else aug_lam
             emb = emb + self.aug_emb(noise_embedding(aug_lam, cfg.width))
         emb = emb.to(x.dtype)
         # Encoder.
@@ -272,17 +289,15 @@ class UNet(nn.Module):
         skips = [h]
         if self.in_block is not None:  # efficient: the one full-resolution ResBlock in
             h = self.in_block(h, emb)
-        for block in self.down:
-            h = block(h, emb)
+        for layer in self.down:
+            h = run(layer, h)
             skips.append(h)
         # Middle.
-        for block in self.mid:
-            h = block(h, emb)
+        for layer in self.mid:
+            h = run(layer, h)
         # Decoder.
-        for block in self.up:
-            if isinstance(block, Block):
-                h = torch.cat([h, skips.pop()], dim=1)
-            h = block(h, emb)
+        for layer in self.up:
+            h = run(layer, torch.cat([h, skips.pop()], dim=1) if isinstance(layer, Block) else h)
         if self.out_block is not None:  # efficient: the one full-resolution ResBlock out
             h = self.out_block(torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h)
