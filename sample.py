@@ -1,19 +1,20 @@
 """Generate a whole synthetic slide with URCDM and write it as a pyramidal BigTIFF.
 
     python sample.py --out slide.tif                  # the demo preset with the shipped models
-    python sample.py --preset paper --ckpt CKPT_DIR --out slide.svs --order wavefront --batch 16
+    python sample.py --preset paper --ckpt CKPT_DIR --out slide.svs
     torchrun --nproc_per_node=8 sample.py ...          # each round's patches split across ranks
     python sample.py --preset paper --dry-run --out x.tif   # full geometry, cheap stand-in models
     python sample.py --from REAL.svs --start-stage 3 --out twin.tif   # zoom into a real slide
     python sample.py --n 100 --out synth/slide.tif     # 100 slides and synth/slide.tif.manifest.json
-    torchrun --nnodes=2 --node_rank=K --master_addr=HOST ... sample.py ...   # rank 0 alone holds files
 
-The algorithm [PAPER Fig. 1]: stage 1 generates the whole slide at N1 px; stages 2 and 3 each
-generate an overlapping grid of patches, every patch conditioned on the stage below and on its
-finished neighbours (tiler.py); the last stage is written as an Aperio-style slide
-(data.write_aperio). Stage images live in files under OUT.work/ (never all in memory), with a
-journal of finished patches: after a crash, --resume continues and produces the same slide,
-bit for bit on CPU.
+Read `sample_slide` first: the whole algorithm [PAPER Fig. 1] in one process and in memory.
+Stage 1 generates the whole slide at N1 px; stages 2 and 3 each generate an overlapping grid of
+patches, every patch conditioned on the stage below and on its finished neighbours (tiler.py).
+`generate` is the same algorithm made to run for a day at paper size, with the same pixels: stage
+images in files under OUT.work/ (never whole in memory), a journal of finished rounds so that
+--resume continues a stopped run to the same slide (bit for bit on CPU), rounds split across
+ranks, and the last stage written as an Aperio-style slide (data.write_aperio). Everything below
+the "operations" banner (settings, journal, ranks, many slides, previews, main) serves it.
 
 References
   [PAPER]     Cechnicka et al., URCDM, MICCAI 2024 (Sec. 2, Fig. 1).
@@ -21,9 +22,11 @@ References
 import argparse
 import dataclasses
 import fcntl
+import functools
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 
@@ -41,9 +44,138 @@ import tiler
 DEMO_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "demo")
 
 
-def fail(msg):
-    sys.exit(f"error: {msg}")
+# ----------------------------------------------------------------------------- the algorithm
 
+def sample_slide(cdms, preset, sampling, *, seed=0, order="wavefront", batch=8,
+                 white_threshold=data.MIN_TISSUE):
+    """A whole slide [PAPER Fig. 1], in one process and in memory (the demo's 2048 px; not paper
+    size, which `generate` streams to disk). cdms: {stage: cascade.CDM}; sampling: cascade.Sampling.
+    Returns {stage: (N_s, N_s, 3) uint8}; the pixels `generate` writes with the same settings."""
+    images = {}
+    # Stage 1: the whole slide zoomed out, one CDM sample [PAPER Fig. 1, left].
+    x = cdms[1].sample([tiler.patch_generator(seed, 1, 0, 0)], sampling=sampling)  # (1, 3, N1, N1)
+    images[1] = cascade.to_uint8(x)[0]
+    # Stages 2-3: an overlapping grid of patches, each conditioned on the stage below (context,
+    # region) and holding the pixels its finished neighbours fixed [PAPER Fig. 1, middle, right].
+    for s in (2, 3):
+        grid = cascade.stage_grid(preset, s, sampling.edge_margin)
+        lower = tiler.Lower(images[s - 1], cascade.zoom(preset, s), preset.background)
+        white = tiler.WhiteTest(white_threshold, data.tissue_fraction)  # mostly glass: filled
+        canvas = tiler.MemoryCanvas(grid.size, preset.background)
+        tiler.generate_stage(functools.partial(cdms[s].sample, sampling=sampling), grid, canvas,
+                             stage=s, seed=seed, order=order, batch=batch, lower=lower,
+                             white=white if s in sampling.fill_white else None,
+                             feather=sampling.feather)
+        images[s] = canvas.array
+    return images
+
+
+def generate(args, device, rank=0, world=1):
+    """sample_slide made to run for a day at paper size, with the same pixels: each stage image a
+    file under OUT.work/, a journal for --resume, rounds split across ranks (rank 0 alone reads
+    and writes files). Returns the Journal (its state is rank 0's)."""
+    t_start = time.time()
+    settings, preset = resolve(args, device, rank)
+    work, journal = open_work(args, settings, preset, rank, world)  # replays a half-written round
+    path = lambda s: os.path.join(work, f"stage{s}.npy")
+    images = {}
+    # Stage 1, or (--from) a real slide's lower stage in place of the generated ones.
+    if settings.start_stage == 1:
+        images[1] = first_stage(settings, preset, journal, path(1), device, rank, world)
+    elif settings.from_slide:
+        s = settings.start_stage - 1
+        images[s] = real_lower_stage(settings, preset, journal, s, path(s), rank, world)
+    # Stages 2-3: patch grids, each conditioned on the stage below.
+    for s in range(max(settings.start_stage, 2), settings.stages + 1):
+        canvas = new_canvas(path(s), cascade.stage_size(preset, s), preset.background, rank)
+        grid_stage(s, lower_img=images.get(s - 1), canvas=canvas, journal=journal,
+                   settings=settings, preset=preset, device=device, rank=rank, world=world)
+        images[s] = canvas
+    # The slide: the last stage as a pyramidal BigTIFF, the lower stages as PNGs, a summary.
+    if rank == 0:
+        mpp = args.mpp or model_mpp(settings, preset, max(images))
+        t_write = write_slide(args.out, images, mpp=mpp, compression=args.compression)
+        report(args.out, images, settings, preset, journal, mpp, time.time() - t_start, t_write)
+        for img in images.values():
+            img.close()
+        if not args.keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+    return journal
+
+
+def first_stage(settings, preset, journal, path, device, rank, world):
+    """Stage 1: one CDM sample of the whole slide zoomed out, into the file `path` (rank 0)."""
+    if not journal.done(1) and rank == 0:
+        t0 = time.time()
+        cdm = Timed(load_cdm(settings, preset, 1, device), settings.sampling)
+        x = cdm([tiler.patch_generator(settings.seed, 1, 0, 0)])  # (1, 3, N1, N1)
+        N1 = cascade.stage_size(preset, 1)
+        img = data.DiskArray(path, (N1, N1, 3))
+        img.write(0, 0, cascade.to_uint8(x)[0])
+        img.flush()
+        journal.mark(1, [((0, 0), None, False)], time.time() - t0, cdm.seconds)
+    barrier(world)
+    print(f"stage 1: {cascade.stage_size(preset, 1)} px done", file=sys.stderr)
+    return data.DiskArray(path) if rank == 0 else None
+
+
+def grid_stage(stage, *, lower_img, canvas, journal, settings, preset, device, rank, world):
+    """Stage 2 or 3: the patch grid, round by round (tiler.plan). Rank 0 reads each batch's inputs
+    and sends every rank its share, gathers the results, saves the round, writes it into the
+    stage image and marks it in the journal; other ranks only compute (lower_img, canvas: None)."""
+    S, sp = settings, settings.sampling
+    grid = cascade.stage_grid(preset, stage, sp.edge_margin)
+    lower = None if S.outpaint or rank else tiler.Lower(lower_img, cascade.zoom(preset, stage),
+                                                        preset.background)
+    white = (tiler.WhiteTest(S.white_threshold, data.tissue_fraction)
+             if stage in sp.fill_white and lower else None)
+    sample_fn = Timed(load_cdm(S, preset, stage, device), sp)
+    journal.share(world)
+    todo = tiler.plan(S.order, grid.n, S.batch, journal.done(stage))
+    cells = [c for rnd in todo for b in rnd for c in b]
+    n_fill = sum(white(lower, *grid.origin(*c), grid.patch) for c in cells) if white else 0
+    meter = Progress(stage, journal, grid.n ** 2, n_fill)
+    read = lambda cells: tiler.batch_inputs(grid, canvas, cells, order=S.order, lower=lower,
+                                            white=white)
+    for rnd in todo:
+        t_round, sample_fn.seconds = time.time(), 0.0
+        # Generate: this rank's batches of the round.
+        results = [r for inputs in my_batches(rnd, read, rank, world)
+                   for r in tiler.run_batch(sample_fn, inputs, stage=stage, seed=S.seed,
+                                            feather=sp.feather)]
+        results = gather(results, rank, world)
+        # Write: rank 0 saves the round, writes it into the stage image, marks it done.
+        if rank == 0:
+            journal.stage_round(stage, results)
+            apply(canvas, grid, results)
+            journal.mark(stage, results, time.time() - t_round, sample_fn.seconds)
+            meter.update(results)
+        barrier(world)
+
+
+def apply(canvas, grid, results):
+    """A round's patches into the stage image, then flushed: on disk before the journal says so."""
+    for (i, j), pixels, _ in results:
+        canvas.write(*grid.origin(i, j), pixels)
+    canvas.flush()
+
+
+def write_slide(out, images, *, mpp, compression):
+    """The last stage as the slide OUT (temp name, then rename), the lower stages as
+    OUT.stage{s}.png (for metrics.py: magnifications 0-1). Returns the seconds it took."""
+    t0, final = time.time(), max(images)
+    with data.atomic_path(out) as tmp:
+        data.write_aperio(tmp, images[final], mpp=mpp, compression=compression,
+                          workdir=out + ".work")
+    for s in sorted(images)[:-1]:
+        with data.atomic_path(f"{out}.stage{s}.png") as tmp:
+            Image.fromarray(np.asarray(images[s][:])).save(tmp, format="PNG")
+    return time.time() - t0
+
+
+# ============================================================================= operations
+# Settings, journal, ranks, models, progress, previews, many slides, main: what makes
+# `generate` robust and fast. None of it changes a pixel.
 
 # ----------------------------------------------------------------------------- settings
 
@@ -56,11 +188,11 @@ class Settings:
     stages: int                 # stop after this stage
     order: str                  # tiler.ORDERS
     batch: int                  # patches per U-Net batch
-    white_threshold: float      # patches whose region is less tissue are filled (stages in fill_white)
+    white_threshold: float      # 'mostly white': less tissue than this (stages in fill_white)
     outpaint: bool              # stage 3 from its neighbours only (the paper's baseline)
     dry_run: bool               # cheap stand-in models
     precision: str              # fp32 or bf16 (resolved from auto)
-    sampling: dict              # cascade.Sampling as a dict (steps, sampler, eta, ... after the flags)
+    sampling: cascade.Sampling  # the preset's, with the flags that override it
     models: dict                # {file name: sha256} of the model files used ({} for --dry-run)
     ckpt: str                   # the model directory, resolved
     from_slide: str = ""        # --from: a real slide whose lower stage is used ("" = none)
@@ -90,7 +222,9 @@ def parse_args(argv=None):
     ap.add_argument("--white-threshold", type=float, default=data.MIN_TISSUE,
                     help="'mostly white': a region less tissue than this (default data.MIN_TISSUE, training's rule)")
     ap.add_argument("--order", default="wavefront", choices=tiler.ORDERS,
-                    help="raster (the paper), wavefront (same slide, 136 rounds at paper size), checkerboard (4 rounds, another slide)")
+                    help="raster (the paper); wavefront (136 rounds at paper size; the same slide as raster "
+                         "at --batch 1, and with any batch up to float rounding); checkerboard (4 rounds, "
+                         "another slide)")
     ap.add_argument("--batch", type=int, default=8, help="patches per U-Net batch (a run's slide depends on it on CPU)")
     ap.add_argument("--stages", type=int, default=3, choices=[1, 2, 3], help="stop after this stage")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted run (OUT.work/)")
@@ -113,6 +247,7 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+
 def resolve(args, device, rank=0):
     """Settings from the flags and the preset: every default and every check in one place,
     before any work. Returns (Settings, preset)."""
@@ -127,11 +262,12 @@ def resolve(args, device, rank=0):
     if rank == 0:  # only rank 0 writes (other machines need no shared file system)
         check_out(args, preset, stages)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cascade.native_bf16(device))
-    return Settings(preset=preset.name, seed=args.seed, stages=max(stages), order=args.order, batch=args.batch,
-                    white_threshold=args.white_threshold, outpaint=args.outpaint, dry_run=args.dry_run,
-                    precision="bf16" if bf16 else "fp32", sampling=dataclasses.asdict(sampling), models=models,
-                    ckpt=ckpt, from_slide=os.path.realpath(args.from_slide) if args.from_slide else "",
-                    start_stage=start), preset
+    return Settings(preset=preset.name, seed=args.seed, stages=max(stages), order=args.order,
+                    batch=args.batch, white_threshold=args.white_threshold,
+                    outpaint=args.outpaint, dry_run=args.dry_run,
+                    precision="bf16" if bf16 else "fp32", sampling=sampling, models=models,
+                    ckpt=ckpt, start_stage=start,
+                    from_slide=os.path.realpath(args.from_slide) if args.from_slide else ""), preset
 
 
 def check_from(args, p):
@@ -151,6 +287,7 @@ def check_from(args, p):
         fail(f"--from {args.from_slide}: {W} x {H} px is smaller than preset {p.name}'s {N3} px region; "
              "use a larger slide or another preset")
     return start
+
 
 
 def resolve_sampling(args, p):
@@ -184,6 +321,7 @@ def resolve_sampling(args, p):
         fill_white=tuple(pick(args.fill_white, sp.fill_white)))
 
 
+
 def check_models(args, p, stages):
     """The model directory (resolved) and {file: sha256} of the files the stages need; each file's
     identity is checked now, cheaply (mmap: no weights read), not after hours of work."""
@@ -207,6 +345,7 @@ def check_models(args, p, stages):
     return ckpt, {n: data.file_digest(os.path.join(ckpt, n)) for n in names}
 
 
+
 def check_out(args, p, stages):
     """--out names a file in a writable directory with room for the run."""
     out = os.path.abspath(args.out)
@@ -221,28 +360,65 @@ def check_out(args, p, stages):
         fail(f"--out {args.out}: this run needs about {need / 1e9:.1f} GB in {folder}, {free / 1e9:.1f} GB are free")
 
 
+
+def fail(msg):
+    sys.exit(f"error: {msg}")
+
+
 # ----------------------------------------------------------------------------- the journal
 
 class Journal:
     """OUT.work/journal.json: the run's settings and its finished patches, so that --resume
     continues where a run stopped. A round's results are first saved whole (round.npz), then
     written to the stage image, then marked done: a run killed in between re-applies the saved
-    round instead of regenerating from a half-written image."""
+    round (replay) instead of regenerating from a half-written image."""
 
     def __init__(self, work, settings):
-        self.work, self.path, self.round_path = work, os.path.join(work, "journal.json"), os.path.join(work, "round.npz")
-        self.state = {"settings": dataclasses.asdict(settings), "done": {}, "filled": {}, "seconds": {},
+        self.work = work
+        self.path = os.path.join(work, "journal.json")
+        self.round_path = os.path.join(work, "round.npz")
+        self.state = {"settings": _plain(settings), "done": {}, "filled": {}, "seconds": {},
                       "model_seconds": {}}
 
+    # what a run has done
     def done(self, stage):
         return [tuple(c) for c in self.state["done"].get(str(stage), [])]
 
+    def filled(self, stage):
+        return [tuple(c) for c in self.state["filled"].get(str(stage), [])]
+
+    def stages(self):
+        """{stage: (patches, filled, seconds, seconds in the model)} of every stage begun."""
+        st = self.state
+        return {int(s): (len(st["done"][s]), len(st["filled"].get(s, [])), st["seconds"].get(s, 0.0),
+                         st["model_seconds"].get(s, 0.0)) for s in sorted(st["done"])}
+
+    def settings(self):
+        return self.state["settings"]
+
+    def has_work(self):
+        return any(self.state["done"].values())
+
+    def settings_diff(self, settings):
+        """The settings that differ from the journal's: [(name, then, now)]."""
+        old, new = self.state["settings"], _plain(settings)
+        return [(k, old.get(k), new[k]) for k in new if old.get(k) != new[k]]
+
+    # saving
     def save(self):
         data.write_json(self.path, self.state)
 
     def load(self):
         with open(self.path) as f:
             self.state = json.load(f)
+
+    def share(self, world):
+        """Rank 0's state to every rank: only rank 0 reads or writes files, so ranks on other
+        machines need no shared file system."""
+        if world > 1:
+            state = [self.state]
+            dist.broadcast_object_list(state, src=0)
+            self.state = state[0]
 
     def stage_round(self, stage, results):
         """Save a round's results before they touch the stage image."""
@@ -256,9 +432,22 @@ class Journal:
         if not os.path.exists(self.round_path):
             return None
         z = np.load(self.round_path)
-        if str(int(z["stage"])) in self.state["done"] and tuple(z["cells"][0]) in self.done(int(z["stage"])):
+        stage = int(z["stage"])
+        if tuple(z["cells"][0]) in self.done(stage):
             return None  # marked done already; the file was left by a kill before its removal
-        return int(z["stage"]), [(tuple(map(int, c)), px, bool(f)) for c, px, f in zip(z["cells"], z["pixels"], z["filled"])]
+        return stage, [(tuple(map(int, c)), px, bool(f))
+                       for c, px, f in zip(z["cells"], z["pixels"], z["filled"])]
+
+    def replay(self, preset):
+        """Apply a round saved but not marked done when the last run stopped, as it was."""
+        pending = self.pending_round()
+        if pending:
+            s, results = pending
+            canvas = data.DiskArray(os.path.join(self.work, f"stage{s}.npy"))
+            apply(canvas, cascade.stage_grid(preset, s, self.settings()["sampling"]["edge_margin"]),
+                  results)
+            self.mark(s, results, 0.0)
+            canvas.close()
 
     def mark(self, stage, results, seconds, model_seconds=0.0):
         key = str(stage)
@@ -271,36 +460,34 @@ class Journal:
             os.remove(self.round_path)
 
 
-def open_work(args, settings, rank, world):
-    """OUT.work/ with its journal, locked for this run (rank 0 holds an exclusive lock). A run
-    with finished patches is continued only with --resume and discarded only with --overwrite;
-    a work directory without any finished patch never blocks a fresh start."""
+def _plain(settings):
+    """Settings as plain JSON types (what the journal holds and compares)."""
+    return json.loads(json.dumps(dataclasses.asdict(settings)))
+
+
+def open_work(args, settings, preset, rank, world):
+    """OUT.work/ with its journal, locked for this run (rank 0 holds an exclusive lock; the lock
+    file stays open with the journal). A run with finished patches is continued only with --resume
+    (first re-applying a round it saved but did not mark) and discarded only with --overwrite; a
+    work directory without any finished patch never blocks a fresh start. Returns (work, journal)."""
     work = args.out + ".work"
-    journal, lock = Journal(work, settings), None
+    journal = Journal(work, settings)
     if rank == 0:
         if os.path.exists(args.out) and not args.overwrite:
             fail(f"--out {args.out} exists; pass --overwrite to replace it")
         os.makedirs(work, exist_ok=True)
-        lock = open(os.path.join(work, "lock"), "a+")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            fail(f"{work} is in use by another sample.py run (pid {lock.read().strip() or '?'}); wait for it or "
-                 "choose another --out")
-        lock.seek(0), lock.truncate(), lock.write(str(os.getpid())), lock.flush()
+        journal.lock = lock_work(work)
         started = os.path.exists(journal.path)
         if started:
             journal.load()
-        has_work = started and any(journal.state["done"].values())
-        if has_work and args.resume:
-            old, new = journal.state["settings"], json.loads(json.dumps(dataclasses.asdict(settings)))
-            diff = [k for k in new if old.get(k) != new[k]]
+        if started and journal.has_work() and args.resume:
+            diff = journal.settings_diff(settings)
             if diff:
-                fail(f"--resume with other settings than the interrupted run ({', '.join(diff)}: "
-                     f"{[old.get(k) for k in diff]} then, {[new[k] for k in diff]} now); "
-                     "use the original flags and models, or --overwrite")
-        elif has_work and not args.overwrite:
+                fail(f"--resume with other settings than the interrupted run "
+                     f"({', '.join(k for k, _, _ in diff)}: {[a for _, a, _ in diff]} then, "
+                     f"{[b for _, _, b in diff]} now); use the original flags and models, or --overwrite")
+            journal.replay(preset)
+        elif started and journal.has_work() and not args.overwrite:
             fail(f"{work} holds an unfinished run; pass --resume to continue it or --overwrite to restart")
         else:
             if args.resume:
@@ -309,24 +496,81 @@ def open_work(args, settings, rank, world):
                 if f != "lock":
                     path = os.path.join(work, f)
                     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-            journal = Journal(work, settings)
+            lock, journal = journal.lock, Journal(work, settings)
+            journal.lock = lock
             journal.save()
-    share_journal(journal, world)
-    return work, journal, lock
+    journal.share(world)
+    barrier(world)
+    return work, journal
 
+
+def lock_work(work):
+    """An exclusive lock on OUT.work/lock holding this process's pid; a one-line error naming the
+    other process when a run holds it. Returns the open file (the lock lasts while it is open)."""
+    lock = open(os.path.join(work, "lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        fail(f"{work} is in use by another sample.py run (pid {lock.read().strip() or '?'}); "
+             "wait for it or choose another --out")
+    lock.seek(0), lock.truncate(), lock.write(str(os.getpid())), lock.flush()
+    return lock
+
+
+def new_canvas(path, N, background, rank):
+    """The (N, N, 3) stage image file of a grid stage (rank 0; None elsewhere), created once."""
+    if rank:
+        return None
+    if not os.path.exists(path):
+        with data.atomic_path(path) as tmp:
+            data.DiskArray(tmp, (N, N, 3), fill=background).close()
+    return data.DiskArray(path)
+
+
+def real_lower_stage(settings, preset, journal, stage, path, rank, world):
+    """Stage `stage` of the real slide of --from: its region resized to N_stage exactly as
+    training builds it (data.slide_cache: same region choice, same resize)."""
+    if not journal.done(stage) and rank == 0:
+        t0, N = time.time(), cascade.stage_size(preset, stage)
+        img = data.DiskArray(path, (N, N, 3))
+        cache = data.slide_cache(settings.from_slide, preset,
+                                 cache_dir=os.path.join(journal.work, "from"))
+        for r0 in range(0, N, 256):
+            img.write(r0, 0, np.asarray(cache[f"stage{stage}"][r0:r0 + 256]))
+        img.flush()
+        img.close()
+        journal.mark(stage, [((0, 0), None, False)], time.time() - t0)
+    barrier(world)
+    print(f"stage {stage}: taken from {settings.from_slide}", file=sys.stderr)
+    return data.DiskArray(path) if rank == 0 else None
+
+
+# ----------------------------------------------------------------------------- ranks
 
 def barrier(world):
     if world > 1:
         dist.barrier()
 
 
-def share_journal(journal, world):
-    """Rank 0's journal state to every rank: only rank 0 reads or writes files, so ranks on other
-    machines need no shared file system."""
-    if world > 1:
-        state = [journal.state]
-        dist.broadcast_object_list(state, src=0)
-        journal.state = state[0]
+def my_batches(rnd, read, rank, world):
+    """This rank's batch inputs of a round: every world-th batch, read by rank 0 and scattered
+    (read lazily in one process)."""
+    if world == 1:
+        return (read(b) for b in rnd)
+    mine = [None]
+    shares = [[read(b) for b in rnd[r::world]] for r in range(world)] if rank == 0 else None
+    dist.scatter_object_list(mine, shares, src=0)
+    return mine[0]
+
+
+def gather(results, rank, world):
+    """Every rank's results of a round, on rank 0 (None elsewhere)."""
+    if world == 1:
+        return results
+    parts = [None] * world if rank == 0 else None
+    dist.gather_object(results, parts, dst=0)
+    return [r for part in parts for r in part] if rank == 0 else None
 
 
 # ----------------------------------------------------------------------------- models
@@ -351,6 +595,7 @@ class DryRunCDM:
             x = region
         x = (x + 0.03 * noise).clamp(-1, 1)
         return x if known is None else torch.where(mask, known, x)
+
 
 
 def load_cdm(settings, preset, stage, device):
@@ -378,108 +623,48 @@ class Timed:
         return x
 
 
-# ----------------------------------------------------------------------------- one grid stage
 
-def scatter(batches, rank, world):
-    """Rank 0's list of a round's batch inputs -> this rank's share (every world-th batch)."""
-    if world == 1:
-        return batches
-    mine = [None]
-    dist.scatter_object_list(mine, [batches[r::world] for r in range(world)] if rank == 0 else None, src=0)
-    return mine[0]
+# ----------------------------------------------------------------------------- progress and report
 
+class Progress:
+    """One line per round on stderr: patches done, generated / filled; ETA from the generation
+    rate alone (a filled patch costs next to nothing)."""
 
-def gather(results, rank, world):
-    """Every rank's results of a round, on rank 0 (None elsewhere)."""
-    if world == 1:
-        return results
-    parts = [None] * world if rank == 0 else None
-    dist.gather_object(results, parts, dst=0)
-    return [r for part in parts for r in part] if rank == 0 else None
+    def __init__(self, stage, journal, n_total, n_fill):
+        self.stage, self.journal, self.n_total, self.n_fill = stage, journal, n_total, n_fill
+        self.t0 = time.time()
+        self.generated0 = len(journal.done(stage)) - len(journal.filled(stage))
 
-
-def apply(canvas, grid, results):
-    for (i, j), pixels, _ in results:
-        canvas.write(*grid.origin(i, j), pixels)
-    canvas.flush()  # pixels on disk before the journal says so
+    def update(self, results):
+        self.n_fill -= sum(f for _, _, f in results)
+        done, filled = len(self.journal.done(self.stage)), len(self.journal.filled(self.stage))
+        generated = done - filled
+        rate = (generated - self.generated0) / max(time.time() - self.t0, 1e-9)
+        left = self.n_total - done - self.n_fill
+        eta = f"ETA {left / rate / 60:.1f} min" if rate > 0 else "ETA -"
+        print(f"stage {self.stage}: {done}/{self.n_total} patches ({generated} generated, {filled} "
+              f"filled as glass); left: {left} to generate, {self.n_fill} to fill; "
+              f"{rate:.2f} generated patches/s, {eta}", file=sys.stderr, flush=True)
 
 
-def progress(stage, journal, n_total, n_fill_left, t0, generated0):
-    """One line: patches done, generated / filled; ETA from the generation rate alone (a
-    filled patch costs next to nothing)."""
-    done, filled = len(journal.done(stage)), len(journal.state["filled"].get(str(stage), []))
-    generated = done - filled
-    rate = (generated - generated0) / max(time.time() - t0, 1e-9)
-    left_gen = n_total - done - n_fill_left
-    eta = f"ETA {left_gen / rate / 60:.1f} min" if rate > 0 else "ETA -"
-    print(f"stage {stage}: {done}/{n_total} patches ({generated} generated, {filled} filled as glass); "
-          f"left: {left_gen} to generate, {n_fill_left} to fill; {rate:.2f} generated patches/s, {eta}",
-          file=sys.stderr, flush=True)
-
-
-def grid_stage(stage, lower_img, canvas, journal, settings, preset, device, rank, world):
-    """Stage 2 or 3: the patch grid, round by round. Rank 0 reads every batch's inputs and sends
-    each rank its share (every world-th batch), gathers the results, writes the round and marks
-    it in the journal; the other ranks only compute. lower_img, canvas: None on other ranks."""
-    S, sp = settings, cascade.Sampling(**settings.sampling)
-    grid = cascade.stage_grid(preset, stage, sp.edge_margin)
-    lower = None if S.outpaint or rank else tiler.Lower(lower_img, cascade.zoom(preset, stage), preset.background)
-    white = tiler.WhiteTest(S.white_threshold, data.tissue_fraction) if stage in sp.fill_white and lower else None
-    sample_fn = Timed(load_cdm(S, preset, stage, device), sp)
-    share_journal(journal, world)
-    todo = tiler.plan(S.order, grid.n, S.batch, journal.done(stage))
-    cells = [c for rnd in todo for b in rnd for c in b]
-    n_fill = sum(white(lower, *grid.origin(*c), grid.patch) for c in cells) if white else 0
-    t0, gen0 = time.time(), len(journal.done(stage)) - len(journal.state["filled"].get(str(stage), []))
-    read = lambda cells: tiler.batch_inputs(grid, canvas, cells, order=S.order, lower=lower, white=white)
-    for rnd in todo:
-        t_round, sample_fn.seconds = time.time(), 0.0
-        # Generate: this rank's batches of the round (inputs read by rank 0; lazily in one process).
-        mine = (read(b) for b in rnd) if world == 1 else scatter([read(b) for b in rnd] if rank == 0 else None,
-                                                                   rank, world)
-        results = [r for inputs in mine for r in tiler.run_batch(sample_fn, inputs, stage=stage, seed=S.seed,
-                                                                 feather=sp.feather)]
-        results = gather(results, rank, world)
-        # Write: rank 0 saves the round, writes it into the stage image, marks it done.
-        if rank == 0:
-            journal.stage_round(stage, results)
-            apply(canvas, grid, results)
-            journal.mark(stage, results, time.time() - t_round, sample_fn.seconds)
-            n_fill -= sum(f for _, _, f in results)
-            progress(stage, journal, grid.n ** 2, n_fill, t0, gen0)
-        barrier(world)
-
-
-# ----------------------------------------------------------------------------- the slide file
-
-def write_slide(args, settings, preset, images, journal, t_start):
-    """Write the slide (temp name, then rename), the preview PNGs, and a summary."""
-    final_stage = max(images)
-    final = images[final_stage]
-    mpp = args.mpp or model_mpp(settings, preset, final_stage)
-    t0 = time.time()
-    with data.atomic_path(args.out) as tmp:
-        data.write_aperio(tmp, final, mpp=mpp, compression=args.compression, workdir=args.out + ".work")
-    t_write = time.time() - t0
-    for s in sorted(images)[:-1]:  # the lower stages, for metrics.py (magnifications 0-1, consistency)
-        with data.atomic_path(f"{args.out}.stage{s}.png") as tmp:
-            Image.fromarray(np.asarray(images[s][:])).save(tmp, format="PNG")
-    previews = write_previews(args.out, images, preset)
-    sp = cascade.Sampling(**settings.sampling)
-    seams = {s: tiler.seam_score(images[s], cascade.stage_grid(preset, s, sp.edge_margin), settings.order)
-             for s in sorted(images) if s > 1}
-    lines = [f"wrote {args.out}: {final.shape[1]} x {final.shape[0]} px at {mpp:.4g} um/px, "
-             f"{os.path.getsize(args.out) / 1e6:.1f} MB, {(time.time() - t_start) / 60:.1f} min in this run"]
-    for s, secs in sorted(journal.state["seconds"].items()):
-        n, filled = len(journal.done(int(s))), len(journal.state["filled"].get(s, []))
-        model = journal.state["model_seconds"].get(s, secs)
-        lines.append(f"  stage {s}: {n} patches in {secs:.1f} s ({n - filled} generated, {filled} filled as glass); "
-                     f"outside the model {(secs - model) / max(n, 1):.3f} s/patch (rank 0)")
+def report(out, images, settings, preset, journal, mpp, seconds, t_write):
+    """The previews, each grid stage's seam score, and a summary on stderr."""
+    previews = write_previews(out, images, preset)
+    grid = lambda s: cascade.stage_grid(preset, s, settings.sampling.edge_margin)
+    seams = {s: tiler.seam_score(images[s], grid(s), settings.order) for s in sorted(images) if s > 1}
+    final = images[max(images)]
+    lines = [f"wrote {out}: {final.shape[1]} x {final.shape[0]} px at {mpp:.4g} um/px, "
+             f"{os.path.getsize(out) / 1e6:.1f} MB, {seconds / 60:.1f} min in this run"]
+    for s, (n, filled, secs, model) in journal.stages().items():
+        lines.append(f"  stage {s}: {n} patches in {secs:.1f} s ({n - filled} generated, {filled} "
+                     f"filled as glass); outside the model {(secs - (model or secs)) / max(n, 1):.3f} "
+                     "s/patch (rank 0)")
     if seams:
-        lines.append("  seam score (1.0 = invisible): " + ", ".join(f"stage {s} {v:.3f}" for s, v in seams.items()))
-    lower = [f"{args.out}.stage{s}.png" for s in sorted(images)[:-1]]
-    lines.append(f"  pyramid written in {t_write:.1f} s; previews{' and lower stages' if lower else ''}: "
-                 f"{', '.join(previews + lower)}")
+        lines.append("  seam score (1.0 = invisible): "
+                     + ", ".join(f"stage {s} {v:.3f}" for s, v in seams.items()))
+    lower = [f"{out}.stage{s}.png" for s in sorted(images)[:-1]]
+    lines.append(f"  pyramid written in {t_write:.1f} s; previews{' and lower stages' if lower else ''}"
+                 f": {', '.join(previews + lower)}")
     print("\n".join(lines), file=sys.stderr)
 
 
@@ -492,6 +677,7 @@ def model_mpp(settings, preset, stage):
         ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no weights read
         mpp3 = ck.get("mpp") or mpp3
     return mpp3 * cascade.stage_size(preset, 3) / cascade.stage_size(preset, stage)
+
 
 
 def _fit(arr, side):
@@ -529,94 +715,8 @@ def write_previews(out, images, preset, side=512):
     return paths
 
 
-# ----------------------------------------------------------------------------- main
 
-def main(argv=None):
-    args = parse_args(argv)
-    ddp, rank, world, device = cascade.init_distributed(args.device)
-    if args.seeds or args.n:
-        many_slides(args, device, rank, world)
-    else:
-        generate(args, device, rank, world)
-    if ddp:
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def generate(args, device, rank=0, world=1):
-    """One slide [PAPER Fig. 1]. Returns the journal's state (rank 0)."""
-    t_start = time.time()
-    settings, preset = resolve(args, device, rank)
-    work, journal, lock = open_work(args, settings, rank, world)
-    stage_path = lambda s: os.path.join(work, f"stage{s}.npy")
-
-    # A round saved but not marked done when the last run stopped: apply it as it was.
-    pending = journal.pending_round() if rank == 0 else None
-    if pending:
-        s, results = pending
-        grid = cascade.stage_grid(preset, s, settings.sampling["edge_margin"])
-        canvas = data.DiskArray(stage_path(s))
-        apply(canvas, grid, results)
-        journal.mark(s, results, 0.0)
-        canvas.close()
-    barrier(world)
-
-    # Stage 1: the whole slide, zoomed out, one CDM sample [PAPER Fig. 1, left].
-    images = {}
-    if settings.start_stage == 1:
-        N1 = cascade.stage_size(preset, 1)
-        if not journal.done(1) and rank == 0:
-            t0, cdm = time.time(), Timed(load_cdm(settings, preset, 1, device), cascade.Sampling(**settings.sampling))
-            x = cdm([tiler.patch_generator(settings.seed, 1, 0, 0)])
-            img = data.DiskArray(stage_path(1), (N1, N1, 3))
-            img.write(0, 0, cascade.to_uint8(x)[0])
-            img.flush()
-            journal.mark(1, [((0, 0), None, False)], time.time() - t0, cdm.seconds)
-        barrier(world)
-        images[1] = data.DiskArray(stage_path(1)) if rank == 0 else None
-        print(f"stage 1: {N1} x {N1} done", file=sys.stderr)
-    # Or (--from) a real slide's lower stage, built as training builds it, in place of generated ones.
-    elif settings.from_slide:
-        lower = settings.start_stage - 1
-        if not journal.done(lower) and rank == 0:
-            t0 = time.time()
-            real_lower_stage(settings, preset, lower, stage_path(lower), work)
-            journal.mark(lower, [((0, 0), None, False)], time.time() - t0)
-        barrier(world)
-        images[lower] = data.DiskArray(stage_path(lower)) if rank == 0 else None
-        print(f"stage {lower}: taken from {settings.from_slide}", file=sys.stderr)
-
-    # Stages 2 and 3: patch grids, each conditioned on the stage below [PAPER Fig. 1, middle, right].
-    for s in range(max(settings.start_stage, 2), settings.stages + 1):
-        if rank == 0 and not os.path.exists(stage_path(s)):
-            N = cascade.stage_size(preset, s)
-            with data.atomic_path(stage_path(s)) as tmp:
-                data.DiskArray(tmp, (N, N, 3), fill=preset.background).close()
-        canvas = data.DiskArray(stage_path(s)) if rank == 0 else None
-        grid_stage(s, images.get(s - 1), canvas, journal, settings, preset, device, rank, world)
-        images[s] = canvas
-
-    # The slide: the last stage as a pyramidal BigTIFF, previews, a summary.
-    if rank == 0:
-        write_slide(args, settings, preset, images, journal, t_start)
-        for img in images.values():
-            img.close()
-        if not args.keep_work:
-            shutil.rmtree(work, ignore_errors=True)
-    return journal.state
-
-
-def real_lower_stage(settings, preset, stage, path, work):
-    """Stage `stage` of the real slide of --from: its region resized to N_stage exactly as
-    training builds it (data.slide_cache: same region choice, same resize)."""
-    N = cascade.stage_size(preset, stage)
-    img = data.DiskArray(path, (N, N, 3))
-    cache = data.slide_cache(settings.from_slide, preset, cache_dir=os.path.join(work, "from"))
-    for r0 in range(0, N, 256):
-        img.write(r0, 0, np.asarray(cache[f"stage{stage}"][r0:r0 + 256]))
-    img.flush()
-    img.close()
-
+# ----------------------------------------------------------------------------- many slides
 
 def parse_seeds(args):
     if args.n:
@@ -631,10 +731,12 @@ def parse_seeds(args):
         fail(f"--seeds {args.seeds}: use a range such as 0-99 or a list such as 0,4,7")
 
 
+
 def many_slides(args, device, rank, world):
-    """One slide per seed, whole slides split across ranks (each rank alone on its slides). A
-    slide with its record (OUT_s<seed>.tif.json) is skipped; an unfinished one resumes. Rank 0
-    writes OUT.manifest.json: seed, path, settings, seconds, patches generated / filled, sha256."""
+    """One slide per seed, whole slides split across ranks (each rank alone on its slides, in its
+    own machine's file system). A slide with its record (OUT_s<seed>.tif.json) is skipped; an
+    unfinished one resumes. Rank 0 writes OUT.manifest.json, one record per slide: seed, host (the
+    machine that holds the slide), path, settings, seconds, patches generated / filled, sha256."""
     seeds, (root, ext) = parse_seeds(args), os.path.splitext(args.out)
     if args.n is not None and args.n < 1:
         fail(f"--n {args.n}: use a value >= 1")
@@ -647,12 +749,16 @@ def many_slides(args, device, rank, world):
                 records.append(json.load(f))
             print(f"{out}: done already, skipped", file=sys.stderr)
             continue
-        one = argparse.Namespace(**{**vars(args), "out": out, "seed": seed, "seeds": None, "n": None, "resume": True})
+        one = argparse.Namespace(**{**vars(args), "out": out, "seed": seed, "seeds": None,
+                                    "n": None, "resume": True})
         t0 = time.time()
-        state = generate(one, device)
-        count = lambda key: {s: len(v) for s, v in state[key].items()}
-        rec = {"seed": seed, "path": os.path.abspath(out), "settings": state["settings"], "seconds": time.time() - t0,
-               "patches": count("done"), "filled": count("filled"), "sha256": data.file_digest(out)}
+        journal = generate(one, device)
+        stages = journal.stages()
+        rec = {"seed": seed, "host": socket.gethostname(), "rank": rank,
+               "path": os.path.abspath(out), "settings": journal.settings(),
+               "seconds": time.time() - t0,
+               "patches": {str(s): v[0] for s, v in stages.items()},
+               "filled": {str(s): v[1] for s, v in stages.items()}, "sha256": data.file_digest(out)}
         data.write_json(rec_path, rec, indent=1)
         records.append(rec)
     if world > 1:
@@ -660,8 +766,24 @@ def many_slides(args, device, rank, world):
         dist.gather_object(records, parts, dst=0)
         records = [r for part in parts for r in part] if rank == 0 else records
     if rank == 0:
+        hosts = sorted({r["host"] for r in records})
         data.write_json(args.out + ".manifest.json", sorted(records, key=lambda r: r["seed"]), indent=1)
-        print(f"wrote {args.out}.manifest.json: {len(records)} slides", file=sys.stderr)
+        print(f"wrote {args.out}.manifest.json: {len(records)} slides on {len(hosts)} machine(s)"
+              f" ({', '.join(hosts)}); each slide stays on the machine that made it", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = parse_args(argv)
+    ddp, rank, world, device = cascade.init_distributed(args.device)
+    if args.seeds or args.n:
+        many_slides(args, device, rank, world)
+    else:
+        generate(args, device, rank, world)
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def one_line_errors(fn, *a):

@@ -317,11 +317,14 @@ def test_orphaned_checkpoint_temps_are_removed(tmp_path):
 # ---------------------------------------------------------------- 14. progress counts generated patches only
 
 def test_eta_ignores_filled_patches(tmp_path, capsys):
-    j = sample.Journal(str(tmp_path), sample.Settings("tiny", 0, 3, "raster", 1, 0.3, False, True, "fp32", {}, {}, ""))
-    j.state["done"]["3"] = [[0, k] for k in range(10)]
-    j.state["filled"]["3"] = [[0, k] for k in range(6)]  # 4 generated in ~4 s, 6 filled at once
-    import time
-    sample.progress(3, j, 30, n_fill_left=10, t0=time.time() - 4.0, generated0=0)
+    sp = cascade.get_preset("tiny").sampling
+    j = sample.Journal(str(tmp_path), sample.Settings("tiny", 0, 3, "raster", 1, 0.3, False, True, "fp32", sp,
+                                                      {}, ""))
+    meter = sample.Progress(3, j, 30, n_fill=16)
+    meter.t0 -= 4.0
+    # 4 generated in ~4 s, 6 filled at once
+    j.mark(3, [((0, k), None, k < 6) for k in range(10)], 4.0)
+    meter.update([((0, k), None, k < 6) for k in range(10)])
     err = capsys.readouterr().err
     assert "10/30 patches (4 generated, 6 filled as glass)" in err and "left: 10 to generate, 10 to fill" in err
     eta = float(err.split("ETA ")[1].split(" min")[0])

@@ -213,3 +213,39 @@ def test_many_slides_manifest_and_resume(tmp_path, tiny_ckpt):
     manifest = json.load(open(str(tmp_path / "many.tif") + ".manifest.json"))
     assert [m["seed"] for m in manifest] == [0, 1, 2] and all(len(m["sha256"]) == 64 for m in manifest)
     assert manifest[2]["patches"]["3"] == 16 and manifest[2]["settings"]["seed"] == 2
+    import socket  # each machine keeps the slides it made; the manifest says which machine
+    assert all(m["host"] == socket.gethostname() and m["rank"] == 0 for m in manifest)
+
+
+def test_sample_slide_equals_generate(tmp_path, monkeypatch):
+    """sample.py's teaching path (sample_slide: one process, in memory) and its operational one
+    (generate: files, journal, ranks) give the same pixels at every stage, bit for bit: the demo's
+    geometry (256 / 704 / 2048 px) with tiny random U-Nets."""
+    import dataclasses
+
+    import torch
+
+    import sample
+    import unet
+    demo = cascade.get_preset("demo")
+    monkeypatch.setitem(unet.CONFIGS, "flat", unet.UNetConfig(width=8, mults=(1, 2), blocks=1,
+                                                              attn=(False, False), groups=4))
+    p = dataclasses.replace(demo, name="demo_tiny", unets=("flat",) * 3,
+                            sampling=dataclasses.replace(demo.sampling, steps=(2, 2, 2)))
+    monkeypatch.setitem(cascade.PRESETS, p.name, p)
+    for s in (1, 2, 3):
+        for lvl in range(3):
+            torch.manual_seed(10 * s + lvl)
+            net = unet.UNet(cascade.unet_config(p, s, lvl))
+            for prm in net.parameters():
+                torch.nn.init.normal_(prm, std=0.03)
+            torch.save(cascade.model_payload(p, s, lvl, net.cfg, net.state_dict()),
+                       tmp_path / cascade.model_filename(s, lvl))
+    out = tmp_path / "slide.tif"
+    sample.main(["--preset", p.name, "--ckpt", str(tmp_path), "--out", str(out), "--keep-work",
+                 "--compression", "zlib", "--device", "cpu", "--precision", "fp32", "--seed", "3"])
+    cdms = {s: cascade.load_cdm(str(tmp_path), p, s) for s in (1, 2, 3)}
+    images = sample.sample_slide(cdms, p, p.sampling, seed=3)
+    for s in (1, 2, 3):
+        assert np.array_equal(images[s], np.load(str(out) + f".work/stage{s}.npy")), f"stage {s}"
+    assert images[3].shape == (2048, 2048, 3) and images[3].std() > 0
