@@ -4,6 +4,12 @@
     torchrun --nproc_per_node=9 train.py --stage 3 --level 0 --data ... --out ...   # data-parallel
     torchrun --nproc_per_node=9 train.py --stage all --level all ...   # one model per rank, as the paper
     python train.py --plot CKPT_DIR                                     # loss curves of the nine models
+    python train.py --recipe checkpoints/demo/recipe.txt --data SLIDE --out runs/demo   # the demo's phases
+
+Read `Trainer` first: `__init__`, `losses` (one batch's diffusion loss with conditioning
+augmentation), `update_ema` and `train` (the loop) are the algorithm; `train_models` runs it for
+the models asked for. Below them, checkpoints and faults, then the "operations" banner (flags,
+logs, previews, recipes, main).
 
 Re-running the same command resumes from CKPT_DIR/stage{s}_level{l}.pt. Randomness is derived
 from (seed, step, rank) and the data position is saved, so a resumed run continues exactly
@@ -39,39 +45,317 @@ import sde
 import unet as unet_mod
 
 
-# ----------------------------------------------------------------------------- recipes
-# A recipe is the list of train.py runs (phases) that made a set of models, run in order by
-# `python train.py --recipe NAME --data SLIDES --out CKPT_DIR [--export DIR]`. A phase trains its
-# models up to its --max-steps and resumes exactly, so re-running the command continues where it
-# stopped and a finished phase is skipped. Only --data, --out, --cache, --threads, --device and
-# --export may be given beside --recipe; everything else is the recipe's.
-RECIPES = {
-    # The shipped demo models (checkpoints/demo; docs/notes.md, "Training the demo" and "Demo v2").
-    # Phases 1-10 made demo v1 (about 4 hours on 2 cores): crops of 64 px for the top level, then
-    # a last phase at its full 256 px. Phases 11-13 make v2 (1.6 hours more, one thread): stage 2's
-    # levels 1-2 further at lr 2e-4, its top level again ending at full size; stages 1 and 3 stay v1's.
-    "demo": dict(common="--preset demo --batch 16 --lr 5e-4 --ema 0.995", phases=[
-        "--stage all --level all --max-steps 800 500 3000",
-        "--stage 1 --level 2 --max-steps 6500",
-        "--stage 3 --level 2 --max-steps 4000",
-        "--stage 2 --level 0 --max-steps 4000",
-        "--stage 3 --level 0 --max-steps 4000",
-        "--stage 3 --level 1 --max-steps 2000",
-        "--stage 2 --level 1 --max-steps 1324",
-        "--stage 1 --level 2 --max-steps 6650 --crop 256 --batch 4 --lr 2e-4 --ema 0.99",
-        "--stage 2 --level 2 --max-steps 3150 --crop 256 --batch 4 --lr 2e-4 --ema 0.99",
-        "--stage 3 --level 2 --max-steps 4150 --crop 256 --batch 4 --lr 2e-4 --ema 0.99",
-        # v2
-        "--stage 2 --level 1 --max-steps 3000 --lr 2e-4",
-        "--stage 2 --level 2 --max-steps 4689 --lr 2e-4",
-        "--stage 2 --level 2 --max-steps 4739 --crop 256 --batch 4 --lr 2e-4 --ema 0.99"]),
-    # For tests and smoke runs: two phases of the tiny preset, seconds on a CPU.
-    "tiny": dict(common="--preset tiny --batch 2", phases=[
-        "--stage all --level all --max-steps 2",
-        "--stage 1 --level 2 --max-steps 3 --crop 32"]),
-}
-RECIPE_FLAGS = ("data", "out", "cache", "threads", "device", "export")  # what --recipe lets the user set
+# ----------------------------------------------------------------------------- the algorithm
 
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """What training reads, resolved once from the flags (Config.from_args)."""
+    out: str                   # checkpoint directory
+    batch: int                 # per process; the global batch is batch x ranks
+    lr: float                  # Adam's learning rate [Imagen: 1e-4]
+    max_steps: tuple           # total optimiser steps per level (0, 1, 2) [PAPER: 200k]
+    ema: float                 # EMA decay, warmed up as min(ema, (1 + n) / (10 + n))
+    bf16: bool                 # bf16 autocast of the U-Net (the optimiser state stays fp32)
+    seed: int = 0
+    conditioned: bool = True   # False: the outpainting baseline (no lower-stage crops)
+    init: str = None           # start new models from this directory's model files
+    compile: bool = False      # torch.compile the model
+    workers: int = 0           # data loader processes
+    log_every: int = 50
+    save_every: int = 1000
+    keep: int = 3              # numbered snapshots kept
+    sample_every: int = 0      # preview PNGs (0: none)
+    sample_steps: int = 25     # sampling steps of the previews
+    max_nonfinite: int = 20    # stop after this many non-finite steps in a row
+    check_replicas: bool = False
+
+    @classmethod
+    def from_args(cls, args, device):
+        steps = args.max_steps * 3 if len(args.max_steps) == 1 else args.max_steps
+        workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+        bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+        return cls(out=args.out, batch=args.batch, lr=args.lr, max_steps=tuple(steps), ema=args.ema,
+                   bf16=bf16, seed=args.seed, conditioned=not args.outpaint, init=args.init,
+                   compile=args.compile, workers=workers, log_every=args.log_every,
+                   save_every=args.save_every, keep=args.keep, sample_every=args.sample_every,
+                   sample_steps=args.sample_steps, max_nonfinite=args.max_nonfinite,
+                   check_replicas=args.check_replicas)
+
+
+class Trainer:
+    """One model: its weights, EMA, optimiser, data position and log.
+    rank / world: this process's place in the model's data-parallel group (a group of one when
+    each rank trains its own model); ddp: whether gradients are averaged across the group."""
+
+    def __init__(self, cfg, preset, stage, level, rank, world, ddp, device, mpp=None):
+        self.cfg, self.preset, self.stage, self.level, self.mpp = cfg, preset, stage, level, mpp
+        self.rank, self.world, self.ddp, self.device = rank, world, ddp, device
+        self.unet_cfg = cascade.unet_config(preset, stage, level, cfg.conditioned)
+        self.schedule, self.objective = preset.schedules[level], preset.objectives[level]
+        self.path = os.path.join(cfg.out, cascade.model_filename(stage, level))
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = unet_mod.UNet(self.unet_cfg).to(device, memory_format=torch.channels_last)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))  # [Imagen]
+        self.step, self.position, self.nonfinite_total, self.bad_in_a_row = 0, 0, 0, 0
+        self.max_steps = cfg.max_steps[level]
+        if os.path.exists(self.path):
+            self.resume()
+        elif cfg.init:
+            self.start_from(os.path.join(cfg.init, cascade.model_filename(stage, level)))
+        self.log = TrainLog(self.path[:-3] + ".log.jsonl", self.step) if rank == 0 else None
+        self.net = self.model
+        if ddp:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+
+    def losses(self, batch, g):
+        """Per-sample losses (B,) and their times t (B,) on one batch [SDE-v, MinSNR]."""
+        x0 = batch["x0"].to(self.device, memory_format=torch.channels_last)  # (B, 3, L, L)
+        cond = batch["cond"].to(self.device, memory_format=torch.channels_last)  # (B, C, L, L)
+        cond = None if cond.shape[1] == 0 else cond
+        # Conditioning augmentation: t_aug ~ U(lo, hi), per sample or one per batch [CDM, Imagen].
+        tr = self.preset.training
+        t_aug = tr.aug_train[0] + (tr.aug_train[1] - tr.aug_train[0]) * sde.rand(
+            1 if tr.aug_per_batch else x0.shape[0], g)
+        cond, aug_lam = cascade.augment(self.preset, self.stage, self.level, cond,
+                                        t_aug.expand(x0.shape[0]), g, self.cfg.conditioned)
+        # The diffusion loss of the level's objective (v or eps), min-SNR weighted if the preset says.
+        fn = cascade.denoiser(self.net, self.schedule, cond, aug_lam, self.cfg.bf16)
+        return sde.loss_fn(fn, x0, schedule=self.schedule, objective=self.objective,
+                           min_snr_gamma=tr.min_snr_gamma, generator=g)
+
+    def update_ema(self):
+        """ema <- decay ema + (1 - decay) model, decay warmed up from 0.1 to cfg.ema."""
+        decay = min(self.cfg.ema, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.model.parameters()):
+                e.lerp_(p, 1 - decay)
+            for e, b in zip(self.ema.buffers(), self.model.buffers()):
+                e.copy_(b)
+
+    def train(self, ds, stop_flag):
+        """Steps until max_steps; False if a SIGTERM stopped it (after saving)."""
+        cfg, G = self.cfg, self.cfg.batch * self.world
+        loader, meter = self.loader(ds), Meter(self.step)
+        while self.step < self.max_steps:
+            # Forward: the loss of this rank's part of the global batch.
+            batch = next(loader)
+            seed = sde.derive_seed(cfg.seed, self.stage, self.level, self.step, self.rank)
+            torch.manual_seed(seed)  # dropout
+            losses, t = self.losses(batch, torch.Generator().manual_seed(seed))
+            loss = losses.mean()
+            # Backward and update, unless the loss or the gradients are not finite.
+            finite = float(self.all_mean(float(torch.isfinite(loss)))) == 1.0
+            self.opt.zero_grad(set_to_none=True)
+            grad_norm = float("nan")
+            if finite:
+                loss.backward()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0))  # [PAPER]
+                finite = bool(np.isfinite(grad_norm))
+            if finite:
+                self.opt.step()
+                self.update_ema()
+                meter.add(self.all_mean(losses.detach().double()), self.all_mean(t.double()), grad_norm)
+            self.count_nonfinite(finite)
+            self.step += 1
+            self.position += G
+            # Log, preview, checkpoint.
+            self.log_step(meter, ds)
+            stopping = float(self.all_mean(float(stop_flag[0]))) > 0
+            if self.step % cfg.save_every == 0 or self.step == self.max_steps or stopping:
+                self.save()
+            if stopping:
+                if self.rank == 0:
+                    print(f"stopped by signal at step {self.step}; checkpoint saved to {self.path}",
+                          flush=True)
+                return False
+        self.check_replicas()
+        return True
+
+    # ------------------------------------------------------------- checkpoints and faults
+    def state(self):
+        return cascade.model_payload(
+            self.preset, self.stage, self.level, self.unet_cfg, self.ema.state_dict(),
+            conditioned=self.cfg.conditioned, model=self.model.state_dict(),
+            optimizer=self.opt.state_dict(), step=self.step, mpp=self.mpp,
+            data_position=self.position, nonfinite_total=self.nonfinite_total, seed=self.cfg.seed,
+            args={k: list(v) if isinstance(v, tuple) else v
+                  for k, v in dataclasses.asdict(self.cfg).items()})
+
+    def resume(self):
+        try:
+            ck = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            sys.exit(f"error: {self.path}: not a readable checkpoint ({type(e).__name__}); "
+                     "move it away to start afresh")
+        why = cascade.checkpoint_mismatch(ck, self.preset, self.stage, self.level, self.cfg.conditioned)
+        if why is None and "model" not in ck:
+            why = "EMA weights only (an exported model)"
+        if why is None and unet_mod.UNetConfig(**ck["unet_config"]) != self.unet_cfg:
+            why = f"another U-Net ({ck['unet_config']}, now {self.unet_cfg.to_dict()})"
+        if why is None and ck.get("seed") != self.cfg.seed:
+            why = f"seed {ck.get('seed')}, now {self.cfg.seed}"
+        if why:
+            sys.exit(f"error: {self.path} cannot be resumed: {why}; use another --out or the "
+                     "original settings")
+        self.model.load_state_dict(ck["model"])
+        self.ema.load_state_dict(ck["ema"])
+        self.opt.load_state_dict(ck["optimizer"])
+        for group in self.opt.param_groups:  # --lr wins over the saved one (a lower-lr second phase)
+            group["lr"] = self.cfg.lr
+        self.step, self.position = ck["step"], ck["data_position"]
+        self.nonfinite_total = ck["nonfinite_total"]
+        if self.rank == 0:
+            print(f"resuming {self.path} at step {self.step}", flush=True)
+
+    def start_from(self, path):
+        """Model and EMA from another run's model file (exported or not) and its step; the
+        optimiser and the data position start afresh."""
+        try:
+            net, conditioned = cascade.load_unet(path, self.preset, self.stage, self.level)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: --init {e}")
+        if conditioned != self.cfg.conditioned or net.cfg != self.unet_cfg:
+            sys.exit(f"error: --init {path}: another U-Net or conditioning than --preset "
+                     f"{self.preset.name} trains; pass the preset it was trained with")
+        self.model.load_state_dict(net.state_dict())
+        self.ema.load_state_dict(net.state_dict())
+        self.step = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+        if self.rank == 0:
+            print(f"starting from {path} (step {self.step}, its EMA weights; a fresh optimiser)",
+                  flush=True)
+
+    def save(self):
+        """The checkpoint (temp name, then rename) and a numbered snapshot; broken weights are
+        never saved."""
+        if self.rank != 0:
+            return
+        for name, sd in (("weights", self.model.state_dict()), ("EMA weights", self.ema.state_dict())):
+            why = cascade.weights_problem(sd)
+            if why:
+                raise FloatingPointError(f"{name} at step {self.step} are broken ({why}); not saved, "
+                                         f"{self.path} keeps the last good state; lower --lr or "
+                                         "check the data")
+        st = self.state()
+        with data.atomic_path(self.path) as tmp:
+            torch.save(st, tmp)
+        if self.cfg.keep > 0:
+            base = self.path[:-3]
+            with data.atomic_path(f"{base}.step{self.step:08d}.pt") as tmp:
+                torch.save(st, tmp)
+            for old in sorted(glob.glob(glob.escape(base) + ".step*.pt"))[:-self.cfg.keep]:
+                os.remove(old)
+
+    def all_mean(self, value):
+        t = torch.as_tensor(value, dtype=torch.float64, device=self.device).reshape(-1).clone()
+        if self.ddp:
+            dist.all_reduce(t)
+            t /= self.world
+        return t
+
+    def count_nonfinite(self, finite):
+        """Non-finite losses or gradients skip the step on every rank together (DDP needs all
+        ranks to step alike); too many in a row stop training with the last good checkpoint kept."""
+        self.bad_in_a_row = 0 if finite else self.bad_in_a_row + 1
+        self.nonfinite_total += not finite
+        if self.bad_in_a_row >= self.cfg.max_nonfinite:
+            raise FloatingPointError(f"{self.bad_in_a_row} non-finite losses in a row at step "
+                                     f"{self.step}; stopped ({self.path} keeps the last good "
+                                     "checkpoint); lower --lr or check the data")
+
+    # ------------------------------------------------------------- data, logs, previews
+    def loader(self, ds):
+        """This rank's batches from the saved data position on, and a line saying what runs."""
+        cfg = self.cfg
+        if self.rank == 0:
+            print(f"stage {self.stage} level {self.level}: "
+                  f"{unet_mod.count_params(self.unet_cfg) / 1e6:.2f} M params, batch {cfg.batch} x "
+                  f"{self.world} ranks = global batch {cfg.batch * self.world}, steps {self.step} -> "
+                  f"{self.max_steps}, {'bf16' if cfg.bf16 else 'fp32'}, "
+                  f"{torch.get_num_threads()} threads", flush=True)
+        return iter(torch.utils.data.DataLoader(
+            ds, batch_sampler=index_lists(self.position, cfg.batch, self.rank, self.world),
+            num_workers=cfg.workers, persistent_workers=cfg.workers > 0))
+
+    def log_step(self, meter, ds):
+        """A log record and line every log_every steps (and at the first and last); previews."""
+        cfg = self.cfg
+        if self.rank != 0:
+            return
+        if self.step % cfg.log_every == 0 or self.step in (self.max_steps, meter.step0 + 1):
+            rec = meter.record(self.step, cfg.batch * self.world, self.opt.param_groups[0]["lr"],
+                               self.nonfinite_total)
+            self.log.append(rec)
+            eta = (self.max_steps - self.step) * rec["sec_per_step"]
+            print(f"stage {self.stage} level {self.level} step {self.step}/{self.max_steps} "
+                  f"loss {rec['loss']:.4f} {rec['img_per_s']:.1f} img/s "
+                  f"{rec['sec_per_step']:.2f} s/step non-finite {self.nonfinite_total} "
+                  f"eta {eta / 60:.1f} min", flush=True)
+        if cfg.sample_every and self.step % cfg.sample_every == 0:
+            write_preview(self, ds)
+
+    def check_replicas(self):
+        """--check-replicas: each rank's weight digest, the proof that DDP kept replicas equal."""
+        if self.ddp and self.cfg.check_replicas:
+            digest = hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes()
+                                           for p in self.model.parameters()))
+            print(f"rank {self.rank}: weights sha1 {digest.hexdigest()}", flush=True)
+
+
+def train_models(args):
+    """Train the models --stage / --level name on --data: one model data-parallel over all ranks,
+    or (several models) the paper's way, one model per rank. False if a SIGTERM stopped it."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ddp, rank, world, device = cascade.init_distributed(args.device)
+    preset, models, cfg = train_preset(args), models_to_train(args), Config.from_args(args, device)
+    os.makedirs(args.out, exist_ok=True)
+    try:
+        slides = data.list_slides(args.data)
+        mpp = slides_mpp(slides, preset, args.region_size)
+    except data.SlideError as e:
+        sys.exit(f"error: --data {e}")
+    if rank == 0:
+        remove_orphans(args.out)
+    stop_flag = [False]
+    signal.signal(signal.SIGTERM, lambda *_: stop_flag.__setitem__(0, True))  # preemption: save, exit
+    if len(models) == 1:  # one model, data-parallel over all ranks
+        jobs, sync = [(models[0], rank, world)], ddp
+    else:  # the paper's way: one model per rank, each trained alone (no gradient sync)
+        jobs, sync = [(m, 0, 1) for m in models[rank::world]], False
+        if rank == 0:
+            print(f"{len(models)} models on {world} process(es): " + "; ".join(
+                f"rank {r}: {models[r::world]}" for r in range(min(world, len(models)))), flush=True)
+    try:
+        for (s, lvl), group_rank, group_size in jobs:
+            trainer = Trainer(cfg, preset, s, lvl, group_rank, group_size, sync, device, mpp)
+            if trainer.step >= trainer.max_steps:
+                if trainer.rank == 0:
+                    print(f"{trainer.path}: already at step {trainer.step} >= --max-steps; nothing to do")
+                continue
+            if trainer.rank == 0 and args.max_steps == [200_000] and device.type == "cpu":
+                print("note: --max-steps is left at the paper's 200000 and this runs on a CPU: the ETA "
+                      "after step 1 says how long that takes; pass --max-steps for a shorter run",
+                      flush=True)
+            ds = data.StageLevelDataset(slides, preset, s, lvl, region_size=args.region_size,
+                                        cache_dir=args.cache, seed=args.seed, length=2 ** 62,
+                                        conditioned=cfg.conditioned,
+                                        rank=int(os.environ.get("LOCAL_RANK", 0)))  # one build a machine
+            if not trainer.train(ds, stop_flag):
+                break
+    except (FloatingPointError, data.SlideError) as e:  # one line, no traceback
+        sys.exit(f"error: {e}")
+    if ddp:
+        dist.destroy_process_group()
+    return not stop_flag[0]  # False: stopped by SIGTERM (saved)
+
+
+# ============================================================================= operations
+# Flags, logs, previews, curves, export, recipes, main: what makes training watchable and
+# repeatable. None of it changes a weight.
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,8 +396,9 @@ def parse_args(argv=None):
     ap.add_argument("--init", metavar="DIR", default=None,
                     help="start each new model from DIR's model file (its EMA weights and step; a fresh optimiser), "
                          "e.g. to fine-tune the shipped demo; a checkpoint already in --out is resumed instead")
-    ap.add_argument("--recipe", default=None, choices=sorted(RECIPES),
-                    help="run a recipe's phases in order (RECIPES in train.py), then --export if given")
+    ap.add_argument("--recipe", default=None, metavar="FILE",
+                    help="run a recipe file's phases in order, then --export if given (the shipped demo's: "
+                         "checkpoints/demo/recipe.txt)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     args = ap.parse_args(argv)
     for flag, value, ok in (("--batch", args.batch, args.batch >= 1), ("--lr", args.lr, args.lr > 0),
@@ -188,200 +473,6 @@ def _alive(pid):
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-
-
-class Trainer:
-    """One model: its weights, EMA, optimiser, data position and log.
-    rank / world: this process's place in the model's data-parallel group (a group of one when
-    each rank trains its own model); ddp: whether gradients are averaged across the group."""
-
-    def __init__(self, args, preset, stage, level, rank, world, ddp, device, mpp=None):
-        self.args, self.preset, self.stage, self.level = args, preset, stage, level
-        self.rank, self.world, self.ddp, self.device, self.mpp = rank, world, ddp, device, mpp
-        self.conditioned = not args.outpaint
-        self.cfg = cascade.unet_config(preset, stage, level, self.conditioned)
-        self.schedule, self.objective = preset.schedules[level], preset.objectives[level]
-        self.path = os.path.join(args.out, cascade.model_filename(stage, level))
-        torch.manual_seed(args.seed)  # identical initial weights on every rank
-        self.model = unet_mod.UNet(self.cfg).to(device, memory_format=torch.channels_last)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=args.lr, betas=(0.9, 0.99))
-        self.step, self.position, self.nonfinite_total, self.bad_in_a_row = 0, 0, 0, 0
-        self.max_steps = args.max_steps[0] if len(args.max_steps) == 1 else args.max_steps[level]
-        if os.path.exists(self.path):
-            self.resume()
-        elif args.init:
-            self.start_from(os.path.join(args.init, cascade.model_filename(stage, level)))
-        self.log = TrainLog(self.path[:-3] + ".log.jsonl", self.step) if rank == 0 else None
-        self.net = self.model
-        if ddp:
-            self.net = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        if args.compile:
-            self.net = torch.compile(self.net)
-        self.bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-
-    # -------------------------------------------------------------- checkpoints
-    def state(self):
-        return cascade.model_payload(
-            self.preset, self.stage, self.level, self.cfg, self.ema.state_dict(), conditioned=self.conditioned,
-            model=self.model.state_dict(), optimizer=self.opt.state_dict(), step=self.step, mpp=self.mpp,
-            data_position=self.position, nonfinite_total=self.nonfinite_total, seed=self.args.seed,
-            args={k: v for k, v in vars(self.args).items() if v is None or isinstance(v, (int, float, str, bool, list))})
-
-    def resume(self):
-        try:
-            ck = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            sys.exit(f"error: {self.path}: not a readable checkpoint ({type(e).__name__}); move it away to start afresh")
-        why = cascade.checkpoint_mismatch(ck, self.preset, self.stage, self.level, self.conditioned)
-        if why is None and "model" not in ck:
-            why = "EMA weights only (an exported model)"
-        if why is None and unet_mod.UNetConfig(**ck["unet_config"]) != self.cfg:
-            why = f"another U-Net ({ck['unet_config']}, now {self.cfg.to_dict()})"
-        if why is None and ck.get("seed") != self.args.seed:
-            why = f"seed {ck.get('seed')}, now {self.args.seed}"
-        if why:
-            sys.exit(f"error: {self.path} cannot be resumed: {why}; use another --out or the original settings")
-        self.model.load_state_dict(ck["model"])
-        self.ema.load_state_dict(ck["ema"])
-        self.opt.load_state_dict(ck["optimizer"])
-        for group in self.opt.param_groups:  # --lr wins over the saved one (e.g. a lower-lr second phase)
-            group["lr"] = self.args.lr
-        self.step, self.position, self.nonfinite_total = ck["step"], ck["data_position"], ck["nonfinite_total"]
-        if self.rank == 0:
-            print(f"resuming {self.path} at step {self.step}", flush=True)
-
-    def start_from(self, path):
-        """Model and EMA from another run's model file (exported or not) and its step; the optimiser
-        and the data position start afresh."""
-        try:
-            net, conditioned = cascade.load_unet(path, self.preset, self.stage, self.level)
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(f"error: --init {e}")
-        if conditioned != self.conditioned or net.cfg != self.cfg:
-            sys.exit(f"error: --init {path}: another U-Net or conditioning than --preset {self.preset.name} trains; "
-                     f"pass the preset it was trained with")
-        self.model.load_state_dict(net.state_dict())
-        self.ema.load_state_dict(net.state_dict())
-        self.step = int(torch.load(path, map_location="cpu", weights_only=True)["step"])
-        if self.rank == 0:
-            print(f"starting from {path} (step {self.step}, its EMA weights; a fresh optimiser)", flush=True)
-
-    def save(self):
-        if self.rank != 0:
-            return
-        for name, sd in (("weights", self.model.state_dict()), ("EMA weights", self.ema.state_dict())):
-            why = cascade.weights_problem(sd)
-            if why:
-                raise FloatingPointError(f"{name} at step {self.step} are broken ({why}); not saved, "
-                                         f"{self.path} keeps the last good state; lower --lr or check the data")
-        st = self.state()
-        with data.atomic_path(self.path) as tmp:
-            torch.save(st, tmp)
-        if self.args.keep > 0:
-            base = self.path[:-3]
-            with data.atomic_path(f"{base}.step{self.step:08d}.pt") as tmp:
-                torch.save(st, tmp)
-            snaps = sorted(glob.glob(glob.escape(base) + ".step*.pt"))
-            for old in snaps[:-self.args.keep]:
-                os.remove(old)
-
-    # -------------------------------------------------------------- one step
-    def losses(self, batch, g):
-        """Per-sample losses (B,) and their times t (B,) on one batch [SDE-v, MinSNR]."""
-        x0 = batch["x0"].to(self.device, memory_format=torch.channels_last)
-        cond = batch["cond"].to(self.device, memory_format=torch.channels_last)
-        cond = None if cond.shape[1] == 0 else cond
-        # Conditioning augmentation: t_aug ~ U(lo, hi), per sample or one per batch [CDM, Imagen].
-        lo, hi = self.preset.training.aug_train
-        t_aug = lo + (hi - lo) * sde.rand(1 if self.preset.training.aug_per_batch else x0.shape[0], g)
-        cond, aug_lam = cascade.augment(self.preset, self.stage, self.level, cond, t_aug.expand(x0.shape[0]), g,
-                                        self.conditioned)
-        fn = cascade.denoiser(self.net, self.schedule, cond, aug_lam, self.bf16)
-        return sde.loss_fn(fn, x0, schedule=self.schedule, objective=self.objective,
-                           min_snr_gamma=self.preset.training.min_snr_gamma, generator=g)
-
-    def update_ema(self):
-        decay = min(self.args.ema, (1 + self.step) / (10 + self.step))  # warm-up
-        with torch.no_grad():
-            for e, p in zip(self.ema.parameters(), self.model.parameters()):
-                e.lerp_(p, 1 - decay)
-            for e, b in zip(self.ema.buffers(), self.model.buffers()):
-                e.copy_(b)
-
-    def all_mean(self, value):
-        t = torch.as_tensor(value, dtype=torch.float64, device=self.device).reshape(-1).clone()
-        if self.ddp:
-            dist.all_reduce(t)
-            t /= self.world
-        return t
-
-    def count_nonfinite(self, finite):
-        """Non-finite losses or gradients skip the step on every rank together (DDP needs all ranks
-        to step alike); too many in a row stop training with the last good checkpoint kept."""
-        self.bad_in_a_row = 0 if finite else self.bad_in_a_row + 1
-        self.nonfinite_total += not finite
-        if self.bad_in_a_row >= self.args.max_nonfinite:
-            raise FloatingPointError(f"{self.bad_in_a_row} non-finite losses in a row at step {self.step}; stopped "
-                                     f"({self.path} keeps the last good checkpoint); lower --lr or check the data")
-
-    # -------------------------------------------------------------- the loop
-    def train(self, ds, stop_flag):
-        args, G = self.args, self.args.batch * self.world
-        workers = args.workers if args.workers is not None else (4 if self.device.type == "cuda" else 0)
-        loader = iter(torch.utils.data.DataLoader(
-            ds, batch_sampler=index_lists(self.position, args.batch, self.rank, self.world), num_workers=workers,
-            persistent_workers=workers > 0))
-        if self.rank == 0:
-            print(f"stage {self.stage} level {self.level}: {unet_mod.count_params(self.cfg) / 1e6:.2f} M params, "
-                  f"batch {args.batch} x {self.world} ranks = global batch {G}, steps {self.step} -> {self.max_steps}, "
-                  f"{'bf16' if self.bf16 else 'fp32'}, {torch.get_num_threads()} threads", flush=True)
-        meter = Meter(self.step)
-        while self.step < self.max_steps:
-            # Forward: the loss of this rank's part of the global batch.
-            batch = next(loader)
-            seed = sde.derive_seed(args.seed, self.stage, self.level, self.step, self.rank)
-            torch.manual_seed(seed)  # dropout
-            losses, t = self.losses(batch, torch.Generator().manual_seed(seed))
-            loss = losses.mean()
-            # Backward and update, unless the loss or the gradients are not finite.
-            finite = float(self.all_mean(float(torch.isfinite(loss)))) == 1.0
-            self.opt.zero_grad(set_to_none=True)
-            grad_norm = float("nan")
-            if finite:
-                loss.backward()
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0))  # [PAPER] clip at 1
-                finite = bool(np.isfinite(grad_norm))
-            if finite:
-                self.opt.step()
-                self.update_ema()
-                meter.add(self.all_mean(losses.detach().double()), self.all_mean(t.double()), grad_norm)
-            self.count_nonfinite(finite)
-            self.step += 1
-            self.position += G
-            # Log, preview, checkpoint.
-            if self.rank == 0 and (self.step % args.log_every == 0 or self.step == self.max_steps
-                                   or self.step == meter.step0 + 1):
-                rec = meter.record(self.step, G, self.opt.param_groups[0]["lr"], self.nonfinite_total)
-                self.log.append(rec)
-                eta = (self.max_steps - self.step) * rec["sec_per_step"]
-                print(f"stage {self.stage} level {self.level} step {self.step}/{self.max_steps} "
-                      f"loss {rec['loss']:.4f} {rec['img_per_s']:.1f} img/s {rec['sec_per_step']:.2f} s/step "
-                      f"non-finite {self.nonfinite_total} eta {eta / 60:.1f} min", flush=True)
-            if self.rank == 0 and args.sample_every and self.step % args.sample_every == 0:
-                write_preview(self, ds)
-            stopping = float(self.all_mean(float(stop_flag[0]))) > 0
-            if self.step % args.save_every == 0 or self.step == self.max_steps or stopping:
-                self.save()
-            if stopping:
-                if self.rank == 0:
-                    print(f"stopped by signal at step {self.step}; checkpoint saved to {self.path}", flush=True)
-                return False
-        if self.ddp and args.check_replicas:  # proof that data parallelism kept the replicas identical
-            digest = hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes() for p in self.model.parameters()))
-            print(f"rank {self.rank}: weights sha1 {digest.hexdigest()}", flush=True)
         return True
 
 
@@ -462,11 +553,11 @@ def write_preview(trainer, ds, n=4):
     x0 = torch.stack([it["x0"] for it in items])
     cond = torch.stack([it["cond"] for it in items]).to(T.device)
     cond = None if cond.shape[1] == 0 else cond
-    g = torch.Generator().manual_seed(T.args.seed)
+    g = torch.Generator().manual_seed(T.cfg.seed)
     cond_in = None if cond is None else cond.cpu().clamp(-1, 1)
-    cond, aug_lam = cascade.augment(p, T.stage, T.level, cond, p.sampling.aug_level, g, T.conditioned)
-    fn = cascade.denoiser(T.ema, T.schedule, cond, aug_lam, T.bf16)
-    x = sde.sample(fn, tuple(x0.shape), steps=T.args.sample_steps, schedule=T.schedule, objective=T.objective,
+    cond, aug_lam = cascade.augment(p, T.stage, T.level, cond, p.sampling.aug_level, g, T.cfg.conditioned)
+    fn = cascade.denoiser(T.ema, T.schedule, cond, aug_lam, T.cfg.bf16)
+    x = sde.sample(fn, tuple(x0.shape), steps=T.cfg.sample_steps, schedule=T.schedule, objective=T.objective,
                    generator=g, device=T.device).clamp(-1, 1).cpu()
     names = (["lowres"] if T.level > 0 else []) + (["context", "region"][:cond_in.shape[1] // 3 - (T.level > 0)]
                                                     if cond_in is not None else [])
@@ -479,11 +570,11 @@ def write_preview(trainer, ds, n=4):
     img = Image.new("RGB", (rows.shape[2], head + n * side), "white")
     img.paste(Image.fromarray(np.concatenate(list(rows))), (0, head))
     draw = ImageDraw.Draw(img)
-    _label(draw, (4, 2), f"stage {T.stage} level {T.level}, step {T.step}, {T.args.sample_steps} sampling steps")
+    _label(draw, (4, 2), f"stage {T.stage} level {T.level}, step {T.step}, {T.cfg.sample_steps} sampling steps")
     for k, name in enumerate(names):
         _label(draw, (k * side + 4, 15), name)
-    os.makedirs(os.path.join(T.args.out, "samples"), exist_ok=True)
-    path = os.path.join(T.args.out, "samples", f"stage{T.stage}_level{T.level}_step{T.step:08d}.png")
+    os.makedirs(os.path.join(T.cfg.out, "samples"), exist_ok=True)
+    path = os.path.join(T.cfg.out, "samples", f"stage{T.stage}_level{T.level}_step{T.step:08d}.png")
     img.save(path)
     return path
 
@@ -527,12 +618,11 @@ def plot_curves(ckpt_dir, out=None, panel=(360, 240)):
     return out
 
 
-def export(args, models):
-    """Write EMA-only model files (what sample.py loads) from training checkpoints."""
-    dest = args.export
+def export(out, dest, models):
+    """Write EMA-only model files (what sample.py loads) of the checkpoints in `out` into `dest`."""
     os.makedirs(dest, exist_ok=True)
     for s, l in models:
-        src = os.path.join(args.out, cascade.model_filename(s, l))
+        src = os.path.join(out, cascade.model_filename(s, l))
         try:
             ck = torch.load(src, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
@@ -549,20 +639,43 @@ def export(args, models):
         print(f"exported {src} (step {ck['step']}) -> {dest}")
 
 
+# ----------------------------------------------------------------------------- recipes
+# A recipe is the list of train.py runs (phases) that made a set of models, in a text file: '#'
+# comments, one line `common: FLAGS` given to every phase, then one line of flags per phase. A phase
+# trains its models up to its --max-steps and resumes exactly, so re-running the command continues
+# where it stopped and a finished phase is skipped. Only --data, --out, --cache, --threads, --device
+# and --export may be given beside --recipe; everything else is the recipe's.
+RECIPE_FLAGS = ("data", "out", "cache", "threads", "device", "export")  # what --recipe lets the user set
+
+
+def read_recipe(path):
+    """(common flags, [flags of each phase]) of a recipe file."""
+    try:
+        with open(path) as f:
+            lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    except OSError as e:
+        sys.exit(f"error: --recipe {path}: {e.strerror}; give a recipe file such as "
+                 "checkpoints/demo/recipe.txt")
+    if not lines or not lines[0].startswith("common:") or len(lines) < 2:
+        sys.exit(f"error: --recipe {path}: expected a line 'common: FLAGS', then one line of flags "
+                 "per phase")
+    return shlex.split(lines[0][len("common:"):]), [shlex.split(ln) for ln in lines[1:]]
+
+
 def run_recipe(args):
-    """Run each phase of RECIPES[args.recipe] as its own train.py run, then export."""
-    recipe = RECIPES[args.recipe]
+    """Each phase of the recipe file as its own training run (train_models), then the export."""
+    common, phases = read_recipe(args.recipe)
     mine = [f for k in RECIPE_FLAGS if k != "export" and getattr(args, k) is not None
             for f in (f"--{k}", str(getattr(args, k)))]
-    phases = recipe["phases"]
     for i, phase in enumerate(phases):
-        argv = shlex.split(recipe["common"]) + shlex.split(phase) + mine
-        print(f"recipe {args.recipe}, phase {i + 1}/{len(phases)}: train.py {shlex.join(argv)}", flush=True)
-        if main(argv) is False:
+        argv = common + phase + mine
+        print(f"recipe {args.recipe}, phase {i + 1}/{len(phases)}: train.py {shlex.join(argv)}",
+              flush=True)
+        if train_models(parse_args(argv)) is False:
             return print(f"recipe {args.recipe}: stopped in phase {i + 1}; the same command continues it")
     if args.export:
-        main(shlex.split(recipe["common"]) + ["--stage", "all", "--level", "all", "--out", args.out,
-                                             "--export", args.export])
+        every = parse_args(common + ["--stage", "all", "--level", "all", "--out", args.out])
+        export(every.out, args.export, models_to_train(every))
 
 
 def main(argv=None):
@@ -571,52 +684,11 @@ def main(argv=None):
         return run_recipe(args)
     if args.plot:
         return print(f"wrote {plot_curves(args.plot)}")
-    models = models_to_train(args)
     if args.export:
-        return export(args, models)
+        return export(args.out, args.export, models_to_train(args))
     if args.data is None:
         sys.exit("error: --data SLIDES is required to train (a slide file or a directory of slides)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    ddp, rank, world, device = cascade.init_distributed(args.device)
-    preset = train_preset(args)
-    os.makedirs(args.out, exist_ok=True)
-    try:
-        slides = data.list_slides(args.data)
-        mpp = slides_mpp(slides, preset, args.region_size)
-    except data.SlideError as e:
-        sys.exit(f"error: --data {e}")
-    if rank == 0:
-        remove_orphans(args.out)
-    stop_flag = [False]
-    signal.signal(signal.SIGTERM, lambda *_: stop_flag.__setitem__(0, True))  # preemption: save, then exit
-    if len(models) == 1:  # one model, data-parallel over all ranks
-        jobs, sync = [(models[0], rank, world)], ddp
-    else:  # the paper's way: one model per rank, each trained alone (no gradient sync)
-        jobs, sync = [(m, 0, 1) for m in models[rank::world]], False
-        if rank == 0:
-            print(f"{len(models)} models on {world} process(es): " + "; ".join(
-                f"rank {r}: {models[r::world]}" for r in range(min(world, len(models)))), flush=True)
-    try:
-        for (s, l), group_rank, group_size in jobs:
-            trainer = Trainer(args, preset, s, l, group_rank, group_size, sync, device, mpp)
-            if trainer.step >= trainer.max_steps:
-                if trainer.rank == 0:
-                    print(f"{trainer.path}: already at step {trainer.step} >= --max-steps; nothing to do")
-                continue
-            if trainer.rank == 0 and args.max_steps == [200_000] and device.type == "cpu":
-                print("note: --max-steps is left at the paper's 200000 and this runs on a CPU: the ETA after step 1 "
-                      "says how long that takes; pass --max-steps for a shorter run", flush=True)
-            ds = data.StageLevelDataset(slides, preset, s, l, region_size=args.region_size, cache_dir=args.cache,
-                                        seed=args.seed, length=2 ** 62, conditioned=not args.outpaint,
-                                        rank=int(os.environ.get("LOCAL_RANK", 0)))  # one cache build per machine
-            if not trainer.train(ds, stop_flag):
-                break
-    except (FloatingPointError, data.SlideError) as e:  # one line, no traceback
-        sys.exit(f"error: {e}")
-    if ddp:
-        dist.destroy_process_group()
-    return not stop_flag[0]  # False: stopped by SIGTERM (saved)
+    return train_models(args)
 
 
 if __name__ == "__main__":

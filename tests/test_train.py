@@ -179,7 +179,8 @@ def test_curves_and_previews(tmp_path):
 
 def test_recipe_runs_its_phases_and_resumes(tmp_path, capsys):
     """--recipe: every phase runs in order, then the export; a second call finds each phase done."""
-    argv = ["--recipe", "tiny", "--data", SLIDE, "--out", str(tmp_path / "ck"), "--cache", str(tmp_path / "cache"),
+    recipe = os.path.join(ROOT, "tests", "data", "tiny_recipe.txt")
+    argv = ["--recipe", recipe, "--data", SLIDE, "--out", str(tmp_path / "ck"), "--cache", str(tmp_path / "cache"),
             "--export", str(tmp_path / "models")]
     train.main(argv)
     out = capsys.readouterr().out
@@ -190,8 +191,10 @@ def test_recipe_runs_its_phases_and_resumes(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / "models")) == sorted(cascade.model_filename(s, l) for s, l in steps)
     train.main(argv)
     assert capsys.readouterr().out.count("nothing to do") == 10  # nine in phase 1, one in phase 2
-    with pytest.raises(SystemExit, match="--recipe tiny sets its own flags; drop --lr"):
+    with pytest.raises(SystemExit, match="tiny_recipe.txt sets its own flags; drop --lr"):
         train.main(argv + ["--lr", "1e-3"])
+    with pytest.raises(SystemExit, match="--recipe .*nowhere.txt: No such file"):
+        train.main(["--recipe", str(tmp_path / "nowhere.txt"), "--out", str(tmp_path / "ck")])
 
 
 def test_init_starts_from_another_runs_model_file(tmp_path, capsys):
