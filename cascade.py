@@ -33,26 +33,29 @@ import sde
 import unet as unet_mod
 
 
-# ----------------------------------------------------------------------------- presets
+# ---------------------------------------------------------------------- presets
 
 @dataclass(frozen=True)
 class Sampling:
     """How a preset samples by default; sample.py's flags override each field. Never part of a
     model's identity: a trained model can be sampled with any of these."""
-    steps: tuple                      # denoising steps per level (3 values: every stage alike), or per
-                                      #   stage and level (9: stage 1's levels 0-2, then stage 2's, stage 3's)
+    steps: tuple                      # denoising steps per level (3 values: every stage alike),
+                                      #   or per stage and level (9: stage 1's 3 levels, stage 2's,
+                                      #   stage 3's)
     sampler: str = "ancestral"        # sde.SAMPLERS
-    eta: float = 0.0                  # DDIM's noise scale (0 = deterministic); other samplers ignore it
+    eta: float = 0.0                  # DDIM's noise scale (0 = deterministic; others ignore it)
     aug_level: float = 0.2            # t_aug of the conditioning augmentation [Imagen: 0.2]
-    threshold: object = None          # dynamic thresholding quantile p of x0_hat [Imagen: 0.95]; None = off
-    edge_margin: int = 0              # px of a patch's inner edges the next patch redraws (tiler.trusted_span)
-    feather: int = 0                  # px over which known pixels fade into a new patch (feather_weight)
-    fill_white: tuple = (3,)          # stages whose mostly-white patches are filled from the stage below
+    threshold: object = None          # dynamic thresholding quantile p of x0_hat [Imagen: 0.95]
+    edge_margin: int = 0              # px of a patch's inner edges the next patch redraws
+    feather: int = 0                  # px over which known pixels fade into a new one (feather)
+
+    fill_white: tuple = (3,)          # stages whose mostly-white patches are filled from below
     resample: int = 1                 # RePaint jumps per step (1 = off)
 
     def __post_init__(self):
         if len(self.steps) not in (3, 9) or min(self.steps) < 1:
-            raise ValueError(f"steps {self.steps}: give 3 values (one per level) or 9 (per stage and level), each >= 1")
+            raise ValueError(f"steps {self.steps}: give 3 values (one per level) or 9 (per stage "
+                             "and level), each >= 1")
 
     def level_steps(self, stage, level):
         """Denoising steps of (stage, level)."""
@@ -66,8 +69,8 @@ class Training:
     crop: int = 256                   # the top level trains on random crops of this side [Imagen]
     aug_train: tuple = (0.0, 1.0)     # t_aug ~ U(lo, hi) in training [Imagen: U(0, 1)]
     aug_per_batch: bool = True        # one t_aug per batch [imagen-pytorch] or one per sample
-    min_snr_gamma: object = 5.0       # min-SNR-gamma loss weight [MinSNR; imagen-pytorch default]; None = off
-    region_choice: str = "centre"     # each slide's region: 'centre' [PAPER] or 'tissue' (centred on it)
+    min_snr_gamma: object = 5.0       # min-SNR loss weight [MinSNR; imagen-pytorch]; None = off
+    region_choice: str = "centre"     # each slide's region: 'centre' [PAPER] or on the 'tissue'
 
 
 @dataclass(frozen=True)
@@ -81,8 +84,9 @@ class Preset:
     unets: tuple                      # named U-Net config (unet.CONFIGS) per level
     schedules: tuple                  # noise schedule of x_t per level (sde.SCHEDULES)
     objectives: tuple = ("v", "v", "v")  # what each level's U-Net predicts: 'v' or 'eps'
-    aug_schedule: str = "linear"      # log-SNR schedule of the conditioning augmentation noise [Imagen]
-    aug_inputs: str = "lowres"        # noised inputs: 'lowres' (level l-1's image) or 'all' (also context, region)
+    aug_schedule: str = "linear"      # log-SNR schedule of the conditioning augmentation [Imagen]
+    aug_inputs: str = "lowres"        # noised inputs: 'lowres' (level l-1's image) or 'all' (also
+                                      #   context, region)
     region: bool = False              # stages 2-3 also see the region crop (the pixels zoomed into)
     background: int = 255             # grey level padded outside an image (white glass)
     training: Training = Training()
@@ -98,24 +102,26 @@ class Preset:
 
 # Model files written before a field existed (format urcdm-model-v1, e.g. the shipped demo) were
 # trained with these values.
-V1_MODEL_DEFAULTS = dict(objectives=("v", "v", "v"), aug_schedule="cosine", aug_inputs="all", region=True)
+V1_MODEL_DEFAULTS = dict(objectives=("v", "v", "v"), aug_schedule="cosine",
+                         aug_inputs="all", region=True)
 
 _PAPER_GEOMETRY = dict(patch=1024, n_patches=(1, 7, 46), level_sizes=(64, 256, 1024),
-                       unets=("paper64", "paper256", "paper1024"), schedules=("cosine", "cosine", "linear"))
+                       unets=("paper64", "paper256", "paper1024"),
+                       schedules=("cosine", "cosine", "linear"))
 PRESETS = {
     # The authors' recipe: geometry and sizes [PAPER Sec. 2-3]; everything else the imagen-pytorch
     # 1.25 defaults their training script leaves on (see docs/design.md, "The paper preset").
     "paper": Preset("paper", **_PAPER_GEOMETRY,
-                    objectives=("eps", "v", "v"),  # their script: pred_objectives eps for the base unet
+                    objectives=("eps", "v", "v"),  # their pred_objectives: eps for the base unet
                     sampling=Sampling(steps=(1024, 256, 256), threshold=0.95)),
     # deviation: the paper's geometry and sizes with our choices (README, "Departures"): region
     # conditioning, the inner-edge margin and the feathered paste (overlap / 8 = 16 px), white
     # fill at stage 2 too, and DPM-Solver++(2M) at about 1/4-1/5 of the authors' steps: 1.37e18
-    # FLOP a slide without glass against their 7.53e18 (tests/bench_flops.py). At demo scale, stage 3
-    # with this solver at 1/8 of a reference's steps scored as the reference (docs/notes.md).
+    # FLOP a slide without glass against their 7.53e18 (tests/bench_flops.py). At demo scale, stage
+    # 3 with this solver at 1/8 of a reference's steps scored as the reference (docs/notes.md).
     "paper_plus": Preset("paper_plus", **_PAPER_GEOMETRY, objectives=("eps", "v", "v"), region=True,
-                         sampling=Sampling(steps=(256, 64, 48), sampler="dpmpp2m", threshold=0.95, edge_margin=16,
-                                           feather=16, fill_white=(2, 3))),
+                         sampling=Sampling(steps=(256, 64, 48), sampler="dpmpp2m", threshold=0.95,
+                                           edge_margin=16, feather=16, fill_white=(2, 3))),
     # The shipped CPU demo (stages 256 / 704 / 2048, 16 -> 64 -> 256 px).
     # deviation: the settings its checkpoints were trained with, not the authors' (README,
     # "Departures"): v everywhere, cosine augmentation of every input over U(0, 0.5) per sample,
@@ -124,13 +130,17 @@ PRESETS = {
     "demo": Preset("demo", patch=256, n_patches=(1, 3, 9), level_sizes=(16, 64, 256),
                    unets=("demo_base", "demo", "demo"), schedules=("cosine", "cosine", "linear"),
                    **V1_MODEL_DEFAULTS,
-                   training=Training(crop=64, aug_train=(0.0, 0.5), aug_per_batch=False, min_snr_gamma=None,
+                   training=Training(crop=64, aug_train=(0.0, 0.5), aug_per_batch=False,
+                                     min_snr_gamma=None,
                                      region_choice="tissue"),
-                   sampling=Sampling(steps=(50, 25, 10), edge_margin=4, feather=4, fill_white=(2, 3))),
+                   sampling=Sampling(steps=(50, 25, 10), edge_margin=4,
+                                     feather=4, fill_white=(2, 3))),
     # For tests and smoke runs: stages 32 / 88 / 116, 8 -> 16 -> 32 px, a few steps.
-    "tiny": Preset("tiny", patch=32, n_patches=(1, 3, 4), level_sizes=(8, 16, 32), unets=("tiny",) * 3,
+    "tiny": Preset("tiny", patch=32, n_patches=(1, 3, 4), level_sizes=(8, 16, 32),
+                   unets=("tiny",) * 3,
                    schedules=("cosine", "cosine", "linear"), **V1_MODEL_DEFAULTS,
-                   training=Training(crop=16, aug_train=(0.0, 0.5), aug_per_batch=False, min_snr_gamma=None,
+                   training=Training(crop=16, aug_train=(0.0, 0.5), aug_per_batch=False,
+                                     min_snr_gamma=None,
                                      region_choice="tissue"),
                    sampling=Sampling(steps=(3, 3, 3), fill_white=(2, 3))),
 }
@@ -142,7 +152,7 @@ def get_preset(name):
     return PRESETS[name]
 
 
-# ----------------------------------------------------------------------------- geometry
+# ---------------------------------------------------------------------- geometry
 
 @dataclass(frozen=True)
 class Grid:
@@ -155,7 +165,8 @@ class Grid:
 
     def __post_init__(self):  # the next patch must redraw the margin from its interior
         if not 0 <= self.margin <= self.overlap // 2:
-            raise ValueError(f"margin {self.margin}: use 0 to {self.overlap // 2} (half the overlap)")
+            raise ValueError(f"margin {self.margin}: use 0 to {self.overlap // 2} "
+                             "(half the overlap)")
 
     @property
     def overlap(self):
@@ -238,9 +249,10 @@ def region_crop(lower, y0, x0, P, r):
     ylo, yhi, wy = taps(y0, H)
     xlo, xhi, wx = taps(x0, W)
     ya, xa = int(ylo[0]), int(xlo[0])
-    crop = torch.from_numpy(np.array(lower[ya:int(yhi[-1]) + 1, xa:int(xhi[-1]) + 1], dtype=np.float32))
-    rows = crop[ylo - ya] * (1 - wy)[:, None, None] + crop[yhi - ya] * wy[:, None, None]  # (P, w, 3)
-    out = rows[:, xlo - xa] * (1 - wx)[None, :, None] + rows[:, xhi - xa] * wx[None, :, None]  # (P, P, 3)
+    crop = torch.from_numpy(np.array(lower[ya:int(yhi[-1]) + 1,
+                                           xa:int(xhi[-1]) + 1], dtype=np.float32))
+    rows = crop[ylo - ya] * (1 - wy)[:, None, None] + crop[yhi - ya] * wy[:, None, None]  # (P,w,3)
+    out = rows[:, xlo - xa] * (1 - wx)[None, :, None] + rows[:, xhi - xa] * wx[None, :, None]
     return (out / 127.5 - 1).permute(2, 0, 1)[None]
 
 
@@ -292,7 +304,8 @@ def cond_channels(preset, stage, level, conditioned=True):
     return 3 * (level > 0) + 3 * lower + 3 * (lower and preset.region)
 
 
-def level_inputs(preset, stage, level, target_or_lowres, context=None, region=None, conditioned=True):
+def level_inputs(preset, stage, level, target_or_lowres, context=None,
+                 region=None, conditioned=True):
     """Conditioning channels of (stage, level), in the order the U-Net concatenates them:
     [lowres (level > 0)], [context, region (stage > 1, conditioned; region if the preset has it)],
     all at level size. `target_or_lowres` is level l-1's image (any size; made into the lowres
@@ -310,7 +323,9 @@ def augmented_channels(preset, stage, level, conditioned=True):
     """How many of the leading conditioning channels the augmentation noises [CDM, Imagen]:
     'lowres' = level l-1's image only (imagen noises lowres_cond_img, never cond_images);
     'all' = every conditioning channel. deviation ('all'): ours also noised context and region."""
-    return 3 * (level > 0) if preset.aug_inputs == "lowres" else cond_channels(preset, stage, level, conditioned)
+    if preset.aug_inputs == "lowres":
+        return 3 * (level > 0)
+    return cond_channels(preset, stage, level, conditioned)
 
 
 def augment(preset, stage, level, cond, t_aug, generator=None, conditioned=True):
@@ -328,7 +343,8 @@ def augment(preset, stage, level, cond, t_aug, generator=None, conditioned=True)
 
 def unet_config(preset, stage, level, conditioned=True):
     """The U-Net config of (stage, level): the preset's named size with its input channels."""
-    return unet_mod.get_config(preset.unets[level], cond_ch=cond_channels(preset, stage, level, conditioned),
+    return unet_mod.get_config(preset.unets[level],
+                               cond_ch=cond_channels(preset, stage, level, conditioned),
                                aug_emb=augmented_channels(preset, stage, level, conditioned) > 0)
 
 
@@ -343,20 +359,22 @@ def denoiser(net, schedule, cond=None, aug_lam=None, bf16=False):
     return model_fn
 
 
-# ----------------------------------------------------------------------------- the CDM
+# ---------------------------------------------------------------------- the CDM
 
 class CDM:
     """One stage's cascade of three U-Nets [PAPER Eq. 3]: C_0 from noise, C_l conditioned
     on I_(l-1) (and, for stages 2-3, on context and region)."""
 
     def __init__(self, preset, stage, nets, conditioned=True, device="cpu", bf16=False):
-        # nets: three callables net(x_t, lam, cond, aug_lam) -> v_hat (U-Nets, or closed forms in tests)
+        # nets: three callables net(x_t, lam, cond, aug_lam) -> v_hat (U-Nets, or closed forms)
         # bf16: run the networks under bfloat16 autocast (the sampler's state stays float32)
-        self.preset, self.stage, self.nets, self.conditioned = preset, stage, list(nets), conditioned
+        self.preset, self.stage, self.nets = preset, stage, list(nets)
+        self.conditioned = conditioned
         self.device, self.bf16 = torch.device(device), bf16
 
     @torch.no_grad()
-    def sample(self, generators, *, known=None, mask=None, context=None, region=None, sampling=None):
+    def sample(self, generators, *, known=None, mask=None, context=None,
+               region=None, sampling=None):
         """Generate one patch per generator.
 
         generators: list of torch.Generator, one per patch (its only randomness).
@@ -375,14 +393,16 @@ class CDM:
         x = None
         for level, L in enumerate(p.level_sizes):
             cond = level_inputs(p, self.stage, level, x, context, region, self.conditioned)
-            cond, aug_lam = augment(p, self.stage, level, cond, sp.aug_level, generators, self.conditioned)
+            cond, aug_lam = augment(p, self.stage, level, cond, sp.aug_level,
+                                    generators, self.conditioned)
             k = m = w = None
             if known is not None:
                 k = downsample(known, L)
                 m = downsample(mask.float(), L) > 0.999
                 w = feather_weight(m, sp.feather * L // p.patch)
             fn = denoiser(self.nets[level], p.schedules[level], cond, aug_lam, self.bf16)
-            x = sde.sample(fn, (B, 3, L, L), steps=sp.level_steps(self.stage, level), sampler=sp.sampler,
+            x = sde.sample(fn, (B, 3, L, L), steps=sp.level_steps(self.stage, level),
+                           sampler=sp.sampler,
                            schedule=p.schedules[level], objective=p.objectives[level], eta=sp.eta,
                            threshold=sp.threshold, known=k, mask=m, blend=w, generator=generators,
                            resample=sp.resample, device=dev)
@@ -390,7 +410,7 @@ class CDM:
         return x.cpu()
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------------- checkpoints
 
 MODEL_FORMAT = "urcdm-model-v1"
 
@@ -412,15 +432,17 @@ def checkpoint_mismatch(ck, preset, stage, level, conditioned=None):
     if not isinstance(ck, dict) or ck.get("format") != MODEL_FORMAT:
         return f"not a URCDM model file (format {MODEL_FORMAT} expected)"
     if (ck["stage"], ck["level"]) != (stage, level):
-        return f"holds stage {ck['stage']} level {ck['level']}, expected stage {stage} level {level}"
+        return (f"holds stage {ck['stage']} level {ck['level']}, "
+                f"expected stage {stage} level {level}")
     mine = preset.model_dict()
     saved = {k: ck["preset"].get(k, V1_MODEL_DEFAULTS.get(k)) for k in mine}
     diff = [k for k in mine if _plain(saved[k]) != _plain(mine[k])]
     if diff:
-        return (f"trained for preset {ck['preset'].get('name')!r} with other settings than preset {preset.name!r} "
-                f"({', '.join(f'{k}: {saved[k]!r} vs {mine[k]!r}' for k in diff)})")
+        return (f"trained for preset {ck['preset'].get('name')!r} with other settings than preset "
+                f"{preset.name!r} ({', '.join(f'{k}: {saved[k]!r} vs {mine[k]!r}' for k in diff)})")
     if conditioned is not None and ck.get("conditioned", True) != conditioned:
-        return "an outpainting model" if conditioned else "a conditioned model, not an outpainting one"
+        return ("an outpainting model" if conditioned
+                else "a conditioned model, not an outpainting one")
     return None
 
 
@@ -447,13 +469,15 @@ def _plain(v):
 def load_unet(path, preset, stage, level, device="cpu"):
     """Build the U-Net of (stage, level) from its file alone; a clear error if the file is
     missing, unreadable, or belongs to another stage, level or preset."""
-    fix = f"train it with `python train.py --preset {preset.name} --stage {stage} --level {level}` or point --ckpt elsewhere"
+    fix = (f"train it with `python train.py --preset {preset.name} --stage {stage} "
+           f"--level {level}` or point --ckpt elsewhere")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: missing model file; {fix}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line message
-        raise ValueError(f"{path}: not a readable URCDM model file ({type(e).__name__}); {fix}") from None
+        raise ValueError(f"{path}: not a readable URCDM model file ({type(e).__name__}); "
+                         f"{fix}") from None
     why = checkpoint_mismatch(ck, preset, stage, level) or weights_problem(ck["ema"])
     if why:
         raise ValueError(f"{path}: {why}; pass the matching --preset or retrain")
@@ -465,15 +489,17 @@ def load_unet(path, preset, stage, level, device="cpu"):
 
 def load_cdm(ckpt_dir, preset, stage, device="cpu", bf16=False):
     """The CDM of one stage from CKPT_DIR/stage{s}_level{0,1,2}.pt."""
-    loaded = [load_unet(os.path.join(ckpt_dir, model_filename(stage, lvl)), preset, stage, lvl, device)
+    loaded = [load_unet(os.path.join(ckpt_dir, model_filename(stage, lvl)),
+                        preset, stage, lvl, device)
               for lvl in range(3)]
     flags = {c for _, c in loaded}
     if len(flags) != 1:
         raise ValueError(f"{ckpt_dir}: stage {stage} mixes conditioned and outpainting models")
-    return CDM(preset, stage, [n for n, _ in loaded], conditioned=flags.pop(), device=device, bf16=bf16)
+    return CDM(preset, stage, [n for n, _ in loaded], conditioned=flags.pop(),
+               device=device, bf16=bf16)
 
 
-# ----------------------------------------------------------------------------- processes
+# ---------------------------------------------------------------------- processes
 
 def init_distributed(device_arg=None):
     """torchrun or plain python [nanoGPT]: returns (ddp, rank, world, device). Under torchrun the
@@ -483,7 +509,8 @@ def init_distributed(device_arg=None):
     cuda = torch.cuda.is_available() and device_arg != "cpu"
     if ddp:
         dist.init_process_group(backend="nccl" if cuda else "gloo")
-        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local}" if cuda else (device_arg or "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -494,4 +521,6 @@ def native_bf16(device):
     """Whether bf16 autocast is fast here: CUDA, or a CPU with bf16 units (AVX512-BF16 / AMX)."""
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+

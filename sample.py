@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=8 sample.py ...          # each round's patches split across ranks
     python sample.py --preset paper --dry-run --out x.tif   # full geometry, cheap stand-in models
     python sample.py --from REAL.svs --start-stage 3 --out twin.tif   # zoom into a real slide
-    python sample.py --n 100 --out synth/slide.tif     # 100 slides and synth/slide.tif.manifest.json
+    python sample.py --n 100 --out synth/slide.tif     # 100 slides, synth/slide.tif.manifest.json
 
 Read `sample_slide` first: the whole algorithm [PAPER Fig. 1] in one process and in memory.
 Stage 1 generates the whole slide at N1 px; stages 2 and 3 each generate an overlapping grid of
@@ -200,50 +200,77 @@ class Settings:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="output slide (.tif or .svs): Aperio-style pyramidal BigTIFF")
-    ap.add_argument("--ckpt", default=None, help=f"directory with stage{{s}}_level{{l}}.pt (default: {DEMO_CKPT})")
-    ap.add_argument("--preset", default="demo", help=f"geometry, models and defaults: {', '.join(cascade.PRESETS)}")
-    ap.add_argument("--seed", type=int, default=0, help="the slide's seed; every patch's noise derives from it")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True,
+                    help="output slide (.tif or .svs): Aperio-style pyramidal BigTIFF")
+    ap.add_argument("--ckpt", default=None,
+                    help=f"directory with stage{{s}}_level{{l}}.pt (default: {DEMO_CKPT})")
+    ap.add_argument("--preset", default="demo",
+                    help=f"geometry, models and defaults: {', '.join(cascade.PRESETS)}")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the slide's seed; every patch's noise derives from it")
     g = ap.add_argument_group("sampling (default: the preset's)")
     g.add_argument("--sampler", default=None, choices=sde.SAMPLERS, help="step rule")
     g.add_argument("--steps", type=int, nargs="+", default=None, metavar="N",
-                   help="steps per level (3 values), or per stage and level (9: stage 1's levels 0-2, stage 2's, stage 3's)")
-    g.add_argument("--eta", type=float, default=None, help="DDIM's noise scale (0 = deterministic, 1 = ancestral)")
-    g.add_argument("--threshold", type=float, default=None, help="dynamic thresholding quantile of x0_hat (0 = off)")
-    g.add_argument("--resample", type=int, default=None, help="RePaint resampling jumps per step (1 = off)")
-    g.add_argument("--aug-level", type=float, default=None, help="conditioning augmentation level t_aug")
+                   help="steps per level (3 values), or per stage and level (9: stage 1's levels "
+                        "0-2, stage 2's, stage 3's)")
+    g.add_argument("--eta", type=float, default=None,
+                   help="DDIM's noise scale (0 = deterministic, 1 = ancestral)")
+    g.add_argument("--threshold", type=float, default=None,
+                   help="dynamic thresholding quantile of x0_hat (0 = off)")
+    g.add_argument("--resample", type=int, default=None,
+                   help="RePaint resampling jumps per step (1 = off)")
+    g.add_argument("--aug-level", type=float, default=None,
+                   help="conditioning augmentation level t_aug")
     g.add_argument("--edge-margin", type=int, default=None,
-                   help="px at a patch's inner edges that the next patch redraws (0 = hold the whole overlap, as the paper)")
+                   help="px at a patch's inner edges that the next patch redraws (0 = hold the "
+                        "whole overlap, as the paper)")
     g.add_argument("--feather", type=int, default=None,
-                   help="px over which known pixels fade into the new patch (0 = pasted exactly, as the paper)")
-    g.add_argument("--fill-white", type=int, nargs="*", default=None, choices=[2, 3], metavar="STAGE",
-                   help="stages whose mostly-white patches are filled from the stage below (none: generate all)")
+                   help="px over which known pixels fade into the new patch (0 = pasted exactly, "
+                        "as the paper)")
+    g.add_argument("--fill-white", type=int, nargs="*", default=None, choices=[2, 3],
+                   metavar="STAGE",
+                   help="stages whose mostly-white patches are filled from the stage below (none: "
+                        "generate all)")
     ap.add_argument("--white-threshold", type=float, default=data.MIN_TISSUE,
-                    help="'mostly white': a region less tissue than this (default data.MIN_TISSUE, training's rule)")
+                    help="'mostly white': a region less tissue than this (default data.MIN_TISSUE, "
+                         "training's rule)")
     ap.add_argument("--order", default="wavefront", choices=tiler.ORDERS,
-                    help="raster (the paper); wavefront (136 rounds at paper size; the same slide as raster "
-                         "at --batch 1, and with any batch up to float rounding); checkerboard (4 rounds, "
-                         "another slide)")
-    ap.add_argument("--batch", type=int, default=8, help="patches per U-Net batch (a run's slide depends on it on CPU)")
-    ap.add_argument("--stages", type=int, default=3, choices=[1, 2, 3], help="stop after this stage")
+                    help="raster (the paper); wavefront (136 rounds at paper size; the same slide "
+                         "as raster at --batch 1, and with any batch up to float rounding); "
+                         "checkerboard (4 rounds, another slide)")
+    ap.add_argument("--batch", type=int, default=8,
+                    help="patches per U-Net batch (a run's slide depends on it on CPU)")
+    ap.add_argument("--stages", type=int, default=3, choices=[1, 2, 3],
+                    help="stop after this stage")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted run (OUT.work/)")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out and discard OUT.work/")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing --out and discard OUT.work/")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="U-Net arithmetic: auto = bf16 autocast on CUDA and on CPUs with native bf16, else fp32")
+                    help="U-Net arithmetic: auto = bf16 autocast on CUDA and on CPUs with native "
+                         "bf16, else fp32")
     ap.add_argument("--mpp", type=float, default=None,
-                    help="microns per pixel of the final stage (default: from the models' training slides)")
-    ap.add_argument("--compression", default="jpeg", choices=["jpeg", "zlib"], help="tile compression")
-    ap.add_argument("--outpaint", action="store_true", help="the outpainting baseline: stage 3 without the stage below")
+                    help="microns per pixel of the final stage (default: from the models' training "
+                         "slides)")
+    ap.add_argument("--compression", default="jpeg", choices=["jpeg", "zlib"],
+                    help="tile compression")
+    ap.add_argument("--outpaint", action="store_true",
+                    help="the outpainting baseline: stage 3 without the stage below")
     ap.add_argument("--from", dest="from_slide", default=None, metavar="SLIDE",
-                    help="zoom into a real slide: its lower stage, built as training builds it, replaces the generated one")
+                    help="zoom into a real slide: its lower stage, built as training builds it, "
+                         "replaces the generated one")
     ap.add_argument("--start-stage", type=int, default=None, choices=[2, 3],
-                    help="with --from: the first stage to generate (2: from the slide's stage-1 image; 3: from its stage 2)")
-    ap.add_argument("--seeds", default=None, help="many slides: '0-99' or '0,4,7'; OUT gets _s<seed> before its suffix")
+                    help="with --from: the first stage to generate (2: from the slide's stage-1 "
+                         "image; 3: from its stage 2)")
+    ap.add_argument("--seeds", default=None,
+                    help="many slides: '0-99' or '0,4,7'; OUT gets _s<seed> before its suffix")
     ap.add_argument("--n", type=int, default=None, help="many slides: N seeds from --seed on")
-    ap.add_argument("--dry-run", action="store_true", help="cheap deterministic stand-in for the U-Nets (no checkpoints)")
-    ap.add_argument("--keep-work", action="store_true", help="keep OUT.work/ (stage images, journal) at the end")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="cheap deterministic stand-in for the U-Nets (no checkpoints)")
+    ap.add_argument("--keep-work", action="store_true",
+                    help="keep OUT.work/ (stage images, journal) at the end")
     return ap.parse_args(argv)
 
 
@@ -284,8 +311,8 @@ def check_from(args, p):
         fail(f"--from {e}")
     N3 = cascade.stage_size(p, 3)
     if min(W, H) < N3:
-        fail(f"--from {args.from_slide}: {W} x {H} px is smaller than preset {p.name}'s {N3} px region; "
-             "use a larger slide or another preset")
+        fail(f"--from {args.from_slide}: {W} x {H} px is smaller than preset {p.name}'s {N3} px "
+             "region; use a larger slide or another preset")
     return start
 
 
@@ -294,16 +321,22 @@ def resolve_sampling(args, p):
     """The preset's Sampling with the flags that override it, each flag checked."""
     sp = p.sampling
     checks = [("--batch", args.batch, args.batch >= 1, ">= 1"),
-              ("--steps", args.steps, args.steps is None or (len(args.steps) in (3, 9) and min(args.steps) >= 1),
+              ("--steps", args.steps,
+               args.steps is None or (len(args.steps) in (3, 9) and min(args.steps) >= 1),
                "list of 3 (per level) or 9 (per stage and level), each >= 1"),
               ("--resample", args.resample, args.resample is None or args.resample >= 1, ">= 1"),
               ("--eta", args.eta, args.eta is None or args.eta >= 0, ">= 0"),
-              ("--threshold", args.threshold, args.threshold is None or 0 <= args.threshold <= 1, "in [0, 1]"),
-              ("--aug-level", args.aug_level, args.aug_level is None or 0 <= args.aug_level <= 1, "in [0, 1]"),
-              ("--white-threshold", args.white_threshold, 0 <= args.white_threshold <= 1, "in [0, 1]"),
+              ("--threshold", args.threshold,
+               args.threshold is None or 0 <= args.threshold <= 1, "in [0, 1]"),
+              ("--aug-level", args.aug_level,
+               args.aug_level is None or 0 <= args.aug_level <= 1, "in [0, 1]"),
+              ("--white-threshold", args.white_threshold,
+               0 <= args.white_threshold <= 1, "in [0, 1]"),
               ("--mpp", args.mpp, args.mpp is None or args.mpp > 0, "> 0 (microns per pixel)"),
-              ("--feather", args.feather, args.feather is None or 0 <= args.feather <= p.patch // 16,
-               f"in 0 .. {p.patch // 16} px for preset {p.name} (half its {p.patch // 8} px overlap)")]
+              ("--feather", args.feather,
+               args.feather is None or 0 <= args.feather <= p.patch // 16,
+               f"in 0 .. {p.patch // 16} px for preset {p.name} (half its {p.patch // 8} px "
+               "overlap)")]
     for flag, value, ok, rule in checks:
         if not ok:
             fail(f"{flag} {value}: use a value {rule}")
@@ -314,7 +347,8 @@ def resolve_sampling(args, p):
         fail(f"--edge-margin (preset {p.name}): {e}")
     pick = lambda flag, default: default if flag is None else flag
     return dataclasses.replace(
-        sp, steps=tuple(pick(args.steps, sp.steps)), sampler=pick(args.sampler, sp.sampler), eta=pick(args.eta, sp.eta),
+        sp, steps=tuple(pick(args.steps, sp.steps)), sampler=pick(args.sampler, sp.sampler),
+                               eta=pick(args.eta, sp.eta),
         threshold=sp.threshold if args.threshold is None else (args.threshold or None),
         resample=pick(args.resample, sp.resample), aug_level=pick(args.aug_level, sp.aug_level),
         edge_margin=margin, feather=pick(args.feather, sp.feather),
@@ -327,14 +361,14 @@ def check_models(args, p, stages):
     identity is checked now, cheaply (mmap: no weights read), not after hours of work."""
     ckpt = os.path.realpath(args.ckpt or DEMO_CKPT)
     if not os.path.isdir(ckpt):
-        fail(f"--ckpt {ckpt}: no such directory. Train the nine models with train.py (README, 'Training') "
-             "or pass --dry-run to try the pipeline without models")
+        fail(f"--ckpt {ckpt}: no such directory. Train the nine models with train.py (README, "
+             "'Training') or pass --dry-run to try the pipeline without models")
     names = [cascade.model_filename(s, lvl) for s in stages for lvl in range(3)]
     for n in names:
         path, (s, lvl) = os.path.join(ckpt, n), (int(n[5]), int(n[12]))
         if not os.path.isfile(path):
-            fail(f"--ckpt {ckpt}: missing model file {n}; train it with `python train.py --preset {p.name} "
-                 f"--stage {s} --level {lvl}` or point --ckpt elsewhere")
+            fail(f"--ckpt {ckpt}: missing model file {n}; train it with `python train.py --preset "
+                 f"{p.name} --stage {s} --level {lvl}` or point --ckpt elsewhere")
         try:
             ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # noqa: BLE001
@@ -350,14 +384,17 @@ def check_out(args, p, stages):
     """--out names a file in a writable directory with room for the run."""
     out = os.path.abspath(args.out)
     if os.path.isdir(out):
-        fail(f"--out {args.out} is a directory; give a file name such as {os.path.join(args.out, 'slide.tif')}")
+        fail(f"--out {args.out} is a directory; give a file name such as "
+             f"{os.path.join(args.out, 'slide.tif')}")
     folder = os.path.dirname(out)
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         fail(f"--out {args.out}: cannot write into {folder} (missing or read-only)")
-    need = sum(3 * cascade.stage_size(p, s) ** 2 for s in stages) * 1.4  # stage images, pyramid temps, slide
+    need = sum(3 * cascade.stage_size(p, s) ** 2 for s in stages) * 1.4  # stage images, pyramid
+                                                                         #   temps, slide
     free = shutil.disk_usage(folder).free
     if free < need and not args.resume:
-        fail(f"--out {args.out}: this run needs about {need / 1e9:.1f} GB in {folder}, {free / 1e9:.1f} GB are free")
+        fail(f"--out {args.out}: this run needs about {need / 1e9:.1f} GB in {folder}, "
+             f"{free / 1e9:.1f} GB are free")
 
 
 
@@ -390,7 +427,8 @@ class Journal:
     def stages(self):
         """{stage: (patches, filled, seconds, seconds in the model)} of every stage begun."""
         st = self.state
-        return {int(s): (len(st["done"][s]), len(st["filled"].get(s, [])), st["seconds"].get(s, 0.0),
+        return {int(s): (len(st["done"][s]), len(st["filled"].get(s, [])),
+                         st["seconds"].get(s, 0.0),
                          st["model_seconds"].get(s, 0.0)) for s in sorted(st["done"])}
 
     def settings(self):
@@ -469,7 +507,8 @@ def open_work(args, settings, preset, rank, world):
     """OUT.work/ with its journal, locked for this run (rank 0 holds an exclusive lock; the lock
     file stays open with the journal). A run with finished patches is continued only with --resume
     (first re-applying a round it saved but did not mark) and discarded only with --overwrite; a
-    work directory without any finished patch never blocks a fresh start. Returns (work, journal)."""
+    work directory without any finished patch never blocks a fresh start.
+    Returns (work, journal)."""
     work = args.out + ".work"
     journal = Journal(work, settings)
     if rank == 0:
@@ -483,12 +522,14 @@ def open_work(args, settings, preset, rank, world):
         if started and journal.has_work() and args.resume:
             diff = journal.settings_diff(settings)
             if diff:
-                fail(f"--resume with other settings than the interrupted run "
+                fail("--resume with other settings than the interrupted run "
                      f"({', '.join(k for k, _, _ in diff)}: {[a for _, a, _ in diff]} then, "
-                     f"{[b for _, _, b in diff]} now); use the original flags and models, or --overwrite")
+                     f"{[b for _, _, b in diff]} now); use the original flags and models, or "
+                     "--overwrite")
             journal.replay(preset)
         elif started and journal.has_work() and not args.overwrite:
-            fail(f"{work} holds an unfinished run; pass --resume to continue it or --overwrite to restart")
+            fail(f"{work} holds an unfinished run; pass --resume to continue it or --overwrite to "
+                 "restart")
         else:
             if args.resume:
                 print(f"nothing to resume in {work}; starting afresh", file=sys.stderr)
@@ -512,8 +553,8 @@ def lock_work(work):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.seek(0)
-        fail(f"{work} is in use by another sample.py run (pid {lock.read().strip() or '?'}); "
-             "wait for it or choose another --out")
+        fail(f"{work} is in use by another sample.py run (pid {lock.read().strip() or '?'}); wait "
+             "for it or choose another --out")
     lock.seek(0), lock.truncate(), lock.write(str(os.getpid())), lock.flush()
     return lock
 
@@ -588,7 +629,8 @@ class DryRunCDM:
         noise = torch.stack([torch.randn(3, P, P, generator=g) for g in generators])
         if region is None:  # stage 1: blobs of pink tissue on white glass
             low = torch.stack([torch.rand(1, 6, 6, generator=g) for g in generators])
-            t = torch.nn.functional.interpolate(low, size=(P, P), mode="bicubic", align_corners=False)
+            t = torch.nn.functional.interpolate(low, size=(P, P), mode="bicubic",
+                                                align_corners=False)
             pink = torch.tensor([0.75, 0.2, 0.6]).view(1, 3, 1, 1)
             x = torch.where(t > 0.5, pink - 0.5 * (t - 0.5), torch.ones(1, 3, 1, 1))
         else:
@@ -602,7 +644,8 @@ def load_cdm(settings, preset, stage, device):
     if settings.dry_run:
         return DryRunCDM(preset, stage)
     try:
-        return cascade.load_cdm(settings.ckpt, preset, stage, device, bf16=settings.precision == "bf16")
+        return cascade.load_cdm(settings.ckpt, preset, stage, device,
+                                bf16=settings.precision == "bf16")
     except (FileNotFoundError, ValueError) as e:
         fail(f"--ckpt {e}")
 
@@ -618,8 +661,8 @@ class Timed:
         x = self.cdm.sample(generators, sampling=self.sampling, **inputs)
         self.seconds += time.time() - t0
         if not torch.isfinite(x).all():
-            raise FloatingPointError("the model produced non-finite pixels (NaN or inf): its weights are broken; "
-                                     "retrain or re-export it")
+            raise FloatingPointError("the model produced non-finite pixels (NaN or inf): its "
+                                     "weights are broken; retrain or re-export it")
         return x
 
 
@@ -643,28 +686,29 @@ class Progress:
         left = self.n_total - done - self.n_fill
         eta = f"ETA {left / rate / 60:.1f} min" if rate > 0 else "ETA -"
         print(f"stage {self.stage}: {done}/{self.n_total} patches ({generated} generated, {filled} "
-              f"filled as glass); left: {left} to generate, {self.n_fill} to fill; "
-              f"{rate:.2f} generated patches/s, {eta}", file=sys.stderr, flush=True)
+              f"filled as glass); left: {left} to generate, {self.n_fill} to fill; {rate:.2f} "
+              f"generated patches/s, {eta}", file=sys.stderr, flush=True)
 
 
 def report(out, images, settings, preset, journal, mpp, seconds, t_write):
     """The previews, each grid stage's seam score, and a summary on stderr."""
     previews = write_previews(out, images, preset)
     grid = lambda s: cascade.stage_grid(preset, s, settings.sampling.edge_margin)
-    seams = {s: tiler.seam_score(images[s], grid(s), settings.order) for s in sorted(images) if s > 1}
+    seams = {s: tiler.seam_score(images[s],
+                                 grid(s), settings.order) for s in sorted(images) if s > 1}
     final = images[max(images)]
     lines = [f"wrote {out}: {final.shape[1]} x {final.shape[0]} px at {mpp:.4g} um/px, "
              f"{os.path.getsize(out) / 1e6:.1f} MB, {seconds / 60:.1f} min in this run"]
     for s, (n, filled, secs, model) in journal.stages().items():
         lines.append(f"  stage {s}: {n} patches in {secs:.1f} s ({n - filled} generated, {filled} "
-                     f"filled as glass); outside the model {(secs - (model or secs)) / max(n, 1):.3f} "
-                     "s/patch (rank 0)")
+                     "filled as glass); outside the model "
+                     f"{(secs - (model or secs)) / max(n, 1):.3f} s/patch (rank 0)")
     if seams:
         lines.append("  seam score (1.0 = invisible): "
                      + ", ".join(f"stage {s} {v:.3f}" for s, v in seams.items()))
     lower = [f"{out}.stage{s}.png" for s in sorted(images)[:-1]]
-    lines.append(f"  pyramid written in {t_write:.1f} s; previews{' and lower stages' if lower else ''}"
-                 f": {', '.join(previews + lower)}")
+    lines.append(f"  pyramid written in {t_write:.1f} s; "
+                 f"previews{' and lower stages' if lower else ''}: {', '.join(previews + lower)}")
     print("\n".join(lines), file=sys.stderr)
 
 
@@ -674,7 +718,7 @@ def model_mpp(settings, preset, stage):
     mpp3 = 0.25
     if settings.models:
         path = os.path.join(settings.ckpt, sorted(settings.models)[-1])
-        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no weights read
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # no weights read
         mpp3 = ck.get("mpp") or mpp3
     return mpp3 * cascade.stage_size(preset, 3) / cascade.stage_size(preset, stage)
 
@@ -702,14 +746,16 @@ def write_previews(out, images, preset, side=512):
             y0 = centre[s + 1] / r - (0 if s == 1 else centre[s])
             f = side / crop.shape[0]
             box = [y0 * f, (y0 + P / r) * f]
-            ImageDraw.Draw(im).rectangle([box[0], box[0], box[1], box[1]], outline=(0, 90, 255), width=3)
+            ImageDraw.Draw(im).rectangle([box[0], box[0], box[1], box[1]],
+                                         outline=(0, 90, 255), width=3)
         panels.append(im)
     fig = Image.new("RGB", (len(panels) * (side + 8), side), "white")
     for k, im in enumerate(panels):
         fig.paste(im, (k * (side + 8), 0))
     paths = [out + ".preview.png", out + ".thumbnail.png"]
     fig.save(paths[0])
-    with tifffile.TiffFile(out) as tif:  # the slide's smallest level: the canvas is never read whole
+    with tifffile.TiffFile(out) as tif:  # the slide's smallest level: never the whole canvas
+
         smallest = tif.series[0].levels[-1].asarray()
     _fit(smallest.reshape(smallest.shape[-3:]), 1024).save(paths[1])
     return paths
@@ -767,9 +813,11 @@ def many_slides(args, device, rank, world):
         records = [r for part in parts for r in part] if rank == 0 else records
     if rank == 0:
         hosts = sorted({r["host"] for r in records})
-        data.write_json(args.out + ".manifest.json", sorted(records, key=lambda r: r["seed"]), indent=1)
-        print(f"wrote {args.out}.manifest.json: {len(records)} slides on {len(hosts)} machine(s)"
-              f" ({', '.join(hosts)}); each slide stays on the machine that made it", file=sys.stderr)
+        data.write_json(args.out + ".manifest.json",
+                        sorted(records, key=lambda r: r["seed"]), indent=1)
+        print(f"wrote {args.out}.manifest.json: {len(records)} slides on {len(hosts)} machine(s) "
+              f"({', '.join(hosts)}); each slide stays on the machine that made "
+              "it", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- main
@@ -791,8 +839,8 @@ def one_line_errors(fn, *a):
     try:
         return fn(*a)
     except OSError as e:  # disk full (28), read-only file system (30), a vanished directory ...
-        fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}; nothing written was lost "
-             "(resume with --resume once the cause is fixed)")
+        fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}; nothing written was "
+             "lost (resume with --resume once the cause is fixed)")
     except FloatingPointError as e:
         fail(str(e))
 

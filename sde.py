@@ -33,13 +33,14 @@ SAMPLERS = ("ancestral", "ddim", "dpmpp2m")
 LAM_CLAMP = 30.0  # |lam| bound: cosine gives lam = -inf at t = 1; alpha^2 = sigmoid(-30) ~ 1e-13
 
 
-# ----------------------------------------------------------------------------- schedules
+# ---------------------------------------------------------------------- schedules
 
 def log_snr(t, schedule="cosine"):
     """lam(t) for t in [0, 1] (tensor), decreasing in t. [Imagen]"""
     t = torch.as_tensor(t, dtype=torch.float64)
     if schedule == "cosine":
-        offset = 0.008  # lam = -log(cos((t+o)/(1+o) pi/2)^-2 - 1), o = 0.008 [Imagen, Nichol & Dhariwal]
+        # lam = -log(cos((t+o)/(1+o) pi/2)^-2 - 1), o = 0.008 [Imagen, Nichol & Dhariwal]
+        offset = 0.008
         lam = -torch.log(torch.cos((t + offset) / (1 + offset) * math.pi / 2) ** -2 - 1)
     elif schedule == "linear":
         lam = -torch.log(torch.expm1(1e-4 + 10 * t ** 2))  # Imagen's 'linear' beta schedule
@@ -64,7 +65,7 @@ def _bc(a, x):
     return a.reshape(a.shape + (1,) * (x.dim() - a.dim())) if a.dim() else a
 
 
-# ----------------------------------------------------------------------------- forward process
+# ---------------------------------------------------------------------- forward process
 
 def q_sample(x0, t, eps, schedule="cosine"):
     """x_t = alpha_t x0 + sigma_t eps  [PAPER Eq. 1, solved in closed form for the VP SDE]."""
@@ -101,7 +102,8 @@ def randn(shape, generator=None, device="cpu", dtype=torch.float32):
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
-        return torch.stack([torch.randn(shape[1:], generator=g, dtype=dtype) for g in generator]).to(device)
+        return torch.stack([torch.randn(shape[1:],
+                                        generator=g, dtype=dtype) for g in generator]).to(device)
     return torch.randn(shape, generator=generator, dtype=dtype).to(device)
 
 
@@ -112,7 +114,7 @@ def rand(n, generator=None):
     return torch.rand(n, generator=generator, dtype=torch.float64)
 
 
-# ----------------------------------------------------------------------------- what the network predicts
+# ---------------------------------------------------------------------- what the network predicts
 
 OBJECTIVES = ("v", "eps")
 
@@ -135,7 +137,7 @@ def dynamic_threshold(x0_hat, p):
     return x0_hat.clamp(-q, q) / q
 
 
-# ----------------------------------------------------------------------------- training loss
+# ---------------------------------------------------------------------- training loss
 
 def loss_fn(model_fn, x0, *, schedule="cosine", objective="v", min_snr_gamma=None, generator=None):
     """MSE between the network's output and its target at t ~ U(0, 1) per sample: v [SDE-v] or
@@ -155,18 +157,19 @@ def loss_fn(model_fn, x0, *, schedule="cosine", objective="v", min_snr_gamma=Non
     out = model_fn(x_t, t.to(x0.dtype))
     per_sample = ((out.float() - target.float()) ** 2).flatten(1).mean(1)  # (B,)
     if min_snr_gamma is not None:
-        per_sample = per_sample * min_snr_weight(t, schedule, min_snr_gamma, objective).to(per_sample)
+        per_sample = per_sample * min_snr_weight(t, schedule,
+                                                 min_snr_gamma, objective).to(per_sample)
     return per_sample, t
 
 
 def min_snr_weight(t, schedule, gamma, objective="v"):
-    """min(SNR, gamma) / (SNR + 1) for the v-loss, min(SNR, gamma) / SNR for the eps-loss [MinSNR]."""
+    """[MinSNR] min(SNR, gamma) / (SNR + 1) for the v-loss, min(SNR, gamma) / SNR for eps."""
     snr = torch.exp(log_snr(t, schedule))
     clipped = torch.minimum(snr, torch.full_like(snr, gamma))
     return clipped / (snr + 1) if objective == "v" else clipped / snr
 
 
-# ----------------------------------------------------------------------------- conditioning augmentation
+# ---------------------------------------------------------------------- conditioning augmentation
 
 def augment_cond(cond, t_aug, generator=None, schedule="cosine"):
     """Noise a conditioning image to level t_aug [CDM, Imagen noise conditioning augmentation].
@@ -185,7 +188,7 @@ def augment_cond(cond, t_aug, generator=None, schedule="cosine"):
     return noised, log_snr(t_aug, schedule).float()
 
 
-# ----------------------------------------------------------------------------- sampling: the step rules
+# ---------------------------------------------------------------------- sampling: the step rules
 # Each rule moves the state from time t to time s < t, given the model's x0_hat at t.
 # `noise()` draws fresh standard normal noise (called only by stochastic rules).
 
@@ -248,11 +251,12 @@ def repaint_jump(x_s, lam_s, lam_t, generator=None):
     return ratio * x_s + std * randn(x_s.shape, generator, x_s.device, x_s.dtype)
 
 
-# ----------------------------------------------------------------------------- sampling: the loop
+# ---------------------------------------------------------------------- sampling: the loop
 
-def sample(model_fn, shape, *, steps, sampler="ancestral", schedule="cosine", objective="v", eta=0.0,
-           threshold=None, known=None, mask=None, blend=None, generator=None, resample=1, device="cpu",
-           dtype=torch.float32):
+def sample(model_fn, shape, *, steps, sampler="ancestral", schedule="cosine", objective="v",
+           eta=0.0, threshold=None, known=None, mask=None, blend=None, generator=None,
+           resample=1, device="cpu", dtype=torch.float32):
+
     """Draw samples by integrating the reverse process from t = 1 to t = 0.
 
     model_fn:  callable(x_t (B, ...), t (B,) in [0, 1]) -> the network's output (v_hat or eps_hat).
@@ -289,7 +293,8 @@ def sample(model_fn, shape, *, steps, sampler="ancestral", schedule="cosine", ob
         # state x is at time s after the step, so known is noised with (alpha_s, sigma_s).
         if not inpaint:
             return x
-        if sigma == 0 and blend is not None:  # deviation: feathered final paste (cascade.feather_weight)
+        if sigma == 0 and blend is not None:  # deviation: feathered final paste
+                                              #   (cascade.feather_weight)
             return blend * known + (1 - blend) * x
         noised = alpha * known + sigma * noise() if sigma > 0 else known
         return torch.where(mask, noised, x)
@@ -314,7 +319,8 @@ def sample(model_fn, shape, *, steps, sampler="ancestral", schedule="cosine", ob
             elif sampler == "ancestral":
                 x_s = ancestral_step(x, x0_hat, lam_t, lam_s, alpha_t, alpha_s, sigma_s, noise)
             elif sampler == "ddim":
-                x_s = ddim_step(x, x0_hat, lam_t, lam_s, alpha_t, sigma_t, alpha_s, sigma_s, eta, noise)
+                x_s = ddim_step(x, x0_hat, lam_t, lam_s, alpha_t, sigma_t, alpha_s,
+                                sigma_s, eta, noise)
             else:
                 x_s = dpmpp2m_step(x, x0_hat, x0_prev if r == 0 else None, lam_t, lam_s, h_prev,
                                    sigma_t, alpha_s, sigma_s)

@@ -32,7 +32,7 @@ import sde
 ORDERS = ("raster", "wavefront", "checkerboard")
 
 
-# ----------------------------------------------------------------------------- orders
+# ---------------------------------------------------------------------- orders
 
 def rounds(order, n):
     """The patches of an n x n grid grouped into rounds: all patches of a round are
@@ -42,9 +42,11 @@ def rounds(order, n):
     if order == "raster":
         return [[c] for c in cells]
     if order == "wavefront":
-        return [[(i, k - 2 * i) for i in range(n) if 0 <= k - 2 * i < n] for k in range(3 * (n - 1) + 1)]
+        return [[(i, k - 2 * i) for i in range(n) if 0 <= k - 2 * i < n]
+                for k in range(3 * (n - 1) + 1)]
     if order == "checkerboard":
-        phases = [[(i, j) for i, j in cells if (i % 2, j % 2) == ph] for ph in ((0, 0), (0, 1), (1, 0), (1, 1))]
+        phases = [[(i, j) for i, j in cells if (i % 2, j % 2) == ph]
+                  for ph in ((0, 0), (0, 1), (1, 0), (1, 1))]
         return [ph for ph in phases if ph]
     raise ValueError(f"unknown order {order!r}; use one of {ORDERS}")
 
@@ -78,7 +80,8 @@ def known_rects(grid, i, j, finished):
     for di in (-1, 0, 1):
         for dj in (-1, 0, 1):
             a, b = i + di, j + dj
-            if (di, dj) == (0, 0) or not (0 <= a < grid.n and 0 <= b < grid.n) or not finished(a, b):
+            inside = 0 <= a < grid.n and 0 <= b < grid.n
+            if (di, dj) == (0, 0) or not inside or not finished(a, b):
                 continue
             (ty0, ty1), (tx0, tx1) = trusted_span(grid, a), trusted_span(grid, b)
             ry0, ry1 = max(y0, ty0) - y0, min(y0 + P, ty1) - y0
@@ -126,7 +129,7 @@ def plan(order, n, batch, done=()):
     return out
 
 
-# ----------------------------------------------------------------------------- one batch of patches
+# ---------------------------------------------------------------------- one batch of patches
 
 def patch_seed(seed, stage, i, j):
     """A 63-bit seed for patch (i, j) of a stage, derived from the run's seed only, so a
@@ -147,7 +150,8 @@ class Lower:
     background: int = 255
 
     def context(self, y0, x0, P):  # (1, 3, P, P) float: P x P lower px around the patch
-        return cascade.to_float(cascade.context_crop(self.image, y0, x0, P, self.zoom, self.background))
+        return cascade.to_float(cascade.context_crop(self.image, y0, x0, P,
+                                                     self.zoom, self.background))
 
     def region(self, y0, x0, P):  # (1, 3, P, P) float: the lower px under the patch, upsampled
         return cascade.region_crop(self.image, y0, x0, P, self.zoom)
@@ -161,10 +165,12 @@ class WhiteTest:
     """Which patches are filled from the stage below instead of generated: those whose region
     is less tissue than `threshold` [PAPER: mostly white patches are ignored]."""
     threshold: float
-    tissue_fraction: object  # callable(uint8 (h, w, 3)) -> float in [0, 1], e.g. data.tissue_fraction
+    tissue_fraction: object  # callable(uint8 (h, w, 3)) -> float in [0, 1], e.g.
+                             #   data.tissue_fraction
 
     def __call__(self, lower, y0, x0, P):
-        return self.threshold > 0 and self.tissue_fraction(lower.region_window(y0, x0, P)) < self.threshold
+        window = lower.region_window(y0, x0, P)
+        return self.threshold > 0 and self.tissue_fraction(window) < self.threshold
 
 
 @dataclass
@@ -189,14 +195,16 @@ def batch_inputs(grid, canvas, cells, *, order, lower=None, white=None):
     for i, j in cells:
         y0, x0 = grid.origin(i, j)
         k = finished_round[(i, j)]
-        masks.append(rects_mask(known_rects(grid, i, j, lambda a, b: finished_round[(a, b)] < k), P))
+        masks.append(rects_mask(known_rects(grid, i, j,
+                                            lambda a, b: finished_round[(a, b)] < k), P))
         known.append(cascade.to_float(canvas.read(y0, x0, P, P)))
         if lower is not None:
             contexts.append(lower.context(y0, x0, P))
             regions.append(lower.region(y0, x0, P))
         white_flags.append(lower is not None and white is not None and white(lower, y0, x0, P))
     cat = lambda xs: torch.cat(xs) if xs else None
-    return BatchInputs(list(cells), torch.cat(known), torch.stack(masks), cat(contexts), cat(regions), white_flags)
+    return BatchInputs(list(cells), torch.cat(known), torch.stack(masks), cat(contexts),
+                       cat(regions), white_flags)
 
 
 def run_batch(sample_fn, inputs, *, stage, seed, feather=0):
@@ -212,8 +220,10 @@ def run_batch(sample_fn, inputs, *, stage, seed, feather=0):
     gen_idx = [b for b in range(len(cells)) if not white[b]]
     if gen_idx:
         sel = lambda x: None if x is None else x[gen_idx]
-        x = sample_fn([patch_generator(seed, stage, *cells[b]) for b in gen_idx], known=inputs.known[gen_idx],
-                      mask=inputs.mask[gen_idx], context=sel(inputs.context), region=sel(inputs.region))
+        x = sample_fn([patch_generator(seed, stage, *cells[b]) for b in gen_idx],
+                      known=inputs.known[gen_idx],
+                      mask=inputs.mask[gen_idx], context=sel(inputs.context),
+                      region=sel(inputs.region))
         for b, pixels in zip(gen_idx, cascade.to_uint8(x)):
             out[b] = pixels
     for b in range(len(cells)):
@@ -223,8 +233,8 @@ def run_batch(sample_fn, inputs, *, stage, seed, feather=0):
     return [(c, out[b], white[b]) for b, c in enumerate(cells)]
 
 
-def generate_stage(sample_fn, grid, canvas, *, stage, seed, order="raster", batch=1, lower=None, white=None,
-                   feather=0, done=()):
+def generate_stage(sample_fn, grid, canvas, *, stage, seed, order="raster", batch=1, lower=None,
+                   white=None, feather=0, done=()):
     """Every patch of a stage into `canvas`, in one process (sample.py runs the same plan
     split across ranks, with a journal). Returns [((i, j), uint8 (P, P, 3), filled)]."""
     results = []
@@ -232,12 +242,13 @@ def generate_stage(sample_fn, grid, canvas, *, stage, seed, order="raster", batc
         for cells in rnd:
             inputs = batch_inputs(grid, canvas, cells, order=order, lower=lower, white=white)
             results += run_batch(sample_fn, inputs, stage=stage, seed=seed, feather=feather)
-        for (i, j), pixels, _ in results[-sum(map(len, rnd)):]:  # a round is written after all its batches
+        # a round is written after all its batches
+        for (i, j), pixels, _ in results[-sum(map(len, rnd)):]:
             canvas.write(*grid.origin(i, j), pixels)
     return results
 
 
-# ----------------------------------------------------------------------------- seams
+# ---------------------------------------------------------------------- seams
 
 def seam_lines(grid, order, transpose=False):
     """Where a patch's content can meet its earlier neighbour's across vertical lines. For every
@@ -245,7 +256,8 @@ def seam_lines(grid, order, transpose=False):
     one's first own pixel past the known ones (origin + o - m when the right one is later,
     origin + m when the left one is), and q_write, the first pixel past the later one's write
     (its left edge, or the left one's right edge: origin + o). transpose: the same for horizontal
-    lines, in the transposed image (q a row, [r0, r1) columns). Returns [(q_known, q_write, r0, r1)]."""
+    lines, in the transposed image (q a row, [r0, r1) columns).
+    Returns [(q_known, q_write, r0, r1)]."""
     k, m, o = round_index(order, grid.n), grid.margin, grid.overlap
     key = (lambda i, j: k[(j, i)]) if transpose else (lambda i, j: k[(i, j)])
     lines = []
@@ -253,7 +265,8 @@ def seam_lines(grid, order, transpose=False):
         for j in range(1, grid.n):
             x0, r0 = grid.origin(0, j)[1], grid.origin(i, 0)[0]
             right_later = key(i, j) > key(i, j - 1)
-            lines.append((x0 + (o - m if right_later else m), x0 + (0 if right_later else o), r0, r0 + grid.patch))
+            lines.append((x0 + (o - m if right_later else m), x0 + (0 if right_later else o),
+                          r0, r0 + grid.patch))
     return lines
 
 
@@ -277,10 +290,15 @@ def seam_score(img, grid, order="raster", block=8):
             r0, r1 = line[2:]
             for c, q in enumerate(line[:2]):
                 lo, hi = max(q - 1 - reach, 0), min(q + reach + 1, N)
-                band = np.asarray(img[lo:hi, r0:r1] if transpose else img[r0:r1, lo:hi], dtype=np.float64)
+                band = img[lo:hi, r0:r1] if transpose else img[r0:r1, lo:hi]
+                band = np.asarray(band, dtype=np.float64)
                 band = band[..., None] if band.ndim == 2 else band
-                band = band.transpose(1, 0, 2) if transpose else band  # rows along the line, columns across it
-                d = np.abs(np.diff(band, axis=1)).mean(-1)  # d[:, j] = |a[:, lo + j + 1] - a[:, lo + j]|
+                band = band.transpose(1, 0, 2) if transpose else band  # rows along the line,
+                                                                       #   columns across it
+                # d[:, j] = |a[:, lo + j + 1] - a[:, lo + j]|
+                d = np.abs(np.diff(band, axis=1)).mean(-1)
+
                 seam[c].append(d[:, q - 1 - lo].mean())
-                ref[c].extend(d[:, q - 1 + e - lo].mean() for e in offsets if 0 <= q - 1 + e - lo < d.shape[1])
+                ref[c].extend(d[:, q - 1 + e - lo].mean() for e in offsets
+                              if 0 <= q - 1 + e - lo < d.shape[1])
     return float(max(np.mean(s) / np.mean(r) for s, r in zip(seam, ref)))

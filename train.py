@@ -2,9 +2,10 @@
 
     python train.py --preset demo --stage 2 --level 1 --data SLIDES_DIR --out CKPT_DIR
     torchrun --nproc_per_node=9 train.py --stage 3 --level 0 --data ... --out ...   # data-parallel
-    torchrun --nproc_per_node=9 train.py --stage all --level all ...   # one model per rank, as the paper
-    python train.py --plot CKPT_DIR                                     # loss curves of the nine models
-    python train.py --recipe checkpoints/demo/recipe.txt --data SLIDE --out runs/demo   # the demo's phases
+    torchrun --nproc_per_node=9 train.py --stage all --level all ...   # one model per rank, as the
+    paper python train.py --plot CKPT_DIR                                     # loss curves of the
+    nine models python train.py --recipe checkpoints/demo/recipe.txt --data SLIDE --out runs/demo
+    # the demo's phases
 
 Read `Trainer` first: `__init__`, `losses` (one batch's diffusion loss with conditioning
 augmentation), `update_ema` and `train` (the loop) are the algorithm; `train_models` runs it for
@@ -17,7 +18,7 @@ where it stopped (on CPU: bit-identical weights to an uninterrupted run). Each m
 CKPT_DIR/stage{s}_level{l}.log.jsonl (one JSON object per logged step).
 
 References
-  [PAPER]   Cechnicka et al., URCDM, MICCAI 2024 (gradient clipping 1, v-parametrisation, 200k steps).
+  [PAPER]   Cechnicka et al., URCDM, MICCAI 2024 (clipping at 1, v-parametrisation, 200k steps).
   [Imagen]  Saharia et al., 2022 (Adam lr 1e-4, betas (0.9, 0.99); conditioning augmentation).
   [SDE-v]   Salimans & Ho, 2022 (v-prediction loss).  [nanoGPT] the torchrun / DDP skeleton.
 """
@@ -45,7 +46,7 @@ import sde
 import unet as unet_mod
 
 
-# ----------------------------------------------------------------------------- the algorithm
+# ---------------------------------------------------------------------- the algorithm
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -96,7 +97,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = unet_mod.UNet(self.unet_cfg).to(device, memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))  # [Imagen]
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))  # Imagen
         self.step, self.position, self.nonfinite_total, self.bad_in_a_row = 0, 0, 0, 0
         self.max_steps = cfg.max_steps[level]
         if os.path.exists(self.path):
@@ -122,7 +123,7 @@ class Trainer:
             1 if tr.aug_per_batch else x0.shape[0], g)
         cond, aug_lam = cascade.augment(self.preset, self.stage, self.level, cond,
                                         t_aug.expand(x0.shape[0]), g, self.cfg.conditioned)
-        # The diffusion loss of the level's objective (v or eps), min-SNR weighted if the preset says.
+        # The diffusion loss of the level's objective (v or eps), min-SNR weighted if set.
         fn = cascade.denoiser(self.net, self.schedule, cond, aug_lam, self.cfg.bf16)
         return sde.loss_fn(fn, x0, schedule=self.schedule, objective=self.objective,
                            min_snr_gamma=tr.min_snr_gamma, generator=g)
@@ -153,12 +154,14 @@ class Trainer:
             grad_norm = float("nan")
             if finite:
                 loss.backward()
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0))  # [PAPER]
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)  # PAPER
+                grad_norm = float(grad_norm)
                 finite = bool(np.isfinite(grad_norm))
             if finite:
                 self.opt.step()
                 self.update_ema()
-                meter.add(self.all_mean(losses.detach().double()), self.all_mean(t.double()), grad_norm)
+                meter.add(self.all_mean(losses.detach().double()),
+                          self.all_mean(t.double()), grad_norm)
             self.count_nonfinite(finite)
             self.step += 1
             self.position += G
@@ -175,7 +178,7 @@ class Trainer:
         self.check_replicas()
         return True
 
-    # ------------------------------------------------------------- checkpoints and faults
+    # ------------------------------------------------------ checkpoints and faults
     def state(self):
         return cascade.model_payload(
             self.preset, self.stage, self.level, self.unet_cfg, self.ema.state_dict(),
@@ -189,9 +192,10 @@ class Trainer:
         try:
             ck = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
-            sys.exit(f"error: {self.path}: not a readable checkpoint ({type(e).__name__}); "
-                     "move it away to start afresh")
-        why = cascade.checkpoint_mismatch(ck, self.preset, self.stage, self.level, self.cfg.conditioned)
+            sys.exit(f"error: {self.path}: not a readable checkpoint ({type(e).__name__}); move it "
+                     "away to start afresh")
+        why = cascade.checkpoint_mismatch(ck, self.preset, self.stage, self.level,
+                                          self.cfg.conditioned)
         if why is None and "model" not in ck:
             why = "EMA weights only (an exported model)"
         if why is None and unet_mod.UNetConfig(**ck["unet_config"]) != self.unet_cfg:
@@ -204,7 +208,7 @@ class Trainer:
         self.model.load_state_dict(ck["model"])
         self.ema.load_state_dict(ck["ema"])
         self.opt.load_state_dict(ck["optimizer"])
-        for group in self.opt.param_groups:  # --lr wins over the saved one (a lower-lr second phase)
+        for group in self.opt.param_groups:  # --lr wins over the saved one (a lower-lr phase)
             group["lr"] = self.cfg.lr
         self.step, self.position = ck["step"], ck["data_position"]
         self.nonfinite_total = ck["nonfinite_total"]
@@ -233,12 +237,13 @@ class Trainer:
         never saved."""
         if self.rank != 0:
             return
-        for name, sd in (("weights", self.model.state_dict()), ("EMA weights", self.ema.state_dict())):
+        for name, sd in (("weights", self.model.state_dict()),
+                         ("EMA weights", self.ema.state_dict())):
             why = cascade.weights_problem(sd)
             if why:
-                raise FloatingPointError(f"{name} at step {self.step} are broken ({why}); not saved, "
-                                         f"{self.path} keeps the last good state; lower --lr or "
-                                         "check the data")
+                raise FloatingPointError(f"{name} at step {self.step} are broken ({why}); not "
+                                         f"saved, {self.path} keeps the last good state; lower "
+                                         "--lr or check the data")
         st = self.state()
         with data.atomic_path(self.path) as tmp:
             torch.save(st, tmp)
@@ -266,15 +271,15 @@ class Trainer:
                                      f"{self.step}; stopped ({self.path} keeps the last good "
                                      "checkpoint); lower --lr or check the data")
 
-    # ------------------------------------------------------------- data, logs, previews
+    # ------------------------------------------------------ data, logs, previews
     def loader(self, ds):
         """This rank's batches from the saved data position on, and a line saying what runs."""
         cfg = self.cfg
         if self.rank == 0:
             print(f"stage {self.stage} level {self.level}: "
                   f"{unet_mod.count_params(self.unet_cfg) / 1e6:.2f} M params, batch {cfg.batch} x "
-                  f"{self.world} ranks = global batch {cfg.batch * self.world}, steps {self.step} -> "
-                  f"{self.max_steps}, {'bf16' if cfg.bf16 else 'fp32'}, "
+                  f"{self.world} ranks = global batch {cfg.batch * self.world}, steps {self.step} "
+                  f"-> {self.max_steps}, {'bf16' if cfg.bf16 else 'fp32'}, "
                   f"{torch.get_num_threads()} threads", flush=True)
         return iter(torch.utils.data.DataLoader(
             ds, batch_sampler=index_lists(self.position, cfg.batch, self.rank, self.world),
@@ -290,10 +295,9 @@ class Trainer:
                                self.nonfinite_total)
             self.log.append(rec)
             eta = (self.max_steps - self.step) * rec["sec_per_step"]
-            print(f"stage {self.stage} level {self.level} step {self.step}/{self.max_steps} "
-                  f"loss {rec['loss']:.4f} {rec['img_per_s']:.1f} img/s "
-                  f"{rec['sec_per_step']:.2f} s/step non-finite {self.nonfinite_total} "
-                  f"eta {eta / 60:.1f} min", flush=True)
+            print(f"stage {self.stage} level {self.level} step {self.step}/{self.max_steps} loss "
+                  f"{rec['loss']:.4f} {rec['img_per_s']:.1f} img/s {rec['sec_per_step']:.2f} "
+                  f"s/step non-finite {self.nonfinite_total} eta {eta / 60:.1f} min", flush=True)
         if cfg.sample_every and self.step % cfg.sample_every == 0:
             write_preview(self, ds)
 
@@ -321,29 +325,31 @@ def train_models(args):
     if rank == 0:
         remove_orphans(args.out)
     stop_flag = [False]
-    signal.signal(signal.SIGTERM, lambda *_: stop_flag.__setitem__(0, True))  # preemption: save, exit
+    # preemption: save, then exit
+    signal.signal(signal.SIGTERM, lambda *_: stop_flag.__setitem__(0, True))
     if len(models) == 1:  # one model, data-parallel over all ranks
         jobs, sync = [(models[0], rank, world)], ddp
     else:  # the paper's way: one model per rank, each trained alone (no gradient sync)
         jobs, sync = [(m, 0, 1) for m in models[rank::world]], False
         if rank == 0:
-            print(f"{len(models)} models on {world} process(es): " + "; ".join(
-                f"rank {r}: {models[r::world]}" for r in range(min(world, len(models)))), flush=True)
+            shares = [f"rank {r}: {models[r::world]}" for r in range(min(world, len(models)))]
+            print(f"{len(models)} models on {world} process(es): " + "; ".join(shares), flush=True)
     try:
         for (s, lvl), group_rank, group_size in jobs:
             trainer = Trainer(cfg, preset, s, lvl, group_rank, group_size, sync, device, mpp)
             if trainer.step >= trainer.max_steps:
                 if trainer.rank == 0:
-                    print(f"{trainer.path}: already at step {trainer.step} >= --max-steps; nothing to do")
+                    print(f"{trainer.path}: already at step {trainer.step} >= --max-steps; "
+                          "nothing to do")
                 continue
             if trainer.rank == 0 and args.max_steps == [200_000] and device.type == "cpu":
-                print("note: --max-steps is left at the paper's 200000 and this runs on a CPU: the ETA "
-                      "after step 1 says how long that takes; pass --max-steps for a shorter run",
-                      flush=True)
+                print("note: --max-steps is left at the paper's 200000 and this runs on a CPU: the "
+                      "ETA after step 1 says how long that takes; pass --max-steps for a shorter "
+                      "run", flush=True)
             ds = data.StageLevelDataset(slides, preset, s, lvl, region_size=args.region_size,
                                         cache_dir=args.cache, seed=args.seed, length=2 ** 62,
                                         conditioned=cfg.conditioned,
-                                        rank=int(os.environ.get("LOCAL_RANK", 0)))  # one build a machine
+                                        rank=int(os.environ.get("LOCAL_RANK", 0)))  # a build each
             if not trainer.train(ds, stop_flag):
                 break
     except (FloatingPointError, data.SlideError) as e:  # one line, no traceback
@@ -353,58 +359,85 @@ def train_models(args):
     return not stop_flag[0]  # False: stopped by SIGTERM (saved)
 
 
-# ============================================================================= operations
+# ====================================================================== operations
 # Flags, logs, previews, curves, export, recipes, main: what makes training watchable and
 # repeatable. None of it changes a weight.
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="demo", help=f"geometry, model sizes and recipe: {', '.join(cascade.PRESETS)}")
-    ap.add_argument("--stage", default="1", choices=["1", "2", "3", "all"], help="which stage's model(s)")
-    ap.add_argument("--level", default="0", choices=["0", "1", "2", "all"], help="which level's model(s)")
-    ap.add_argument("--data", default=None, help="a slide file or a directory of slides (required to train)")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="demo",
+                    help=f"geometry, model sizes and recipe: {', '.join(cascade.PRESETS)}")
+    ap.add_argument("--stage", default="1", choices=["1", "2", "3", "all"],
+                    help="which stage's model(s)")
+    ap.add_argument("--level", default="0", choices=["0", "1", "2", "all"],
+                    help="which level's model(s)")
+    ap.add_argument("--data", default=None,
+                    help="a slide file or a directory of slides (required to train)")
     ap.add_argument("--out", default=None, help="checkpoint directory (stage{s}_level{l}.pt)")
-    ap.add_argument("--batch", type=int, default=8, help="per-process batch; global batch = batch x ranks")
+    ap.add_argument("--batch", type=int, default=8,
+                    help="per-process batch; global batch = batch x ranks")
     ap.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate [Imagen]")
     ap.add_argument("--max-steps", type=int, nargs="+", default=[200_000],
-                    help="total optimiser steps [PAPER: 200k]; three values = one per level (0 1 2)")
-    ap.add_argument("--ema", type=float, default=0.9999, help="EMA decay (warm-up: min(ema, (1+n)/(10+n)))")
-    ap.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
+                    help="total optimiser steps [PAPER: 200k]; 3 values = one per level (0 1 2)")
+    ap.add_argument("--ema", type=float, default=0.9999,
+                    help="EMA decay (warm-up: min(ema, (1+n)/(10+n)))")
+    ap.add_argument("--save-every", type=int, default=1000,
+                    help="checkpoint every N steps (and at the end)")
     ap.add_argument("--keep", type=int, default=3, help="numbered snapshots to keep (0: none)")
-    ap.add_argument("--sample-every", type=int, default=0, help="write a preview PNG of EMA samples every N steps (0: off)")
-    ap.add_argument("--sample-steps", type=int, default=25, help="sampling steps for those previews")
-    ap.add_argument("--log-every", type=int, default=50, help="log the loss every N steps (and at step 1)")
+    ap.add_argument("--sample-every", type=int, default=0,
+                    help="write a preview PNG of EMA samples every N steps (0: off)")
+    ap.add_argument("--sample-steps", type=int, default=25,
+                    help="sampling steps for those previews")
+    ap.add_argument("--log-every", type=int, default=50,
+                    help="log the loss every N steps (and at step 1)")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="auto = bf16 autocast on CUDA, fp32 on CPU; bf16 on CPU needs native support")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: what torch picks)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model (the saved one is uncompiled)")
+                    help="auto = bf16 autocast on CUDA, fp32 on CPU; bf16 on CPU needs native "
+                         "support")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads (default: what torch picks)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the model (the saved one is uncompiled)")
     ap.add_argument("--crop", type=int, default=None,
-                    help="side of the top level's random training crops (default: the preset's); the level's "
-                         "full size trains on what sampling feeds (README, 'Training')")
+                    help="side of the top level's random training crops (default: the preset's); "
+                         "the level's full size trains on what sampling feeds (README, 'Training')")
     ap.add_argument("--min-snr-gamma", type=float, default=None,
                     help="min-SNR-gamma loss weight (default: the preset's; 0 = off)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--outpaint", action="store_true", help="train the outpainting baseline (no lower-stage crops)")
-    ap.add_argument("--region-size", type=int, default=None, help="level-0 side of each slide's region (default N3)")
-    ap.add_argument("--cache", default=None, help="cache directory for stage images (default beside the slides)")
-    ap.add_argument("--workers", type=int, default=None, help="data loader workers (default: 4 on CUDA, 0 on CPU)")
-    ap.add_argument("--max-nonfinite", type=int, default=20, help="stop after this many non-finite losses in a row")
-    ap.add_argument("--check-replicas", action="store_true", help="print each rank's weight digest at the end (DDP)")
+    ap.add_argument("--outpaint", action="store_true",
+                    help="train the outpainting baseline (no lower-stage crops)")
+    ap.add_argument("--region-size", type=int, default=None,
+                    help="level-0 side of each slide's region (default N3)")
+    ap.add_argument("--cache", default=None,
+                    help="cache directory for stage images (default beside the slides)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="data loader workers (default: 4 on CUDA, 0 on CPU)")
+    ap.add_argument("--max-nonfinite", type=int, default=20,
+                    help="stop after this many non-finite losses in a row")
+    ap.add_argument("--check-replicas", action="store_true",
+                    help="print each rank's weight digest at the end (DDP)")
     ap.add_argument("--export", metavar="DIR", default=None,
-                    help="do not train: write EMA-only fp16 model files of the --out checkpoints into DIR")
-    ap.add_argument("--plot", metavar="CKPT_DIR", default=None, help="do not train: draw the loss curves into a PNG")
+                    help="do not train: write EMA-only fp16 model files of the --out checkpoints "
+                         "into DIR")
+    ap.add_argument("--plot", metavar="CKPT_DIR", default=None,
+                    help="do not train: draw the loss curves into a PNG")
     ap.add_argument("--init", metavar="DIR", default=None,
-                    help="start each new model from DIR's model file (its EMA weights and step; a fresh optimiser), "
-                         "e.g. to fine-tune the shipped demo; a checkpoint already in --out is resumed instead")
+                    help="start each new model from DIR's model file (its EMA weights and step; a "
+                         "fresh optimiser), e.g. to fine-tune the shipped demo; a checkpoint "
+                         "already in --out is resumed instead")
     ap.add_argument("--recipe", default=None, metavar="FILE",
-                    help="run a recipe file's phases in order, then --export if given (the shipped demo's: "
-                         "checkpoints/demo/recipe.txt)")
+                    help="run a recipe file's phases in order, then --export if given (the shipped "
+                         "demo's: checkpoints/demo/recipe.txt)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     args = ap.parse_args(argv)
-    for flag, value, ok in (("--batch", args.batch, args.batch >= 1), ("--lr", args.lr, args.lr > 0),
-                            ("--max-steps", args.max_steps, len(args.max_steps) in (1, 3) and min(args.max_steps) >= 0),
-                            ("--ema", args.ema, 0 <= args.ema < 1), ("--save-every", args.save_every, args.save_every >= 1),
-                            ("--log-every", args.log_every, args.log_every >= 1), ("--keep", args.keep, args.keep >= 0),
+    for flag, value, ok in (("--batch", args.batch, args.batch >= 1),
+                            ("--lr", args.lr, args.lr > 0),
+                            ("--max-steps", args.max_steps,
+                             len(args.max_steps) in (1, 3) and min(args.max_steps) >= 0),
+                            ("--ema", args.ema, 0 <= args.ema < 1),
+                            ("--save-every", args.save_every, args.save_every >= 1),
+                            ("--log-every", args.log_every, args.log_every >= 1),
+                            ("--keep", args.keep, args.keep >= 0),
                             ("--sample-steps", args.sample_steps, args.sample_steps >= 1),
                             ("--threads", args.threads, args.threads is None or args.threads >= 1),
                             ("--max-nonfinite", args.max_nonfinite, args.max_nonfinite >= 1)):
@@ -413,10 +446,13 @@ def parse_args(argv=None):
     if not (args.plot or args.out):
         sys.exit("error: --out CKPT_DIR is required")
     if args.recipe:
-        extra = [k for k, v in vars(args).items() if k not in RECIPE_FLAGS + ("recipe",) and v != ap.get_default(k)]
+        extra = [k for k, v in vars(args).items()
+                 if k not in RECIPE_FLAGS + ("recipe",) and v != ap.get_default(k)]
         if extra:
-            sys.exit(f"error: --recipe {args.recipe} sets its own flags; drop --{extra[0].replace('_', '-')} "
-                     f"(only --{', --'.join(f.replace('_', '-') for f in RECIPE_FLAGS)} may be given with it)")
+            sys.exit(f"error: --recipe {args.recipe} sets its own flags; drop "
+                     f"--{extra[0].replace('_', '-')} (only "
+                     f"--{', --'.join(f.replace('_', '-') for f in RECIPE_FLAGS)} may be given "
+                     "with it)")
     return args
 
 
@@ -434,7 +470,8 @@ def train_preset(args):
     if args.crop is not None:
         top = preset.level_sizes[-1]
         if not (8 <= args.crop <= top and args.crop % 8 == 0):
-            sys.exit(f"error: --crop {args.crop}: use a multiple of 8 from 8 to {top} (the top level's size) for preset {preset.name}")
+            sys.exit(f"error: --crop {args.crop}: use a multiple of 8 from 8 to {top} (the top "
+                     f"level's size) for preset {preset.name}")
         tr = dataclasses.replace(tr, crop=args.crop)
     if args.min_snr_gamma is not None:
         tr = dataclasses.replace(tr, min_snr_gamma=args.min_snr_gamma or None)
@@ -455,7 +492,8 @@ def slides_mpp(slides, preset, region_size):
     mpps = [m for m in (data.open_slide(p).mpp for p in slides) if m]
     if not mpps:
         return None
-    return float(np.median(mpps)) * (region_size or cascade.stage_size(preset, 3)) / cascade.stage_size(preset, 3)
+    N3 = cascade.stage_size(preset, 3)
+    return float(np.median(mpps)) * (region_size or N3) / N3
 
 
 def remove_orphans(out):
@@ -476,7 +514,7 @@ def _alive(pid):
         return True
 
 
-# ----------------------------------------------------------------------------- watching a run
+# ---------------------------------------------------------------------- watching a run
 
 class Meter:
     """Losses, times t, gradient norms and wall time since the last log line."""
@@ -486,7 +524,8 @@ class Meter:
         self._reset(step0)
 
     def _reset(self, step):
-        self.losses, self.times, self.norms, self.last_step, self.t_last = [], [], [], step, time.time()
+        self.losses, self.times, self.norms = [], [], []
+        self.last_step, self.t_last = step, time.time()
 
     def add(self, losses, t, grad_norm):
         self.losses.append(losses.cpu())
@@ -495,13 +534,15 @@ class Meter:
 
     def record(self, step, global_batch, lr, nonfinite):
         """One log record: the mean loss, the loss per quarter of t (the health of a diffusion
-        run: t near 0 is fine detail, t near 1 is layout), lr, grad norm, speed, non-finite count."""
+        run: t near 0 is fine detail, t near 1 is layout), lr, grad norm, speed, non-finite."""
         dt, n = time.time() - self.t_last, step - self.last_step
         loss = torch.cat(self.losses) if self.losses else torch.zeros(0, dtype=torch.float64)
         t = torch.cat(self.times) if self.times else torch.zeros(0, dtype=torch.float64)
         quarter = (t * 4).clamp(max=3).long()
-        buckets = [float(loss[quarter == q].mean()) if (quarter == q).any() else None for q in range(4)]
-        rec = {"step": step, "loss": float(loss.mean()) if len(loss) else float("nan"), "loss_t_quarters": buckets,
+        buckets = [float(loss[quarter == q].mean()) if (quarter == q).any() else None
+                   for q in range(4)]
+        rec = {"step": step, "loss": float(loss.mean()) if len(loss) else float("nan"),
+               "loss_t_quarters": buckets,
                "lr": lr, "grad_norm": float(np.mean(self.norms)) if self.norms else None,
                "img_per_s": n * global_batch / max(dt, 1e-9), "sec_per_step": dt / max(n, 1),
                "nonfinite": nonfinite, "wall_s": time.time() - self.t_start}
@@ -555,12 +596,14 @@ def write_preview(trainer, ds, n=4):
     cond = None if cond.shape[1] == 0 else cond
     g = torch.Generator().manual_seed(T.cfg.seed)
     cond_in = None if cond is None else cond.cpu().clamp(-1, 1)
-    cond, aug_lam = cascade.augment(p, T.stage, T.level, cond, p.sampling.aug_level, g, T.cfg.conditioned)
+    cond, aug_lam = cascade.augment(p, T.stage, T.level, cond, p.sampling.aug_level,
+                                    g, T.cfg.conditioned)
     fn = cascade.denoiser(T.ema, T.schedule, cond, aug_lam, T.cfg.bf16)
-    x = sde.sample(fn, tuple(x0.shape), steps=T.cfg.sample_steps, schedule=T.schedule, objective=T.objective,
+    x = sde.sample(fn, tuple(x0.shape), steps=T.cfg.sample_steps, schedule=T.schedule,
+                   objective=T.objective,
                    generator=g, device=T.device).clamp(-1, 1).cpu()
-    names = (["lowres"] if T.level > 0 else []) + (["context", "region"][:cond_in.shape[1] // 3 - (T.level > 0)]
-                                                    if cond_in is not None else [])
+    n_lower = 0 if cond_in is None else cond_in.shape[1] // 3 - (T.level > 0)
+    names = (["lowres"] if T.level > 0 else []) + ["context", "region"][:n_lower]
     cols = (list(cond_in.split(3, dim=1)) if cond_in is not None else []) + [x, x0]
     names += ["EMA sample", "target"]
     side = max(128, x0.shape[-1])
@@ -570,7 +613,8 @@ def write_preview(trainer, ds, n=4):
     img = Image.new("RGB", (rows.shape[2], head + n * side), "white")
     img.paste(Image.fromarray(np.concatenate(list(rows))), (0, head))
     draw = ImageDraw.Draw(img)
-    _label(draw, (4, 2), f"stage {T.stage} level {T.level}, step {T.step}, {T.cfg.sample_steps} sampling steps")
+    _label(draw, (4, 2),
+           f"stage {T.stage} level {T.level}, step {T.step}, {T.cfg.sample_steps} sampling steps")
     for k, name in enumerate(names):
         _label(draw, (k * side + 4, 15), name)
     os.makedirs(os.path.join(T.cfg.out, "samples"), exist_ok=True)
@@ -585,7 +629,8 @@ def plot_curves(ckpt_dir, out=None, panel=(360, 240)):
     needed for a few lines)."""
     logs = sorted(glob.glob(os.path.join(ckpt_dir, "stage*_level*.log.jsonl")))
     if not logs:
-        sys.exit(f"error: --plot {ckpt_dir}: no stage*_level*.log.jsonl files (train a model there first)")
+        sys.exit(f"error: --plot {ckpt_dir}: no stage*_level*.log.jsonl files (train a model there "
+                 "first)")
     W, H = panel
     cols = min(3, len(logs))
     img = Image.new("RGB", (cols * W, ((len(logs) + cols - 1) // cols) * H), "white")
@@ -593,10 +638,12 @@ def plot_curves(ckpt_dir, out=None, panel=(360, 240)):
     for k, path in enumerate(logs):
         recs = [r for r in read_log(path) if np.isfinite(r.get("loss", float("nan")))]
         ox, oy = (k % cols) * W, (k // cols) * H
-        _label(draw, (ox + 6, oy + 4), os.path.basename(path).split(".")[0] + f" ({len(recs)} records)")
+        _label(draw, (ox + 6, oy + 4),
+               os.path.basename(path).split(".")[0] + f" ({len(recs)} records)")
         if len(recs) < 2:
             continue
-        steps, loss = np.array([r["step"] for r in recs], float), np.array([r["loss"] for r in recs])
+        steps = np.array([r["step"] for r in recs], float)
+        loss = np.array([r["loss"] for r in recs])
         smooth = np.copy(loss)
         for i in range(1, len(loss)):
             smooth[i] = 0.8 * smooth[i - 1] + 0.2 * loss[i]
@@ -604,7 +651,8 @@ def plot_curves(ckpt_dir, out=None, panel=(360, 240)):
         hi = hi if hi > lo else lo + 1e-6
         box = (ox + 50, oy + 20, ox + W - 10, oy + H - 24)
         draw.rectangle(box, outline=(160, 160, 160))
-        px = lambda s, v: (box[0] + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (box[2] - box[0]),
+        px = lambda s, v: (box[0] + (s - steps[0]) / max(steps[-1] - steps[0], 1)
+                           * (box[2] - box[0]),
                            box[3] - (min(max(v, lo), hi) - lo) / (hi - lo) * (box[3] - box[1]))
         draw.line([px(s, v) for s, v in zip(steps, loss)], fill=(170, 190, 235), width=1)
         draw.line([px(s, v) for s, v in zip(steps, smooth)], fill=(20, 60, 160), width=2)
@@ -627,25 +675,27 @@ def export(out, dest, models):
             ck = torch.load(src, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
             sys.exit(f"error: {src}: not a readable checkpoint ({type(e).__name__})")
-        keep = {k: ck[k] for k in ("format", "preset", "stage", "level", "conditioned", "unet_config", "step")}
+        keep = {k: ck[k] for k in ("format", "preset", "stage", "level", "conditioned",
+                                   "unet_config", "step")}
         keep.update(mpp=ck.get("mpp"), args=ck.get("args"))
         why = cascade.weights_problem(ck["ema"])  # non-finite, or beyond fp16's range
         if why:
             sys.exit(f"error: {src}: its EMA weights are broken ({why}); not exported")
-        # fp16 halves the files (the demo's nine models ship in the repository); loading casts back to fp32
+        # fp16 halves the files (the demo's models ship in the repository); loading casts to fp32
         keep["ema"] = {k: v.half() if v.is_floating_point() else v for k, v in ck["ema"].items()}
         with data.atomic_path(os.path.join(dest, cascade.model_filename(s, l))) as tmp:
             torch.save(keep, tmp)
         print(f"exported {src} (step {ck['step']}) -> {dest}")
 
 
-# ----------------------------------------------------------------------------- recipes
+# ---------------------------------------------------------------------- recipes
 # A recipe is the list of train.py runs (phases) that made a set of models, in a text file: '#'
 # comments, one line `common: FLAGS` given to every phase, then one line of flags per phase. A phase
 # trains its models up to its --max-steps and resumes exactly, so re-running the command continues
 # where it stopped and a finished phase is skipped. Only --data, --out, --cache, --threads, --device
 # and --export may be given beside --recipe; everything else is the recipe's.
-RECIPE_FLAGS = ("data", "out", "cache", "threads", "device", "export")  # what --recipe lets the user set
+RECIPE_FLAGS = ("data", "out", "cache", "threads", "device", "export")  # the user's, with --recipe
+
 
 
 def read_recipe(path):
@@ -672,7 +722,8 @@ def run_recipe(args):
         print(f"recipe {args.recipe}, phase {i + 1}/{len(phases)}: train.py {shlex.join(argv)}",
               flush=True)
         if train_models(parse_args(argv)) is False:
-            return print(f"recipe {args.recipe}: stopped in phase {i + 1}; the same command continues it")
+            return print(f"recipe {args.recipe}: stopped in phase {i + 1}; the same command "
+                         "continues it")
     if args.export:
         every = parse_args(common + ["--stage", "all", "--level", "all", "--out", args.out])
         export(every.out, args.export, models_to_train(every))
@@ -687,7 +738,7 @@ def main(argv=None):
     if args.export:
         return export(args.out, args.export, models_to_train(args))
     if args.data is None:
-        sys.exit("error: --data SLIDES is required to train (a slide file or a directory of slides)")
+        sys.exit("error: --data SLIDES is required to train (a slide file or a directory)")
     return train_models(args)
 
 

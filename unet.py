@@ -34,11 +34,12 @@ class UNetConfig:
     cond_ch: int = 0                      # extra conditioning channels concatenated to x_t
     aug_emb: bool = False                 # second embedding for the cond. augmentation level
     groups: int = 32                      # GroupNorm groups (capped by the channel count)
-    efficient: bool = False               # Imagen's Efficient U-Net layout (see UNet) [Imagen App. B.1]
-    late_widen: bool = False              # ADM layout: a level's encoder blocks keep the channels of the
-                                          #   level above; its down conv widens them, and the decoder's
-                                          #   up conv narrows them back (imagen-pytorch)
-    shared_kv: bool = False               # attention with one shared key / value head (imagen-pytorch)
+    efficient: bool = False               # Imagen's Efficient U-Net (see UNet) [Imagen App. B.1]
+    late_widen: bool = False              # ADM layout: a level's encoder blocks keep the channels
+                                          #   of the level above; its down conv widens them, and the
+                                          #   decoder's up conv narrows them back (imagen-pytorch)
+    shared_kv: bool = False               # attention with one shared key / value head
+                                          #   (imagen-pytorch)
 
     def __post_init__(self):
         self.mults, self.attn = tuple(self.mults), tuple(bool(a) for a in self.attn)
@@ -58,12 +59,15 @@ class UNetConfig:
 CONFIGS = {
     # 64 px base model, ~410 M parameters in the paper; imagen's plain U-Net: encoder blocks at the
     # level above's channels, multi-query attention.
-    "paper64": UNetConfig(width=256, mults=(1, 2, 3, 4), blocks=3, attn=(False, True, True, True), late_widen=True,
+    "paper64": UNetConfig(width=256, mults=(1, 2, 3, 4), blocks=3, attn=(False, True, True, True),
+                          late_widen=True,
                           shared_kv=True),
     # 64 -> 256 super-resolution model, ~300 M; memory-efficient (the authors' setting).
-    "paper256": UNetConfig(width=128, mults=(1, 2, 4, 8), blocks=2, attn=(False, False, False, True), efficient=True),
-    # 256 -> 1024 super-resolution model, ~690 M; no attention; memory-efficient (the authors' setting).
-    "paper1024": UNetConfig(width=128, mults=(1, 2, 4, 8), blocks=(2, 4, 6, 8), attn=(False,) * 4, efficient=True),
+    "paper256": UNetConfig(width=128, mults=(1, 2, 4, 8), blocks=2,
+                           attn=(False, False, False, True), efficient=True),
+    # 256 -> 1024 super-resolution model, ~690 M; no attention; memory-efficient (the authors').
+    "paper1024": UNetConfig(width=128, mults=(1, 2, 4, 8), blocks=(2, 4, 6, 8),
+                            attn=(False,) * 4, efficient=True),
     # Small models for the CPU demo and for tests.
     "demo": UNetConfig(width=32, mults=(1, 2, 2), blocks=1, attn=(False, False, True), head_dim=32),
     "demo_base": UNetConfig(width=32, mults=(1, 2), blocks=1, attn=(False, True), head_dim=32),
@@ -79,8 +83,9 @@ def get_config(name, **overrides):
 
 
 def noise_embedding(lam, dim):
-    """Sinusoidal features of the log-SNR. lam in [-LAM_CLAMP, LAM_CLAMP] = [-30, 30] is mapped to [0, 1500] so
-    the usual frequencies (periods 1 .. 10000) resolve it like a DDPM timestep. (B,) -> (B, dim)"""
+    """Sinusoidal features of the log-SNR. lam in [-LAM_CLAMP, LAM_CLAMP] = [-30, 30] is mapped to
+    [0, 1500] so the usual frequencies (periods 1 .. 10000) resolve it like a DDPM timestep.
+    (B,) -> (B, dim)"""
     c = (lam.float() + sde.LAM_CLAMP) * 25.0
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=lam.device) / half)
@@ -119,7 +124,8 @@ class Attention(nn.Module):
 
     def __init__(self, ch, head_dim, groups, shared_kv=False):
         super().__init__()
-        self.heads, self.kv_heads = max(1, ch // head_dim), 1 if shared_kv else max(1, ch // head_dim)
+        self.heads = max(1, ch // head_dim)
+        self.kv_heads = 1 if shared_kv else self.heads
         d = ch // self.heads
         self.norm, self.out = norm(ch, groups), nn.Conv2d(ch, ch, 1)
         self.qkv = nn.Conv2d(ch, ch + 2 * self.kv_heads * d, 1)  # q, then k, then v
@@ -130,10 +136,11 @@ class Attention(nn.Module):
         B, C, H, W = x.shape
         d = C // self.heads
         qkv = self.qkv(self.norm(x))
-        q = qkv[:, :C].reshape(B, self.heads, d, H * W)                         # (B, heads, d, HW)
-        k, v = qkv[:, C:].reshape(B, 2, self.kv_heads, d, H * W).unbind(1)      # (B, kv_heads, d, HW)
+        q = qkv[:, :C].reshape(B, self.heads, d, H * W)                     # (B, heads, d, HW)
+        k, v = qkv[:, C:].reshape(B, 2, self.kv_heads, d, H * W).unbind(1)  # (B, kv_heads, d, HW)
         k, v = k.expand(B, self.heads, d, H * W), v.expand(B, self.heads, d, H * W)
-        h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2),
+                                           v.transpose(-1, -2))
         return x + self.out(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
@@ -156,18 +163,21 @@ def pixel_down(cin, cout):
 
 def pixel_up(cin, cout):
     """Efficient layout: a 1x1 convolution to 4x the channels at the low resolution, then pixel
-    shuffle doubles it; no 3x3 convolution at the high resolution. (B, C, H, W) -> (B, C', 2H, 2W)"""
+    shuffle doubles it; no 3x3 convolution at the high resolution.
+    (B, C, H, W) -> (B, C', 2H, 2W)"""
     return nn.Sequential(nn.Conv2d(cin, 4 * cout, 1), nn.PixelShuffle(2))
 
 
 def conv_down(cin, cout):
-    """ADM: halve the resolution with a stride-2 3x3 convolution. (B, C, H, W) -> (B, C', H/2, W/2)"""
+    """ADM: halve the resolution, a stride-2 3x3 convolution. (B, C, H, W) -> (B, C', H/2, W/2)"""
+
     return nn.Conv2d(cin, cout, 3, stride=2, padding=1)
 
 
 def conv_up(cin, cout):
     """ADM: nearest-neighbour upsampling, then a 3x3 convolution. (B, C, H, W) -> (B, C', 2H, 2W)"""
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, padding=1))
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                         nn.Conv2d(cin, cout, 3, padding=1))
 
 
 class UNet(nn.Module):
@@ -201,7 +211,8 @@ class UNet(nn.Module):
         # widens to the last level's channels (a 3x3 conv at the same resolution).
         widen = [nn.Conv2d(ch, chans[-1], 3, padding=1)] if ch != chans[-1] else []
         ch = chans[-1]
-        self.mid = nn.ModuleList(widen + [self.res(ch, ch), self.attn(ch, len(chans) - 1), self.res(ch, ch)])
+        self.mid = nn.ModuleList(widen + [self.res(ch, ch),
+                                          self.attn(ch, len(chans) - 1), self.res(ch, ch)])
         # Decoder: per level one Block more than the encoder, each eating one skip.
         self.up = nn.ModuleList()
         decoder = self.efficient_decoder if cfg.efficient else self.adm_decoder
@@ -219,7 +230,8 @@ class UNet(nn.Module):
 
     def attn(self, ch, lvl):
         cfg = self.cfg
-        return Attention(ch, cfg.head_dim, cfg.groups, cfg.shared_kv) if cfg.attn[lvl] else nn.Identity()
+        return Attention(ch, cfg.head_dim,
+                         cfg.groups, cfg.shared_kv) if cfg.attn[lvl] else nn.Identity()
 
     def block(self, cin, cout, lvl):
         return Block([self.res(cin, cout), self.attn(cout, lvl)])
@@ -269,8 +281,8 @@ class UNet(nn.Module):
         return cout
 
     def forward(self, x, lam, cond=None, aug_lam=None):
-        """x: (B, img_ch, H, W) noisy image, H and W divisible by 2^(levels-1) (efficient: 2^levels).
-        lam: (B,) log-SNR of x. cond: (B, cond_ch, H, W) or None when cond_ch = 0.
+        """x: (B, img_ch, H, W) noisy image, H and W divisible by 2^(levels-1) (efficient:
+        2^levels). lam: (B,) log-SNR of x. cond: (B, cond_ch, H, W) or None when cond_ch = 0.
         aug_lam: (B,) log-SNR of the conditioning augmentation; None = no augmentation.
         Returns the prediction (v_hat or eps_hat) (B, img_ch, H, W)."""
         cfg = self.cfg

@@ -29,7 +29,8 @@ AUTHORS_UNETS = {
     "paper64": (64, None, dict(dim=256, dim_mults=(1, 2, 3, 4), num_resnet_blocks=3,
                                layer_attns=(False, True, True, True))),
     "paper256": (256, None, dict(dim=128, dim_mults=(1, 2, 4, 8), num_resnet_blocks=2,
-                                 layer_attns=(False, False, False, True), memory_efficient=True, lowres_cond=True)),
+                                 layer_attns=(False, False, False, True),
+                                 memory_efficient=True, lowres_cond=True)),
     "paper1024": (1024, 256, dict(dim=128, dim_mults=(1, 2, 4, 8), num_resnet_blocks=(2, 4, 6, 8),
                                   layer_attns=False, memory_efficient=True, lowres_cond=True)),
 }
@@ -37,7 +38,8 @@ CONTEXT_CH = 3
 
 
 def load_imagen_unet(site):
-    """imagen_pytorch.imagen_pytorch.Unet from `site`, with stand-ins for what the U-Net never uses."""
+    """imagen_pytorch.imagen_pytorch.Unet from `site`, with stand-ins for what the U-Net never
+    uses."""
     sys.path.insert(0, site)
 
     class Unused:
@@ -53,11 +55,13 @@ def load_imagen_unet(site):
     stub("tqdm")
     stub("tqdm.auto", tqdm=lambda x, **k: x)
     stub("torchvision")
-    stub("torchvision.transforms", **{k: Unused for k in ("Compose", "Resize", "CenterCrop", "ToTensor", "Lambda")})
+    stub("torchvision.transforms",
+         **{k: Unused for k in ("Compose", "Resize", "CenterCrop", "ToTensor", "Lambda")})
     stub("kornia")
     stub("kornia.augmentation", RandomCrop=Unused)
     stub("imagen_pytorch").__path__ = []
-    stub("imagen_pytorch.t5", t5_encode_text=None, get_encoded_dim=lambda name: 768, DEFAULT_T5_NAME="t5")
+    stub("imagen_pytorch.t5", t5_encode_text=None, get_encoded_dim=lambda name: 768,
+         DEFAULT_T5_NAME="t5")
     stub("imagen_pytorch.imagen_video", Unet3D=Unused, resize_video_to=None, scale_video_time=None)
     path = os.path.join(site, "imagen_pytorch", "imagen_pytorch.py")
     spec = importlib.util.spec_from_file_location("imagen_pytorch.imagen_pytorch", path)
@@ -71,7 +75,8 @@ def inputs(kw, size, grad=False):
     x = torch.zeros(1, 3, size, size, requires_grad=grad)
     extra = dict(cond_images=torch.zeros(1, CONTEXT_CH, size, size))
     if kw.get("lowres_cond"):
-        extra.update(lowres_cond_img=torch.zeros(1, 3, size, size), lowres_noise_times=torch.zeros(1))
+        extra.update(lowres_cond_img=torch.zeros(1, 3, size, size),
+                     lowres_noise_times=torch.zeros(1))
     return x, torch.zeros(1), extra
 
 
@@ -99,15 +104,17 @@ def measure(Unet, kw, size, train_size):
 
 
 def main():
-    if len(sys.argv) != 2 or not os.path.isfile(os.path.join(sys.argv[1], "imagen_pytorch", "imagen_pytorch.py")):
-        sys.exit("usage: python tests/bench_authors.py SITE  (SITE: where imagen-pytorch 1.26.0 was installed, "
-                 "see this file's docstring)")
+    if len(sys.argv) != 2 or not os.path.isfile(os.path.join(sys.argv[1], "imagen_pytorch",
+                                                             "imagen_pytorch.py")):
+        sys.exit("usage: python tests/bench_authors.py SITE  (SITE: where imagen-pytorch 1.26.0 "
+                 "was installed, see this file's docstring)")
     Unet = load_imagen_unet(sys.argv[1])
     for name, (size, train_size, kw) in AUTHORS_UNETS.items():
         train_size = train_size or size
         params, fwd, fwd_bwd, saved = measure(Unet, kw, size, train_size)
-        print(f"{name:10s} {params / 1e6:6.1f} M params; forward at {size} px {fwd / 1e12:.3f} TFLOP; "
-              f"at {train_size} px fwd+bwd {fwd_bwd / 1e12:.3f} TFLOP, saved activations {saved / 2 ** 30:.2f} GiB")
+        print(f"{name:10s} {params / 1e6:6.1f} M params; forward at {size} px {fwd / 1e12:.3f} "
+              f"TFLOP; at {train_size} px fwd+bwd {fwd_bwd / 1e12:.3f} TFLOP, saved activations "
+              f"{saved / 2 ** 30:.2f} GiB")
 
 
 if __name__ == "__main__":

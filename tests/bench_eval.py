@@ -35,14 +35,17 @@ SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
 ROWS = {"floor": ("real vs real (floor)", (), ["--fake-seed", "1"]),
         "demo": ("demo", (), []),
         "old": ("old demo", (), []),
-        "paper_seams": ("demo, paper seams", ("--edge-margin", "0", "--feather", "0"), ["--edge-margin", "0"]),
+        "paper_seams": ("demo, paper seams", ("--edge-margin", "0", "--feather", "0"),
+                        ["--edge-margin", "0"]),
         "no_detail": ("no detail (bicubic)", (), []),
-        "paired": ("paired: stage 3 from the real stage 2", ("--from", SLIDE, "--start-stage", "3"), [])}
+        "paired": ("paired: stage 3 from the real stage 2",
+                   ("--from", SLIDE, "--start-stage", "3"), [])}
 
 
 def sample(out, seed, *flags):
     if not os.path.exists(out):
-        cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "--out", out, "--seed", str(seed), *flags]
+        cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "--out", out,
+               "--seed", str(seed), *flags]
         print(" ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
 
@@ -60,7 +63,8 @@ def no_detail(src, out, preset):
 
 
 def row(name, fake_dir, args, extra=()):
-    argv = ["--real", SLIDE, "--fake", fake_dir, "--preset", "demo", "--n", str(args.n), "--n-pfid", str(args.n),
+    argv = ["--real", SLIDE, "--fake", fake_dir, "--preset", "demo", "--n", str(args.n), "--n-pfid",
+            str(args.n),
             "--crop", "128", "256", "256", "--cache", os.path.join(args.out, "features"),
             "--json", os.path.join(args.out, f"{name}.json"), *extra]
     print(f"== {name}", flush=True)
@@ -71,35 +75,52 @@ def mean_of(values):
     return float(np.mean(values)) if values else None
 
 
+def kid_e3(m):
+    return None if m["kid"] is None else 1e3 * m["kid"]
+
+
 def table(rows):
     f = lambda v, d=1: "n.a." if v is None else f"{v:.{d}f}"
-    lines = ["| | FID mag 0 / 1 / 2 | KID x1e3 mag 0 / 1 / 2 | IP mag 0 / 1 / 2 | IR mag 0 / 1 / 2 | pFID "
-             "| consistency MAE stage 2 / 3 | seam stage 2 / 3 | glass p90 | stage 1 ~ training |", "|---" * 10 + "|"]
+    lines = ["| | FID mag 0 / 1 / 2 | KID x1e3 mag 0 / 1 / 2 | IP mag 0 / 1 / 2 | IR mag 0 / 1 / 2 "
+             "| pFID | consistency MAE stage 2 / 3 | seam stage 2 / 3 | glass p90 | stage 1 ~ "
+             "training |", "|---" * 10 + "|"]
     for name, r in rows.items():
         mags = [r[f"mag{m}"] for m in range(3)]
-        cons = [] if name.startswith("no detail") else r.get("consistency", {}).get("fake", [])  # stages mixed
-        mae = [np.mean([np.mean(c[str(s)]["mae"] if str(s) in c else c[s]["mae"]) for c in cons]) for s in (2, 3)] \
-            if cons else [None, None]
+        # stages mixed
+        cons = [] if name.startswith("no detail") else r.get("consistency", {}).get("fake", [])
+        get = lambda c, s: c[str(s)]["mae"] if str(s) in c else c[s]["mae"]
+        mae = ([np.mean([np.mean(get(c, s)) for c in cons]) for s in (2, 3)] if cons
+               else [None, None])
         seams = r.get("seam") or []
         seam = [np.mean([sc[str(s)] if str(s) in sc else sc[s] for sc in seams]) if seams and
                 all((str(s) in sc or s in sc) for sc in seams) else None for s in (2, 3)]
         lines.append(f"| {name} | {' / '.join(f(m['fid'], 0) for m in mags)} | "
-                     f"{' / '.join(f(None if m['kid'] is None else 1e3 * m['kid'], 0) for m in mags)} | "
-                     f"{' / '.join(f(m['ip'], 2) for m in mags)} | {' / '.join(f(m['ir'], 2) for m in mags)} | "
-                     f"{f(r['pfid']['pfid'], 0)} | {f(mae[0])} / {f(mae[1])} | {f(seam[0], 2)} / {f(seam[1], 2)} | "
-                     f"{f(mean_of(r.get('grey_p90', {}).get('fake')), 0)} | {f(mean_of(r.get('stage1_nearest_real')), 2)} |")
+                     f"{' / '.join(f(kid_e3(m), 0) for m in mags)} | "
+
+
+                     f"{' / '.join(f(m['ip'], 2) for m in mags)} | "
+                     f"{' / '.join(f(m['ir'], 2) for m in mags)} | "
+                     f"{f(r['pfid']['pfid'], 0)} | {f(mae[0])} / {f(mae[1])} | {f(seam[0], 2)} / "
+                     f"{f(seam[1], 2)} | "
+                     f"{f(mean_of(r.get('grey_p90', {}).get('fake')), 0)} | "
+                     f"{f(mean_of(r.get('stage1_nearest_real')), 2)} |")
     return "\n".join(lines)
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/eval")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--n", type=int, default=75, help="crops per side and magnification")
-    ap.add_argument("--ckpt", default=os.path.join(ROOT, "checkpoints", "demo"), help="the demo's models")
-    ap.add_argument("--old", metavar="DIR", default=None, help="also score the models in DIR (e.g. the previous demo)")
-    ap.add_argument("--sample-flags", default="", help="more sample.py flags for the demo row, e.g. '--steps 50 50 40'")
-    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="which rows to make")
+    ap.add_argument("--ckpt", default=os.path.join(ROOT, "checkpoints", "demo"),
+                    help="the demo's models")
+    ap.add_argument("--old", metavar="DIR", default=None,
+                    help="also score the models in DIR (e.g. the previous demo)")
+    ap.add_argument("--sample-flags", default="",
+                    help="more sample.py flags for the demo row, e.g. '--steps 50 50 40'")
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS),
+                    help="which rows to make")
     args = ap.parse_args()
     preset = cascade.get_preset("demo")
     rows, todo = {}, [r for r in args.rows if r != "old" or args.old]
@@ -112,13 +133,15 @@ def main():
                 no_detail(os.path.join(args.out, "demo", f"s{seed}.tif"), fake, preset)
             elif r != "floor":
                 more = shlex.split(args.sample_flags) if r == "demo" else []
-                sample(fake, seed, "--ckpt", args.old if r == "old" else args.ckpt, *ROWS[r][1], *more)
+                sample(fake, seed, "--ckpt",
+                       args.old if r == "old" else args.ckpt, *ROWS[r][1], *more)
     for r in todo:
         name = ROWS[r][0] + (f" ({os.path.relpath(args.old, ROOT)})" if r == "old" else "")
         rows[name] = row(r, SLIDE if r == "floor" else os.path.join(args.out, r), args, ROWS[r][2])
-    text = (f"{len(args.seeds)} demo slides (seeds {' '.join(map(str, args.seeds))}) against the bundled slide; "
-            f"{args.n} crops a side per magnification (128 / 256 / 256 px at mag 0 / 1 / 2; tissue >= "
-            f"{data.MIN_TISSUE} at mag 1-2), {args.n} pFID crops\n\n" + table(rows))
+    text = (f"{len(args.seeds)} demo slides (seeds {' '.join(map(str, args.seeds))}) against the "
+            f"bundled slide; {args.n} crops a side per magnification (128 / 256 / 256 px at mag 0 "
+            f"/ 1 / 2; tissue >= {data.MIN_TISSUE} at mag 1-2), {args.n} pFID "
+            "crops\n\n" + table(rows))
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text + "\n")
     data.write_json(os.path.join(args.out, "results.json"), rows, indent=1)

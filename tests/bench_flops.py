@@ -25,7 +25,8 @@ import unet  # noqa: E402
 AUTHORS = {"paper64": (64, 0.259), "paper256": (256, 0.458), "paper1024": (1024, 12.09)}  # ISSUE
 AUTHORS_TRAIN_1024_ON_256 = 2.25  # TFLOP, forward + backward, one image (ISSUE)
 AUTHORS_SLIDE = 7.53e18           # FLOP, a 41344^2 slide at 1024 / 256 / 256 steps (ISSUE)
-AUTHORS_MEASURED = {              # name: (params M, forward TFLOP, train px, fwd+bwd TFLOP, saved GiB)
+# name: (params M, forward TFLOP, train px, fwd+bwd TFLOP, saved GiB)
+AUTHORS_MEASURED = {
     "paper64": (407.4, 0.256, 64, 0.768, 2.43),
     "paper256": (296.6, 0.432, 256, 1.295, 3.00),
     "paper1024": (687.8, 11.690, 256, 2.186, 4.94),
@@ -58,7 +59,8 @@ def flops(cfg, size, backward=False):
 
 
 def saved_activations(cfg, size):
-    """Bytes autograd saves for the backward pass of one image (fp32), counted on the meta device."""
+    """Bytes autograd saves for the backward pass of one image (fp32), counted on the meta
+    device."""
     total = [0]
 
     def pack(t):
@@ -84,10 +86,12 @@ def slide_flops(p, steps, white=0.0):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, nargs="+", default=None,
                     help="steps per level (3) or per stage and level (9) (default: each preset's)")
-    ap.add_argument("--white", type=float, default=0.0, help="share of stage-3 patches filled as glass")
+    ap.add_argument("--white", type=float, default=0.0,
+                    help="share of stage-3 patches filled as glass")
     args = ap.parse_args()
     paper = cascade.get_preset("paper")
     print("U-Net configs (stage-3 conditioning of the paper preset); authors = issue 14's figure / "
@@ -98,20 +102,23 @@ def main():
         a_params, a_fwd, a_px, a_fb, a_saved = AUTHORS_MEASURED[name]
         f, params = flops(cfg, size), unet.count_params(cfg) / 1e6
         ok = lambda cond: "met" if cond else "NOT met"
-        print(f"  {name:10s} {params:6.1f} M params (authors {a_params}, ratio {params / a_params:.2f}, goal >= 0.85: "
-              f"{ok(params >= 0.85 * a_params)})")
-        print(f"  {'':10s} forward at {size} px {f / 1e12:.3f} TFLOP (authors {ref} / {a_fwd}, ratio "
-              f"{f / 1e12 / ref:.2f} / {f / 1e12 / a_fwd:.2f}; goal <= {GOALS[name]}: {ok(f / 1e12 <= GOALS[name])})")
+        print(f"  {name:10s} {params:6.1f} M params (authors {a_params}, ratio "
+              f"{params / a_params:.2f}, goal >= 0.85: {ok(params >= 0.85 * a_params)})")
+        print(f"  {'':10s} forward at {size} px {f / 1e12:.3f} TFLOP (authors {ref} / {a_fwd}, "
+              f"ratio {f / 1e12 / ref:.2f} / {f / 1e12 / a_fwd:.2f}; goal <= {GOALS[name]}: "
+              f"{ok(f / 1e12 <= GOALS[name])})")
         L = paper.training.crop if name == "paper1024" else size
         fb, saved = flops(cfg, L, True), saved_activations(cfg, L) / 2 ** 30
         adm = dataclasses.replace(cfg, efficient=False, late_widen=False, shared_kv=False)
-        print(f"  {'':10s} at {L} px: fwd+bwd {fb / 1e12:.3f} TFLOP (authors {a_fb}, ratio {fb / 1e12 / a_fb:.2f}); "
-              f"activations saved for backward, one image (fp32): {saved:.2f} GiB (authors {a_saved}: "
-              f"{ok(saved <= a_saved)}; ADM layout {saved_activations(adm, L) / 2 ** 30:.2f})")
+        print(f"  {'':10s} at {L} px: fwd+bwd {fb / 1e12:.3f} TFLOP (authors {a_fb}, ratio "
+              f"{fb / 1e12 / a_fb:.2f}); activations saved for backward, one image (fp32): "
+              f"{saved:.2f} GiB (authors {a_saved}: {ok(saved <= a_saved)}; ADM layout "
+              f"{saved_activations(adm, L) / 2 ** 30:.2f})")
         if name == "paper1024":
             fc = flops(cfg, L)
-            print(f"  {'':10s} on its {L} px training crop: forward {fc / 1e12:.3f} TFLOP (goal <= {GOAL_1024_ON_256}: "
-                  f"{ok(fc / 1e12 <= GOAL_1024_ON_256)}), fwd+bwd ratio to issue 14's {AUTHORS_TRAIN_1024_ON_256}: "
+            print(f"  {'':10s} on its {L} px training crop: forward {fc / 1e12:.3f} TFLOP (goal <= "
+                  f"{GOAL_1024_ON_256}: {ok(fc / 1e12 <= GOAL_1024_ON_256)}), fwd+bwd ratio to "
+                  f"issue 14's {AUTHORS_TRAIN_1024_ON_256}: "
                   f"{fb / 1e12 / AUTHORS_TRAIN_1024_ON_256:.2f}")
     for name in ("demo_base", "demo", "tiny"):
         cfg = unet.get_config(name, cond_ch=9)
@@ -120,9 +127,12 @@ def main():
     for name, p in cascade.PRESETS.items():
         steps = args.steps or p.sampling.steps
         total = slide_flops(p, steps, args.white)
-        ref = f" (authors {AUTHORS_SLIDE:.2e}, ratio {total / AUTHORS_SLIDE:.2f})" if p.patch == 1024 else ""
-        print(f"  {name:10s} {cascade.stage_size(p, 3)}^2 px at steps {tuple(steps)}: {total:.3g} FLOP{ref}; "
-              f"9 A100s (312 TFLOP/s bf16) at 40 % MFU: {total / (9 * 312e12 * 0.4) / 3600:.2f} h")
+        ref = (f" (authors {AUTHORS_SLIDE:.2e}, ratio {total / AUTHORS_SLIDE:.2f})"
+               if p.patch == 1024 else "")
+
+        print(f"  {name:10s} {cascade.stage_size(p, 3)}^2 px at steps {tuple(steps)}: {total:.3g} "
+              f"FLOP{ref}; 9 A100s (312 TFLOP/s bf16) at 40 % MFU: "
+              f"{total / (9 * 312e12 * 0.4) / 3600:.2f} h")
 
 
 if __name__ == "__main__":

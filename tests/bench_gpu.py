@@ -35,7 +35,8 @@ def train_speed(p, level, batch, iters, device, bf16):
     L = p.training.crop if level == len(p.level_sizes) - 1 else p.level_sizes[level]
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(batch, 3, L, L, generator=g).to(device, memory_format=torch.channels_last)
-    cond = torch.randn(batch, cfg.cond_ch, L, L, generator=g).to(device, memory_format=torch.channels_last)
+    cond = torch.randn(batch, cfg.cond_ch, L, L, generator=g).to(device,
+                                                                 memory_format=torch.channels_last)
 
     def step():
         c, aug_lam = cascade.augment(p, 3, level, cond, torch.full((batch,), 0.3), g)
@@ -67,7 +68,8 @@ def forward_time(p, level, batch, iters, device, bf16):
     L = p.level_sizes[level]
     x = torch.randn(batch, 3, L, L).to(device, memory_format=torch.channels_last)
     cond = torch.randn(batch, cfg.cond_ch, L, L).to(device, memory_format=torch.channels_last)
-    fn = cascade.denoiser(net, p.schedules[level], cond, None if not cfg.aug_emb else torch.zeros(batch, device=device),
+    fn = cascade.denoiser(net, p.schedules[level], cond,
+                          None if not cfg.aug_emb else torch.zeros(batch, device=device),
                           bf16)
     t = torch.full((batch,), 0.5, device=device)
     fn(x, t)
@@ -80,7 +82,8 @@ def forward_time(p, level, batch, iters, device, bf16):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="paper")
     ap.add_argument("--batch", type=int, default=8, help="training batch per device")
     ap.add_argument("--sample-batch", type=int, default=8, help="patches per sampling batch")
@@ -99,14 +102,16 @@ def main(argv=None):
         days = 200_000 * args.batch / ips / 86400
         mem = "n.a." if peak is None else f"{peak:.1f} GiB"
         lines.append(f"  level {level} ({p.unets[level]}): train {ips:.1f} img/s, peak {mem}, "
-                     f"{f * ips / 1e12:.1f} TFLOP/s achieved; 200k steps at batch {args.batch}: {days:.2f} days")
+                     f"{f * ips / 1e12:.1f} TFLOP/s achieved; 200k steps at batch {args.batch}: "
+                     f"{days:.2f} days")
         sec = forward_time(p, level, args.sample_batch, args.iters, device, bf16)
         per_patch += sec * p.sampling.level_steps(3, level)
         lines.append(f"             sampling: {sec * 1e3:.1f} ms per patch and step at {L} px")
     n = sum(k * k for k in p.n_patches)
-    lines.append(f"  one stage-3 patch (steps {tuple(p.sampling.level_steps(3, l) for l in range(3))}): "
-                 f"{per_patch:.1f} s; a whole slide ({n} patches at that cost, none "
-                 f"filled): {n * per_patch / 3600:.2f} h on one device, {n * per_patch / 3600 / 9:.2f} h on nine")
+    lines.append("  one stage-3 patch (steps "
+                 f"{tuple(p.sampling.level_steps(3, l) for l in range(3))}): {per_patch:.1f} s; a "
+                 f"whole slide ({n} patches at that cost, none filled): {n * per_patch / 3600:.2f} "
+                 f"h on one device, {n * per_patch / 3600 / 9:.2f} h on nine")
     print("\n".join(lines))
     return per_patch
 

@@ -4,8 +4,9 @@ Not a test. Each variant trains one demo model (a stage, a level) on the bundled
 same CPU seconds, from the same initial seed and data order; then its EMA model is scored on
 held-out crops (dataset items 10^9 + k) by the unweighted v-MSE at a fixed grid of t with fixed
 noise and the sampling-time conditioning augmentation. Lower is better.
-    python tests/bench_layout.py [--seconds 300] [--stage 3] [--levels 1 2]          # the two layouts
-    python tests/bench_layout.py --stage 2 --levels 2 --variants adm eff eff_w48 eff_lr1e-3 eff_snr5
+    python tests/bench_layout.py [--seconds 300] [--stage 3] [--levels 1 2]          # the two
+    layouts python tests/bench_layout.py --stage 2 --levels 2 --variants adm eff eff_w48 eff_lr1e-3
+    eff_snr5
 A variant's name lists its changes from the demo's v1 recipe (ADM layout, width 32, lr 5e-4,
 no min-SNR): 'eff' = efficient layout, 'w48' = width 48, 'lr1e-3', 'snr5' = min-SNR gamma 5.
 """
@@ -29,7 +30,8 @@ SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
 
 
 @torch.no_grad()
-def validation_loss(net, p, stage, level, items, t_grid=torch.linspace(0.05, 0.95, 10, dtype=torch.float64)):
+def validation_loss(net, p, stage, level, items,
+                    t_grid=torch.linspace(0.05, 0.95, 10, dtype=torch.float64)):
     x0 = torch.stack([it["x0"] for it in items])
     cond = torch.stack([it["cond"] for it in items])
     g = torch.Generator().manual_seed(1234)
@@ -45,7 +47,8 @@ def validation_loss(net, p, stage, level, items, t_grid=torch.linspace(0.05, 0.9
     return total / len(t_grid)
 
 
-def train_for(cfg, p, stage, level, ds, seconds, batch, lr=5e-4, ema_decay=0.995, min_snr_gamma=None):
+def train_for(cfg, p, stage, level, ds, seconds, batch, lr=5e-4,
+              ema_decay=0.995, min_snr_gamma=None):
     torch.manual_seed(0)
     net = unet.UNet(cfg).to(memory_format=torch.channels_last)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
@@ -57,9 +60,11 @@ def train_for(cfg, p, stage, level, ds, seconds, batch, lr=5e-4, ema_decay=0.995
         cond = torch.stack([it["cond"] for it in items])
         g = torch.Generator().manual_seed(step)
         lo, hi = p.training.aug_train
-        cond, aug_lam = cascade.augment(p, stage, level, cond, lo + (hi - lo) * sde.rand(batch, g), g)
+        cond, aug_lam = cascade.augment(p, stage, level, cond,
+                                        lo + (hi - lo) * sde.rand(batch, g), g)
         losses, _ = sde.loss_fn(cascade.denoiser(net, p.schedules[level], cond, aug_lam), x0,
-                                schedule=p.schedules[level], min_snr_gamma=min_snr_gamma, generator=g)
+                                schedule=p.schedules[level],
+                                min_snr_gamma=min_snr_gamma, generator=g)
         opt.zero_grad(set_to_none=True)
         losses.mean().backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -84,12 +89,14 @@ def parse_variant(name):
         elif part.startswith("snr"):
             train["min_snr_gamma"] = float(part[3:])
         elif part != "adm":
-            raise SystemExit(f"error: --variants {name}: unknown part {part!r} (adm, eff, wN, lrX, snrX)")
+            raise SystemExit(f"error: --variants {name}: unknown part {part!r} (adm, eff, wN, lrX, "
+                             "snrX)")
     return cfg, train
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=300, help="CPU seconds of training per model")
     ap.add_argument("--stage", type=int, default=3, choices=[1, 2, 3])
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 2])
@@ -101,15 +108,17 @@ def main():
     print(f"demo stage {args.stage}, {args.seconds:.0f} CPU s per model, batch {args.batch}, "
           f"{torch.get_num_threads()} threads")
     for level in args.levels:
-        ds = data.StageLevelDataset([SLIDE], p, args.stage, level, cache_dir=args.cache, length=2 ** 62)
+        ds = data.StageLevelDataset([SLIDE], p, args.stage, level,
+                                    cache_dir=args.cache, length=2 ** 62)
         held_out = [ds[10 ** 9 + k] for k in range(32)]
         for name in args.variants:
             cfg_over, train_over = parse_variant(name)
             cfg = dataclasses.replace(cascade.unet_config(p, args.stage, level), **cfg_over)
-            ema, steps = train_for(cfg, p, args.stage, level, ds, args.seconds, args.batch, **train_over)
+            ema, steps = train_for(cfg, p, args.stage, level, ds, args.seconds,
+                                   args.batch, **train_over)
             loss = validation_loss(ema, p, args.stage, level, held_out)
-            print(f"  level {level} {name:14s}: {unet.count_params(cfg) / 1e6:.2f} M params, {steps} steps, "
-                  f"validation v-MSE {loss:.4f}", flush=True)
+            print(f"  level {level} {name:14s}: {unet.count_params(cfg) / 1e6:.2f} M params, "
+                  f"{steps} steps, validation v-MSE {loss:.4f}", flush=True)
 
 
 if __name__ == "__main__":

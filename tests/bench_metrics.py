@@ -28,21 +28,26 @@ def rss_gib():
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--crops", type=int, default=1000)
-    ap.add_argument("--pr", type=int, default=5000, help="features per set for the precision/recall run")
+    ap.add_argument("--pr", type=int, default=5000,
+                    help="features per set for the precision/recall run")
     args = ap.parse_args()
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 5, stride=4), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, stride=2),
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 5, stride=4), torch.nn.ReLU(),
+                              torch.nn.Conv2d(16, 32, 3, stride=2),
                               torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     path = os.path.join(tempfile.mkdtemp(), "net.pt")
     torch.jit.script(net).save(path)
     fnet = metrics.FeatureNet(path, "inception", "--inception")
-    src = metrics.Source(os.path.join(ROOT, "tests", "data", "cmu_small_region.svs"), cascade.get_preset("demo"))
+    src = metrics.Source(os.path.join(ROOT, "tests", "data", "cmu_small_region.svs"),
+                         cascade.get_preset("demo"))
     t0 = time.time()
     f = metrics.patch_features(src, 2, args.crops, fnet, min_tissue=0.0)
     dt = time.time() - t0
-    print(f"embedded {len(f)} crops (256 px, resized to 299) in {dt:.1f} s: {len(f) / dt:.1f} crops/s")
+    print(f"embedded {len(f)} crops (256 px, resized to 299) in {dt:.1f} s: {len(f) / dt:.1f} "
+          "crops/s")
     rng = np.random.default_rng(0)
     real = rng.normal(size=(args.pr, 4096)).astype(np.float32)
     fake = rng.normal(0.1, 1.0, size=(args.pr, 4096)).astype(np.float32)
@@ -52,10 +57,10 @@ def main():
     dt = time.time() - t0
     grow = rss_gib() - base
     scale = 50000 / args.pr
-    print(f"precision/recall {args.pr} x {args.pr} x 4096: {dt:.1f} s, peak RSS growth {grow:.2f} GiB "
-          f"(features themselves {2 * real.nbytes / 2 ** 30:.2f} GiB) -> P={p:.3f} R={r:.3f}")
-    print(f"extrapolated to 50k x 50k: features {2 * 50000 * 4096 * 4 / 2 ** 30:.1f} GiB + chunk blocks "
-          f"(4096^2 x 8 B x ~4 = 0.5 GiB), time ~{dt * scale ** 2 / 60:.0f} min on this CPU")
+    print(f"precision/recall {args.pr} x {args.pr} x 4096: {dt:.1f} s, peak RSS growth {grow:.2f} "
+          f"GiB (features themselves {2 * real.nbytes / 2 ** 30:.2f} GiB) -> P={p:.3f} R={r:.3f}")
+    print(f"extrapolated to 50k x 50k: features {2 * 50000 * 4096 * 4 / 2 ** 30:.1f} GiB + chunk "
+          f"blocks (4096^2 x 8 B x ~4 = 0.5 GiB), time ~{dt * scale ** 2 / 60:.0f} min on this CPU")
 
 
 if __name__ == "__main__":

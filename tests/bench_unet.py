@@ -33,22 +33,27 @@ def bench(model, x, lam, cond, steps, autocast, opt=None):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny", help="named U-Net config (unet.CONFIGS)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=5, help="timed iterations per variant")
-    p.add_argument("--cond-ch", type=int, default=9, help="conditioning channels (0 for a base model)")
-    p.add_argument("--train", action="store_true", help="time full training steps (+ grad clip + Adam)")
-    p.add_argument("--variants", nargs="+", default=None, help="subset of: fp32 channels_last channels_last+bf16")
+    p.add_argument("--cond-ch", type=int, default=9,
+                   help="conditioning channels (0 for a base model)")
+    p.add_argument("--train", action="store_true",
+                   help="time full training steps (+ grad clip + Adam)")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="subset of: fp32 channels_last channels_last+bf16")
     args = p.parse_args()
     cfg = unet.get_config(args.config, cond_ch=args.cond_ch, aug_emb=args.cond_ch > 0)
     model = unet.UNet(cfg)
-    print(f"{args.config}: {unet.count_params(cfg) / 1e6:.1f} M params, {args.size}px, batch {args.batch}, "
-          f"{torch.get_num_threads()} threads")
+    print(f"{args.config}: {unet.count_params(cfg) / 1e6:.1f} M params, {args.size}px, batch "
+          f"{args.batch}, {torch.get_num_threads()} threads")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size, generator=g)
-    cond = torch.randn(args.batch, args.cond_ch, args.size, args.size, generator=g) if args.cond_ch else None
+    cond = torch.randn(args.batch, args.cond_ch, args.size,
+                       args.size, generator=g) if args.cond_ch else None
     lam = torch.zeros(args.batch)
     variants = [("fp32", False, False), ("channels_last", True, False)]
     # bf16 autocast on CPU is only worth it with native bf16 units (AVX512-BF16 / AMX).
@@ -60,9 +65,11 @@ def main():
         fmt = torch.channels_last if cl else torch.contiguous_format
         m = model.to(memory_format=fmt)
         opt = torch.optim.Adam(m.parameters(), lr=1e-4, betas=(0.9, 0.99)) if args.train else None
-        ips = bench(m, x.to(memory_format=fmt), lam, None if cond is None else cond.to(memory_format=fmt),
+        ips = bench(m, x.to(memory_format=fmt), lam,
+                    None if cond is None else cond.to(memory_format=fmt),
                     args.steps, ac, opt)
-        print(f"  {name:20s} {ips:8.2f} images/s ({'training step' if args.train else 'forward+backward'})")
+        print(f"  {name:20s} {ips:8.2f} images/s "
+              f"({'training step' if args.train else 'forward+backward'})")
     if not cpu_bf16:
         print("  bf16 autocast skipped: this CPU has no native bf16 support")
 

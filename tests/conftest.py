@@ -13,7 +13,8 @@ import sde  # noqa: E402
 
 def gaussian_oracle(mu, s, schedule="cosine"):
     """Optimal v-predictor for data x0 ~ N(mu, s^2) per pixel (docs/design.md, "Diffusion"):
-    x0_hat = mu + alpha s^2 (x_t - alpha mu) / (alpha^2 s^2 + sigma^2), v_hat = (alpha x_t - x0_hat) / sigma."""
+    x0_hat = mu + alpha s^2 (x_t - alpha mu) / (alpha^2 s^2 + sigma^2), v_hat = (alpha x_t - x0_hat)
+    / sigma."""
     def model_fn(x, t):
         alpha, sigma = sde.alpha_sigma(t.double(), schedule)
         alpha = alpha.view(-1, *[1] * (x.dim() - 1)).to(x.dtype)
@@ -52,7 +53,8 @@ def small_preset(**kw):
 
 
 def save_tiny_models(d, mpp=None, std=0.03):
-    """Nine random-weight U-Nets of the 'tiny' preset in directory d, saved as train.py saves them."""
+    """Nine random-weight U-Nets of the 'tiny' preset in directory d, saved as train.py saves
+    them."""
     import cascade
     import unet
     p = cascade.get_preset("tiny")

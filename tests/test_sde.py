@@ -16,10 +16,13 @@ def test_schedule_endpoints_and_monotone():
         lam = sde.log_snr(t, schedule)
         assert torch.all(lam[1:] < lam[:-1]), schedule
         alpha, sigma = sde.alpha_sigma(t, schedule)
-        torch.testing.assert_close(alpha ** 2 + sigma ** 2, torch.ones_like(t))  # variance preserving
+        # variance preserving
+        torch.testing.assert_close(alpha ** 2 + sigma ** 2, torch.ones_like(t))
     # closed forms: cosine lam(0) = -2 log tan(s/(1+s) pi/2); linear lam(0) = -log(expm1(1e-4))
     s = 0.008
-    assert float(sde.log_snr(0.0, "cosine")) == pytest.approx(-2 * math.log(math.tan(s / (1 + s) * math.pi / 2)))
+    lam0 = -2 * math.log(math.tan(s / (1 + s) * math.pi / 2))
+    assert float(sde.log_snr(0.0, "cosine")) == pytest.approx(lam0)
+
     assert float(sde.log_snr(0.0, "linear")) == pytest.approx(-math.log(math.expm1(1e-4)))
     assert float(sde.log_snr(1.0, "cosine")) == -sde.LAM_CLAMP
 
@@ -62,7 +65,8 @@ def test_repaint_jump_variance():
 
 
 # Steps at which each sampler's discretisation bias on the std is below 1 % of s (measured:
-# ancestral ~ O(1/N) with ~0.35 s/N, ddim(eta=0) ~ 0.6 s/N on the linear schedule, dpmpp2m ~ O(1/N^2)).
+# ancestral ~ O(1/N) with ~0.35 s/N, ddim(eta=0) ~ 0.6 s/N on the linear schedule, dpmpp2m ~
+# O(1/N^2)).
 CONVERGED_STEPS = {"ancestral": 400, "ddim": 300, "dpmpp2m": 40}
 
 
@@ -72,7 +76,8 @@ def test_sampler_reproduces_gaussian(sampler, schedule):
     """x0 ~ N(mu, s^2) with the exact denoiser: the samples have mean mu and std s within
     5 standard errors plus a 1 % discretisation allowance (docs/design.md, "Diffusion")."""
     mu, s = 0.3, 0.5
-    x = sde.sample(gaussian_oracle(mu, s, schedule), (N,), steps=CONVERGED_STEPS[sampler], sampler=sampler,
+    x = sde.sample(gaussian_oracle(mu, s, schedule), (N,), steps=CONVERGED_STEPS[sampler],
+                   sampler=sampler,
                    schedule=schedule, generator=torch.Generator().manual_seed(3), eta=0.0)
     assert abs(float(x.mean()) - mu) < 5 * s / N ** 0.5 + 0.01 * s
     assert abs(float(x.std()) - s) < 5 * s / (2 * N) ** 0.5 + 0.01 * s
@@ -92,13 +97,16 @@ def test_sampler_converges_with_steps(sampler):
 
 def test_ddim_eta1_equals_ancestral():
     fn = gaussian_oracle(0.1, 0.8)
-    a = sde.sample(fn, (64,), steps=10, sampler="ancestral", generator=torch.Generator().manual_seed(5))
-    b = sde.sample(fn, (64,), steps=10, sampler="ddim", eta=1.0, generator=torch.Generator().manual_seed(5))
+    a = sde.sample(fn, (64,), steps=10, sampler="ancestral",
+                   generator=torch.Generator().manual_seed(5))
+    b = sde.sample(fn, (64,), steps=10, sampler="ddim", eta=1.0,
+                   generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def _bivariate(rho):
-    """Exact v-predictor for x0 ~ N(0, [[1, rho], [rho, 1]]): x0_hat = alpha K (alpha^2 K + sigma^2 I)^-1 x_t."""
+    """Exact v-predictor for x0 ~ N(0, [[1, rho], [rho, 1]]): x0_hat = alpha K (alpha^2 K + sigma^2
+    I)^-1 x_t."""
     d, U = torch.linalg.eigh(torch.tensor([[1.0, rho], [rho, 1.0]], dtype=torch.float64))
 
     def model_fn(x, t):
@@ -112,7 +120,8 @@ def _bivariate(rho):
 def test_inpainting_known_exact_and_conditional(sampler):
     """Pixel 0 known (= 1), pixel 1 correlated with it (rho = 0.9): known pixels come back exactly;
     the unknown pixel must follow N(rho, 1 - rho^2). Plain replacement is biased towards the prior
-    (measured mean ~0.62 instead of 0.90); RePaint resampling (10 jumps) removes most of the bias."""
+    (measured mean ~0.62 instead of 0.90); RePaint resampling (10 jumps) removes most of the
+    bias."""
     rho, n = 0.9, 1 << 14
     known = torch.tensor([1.0, 0.0]).expand(n, 2)
     mask = torch.tensor([True, False]).expand(n, 2)
@@ -132,17 +141,20 @@ def test_blend_is_a_final_linear_paste():
     in blend (0 gives the model's own x0_hat of the known pixel, mask.float() the hard paste)."""
     n = 256
     known, mask = torch.tensor([1.0, 0.0]).expand(n, 2), torch.tensor([True, False]).expand(n, 2)
-    run = lambda blend: sde.sample(_bivariate(0.9), (n, 2), steps=20, known=known, mask=mask, blend=blend,
+    run = lambda blend: sde.sample(_bivariate(0.9), (n, 2), steps=20, known=known, mask=mask,
+                                   blend=blend,
                                    generator=torch.Generator().manual_seed(3))
     hard, b1, b0, half = run(None), run(mask.float()), run(torch.zeros(n, 2)), run(mask.float() / 2)
     assert torch.equal(hard, b1)
-    assert torch.equal(b0[:, 1], hard[:, 1]) and (b0[:, 0] - 1).abs().mean() > 0.05  # x0_hat is not known
+    # x0_hat is not known
+    assert torch.equal(b0[:, 1], hard[:, 1]) and (b0[:, 0] - 1).abs().mean() > 0.05
     torch.testing.assert_close(half, (b0 + b1) / 2)
 
 
 def test_fixed_seed_and_per_sample_generators():
     fn = gaussian_oracle(0.0, 1.0)
-    run = lambda seed: sde.sample(fn, (3, 5), steps=5, generator=torch.Generator().manual_seed(seed))
+    run = lambda seed: sde.sample(fn, (3, 5), steps=5,
+                                  generator=torch.Generator().manual_seed(seed))
     assert torch.equal(run(7), run(7)) and not torch.equal(run(7), run(8))
     # One generator per sample: sample k does not depend on what else is in the batch.
     gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
@@ -158,13 +170,15 @@ def test_loss_oracle_and_min_snr():
     zero = lambda x, t: torch.zeros_like(x)
     l_oracle = sde.loss_fn(oracle, x0, generator=torch.Generator().manual_seed(9))[0].mean()
     l_zero = sde.loss_fn(zero, x0, generator=torch.Generator().manual_seed(9))[0].mean()
-    # E[(v_hat - v)^2] = Var(x0 | x_t) / sigma^2 = s^2 / (alpha^2 s^2 + sigma^2), averaged over t ~ U(0, 1)
+    # E[(v_hat - v)^2] = Var(x0 | x_t) / sigma^2 = s^2 / (alpha^2 s^2 + sigma^2), averaged over t ~
+    # U(0, 1)
     alpha, sigma = sde.alpha_sigma(torch.linspace(0, 1, 20001, dtype=torch.float64))
     expected = float((s ** 2 / (alpha ** 2 * s ** 2 + sigma ** 2)).mean())
     assert float(l_oracle) == pytest.approx(expected, rel=0.05)
     assert float(l_oracle) < float(l_zero)
     # min-SNR-gamma never increases the weight: weight = min(snr, g)/(snr+1) <= 1
-    l_w = sde.loss_fn(zero, x0, min_snr_gamma=5.0, generator=torch.Generator().manual_seed(9))[0].mean()
+    l_w = sde.loss_fn(zero, x0, min_snr_gamma=5.0,
+                      generator=torch.Generator().manual_seed(9))[0].mean()
     assert float(l_w) < float(l_zero)
 
 
@@ -181,5 +195,6 @@ def test_loss_uses_the_forward_process(monkeypatch):
     seen = []
     real = sde.q_sample
     monkeypatch.setattr(sde, "q_sample", lambda *a, **k: seen.append(1) or real(*a, **k))
-    sde.loss_fn(lambda x, t: torch.zeros_like(x), torch.zeros(2, 3), generator=torch.Generator().manual_seed(0))
+    sde.loss_fn(lambda x, t: torch.zeros_like(x), torch.zeros(2, 3),
+                generator=torch.Generator().manual_seed(0))
     assert seen

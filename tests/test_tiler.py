@@ -14,12 +14,14 @@ from conftest import oracle_net, small_preset
 def _lower(size=88, seed=0):
     """A smooth pink stage-2 image: conditioning whose misalignment would change the result."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.nn.functional.interpolate(torch.rand(1, 3, 11, 11, generator=g), size=(size, size), mode="bilinear")
+    x = torch.nn.functional.interpolate(torch.rand(1, 3, 11, 11, generator=g),
+                                        size=(size, size), mode="bilinear")
     rgb = torch.tensor([0.85, 0.55, 0.75]).view(1, 3, 1, 1) * (0.7 + 0.3 * x)
     return (rgb[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
 
 
-def _run(order="raster", batch=1, nets=None, lower="default", seed=0, canvas=None, margin=0, white_threshold=0,
+def _run(order="raster", batch=1, nets=None, lower="default", seed=0, canvas=None, margin=0,
+         white_threshold=0,
          **kw):
     """Stage 3 of the tiny preset with closed-form nets: (canvas, {cell: pixels}, counts, grid)."""
     p = small_preset()
@@ -29,7 +31,8 @@ def _run(order="raster", batch=1, nets=None, lower="default", seed=0, canvas=Non
     canvas = canvas or tiler.MemoryCanvas(grid.size)
     lower = None if lower is None else tiler.Lower(lower, grid.size / 88)
     white = tiler.WhiteTest(white_threshold, data.tissue_fraction) if white_threshold else None
-    results = tiler.generate_stage(cdm.sample, grid, canvas, stage=3, seed=seed, order=order, batch=batch,
+    results = tiler.generate_stage(cdm.sample, grid, canvas, stage=3, seed=seed, order=order,
+                                   batch=batch,
                                    lower=lower, white=white, **kw)
     filled = sum(f for _, _, f in results)
     counts = {"generated": len(results) - filled, "filled": filled}
@@ -63,7 +66,8 @@ def test_known_rects_edge_margin():
     """With a margin, a neighbour's inner edges are not known (the patch redraws them); the
     stage's outer border is not trimmed."""
     with pytest.raises(ValueError, match="margin 3: use 0 to 2"):
-        cascade.Grid(32, 4, margin=3)  # more than half the overlap could not be redrawn from an interior
+        # more than half the overlap could not be redrawn from an interior
+        cascade.Grid(32, 4, margin=3)
     g = cascade.Grid(32, 4, margin=2)
     assert tiler.trusted_span(g, 0) == (0, 30) and tiler.trusted_span(g, 1) == (30, 58)
     assert tiler.trusted_span(g, 3) == (86, 116)
@@ -121,7 +125,8 @@ def test_wavefront_equals_raster_with_unets():
 
 def test_batch_size_invariance():
     assert np.array_equal(_run("wavefront", batch=1)[0].array, _run("wavefront", batch=4)[0].array)
-    assert np.array_equal(_run("checkerboard", batch=1)[0].array, _run("checkerboard", batch=3)[0].array)
+    assert np.array_equal(_run("checkerboard", batch=1)[0].array,
+                          _run("checkerboard", batch=3)[0].array)
 
 
 @pytest.mark.parametrize("order", tiler.ORDERS)
@@ -134,7 +139,8 @@ def test_known_pixels_equal_neighbours(order, margin):
     for (i, j), px in outputs.items():
         (y0, y1), (x0, x1) = tiler.trusted_span(grid, i), tiler.trusted_span(grid, j)
         oy, ox = grid.origin(i, j)
-        assert np.array_equal(canvas.read(y0, x0, y1 - y0, x1 - x0), px[y0 - oy:y1 - oy, x0 - ox:x1 - ox]), (i, j)
+        assert np.array_equal(canvas.read(y0, x0, y1 - y0, x1 - x0),
+                              px[y0 - oy:y1 - oy, x0 - ox:x1 - ox]), (i, j)
 
 
 class CountingCanvas(tiler.MemoryCanvas):
@@ -155,7 +161,8 @@ def _half_white_lower():
 
 def test_white_patches_skipped_and_filled():
     lower = _half_white_lower()
-    canvas, outputs, stats, grid = _run("raster", lower=lower, white_threshold=0.5, canvas=CountingCanvas(116))
+    canvas, outputs, stats, grid = _run("raster", lower=lower, white_threshold=0.5,
+                                        canvas=CountingCanvas(116))
     assert (canvas.count >= 1).all()  # every pixel written, generated or filled
     assert stats["filled"] == 4 and stats["generated"] == 12  # column 0 lies on glass
     # A skipped patch with no finished neighbour is exactly the upsampled lower region.
@@ -165,19 +172,23 @@ def test_white_patches_skipped_and_filled():
 
 
 def test_white_fill_feathers_known_pixels():
-    """A filled (white) patch blends its neighbours' known pixels into the fill like a generated one."""
+    """A filled (white) patch blends its neighbours' known pixels into the fill like a generated
+    one."""
     grid = cascade.Grid(32, 4)
     known_canvas = tiler.MemoryCanvas(116)
     known_canvas.array[:] = np.random.default_rng(0).integers(0, 200, (116, 116, 3), dtype=np.uint8)
     done = [c for c in np.ndindex(4, 4) if c != (1, 1)]
     lower = np.full((88, 88, 3), 255, np.uint8)
-    canvas, outputs, stats, _ = _run("raster", lower=lower, white_threshold=0.5, canvas=known_canvas,
+    canvas, outputs, stats, _ = _run("raster", lower=lower, white_threshold=0.5,
+                                     canvas=known_canvas,
                                      done=done, feather=2)
     assert stats["filled"] == 1 and list(outputs) == [(1, 1)]
     mask = tiler.rects_mask(tiler.known_rects(grid, 1, 1, lambda a, b: (a, b) < (1, 1)), 32)[None]
     w = cascade.feather_weight(mask, 2)[0]
     assert [round(v, 4) for v in w.unique().tolist()] == [0, 0.3333, 0.6667, 1]
-    known = cascade.to_float(np.random.default_rng(0).integers(0, 200, (116, 116, 3), dtype=np.uint8)[28:60, 28:60])[0]
+    canvas = np.random.default_rng(0).integers(0, 200, (116, 116, 3), dtype=np.uint8)
+    known = cascade.to_float(canvas[28:60, 28:60])[0]
+
     assert np.array_equal(outputs[(1, 1)], cascade.to_uint8((w * known + (1 - w))[None])[0])
 
 
@@ -193,7 +204,8 @@ def test_resume_skips_done_patches():
     part = tiler.MemoryCanvas(116)
     done = [c for r in tiler.rounds("wavefront", 4)[:5] for c in r]
     for c in done:
-        part.write(*cascade.Grid(32, 4).origin(*c), full.read(*cascade.Grid(32, 4).origin(*c), 32, 32))
+        part.write(*cascade.Grid(32, 4).origin(*c),
+                   full.read(*cascade.Grid(32, 4).origin(*c), 32, 32))
     resumed, outputs, stats, _ = _run("wavefront", batch=2, canvas=part, done=done)
     assert len(outputs) == 16 - len(done) and set(outputs).isdisjoint(done)
     assert np.array_equal(resumed.array, full.array)
@@ -203,7 +215,8 @@ def test_resume_skips_done_patches():
 
 def _grf_sampler(P, inpaint=True, resample=1, steps=40, ell=3.0, scale=0.3):
     """Exact patch sampler for a stationary Gaussian random field x0 ~ N(0, K) on P x P
-    (squared-exponential K, length ell px, per channel): E[x0 | x_t] = alpha K (alpha^2 K + sigma^2 I)^-1 x_t."""
+    (squared-exponential K, length ell px, per channel): E[x0 | x_t] = alpha K (alpha^2 K + sigma^2
+    I)^-1 x_t."""
     yy, xx = np.meshgrid(np.arange(P), np.arange(P), indexing="ij")
     pts = np.stack([yy.ravel(), xx.ravel()], 1)
     K = np.exp(-((pts[:, None] - pts[None]) ** 2).sum(-1) / (2 * ell ** 2)) + 1e-4 * np.eye(P * P)
@@ -216,7 +229,8 @@ def _grf_sampler(P, inpaint=True, resample=1, steps=40, ell=3.0, scale=0.3):
         return ((alpha * xf - x0_hat) / sigma).reshape(x.shape).float()
 
     def sample_fn(generators, known, mask, context=None, region=None):
-        x = sde.sample(v_fn, (len(generators), 3, P, P), steps=steps, known=known / scale if inpaint else None,
+        x = sde.sample(v_fn, (len(generators), 3, P, P), steps=steps,
+                       known=known / scale if inpaint else None,
                        mask=mask if inpaint else None, generator=generators, resample=resample)
         return (x * scale).clamp(-1, 1)
     return sample_fn
@@ -227,13 +241,15 @@ def _seam(order, **kw):
     scores = []
     for seed in range(2):
         canvas = tiler.MemoryCanvas(grid.size)
-        tiler.generate_stage(_grf_sampler(16, **kw), grid, canvas, stage=2, seed=seed, order=order, batch=8)
+        tiler.generate_stage(_grf_sampler(16, **kw), grid, canvas, stage=2, seed=seed,
+                             order=order, batch=8)
         scores.append(tiler.seam_score(canvas.array, grid))
     return float(np.mean(scores))
 
 
 def test_seam_score_gaussian_random_field():
-    """Inpainted stitching is close to seamless (measured ~1.10); independent patches are not (~4.3)."""
+    """Inpainted stitching is close to seamless (measured ~1.10); independent patches are not
+    (~4.3)."""
     inpainted, independent = _seam("wavefront"), _seam("wavefront", inpaint=False)
     assert 0.8 < inpainted < 1.3, inpainted
     assert independent > 2.0 and independent > 1.8 * inpainted, (inpainted, independent)
@@ -254,8 +270,8 @@ def test_seam_score_follows_the_margin():
 
 
 def test_seam_lines_follow_the_order():
-    """The later of two neighbours owns the switch: right / bottom later -> origin + o - m (known end)
-    and origin (its write); left / top later -> origin + m and origin + o."""
+    """The later of two neighbours owns the switch: right / bottom later -> origin + o - m (known
+    end) and origin (its write); left / top later -> origin + m and origin + o."""
     g = cascade.Grid(32, 4, margin=1)  # stride 28, overlap 4
     raster = tiler.seam_lines(g, "raster")
     assert raster[:3] == [(31, 28, 0, 32), (59, 56, 0, 32), (87, 84, 0, 32)]

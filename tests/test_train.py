@@ -17,7 +17,8 @@ SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
 
 
 def _args(tmp_path, *extra, out="ck"):
-    return ["--preset", "tiny", "--data", SLIDE, "--out", str(tmp_path / out), "--cache", str(tmp_path / "cache"),
+    return ["--preset", "tiny", "--data", SLIDE, "--out", str(tmp_path / out), "--cache",
+            str(tmp_path / "cache"),
             "--batch", "2", "--log-every", "1", *extra]
 
 
@@ -26,13 +27,15 @@ def test_few_steps_each_kind(tmp_path, stage, level, capsys):
     train.main(_args(tmp_path, "--stage", str(stage), "--level", str(level), "--max-steps", "3",
                      "--sample-every", "3", "--sample-steps", "2"))
     ck = torch.load(tmp_path / "ck" / cascade.model_filename(stage, level), weights_only=True)
-    assert ck["step"] == 3 and ck["data_position"] == 6 and ck["stage"] == stage and ck["level"] == level
+    assert ck["step"] == 3 and ck["data_position"] == 6 and ck["stage"] == stage
+    assert ck["level"] == level
     assert any(not torch.equal(ck["ema"][k], ck["model"][k]) for k in ck["model"])
     assert os.listdir(tmp_path / "ck" / "samples")
     assert "loss" in capsys.readouterr().out
-    net, conditioned = cascade.load_unet(str(tmp_path / "ck" / cascade.model_filename(stage, level)),
-                                         cascade.get_preset("tiny"), stage, level)
-    assert conditioned and net.cfg.cond_ch == cascade.cond_channels(cascade.get_preset("tiny"), stage, level)
+    path = str(tmp_path / "ck" / cascade.model_filename(stage, level))
+    net, conditioned = cascade.load_unet(path, cascade.get_preset("tiny"), stage, level)
+    assert conditioned
+    assert net.cfg.cond_ch == cascade.cond_channels(cascade.get_preset("tiny"), stage, level)
 
 
 def test_resume_equals_straight_run(tmp_path):
@@ -47,7 +50,8 @@ def test_resume_equals_straight_run(tmp_path):
 
 
 def test_resume_takes_new_lr(tmp_path):
-    """A second phase at a lower --lr really runs at it (Adam's saved state would restore the old)."""
+    """A second phase at a lower --lr really runs at it (Adam's saved state would restore the
+    old)."""
     train.main(_args(tmp_path, "--stage", "1", "--level", "0", "--max-steps", "1", "--lr", "1e-3"))
     train.main(_args(tmp_path, "--stage", "1", "--level", "0", "--max-steps", "2", "--lr", "1e-5"))
     ck = torch.load(tmp_path / "ck" / "stage1_level0.pt", weights_only=True)
@@ -59,19 +63,26 @@ def test_full_size_phase_after_crops(tmp_path, monkeypatch):
     still loads under the preset, whose train_crop is a training choice, not part of the model."""
     sizes, get = [], train.data.StageLevelDataset.__getitem__
     monkeypatch.setattr(train.data.StageLevelDataset, "__getitem__",
-                        lambda self, i: (lambda d: sizes.append(tuple(d["x0"].shape[-2:])) or d)(get(self, i)))
-    train.main(_args(tmp_path, "--stage", "1", "--level", "2", "--max-steps", "1"))  # tiny: 16 px crops of 32
+                        lambda self, i: (lambda d: sizes.append(tuple(d["x0"].shape[-2:])) or d)(
+                            get(self, i)))
+    # tiny: 16 px crops of 32
+    train.main(_args(tmp_path, "--stage", "1", "--level", "2", "--max-steps", "1"))
     train.main(_args(tmp_path, "--stage", "1", "--level", "2", "--max-steps", "2", "--crop", "32"))
     assert sizes == [(16, 16)] * 2 + [(32, 32)] * 2
-    net, _ = cascade.load_unet(str(tmp_path / "ck" / "stage1_level2.pt"), cascade.get_preset("tiny"), 1, 2)
+    net, _ = cascade.load_unet(str(tmp_path / "ck" / "stage1_level2.pt"),
+                               cascade.get_preset("tiny"), 1, 2)
     with pytest.raises(SystemExit, match="--crop 12: use a multiple of 8 from 8 to 32"):
-        train.main(_args(tmp_path, "--stage", "1", "--level", "2", "--max-steps", "3", "--crop", "12"))
+        train.main(_args(tmp_path, "--stage", "1", "--level", "2", "--max-steps",
+                         "3", "--crop", "12"))
 
 
 def test_resume_with_other_config_refused(tmp_path):
     train.main(_args(tmp_path, "--stage", "2", "--level", "0", "--max-steps", "1"))
-    with pytest.raises(SystemExit, match="cannot be resumed: an outpainting model|cannot be resumed: a conditioned model"):
-        train.main(_args(tmp_path, "--stage", "2", "--level", "0", "--max-steps", "2", "--outpaint"))
+    with pytest.raises(SystemExit,
+                       match="cannot be resumed: an outpainting model|cannot be resumed: a "
+                             "conditioned model"):
+        train.main(_args(tmp_path, "--stage", "2", "--level", "0",
+                         "--max-steps", "2", "--outpaint"))
 
 
 def test_nonfinite_losses_skipped_then_stop(tmp_path, monkeypatch, capsys):
@@ -82,14 +93,16 @@ def test_nonfinite_losses_skipped_then_stop(tmp_path, monkeypatch, capsys):
         loss, t = real(self, b, g)
         return loss * (float("nan") if self.step in bad_steps else 1.0), t
     monkeypatch.setattr(train.Trainer, "losses", losses)
-    train.main(_args(tmp_path, "--stage", "1", "--level", "0", "--max-steps", "4", "--save-every", "1"))
+    train.main(_args(tmp_path, "--stage", "1", "--level", "0", "--max-steps", "4",
+                     "--save-every", "1"))
     path = tmp_path / "ck" / "stage1_level0.pt"
     ck = torch.load(path, weights_only=True)
     assert ck["step"] == 4 and ck["nonfinite_total"] == 2
     bad_steps.update(range(100))
     before = path.read_bytes()
     with pytest.raises(SystemExit, match="error: 3 non-finite losses in a row"):
-        train.main(_args(tmp_path, "--stage", "1", "--level", "0", "--max-steps", "10", "--max-nonfinite", "3"))
+        train.main(_args(tmp_path, "--stage", "1", "--level", "0", "--max-steps", "10",
+                         "--max-nonfinite", "3"))
     assert path.read_bytes() == before  # last good checkpoint intact
 
 
@@ -98,9 +111,11 @@ def _env():
 
 
 def test_sigterm_saves_and_exits(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *_args(tmp_path, "--stage", "1", "--level", "0",
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"),
+           *_args(tmp_path, "--stage", "1", "--level", "0",
                                                                    "--max-steps", "100000")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=_env())
     for line in proc.stdout:  # wait until it trains
         if "step 3/" in line:
             break
@@ -112,8 +127,10 @@ def test_sigterm_saves_and_exits(tmp_path):
 
 
 def test_two_rank_torchrun_replicas_identical(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           os.path.join(ROOT, "train.py"), *_args(tmp_path, "--stage", "2", "--level", "1", "--max-steps", "3"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_port=29533",
+           os.path.join(ROOT, "train.py"),
+           *_args(tmp_path, "--stage", "2", "--level", "1", "--max-steps", "3"),
            "--check-replicas"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -130,7 +147,8 @@ def test_training_and_sampling_share_one_denoiser_and_one_augmentation(tmp_path,
     calls = []
     for name in ("denoiser", "augment"):
         real = getattr(cascade, name)
-        monkeypatch.setattr(cascade, name, lambda *a, _r=real, _n=name, **k: (calls.append(_n), _r(*a, **k))[1])
+        monkeypatch.setattr(cascade, name, lambda *a, _r=real, _n=name,
+                            **k: (calls.append(_n), _r(*a, **k))[1])
     train.main(_args(tmp_path, "--stage", "2", "--level", "1", "--max-steps", "1"))
     assert set(calls) == {"denoiser", "augment"}
     calls.clear()
@@ -159,12 +177,14 @@ def test_log_survives_a_kill_and_a_resume(tmp_path, monkeypatch):
     train.main(args + ["--max-steps", "5"])
     recs = train.read_log(log)
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]
-    assert all(len(r["loss_t_quarters"]) == 4 and r["img_per_s"] > 0 and r["lr"] == 1e-4 for r in recs)
+    assert all(len(r["loss_t_quarters"]) == 4 and r["img_per_s"] > 0 and r["lr"] == 1e-4
+               for r in recs)
 
 
 def test_curves_and_previews(tmp_path):
     for level in ("0", "1"):
-        train.main(_args(tmp_path, "--stage", "2", "--level", level, "--max-steps", "3", "--sample-every", "3",
+        train.main(_args(tmp_path, "--stage", "2", "--level", level, "--max-steps", "3",
+                         "--sample-every", "3",
                          "--sample-steps", "2"))
     train.main(["--plot", str(tmp_path / "ck")])
     from PIL import Image
@@ -180,15 +200,20 @@ def test_curves_and_previews(tmp_path):
 def test_recipe_runs_its_phases_and_resumes(tmp_path, capsys):
     """--recipe: every phase runs in order, then the export; a second call finds each phase done."""
     recipe = os.path.join(ROOT, "tests", "data", "tiny_recipe.txt")
-    argv = ["--recipe", recipe, "--data", SLIDE, "--out", str(tmp_path / "ck"), "--cache", str(tmp_path / "cache"),
+    argv = ["--recipe", recipe, "--data", SLIDE, "--out", str(tmp_path / "ck"), "--cache",
+            str(tmp_path / "cache"),
             "--export", str(tmp_path / "models")]
     train.main(argv)
     out = capsys.readouterr().out
     assert "phase 1/2" in out and "phase 2/2" in out
-    steps = {(s, l): torch.load(tmp_path / "ck" / cascade.model_filename(s, l), weights_only=True)["step"]
-             for s in (1, 2, 3) for l in (0, 1, 2)}
+    load = lambda s, l: torch.load(tmp_path / "ck" / cascade.model_filename(s, l),
+                                   weights_only=True)
+
+    steps = {(s, l): load(s, l)["step"] for s in (1, 2, 3) for l in (0, 1, 2)}
     assert steps == {k: 3 if k == (1, 2) else 2 for k in steps}
-    assert sorted(os.listdir(tmp_path / "models")) == sorted(cascade.model_filename(s, l) for s, l in steps)
+    names = sorted(cascade.model_filename(s, l) for s, l in steps)
+    assert sorted(os.listdir(tmp_path / "models")) == names
+
     train.main(argv)
     assert capsys.readouterr().out.count("nothing to do") == 10  # nine in phase 1, one in phase 2
     with pytest.raises(SystemExit, match="tiny_recipe.txt sets its own flags; drop --lr"):
@@ -199,26 +224,35 @@ def test_recipe_runs_its_phases_and_resumes(tmp_path, capsys):
 
 def test_init_starts_from_another_runs_model_file(tmp_path, capsys):
     """--init DIR: a new model starts from DIR's (exported) EMA weights and step with a fresh
-    optimiser; an existing checkpoint in --out is resumed instead; a file of another preset is refused."""
+    optimiser; an existing checkpoint in --out is resumed instead; a file of another preset is
+    refused."""
     train.main(_args(tmp_path, "--stage", "2", "--level", "1", "--max-steps", "3", out="first"))
-    train.main(_args(tmp_path, "--stage", "2", "--level", "1", "--export", str(tmp_path / "models"), out="first"))
+    train.main(_args(tmp_path, "--stage", "2", "--level", "1", "--export",
+                     str(tmp_path / "models"), out="first"))
     name = cascade.model_filename(2, 1)
     exported = torch.load(tmp_path / "models" / name, weights_only=True)["ema"]
-    train.main(_args(tmp_path, "--stage", "2", "--level", "1", "--max-steps", "3", "--init", str(tmp_path / "models"),
+    train.main(_args(tmp_path, "--stage", "2", "--level", "1", "--max-steps", "3", "--init",
+                     str(tmp_path / "models"),
                      out="second"))
     assert "nothing to do" in capsys.readouterr().out  # it starts at the file's step 3
-    train.main(_args(tmp_path, "--stage", "2", "--level", "1", "--max-steps", "4", "--init", str(tmp_path / "models"),
+    train.main(_args(tmp_path, "--stage", "2", "--level", "1", "--max-steps", "4", "--init",
+                     str(tmp_path / "models"),
                      "--lr", "1e-12", out="third"))
     ck = torch.load(tmp_path / "third" / name, weights_only=True)
     assert ck["step"] == 4 and ck["data_position"] == 2  # one step taken; the data start afresh
-    for k, v in exported.items():  # a near-zero learning rate: the weights are still the exported ones
+    # a near-zero learning rate: the weights are still the exported ones
+    for k, v in exported.items():
         assert torch.allclose(ck["model"][k].float(), v.float(), atol=1e-3), k
-    train.main(_args(tmp_path, "--stage", "2", "--level", "1", "--max-steps", "5", "--init", str(tmp_path / "nowhere"),
+    train.main(_args(tmp_path, "--stage", "2", "--level", "1", "--max-steps", "5", "--init",
+                     str(tmp_path / "nowhere"),
                      out="third"))  # resumed: --init is not read
     assert torch.load(tmp_path / "third" / name, weights_only=True)["step"] == 5
     with pytest.raises(SystemExit, match=r"--init .*stage2_level1.pt: .*preset"):
-        train.main(["--preset", "demo", "--data", SLIDE, "--out", str(tmp_path / "demo"), "--cache", str(tmp_path / "cache"),
-                    "--stage", "2", "--level", "1", "--max-steps", "1", "--init", str(tmp_path / "models")])
+        train.main(["--preset", "demo", "--data", SLIDE, "--out", str(tmp_path / "demo"), "--cache",
+                    str(tmp_path / "cache"),
+                    "--stage", "2", "--level", "1", "--max-steps", "1", "--init",
+                    str(tmp_path / "models")])
     with pytest.raises(SystemExit, match=r"--init .*missing model file"):
-        train.main(_args(tmp_path, "--stage", "2", "--level", "1", "--max-steps", "1", "--init", str(tmp_path / "nowhere"),
+        train.main(_args(tmp_path, "--stage", "2", "--level", "1", "--max-steps", "1", "--init",
+                         str(tmp_path / "nowhere"),
                          out="fourth"))

@@ -11,7 +11,8 @@ def test_config_output_shape_and_zero_init(name):
     # Each named config's structure (levels, blocks, attention) at a tiny width.
     cfg = unet.get_config(name, width=8, head_dim=8, groups=4, cond_ch=6, aug_emb=True)
     model = unet.UNet(cfg).to(memory_format=torch.channels_last)
-    size = 2 ** (len(cfg.mults) - (0 if cfg.efficient else 1)) * 3  # any multiple of 2^(levels(-1)), not only 2^k
+    # any multiple of 2^(levels(-1)), not only 2^k
+    size = 2 ** (len(cfg.mults) - (0 if cfg.efficient else 1)) * 3
     x = torch.randn(2, 3, size, size).to(memory_format=torch.channels_last)
     out = model(x, torch.zeros(2), torch.randn(2, 6, size, size), torch.zeros(2))
     assert out.shape == x.shape
@@ -24,21 +25,27 @@ def test_bad_input_size_is_rejected():
         model(torch.randn(1, 3, 15, 15), torch.zeros(1))
 
 
-@pytest.mark.parametrize("layout", [{}, {"efficient": True}, {"late_widen": True, "shared_kv": True}])
+@pytest.mark.parametrize("layout",
+                         [{}, {"efficient": True}, {"late_widen": True, "shared_kv": True}])
 def test_gradients_reach_every_parameter(layout):
     model = unet.UNet(unet.get_config("tiny", cond_ch=3, aug_emb=True, **layout))
     for p in model.parameters():  # leave the zero init, which blocks gradients on purpose
         if torch.count_nonzero(p) == 0:
             torch.nn.init.normal_(p, std=0.02)
-    out = model(torch.randn(2, 3, 16, 16), torch.randn(2), torch.randn(2, 3, 16, 16), torch.randn(2))
+    out = model(torch.randn(2, 3, 16, 16), torch.randn(2),
+                torch.randn(2, 3, 16, 16), torch.randn(2))
     out.square().mean().backward()
-    dead = [n for n, p in model.named_parameters() if p.grad is None or torch.count_nonzero(p.grad) == 0]
+    dead = [n for n, p in model.named_parameters()
+            if p.grad is None or torch.count_nonzero(p.grad) == 0]
+
     assert not dead
 
 
-@pytest.mark.parametrize("name,target", [("paper64", 410e6), ("paper256", 300e6), ("paper1024", 690e6)])
+@pytest.mark.parametrize("name,target",
+                         [("paper64", 410e6), ("paper256", 300e6), ("paper1024", 690e6)])
 def test_paper_parameter_counts(name, target):
-    """The paper's models (docs/design.md, "The paper preset") within +-25 %, counted on the meta device."""
+    """The paper's models (docs/design.md, "The paper preset") within +-25 %, counted on the meta
+    device."""
     cfg = unet.get_config(name, cond_ch=0 if name == "paper64" else 9, aug_emb=name != "paper64")
     assert abs(unet.count_params(cfg) / target - 1) < 0.25
 
@@ -48,7 +55,8 @@ def test_tiny_unet_learns():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 16), torch.linspace(-1, 1, 16), indexing="ij")
-    data = torch.stack([torch.stack([torch.sin(3 * xx + k), torch.cos(2 * yy - k), xx * yy]) for k in range(8)])
+    data = torch.stack([torch.stack([torch.sin(3 * xx + k),
+                                     torch.cos(2 * yy - k), xx * yy]) for k in range(8)])
     model = unet.UNet(unet.get_config("tiny"))
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     fn = lambda x, t: model(x, sde.log_snr(t).float())
