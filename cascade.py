@@ -507,6 +507,11 @@ def init_distributed(device_arg=None):
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, world, local = 0, 1, 0
     cuda = torch.cuda.is_available() and device_arg != "cpu"
+    if ddp and cuda and int(os.environ.get("LOCAL_RANK", 0)) >= torch.cuda.device_count():
+        raise SystemExit(f"error: {os.environ.get('LOCAL_WORLD_SIZE', 'more')} processes on a "
+                         f"machine with {torch.cuda.device_count()} GPUs: pass --nproc_per_node "
+                         f"{torch.cuda.device_count()} or fewer, and add machines with torchrun "
+                         "--nnodes for more ranks (or --device cpu)")
     if ddp:
         dist.init_process_group(backend="nccl" if cuda else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()

@@ -19,8 +19,9 @@ References
   [FID]     Heusel et al., 2017.          [KID] Binkowski et al., Demystifying MMD GANs, ICLR 2018.
   [pFID]    Chai et al., Any-resolution training for high-resolution image synthesis, ECCV 2022.
   [IPR]     Kynkaanniemi et al., Improved precision and recall, NeurIPS 2019.
-  [clean-fid] Parmar et al., On aliased resizing and surprising subtleties in GAN evaluation, CVPR
-  2022. [PAPER]   Cechnicka et al., URCDM, MICCAI 2024 (Tables 1, 3; Metric Implementation).
+  [clean-fid] Parmar et al., On aliased resizing and surprising subtleties in GAN evaluation,
+            CVPR 2022.
+  [PAPER]   Cechnicka et al., URCDM, MICCAI 2024 (Tables 1, 3; Metric Implementation).
 """
 import argparse
 import hashlib
@@ -71,7 +72,35 @@ def feature_stats(feats):
 
 
 def fid_from_features(real, fake):
-    return frechet_distance(*feature_stats(real), *feature_stats(fake))
+    """FID of two feature sets (n, d), (m, d). With fewer samples than dimensions (n or m < d, the
+    usual case below the paper's 10k crops) the same value comes from the n x n Gram matrices:
+    with X, Y the centred features, S1 = X^T X / (n-1), S2 = Y^T Y / (m-1), the non-zero
+    eigenvalues of S1 S2 are those of G G^T / ((n-1)(m-1)), G = X Y^T (n x m), so
+    tr((S1 S2)^1/2) needs no d x d matrix: O(n m d) instead of O(d^3)."""
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    n, m, d = len(real), len(fake), real.shape[1]
+    if min(n, m) >= d:
+        return frechet_distance(*feature_stats(real), *feature_stats(fake))
+    x, y = real - real.mean(0), fake - fake.mean(0)
+    g = x @ y.T
+    w = np.linalg.eigvalsh(g @ g.T if n <= m else g.T @ g) / ((n - 1) * (m - 1))
+    tr_covmean = np.sqrt(np.clip(w, 0, None)).sum()
+    dist = ((real.mean(0) - fake.mean(0)) ** 2).sum() + (x ** 2).sum() / (n - 1) \
+        + (y ** 2).sum() / (m - 1) - 2 * tr_covmean
+    return float(max(dist, 0.0))
+
+
+def spread(score, real, fake, reps=10, seed=0):
+    """The standard deviation of score(real, fake) over bootstrap redraws of both sides' crops
+    (with replacement, same sizes): how much a FID or KID moves with the crops drawn, to compare
+    with the difference between two models. Costs no network pass."""
+    real, fake = np.asarray(real), np.asarray(fake)
+    rng = np.random.default_rng([seed, 7])
+    draws = [score(real[rng.integers(0, len(real), len(real))],
+                   fake[rng.integers(0, len(fake), len(fake))]) for _ in range(reps)]
+    return float(np.std(draws))
+
+
 
 
 # ---------------------------------------------------------------------- precision / recall
@@ -328,16 +357,46 @@ def transforms(kind, n, preset, n_slides, crop=None, seed=0):
     return out
 
 
-def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, crop=None, seed=0,
-                   batch=16, cache_dir=None, label=""):
-    """Features of up to n crops of a source (the transforms; at magnifications 1-2, crops with
-    less tissue than min_tissue are left out, on each side), or of its PNG files. Cached."""
+def n_crops(source, kind, n, crop):
+    """How many crops (network passes) patch_features takes of a source: n, or one whole region
+    per slide at magnification 0 without --crop, or the files of a patch directory."""
+    if source.is_patches:
+        return min(n, len(source.files))
+    return len(source.slides) if kind == 0 and not crop else n
+
+
+def distinct_crops(source, kind, crop):
+    """How many different crops a source holds at a magnification: the region's area over a
+    crop's (how many tile it), summed over the slides; one per slide at mag 0 without --crop
+    (whole regions); the files of a patch directory."""
+    if source.is_patches:
+        return len(source.files)
+    if kind == 0 and not crop:
+        return len(source.slides)
+    N = cascade.stage_size(source.preset, kind + 1)
+    return len(source.slides) * (N / min(crop or source.preset.patch, N)) ** 2
+
+
+def feature_cache(source, kind, n, net, *, min_tissue, crop, seed, cache_dir):
+    """The cache file of patch_features' result (None: no cache)."""
+    if not cache_dir:
+        return None
     ident = [source.fingerprint(), str(kind), n, seed, min_tissue, crop, net.digest,
              getattr(net, "input", None), source.preset.model_dict()]
-    key = hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:20]
-    path = os.path.join(cache_dir, f"{key}.npy") if cache_dir else None
+    return os.path.join(cache_dir, hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:20]
+                        + ".npy")
+
+
+def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, crop=None, seed=0,
+                   batch=16, cache_dir=None, label="", meter=None):
+    """Features of up to n crops of a source (the transforms; at magnifications 1-2, crops with
+    less tissue than min_tissue are left out, on each side), or of its PNG files. Cached.
+    meter: a Meter that counts the run's network passes (overall progress)."""
+    path = feature_cache(source, kind, n, net, min_tissue=min_tissue, crop=crop, seed=seed,
+                         cache_dir=cache_dir)
     if path and os.path.exists(path):
         return np.load(path)
+
     P = source.preset.patch
     if source.is_patches:
         jobs = [lambda f=f: read_image(f) for f in source.files[:n]]
@@ -345,14 +404,13 @@ def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, crop=Non
         stage = 3 if kind == "pfid" else kind + 1
         pngs = {k: source.stage_png(k, stage) if stage < 3 else None
                 for k in range(len(source.slides))}
-        # mag 0: one whole region per slide
-        count = len(source.slides) if kind == 0 and not crop else n
+        count = n_crops(source, kind, n, crop)  # mag 0 without --crop: one whole region a slide
         side = P if kind == "pfid" else min(crop or P, cascade.stage_size(source.preset, kind + 1))
         jobs = [lambda t=t: source.crop(t[0], stage, *t[1:], side, pngs[t[0]])
                 for t in transforms(kind, count, source.preset, len(source.slides), crop, seed)]
     keep = (lambda img: True) if kind in (0, "pfid") or source.is_patches else \
         (lambda img: data.tissue_fraction(img) >= min_tissue)
-    feats, buf, t0 = [], [], time.time()
+    feats, buf, t0, last = [], [], time.time(), 0
     for i, job in enumerate(jobs):
         img = job()
         if keep(img):
@@ -362,9 +420,10 @@ def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, crop=Non
             feats.append(net(np.stack(buf)))
             buf = []
             rate = (i + 1) / (time.time() - t0)
+            overall, last = (meter.advance(i + 1 - last) if meter else ""), i + 1
             print(f"  {label}: {i + 1}/{len(jobs)} crops, {rate:.1f}/s, ETA "
-                  f"{(len(jobs) - i - 1) / rate:.0f} s",
-                  file=sys.stderr, flush=True)
+                  f"{(len(jobs) - i - 1) / rate:.0f} s{overall}", file=sys.stderr, flush=True)
+
     feats = np.concatenate(feats) if feats else np.zeros((0, 1), np.float32)
     if path:
         os.makedirs(cache_dir, exist_ok=True)
@@ -464,6 +523,69 @@ def seam_scores(source, k, order, margin):
     return out
 
 
+# ---------------------------------------------------------------------- the plan
+
+PAPER_N = 10_000  # crops per set and magnification in the paper's evaluation [PAPER]
+OVERSAMPLE = 2    # crops by default: this many times the distinct crops (random crops overlap)
+
+
+class Meter:
+    """The run's network passes so far, for an overall ETA on every progress line."""
+
+    def __init__(self, total):
+        self.total, self.done, self.t0 = total, 0, time.time()
+
+    def advance(self, k):
+        self.done += k
+        rate = self.done / max(time.time() - self.t0, 1e-9)
+        left = max(self.total - self.done, 0)
+        return f"; overall {self.done}/{self.total}, ETA {left / rate:.0f} s"
+
+
+def plan(args, real, fake, nets, kw, kw_fake):
+    """Crops per magnification: --n, or OVERSAMPLE x the distinct crops the smaller side holds, at
+    most the paper's 10k. Prints, before any work, the crops per side with the reason, the network
+    passes still to run (cached features cost none) and the time they take at a rate timed here.
+    Returns ({kind: (n, crop)}, Meter)."""
+    p, todo, lines, passes = real.preset, {}, [], 0
+    for kind in list(args.mag) + (["pfid"] if args.n_pfid else []):
+        crop = None if kind == "pfid" else (args.crop[kind] if args.crop else None)
+        if kind == "pfid" or args.n:
+            n = args.n_pfid if kind == "pfid" else args.n
+            why = "--n-pfid" if kind == "pfid" else "--n"
+        else:
+            d = min(distinct_crops(real, kind, crop), distinct_crops(fake, kind, crop))
+            n = min(PAPER_N, max(2, math.ceil(OVERSAMPLE * d)))
+            why = (f"the smaller side holds {d:.1f} distinct crops; {OVERSAMPLE} x that, at most "
+                   f"the paper's {PAPER_N}; --n overrides")
+        todo[kind] = (n, crop)
+        counts = []
+        for src, k in ((real, kw), (fake, kw_fake)):
+            counts.append(n_crops(src, kind, n, crop))
+            for net in nets[:1 if kind == "pfid" else None]:
+                passes += 0 if os.path.exists(feature_cache(src, kind, n, net, crop=crop, **k)
+                                              or "") else counts[-1]
+        N = cascade.stage_size(p, 3 if kind == "pfid" else kind + 1)
+        what = ("crops of P to N3 px" if kind == "pfid" else f"whole {N} px regions"
+                if kind == 0 and not crop else f"{min(crop or p.patch, N)} px crops")
+        lines.append(f"  {'pFID' if kind == 'pfid' else f'mag {kind}'}: {counts[0]} real / "
+                     f"{counts[1]} generated {what} ({why})")
+    rate = time_network(nets[0], p.patch) if passes else float("inf")
+    print("plan:\n" + "\n".join(lines) + f"\n  {passes} network passes to run (cached features "
+          f"are reused), about {passes / rate / 60:.1f} min at {rate:.1f} crops/s (timed here)",
+          file=sys.stderr, flush=True)
+    return todo, Meter(passes)
+
+
+def time_network(net, size, batch=4):
+    """Crops per second through `net` (resize included), timed on one batch after a warm-up."""
+    imgs = np.full((batch, size, size, 3), 200, np.uint8)
+    net(imgs)
+    t0 = time.time()
+    net(imgs)
+    return batch / max(time.time() - t0, 1e-9)
+
+
 # ---------------------------------------------------------------------- the table
 
 def evaluate(args):
@@ -474,20 +596,21 @@ def evaluate(args):
     real, fake = Source(args.real, preset), Source(args.fake, preset)
     kw = dict(min_tissue=args.min_tissue, seed=args.seed, cache_dir=args.cache)
     kw_fake = dict(kw, seed=args.seed if args.fake_seed is None else args.fake_seed)
+    todo, meter = plan(args, real, fake, [inception] + ([vgg] if vgg else []), kw, kw_fake)
+    kw["meter"] = kw_fake["meter"] = meter
     results = {"network": inception.label(),
                "ip_ir_features": "vgg16 fc2" if vgg else "inception pool3 (fallback)"}
-    for kind in list(args.mag) + (["pfid"] if args.n_pfid else []):
-        if kind == "pfid":
-            n, crop = args.n_pfid, None
-        else:
-            n, crop = args.n, args.crop[kind] if args.crop else None
+    for kind, (n, crop) in todo.items():
         fr = patch_features(real, kind, n, inception, crop=crop, label=f"real mag {kind}", **kw)
         ff = patch_features(fake, kind, n, inception, crop=crop,
                             label=f"fake mag {kind}", **kw_fake)
-        row = {"n_real": len(fr), "n_fake": len(ff)}
+        row = {"n_real": len(fr), "n_fake": len(ff), "n_asked": n}
         fid = fid_from_features(fr, ff) if min(len(fr), len(ff)) > 1 else None
         row["pfid" if kind == "pfid" else "fid"] = fid
-        row["kid"], row["kid_std"] = kid(fr, ff, seed=args.seed)
+        row["fid_std"] = spread(fid_from_features, fr, ff, seed=args.seed) if fid else None
+        row["kid"], row["kid_subset_std"] = kid(fr, ff, seed=args.seed)
+        one_kid = lambda a, b: kid(a, b, subsets=1, subset_size=len(a) + len(b))[0]
+        row["kid_std"] = spread(one_kid, fr, ff, seed=args.seed) if row["kid"] is not None else None
         if kind != "pfid":
             vr, vf = (fr, ff) if vgg is None else (
                 patch_features(real, kind, n, vgg, crop=crop, label=f"real mag {kind} vgg", **kw),
@@ -520,15 +643,20 @@ def evaluate(args):
 
 def format_table(results):
     fmt = lambda v, d: "n.a." if v is None else f"{v:.{d}f}"
+    pm = lambda v, sd, scale=1: ("n.a." if v is None else
+                                 f"{scale * v:.1f} +- {fmt(None if sd is None else scale * sd, 1)}")
     lines = [f"features: {results['network']}; IP / IR on {results['ip_ir_features']}",
-             f"{'':6s} {'FID/pFID':>9s} {'KID x1e3':>9s} {'IP':>6s} {'IR':>6s} {'n real':>7s} "
+             f"{'':6s} {'FID/pFID':>15s} {'KID x1e3':>15s} {'IP':>6s} {'IR':>6s} {'n real':>7s} "
              f"{'n fake':>7s}"]
     for name, r in results.items():
         if name.startswith("mag") or name == "pfid":
-            kid_ = None if r["kid"] is None else 1e3 * r["kid"]
-            lines.append(f"{name:6s} {fmt(r.get('fid', r.get('pfid')), 1):>9s} {fmt(kid_, 1):>9s} "
-                         f"{fmt(r.get('ip'), 3):>6s} {fmt(r.get('ir'), 3):>6s} {r['n_real']:7d} "
-                         f"{r['n_fake']:7d}")
+            lines.append(f"{name:6s} {pm(r.get('fid', r.get('pfid')), r.get('fid_std')):>15s} "
+                         f"{pm(r['kid'], r['kid_std'], 1e3):>15s} {fmt(r.get('ip'), 3):>6s} "
+                         f"{fmt(r.get('ir'), 3):>6s} {r['n_real']:7d} {r['n_fake']:7d}")
+    lines.append("+- : standard deviation over 10 bootstrap redraws of both sides' crops; two "
+                 "models differ\n     only by more than about twice it")
+
+
     if results.get("table1_ip_ir"):
         lines.append("IP / IR averaged over the magnifications (the paper's Table 1): "
                      + " / ".join(f"{v:.3f}" for v in results["table1_ip_ir"]))
@@ -562,8 +690,9 @@ def main(argv=None):
                     help="geometry of the magnifications (cascade.PRESETS)")
     ap.add_argument("--mag", type=int, nargs="+", default=[0, 1, 2], choices=[0, 1, 2],
                     help="magnifications")
-    ap.add_argument("--n", type=int, default=10000,
-                    help="crops per set and magnification (paper: 10k)")
+    ap.add_argument("--n", type=int, default=None,
+                    help="crops per set and magnification (default: twice the distinct crops "
+                         "the slides hold, at most the paper's 10k)")
     ap.add_argument("--crop", type=int, nargs=3, default=None, metavar=("M0", "M1", "M2"),
                     help="crop side in px at each magnification (default: P; mag 0 then takes "
                          "whole slides)")
@@ -594,7 +723,9 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     args.cache = args.cache or None
-    for flag, value, ok in (("--k", args.k, args.k >= 1), ("--n", args.n, args.n >= 2),
+    for flag, value, ok in (("--k", args.k, args.k >= 1),
+                            ("--n", args.n, args.n is None or args.n >= 2),
+
                             ("--min-tissue", args.min_tissue, 0 <= args.min_tissue <= 1),
                             ("--n-pfid", args.n_pfid, args.n_pfid == 0 or args.n_pfid >= 2),
                             ("--crop", args.crop, args.crop is None or min(args.crop) >= 8)):

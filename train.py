@@ -45,6 +45,9 @@ import data
 import sde
 import unet as unet_mod
 
+BUNDLED_SLIDE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data",
+                             "cmu_small_region.svs")  # a small CC0 H&E slide, the demo's data
+
 
 # ---------------------------------------------------------------------- the algorithm
 
@@ -317,6 +320,10 @@ def train_models(args):
     ddp, rank, world, device = cascade.init_distributed(args.device)
     preset, models, cfg = train_preset(args), models_to_train(args), Config.from_args(args, device)
     os.makedirs(args.out, exist_ok=True)
+    if rank == 0 and args.defaulted:
+        print("defaults: " + ", ".join(args.defaulted) + " (pass the flags to change them)",
+              flush=True)
+
     try:
         slides = data.list_slides(args.data)
         mpp = slides_mpp(slides, preset, args.region_size)
@@ -373,8 +380,10 @@ def parse_args(argv=None):
     ap.add_argument("--level", default="0", choices=["0", "1", "2", "all"],
                     help="which level's model(s)")
     ap.add_argument("--data", default=None,
-                    help="a slide file or a directory of slides (required to train)")
-    ap.add_argument("--out", default=None, help="checkpoint directory (stage{s}_level{l}.pt)")
+                    help=f"a slide file or a directory of slides (default: the bundled slide, "
+                         f"{_shown(BUNDLED_SLIDE)})")
+    ap.add_argument("--out", default=None,
+                    help="checkpoint directory, stage{s}_level{l}.pt (default: ckpt)")
     ap.add_argument("--batch", type=int, default=8,
                     help="per-process batch; global batch = batch x ranks")
     ap.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate [Imagen]")
@@ -409,7 +418,7 @@ def parse_args(argv=None):
     ap.add_argument("--region-size", type=int, default=None,
                     help="level-0 side of each slide's region (default N3)")
     ap.add_argument("--cache", default=None,
-                    help="cache directory for stage images (default beside the slides)")
+                    help="cache directory of the slides' stage images (default: OUT/cache)")
     ap.add_argument("--workers", type=int, default=None,
                     help="data loader workers (default: 4 on CUDA, 0 on CPU)")
     ap.add_argument("--max-nonfinite", type=int, default=20,
@@ -443,8 +452,6 @@ def parse_args(argv=None):
                             ("--max-nonfinite", args.max_nonfinite, args.max_nonfinite >= 1)):
         if not ok:
             sys.exit(f"error: {flag} {value}: out of range (see --help)")
-    if not (args.plot or args.out):
-        sys.exit("error: --out CKPT_DIR is required")
     if args.recipe:
         extra = [k for k, v in vars(args).items()
                  if k not in RECIPE_FLAGS + ("recipe",) and v != ap.get_default(k)]
@@ -453,7 +460,21 @@ def parse_args(argv=None):
                      f"--{extra[0].replace('_', '-')} (only "
                      f"--{', --'.join(f.replace('_', '-') for f in RECIPE_FLAGS)} may be given "
                      "with it)")
+    # Defaults that serve the bare `train.py --stage 3 --level 0`, said at the start (defaulted).
+    args.defaulted = [f"--{k} {v}" for k, v in (
+        ("data", _shown(BUNDLED_SLIDE) if args.data is None else None),
+        ("out", "ckpt" if args.out is None else None),
+        ("cache", os.path.join(args.out or "ckpt", "cache") if args.cache is None else None)) if v]
+    args.data = args.data or BUNDLED_SLIDE
+    args.out = args.out or "ckpt"
+    args.cache = args.cache or os.path.join(args.out, "cache")
     return args
+
+
+def _shown(path):
+    """A path as a user would type it here: relative below the working directory, else absolute."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
 
 
 def models_to_train(args):
@@ -737,8 +758,6 @@ def main(argv=None):
         return print(f"wrote {plot_curves(args.plot)}")
     if args.export:
         return export(args.out, args.export, models_to_train(args))
-    if args.data is None:
-        sys.exit("error: --data SLIDES is required to train (a slide file or a directory)")
     return train_models(args)
 
 

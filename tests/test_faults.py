@@ -158,7 +158,7 @@ def test_resume_refuses_models_changed_in_place_and_accepts_a_relative_path(tmp_
 @pytest.mark.parametrize("flags,message", [
     (("--batch", "-1"), "--batch -1"), (("--white-threshold", "2"), "--white-threshold 2.0"),
     (("--mpp", "-1"), "--mpp -1.0"), (("--resample", "0"), "--resample 0"),
-                                           (("--steps", "0", "1", "1"), "--steps"),
+    (("--steps", "0", "1", "1"), "--steps"),
     (("--steps", "5", "5"), "--steps [5, 5]: use a value list of 3"),
     (("--threshold", "1.5"), "--threshold 1.5"), (("--aug-level", "-0.1"), "--aug-level -0.1")])
 def test_bad_sampling_flags_refused_before_work(tmp_path, tiny_ckpt, flags, message):

@@ -1,5 +1,6 @@
 """metrics.py: Frechet distance, improved precision/recall, crops, the CLI end to end."""
 import json
+import math
 import os
 
 import numpy as np
@@ -218,3 +219,47 @@ def test_glass_grey_is_the_90th_percentile_of_the_region(tmp_path):
     path = str(tmp_path / "g.svs")
     write_slide(path, img)
     assert metrics.glass_grey(metrics.Source(path, p), 0) == pytest.approx(244, abs=1)
+
+
+def test_fid_small_sets_equals_full_formula():
+    """fid_from_features' Gram-matrix route (fewer samples than dimensions) is the same number
+    as the d x d formula; with more samples than dimensions the formula itself runs."""
+    rng = np.random.default_rng(3)
+    for n, m, d in ((40, 60, 300), (25, 25, 64), (90, 70, 16)):
+        a, b = rng.normal(size=(n, d)), rng.normal(0.3, 1.2, size=(m, d))
+        full = metrics.frechet_distance(*metrics.feature_stats(a), *metrics.feature_stats(b))
+        assert metrics.fid_from_features(a, b) == pytest.approx(full, rel=1e-7)
+    assert metrics.spread(metrics.fid_from_features, a, b, reps=8) > 0
+
+
+def test_default_crops_follow_the_slides(tmp_path, capsys):
+    """Without --n, each magnification takes twice the distinct crops the smaller side holds (at
+    most the paper's 10k); a plan line comes before the work; FID and KID carry their spread."""
+    for name, seed in (("real", 0), ("fake", 1)):
+        (tmp_path / name).mkdir()
+        for k in range(2):
+            write_slide(str(tmp_path / name / f"s{k}.svs"),
+                        synthetic_rgb(260, 240, seed=10 * seed + k))
+    net = random_net(tmp_path / "net.pt")
+    res = metrics.main(["--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"),
+                        "--preset", "tiny", "--inception", net, "--inception-input", "0-255",
+                        "--cache", str(tmp_path / "cache"), "--json", str(tmp_path / "m.json"),
+                        "--min-tissue", "0"])
+    captured = capsys.readouterr()
+    # tiny: regions of 116 px; mag 2 takes 32 px crops of them, mag 1 32 px of 88 px
+    assert res["mag2"]["n_asked"] == math.ceil(2 * 2 * (116 / 32) ** 2)  # 53
+    assert res["mag1"]["n_asked"] == math.ceil(2 * 2 * (88 / 32) ** 2)   # 31
+    assert res["mag2"]["n_real"] == res["mag2"]["n_fake"] == 53
+    assert res["mag0"]["n_real"] == 2  # mag 0 without --crop: the two whole regions
+    assert "plan:" in captured.err and "network passes to run" in captured.err
+    assert captured.err.index("plan:") < captured.err.index("crops/s")
+    assert "2 x that, at most the paper's 10000" in captured.err
+    assert "overall" in captured.err
+    assert res["mag2"]["fid_std"] > 0 and res["mag2"]["kid_std"] > 0
+    assert "+-" in captured.out
+    again = metrics.main(["--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"),
+                          "--preset", "tiny", "--inception", net, "--inception-input", "0-255",
+                          "--cache", str(tmp_path / "cache"), "--json", str(tmp_path / "m.json"),
+                          "--min-tissue", "0", "--mag", "2"])
+    assert again["mag2"]["fid"] == res["mag2"]["fid"]
+    assert "0 network passes to run" in capsys.readouterr().err  # all cached

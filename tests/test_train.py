@@ -256,3 +256,31 @@ def test_init_starts_from_another_runs_model_file(tmp_path, capsys):
         train.main(_args(tmp_path, "--stage", "2", "--level", "1", "--max-steps", "1", "--init",
                          str(tmp_path / "nowhere"),
                          out="fourth"))
+
+
+def test_bare_command_starts_training(tmp_path):
+    """The project's one-line description, `torchrun --nproc_per_node=N train.py --stage 3 --level
+    0`, with no other flags (here 2 CPU ranks, gloo, and a step limit): the bundled slide, ckpt/
+    and its cache, each default said at the start."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_port=29573", os.path.join(ROOT, "train.py"), "--stage", "3", "--level", "0",
+           "--max-steps", "2"]
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "defaults: --data " in res.stdout and "cmu_small_region.svs" in res.stdout
+    assert "--out ckpt, --cache ckpt/cache" in res.stdout
+    assert "global batch 16" in res.stdout  # 8 per process x 2 ranks
+    ck = torch.load(tmp_path / "ckpt" / "stage3_level0.pt", weights_only=True)
+    assert ck["step"] == 2 and os.listdir(tmp_path / "ckpt" / "cache")
+
+
+def test_more_ranks_than_gpus_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setenv("RANK", "8")
+    monkeypatch.setenv("LOCAL_RANK", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "9")
+    with pytest.raises(SystemExit, match="9 processes on a machine with 8 GPUs: pass "
+                                         "--nproc_per_node 8 or fewer"):
+        cascade.init_distributed()
