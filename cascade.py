@@ -291,10 +291,21 @@ def feather_weight(mask, width):
     return d / (width + 1)
 
 
-def make_lowres(x_prev, size):
+def make_lowres(x_prev, size, window=None):
     """Level l-1's image (B, 3, L_(l-1), L_(l-1)) -> level l's conditioning input at
-    size x size (bilinear upsampling) [CDM]. Training feeds it downsample(target, L_(l-1))."""
-    return F.interpolate(x_prev, size=(size, size), mode="bilinear", align_corners=False)
+    size x size (bilinear upsampling) [CDM]. Training feeds it downsample(target, L_(l-1)).
+    window (y, x, c): only that c x c window of the result (training's top-level crops),
+    upsampled from the part of x_prev it needs: the same values when size / L_(l-1) is a
+    power of two (the sub-pixel positions are then exact in binary)."""
+    if window is None:
+        return F.interpolate(x_prev, size=(size, size), mode="bilinear", align_corners=False)
+    (y, x, c), n = window, x_prev.shape[-1]
+    f = size // n
+    y0, x0 = max(y // f - 1, 0), max(x // f - 1, 0)  # one source px of margin each side
+    y1, x1 = min(-(-(y + c) // f) + 1, n), min(-(-(x + c) // f) + 1, n)
+    up = F.interpolate(x_prev[..., y0:y1, x0:x1], size=((y1 - y0) * f, (x1 - x0) * f),
+                       mode="bilinear", align_corners=False)
+    return up[..., y - y0 * f:y - y0 * f + c, x - x0 * f:x - x0 * f + c]
 
 
 def cond_channels(preset, stage, level, conditioned=True):
@@ -305,18 +316,24 @@ def cond_channels(preset, stage, level, conditioned=True):
 
 
 def level_inputs(preset, stage, level, target_or_lowres, context=None,
-                 region=None, conditioned=True):
+                 region=None, conditioned=True, window=None):
     """Conditioning channels of (stage, level), in the order the U-Net concatenates them:
     [lowres (level > 0)], [context, region (stage > 1, conditioned; region if the preset has it)],
     all at level size. `target_or_lowres` is level l-1's image (any size; made into the lowres
-    input here). Returns (B, C, L, L) or None when there is no conditioning."""
+    input here). window (y, x, c): only that c x c window of them (training's top-level crops).
+    Returns (B, C, L, L) (or (B, C, c, c)) or None when there is no conditioning."""
     L = preset.level_sizes[level]
+    y, x, c = window or (0, 0, L)
+    crop = lambda t: t[..., y:y + c, x:x + c]
     parts = []
     if level > 0:
-        parts.append(make_lowres(downsample(target_or_lowres, preset.level_sizes[level - 1]), L))
+        lowres = downsample(target_or_lowres, preset.level_sizes[level - 1])
+        parts.append(make_lowres(lowres, L, window))
     if stage > 1 and conditioned:
-        parts += [downsample(context, L)] + ([downsample(region, L)] if preset.region else [])
+        parts += [crop(downsample(context, L))]
+        parts += [crop(downsample(region, L))] if preset.region else []
     return torch.cat(parts, dim=1) if parts else None
+
 
 
 def augmented_channels(preset, stage, level, conditioned=True):
@@ -353,7 +370,7 @@ def denoiser(net, schedule, cond=None, aug_lam=None, bf16=False):
     net(x_t, lam, cond, aug_lam), optionally under bf16 autocast. The one wrapper that training
     and sampling share."""
     def model_fn(x_t, t):
-        lam = sde.log_snr(t.cpu(), schedule).float().to(x_t.device)
+        lam = sde.log_snr(t, schedule).float().to(x_t.device)  # no copy when t is there
         with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=bf16):
             return net(x_t, lam, cond, aug_lam).float()
     return model_fn

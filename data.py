@@ -21,6 +21,7 @@ References
   [tifffile]  TiffWriter.write with tile iterators, https://github.com/cgohlke/tifffile
 """
 import argparse
+import collections
 import contextlib
 import hashlib
 import json
@@ -107,48 +108,93 @@ def _build_stage_image(slide, x, y, size, n, path):
         arr.close()
 
 
-def slide_cache(slide_path, preset, region_size=None, cache_dir=None, rank=0, timeout=3600):
-    """Stage-1 and stage-2 images of a slide's region, built once on disk and memory-mapped.
-    The region is chosen by the preset's training.region_choice ('centre' or 'tissue').
-
-    Rank 0 builds (atomic writes, metadata last); other ranks wait for it.
-    Returns dict(stage1=memmap (N1, N1, 3), stage2=memmap (N2, N2, 3), x, y, size)."""
-    size, region_mode = region_size or cascade.stage_size(preset, 3), preset.training.region_choice
+def cache_base(slide_path, preset, region_size=None, cache_dir=None):
+    """Where a slide's stage images live: CACHE_DIR/<file name>.<key>{.stage1.npy, .stage2.npy,
+    .json}, the key a digest of the file (path, size, time) and of the geometry."""
+    size = region_size or cascade.stage_size(preset, 3)
     st = os.stat(slide_path)
-    ident = [os.path.abspath(slide_path), st.st_size, st.st_mtime_ns, size, region_mode,
-             [cascade.stage_size(preset, s) for s in (1, 2, 3)]]
+    ident = [os.path.abspath(slide_path), st.st_size, st.st_mtime_ns, size,
+             preset.training.region_choice, [cascade.stage_size(preset, s) for s in (1, 2, 3)]]
     key = hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:16]
     cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(slide_path)),
                                           ".urcdm_cache")
-    os.makedirs(cache_dir, exist_ok=True)
-    base = os.path.join(cache_dir, f"{os.path.basename(slide_path)}.{key}")
-    meta_path = base + ".json"
-    if not os.path.exists(meta_path):
+    return os.path.join(cache_dir, f"{os.path.basename(slide_path)}.{key}")
+
+
+def build_cache(slide_path, preset, base, region_size=None):
+    """A slide's region (chosen by the preset's training.region_choice) resized to N1 and N2,
+    written atomically, the metadata last (its presence means the images are complete)."""
+    size = region_size or cascade.stage_size(preset, 3)
+    with open_slide(slide_path) as slide:
+        x, y = choose_region(slide, size, preset.training.region_choice)
+        for s in (1, 2):
+            _build_stage_image(slide, x, y, size, cascade.stage_size(preset, s),
+                               f"{base}.stage{s}.npy")
+    write_json(base + ".json", {"x": x, "y": y, "size": size, "slide": os.path.abspath(slide_path)})
+
+
+def build_caches(paths, preset, region_size=None, cache_dir=None, rank=0, world=1, timeout=3600):
+    """Every slide's stage images, built once. This machine's `world` local ranks each build
+    every world-th missing one, then wait for the others' (safe when several machines share the
+    directory: atomic writes, metadata last). Returns the bases (cache_base)."""
+    bases = [cache_base(p, preset, region_size, cache_dir) for p in paths]
+    missing = [i for i, b in enumerate(bases) if not os.path.exists(b + ".json")]
+    if missing:
+        os.makedirs(os.path.dirname(bases[0]), exist_ok=True)
+        each = 3 * sum(cascade.stage_size(preset, s) ** 2 for s in (1, 2))
         if rank == 0:
-            t0 = time.time()
-            print(f"building the stage images of {slide_path} (stage 1: "
-                  f"{cascade.stage_size(preset, 1)} px, stage 2: {cascade.stage_size(preset, 2)} "
-                  f"px) into {cache_dir} ...",
+            print(f"building the stage images of {len(missing)} slide(s) into "
+                  f"{os.path.dirname(bases[0])}: about {len(missing) * each / 1e9:.2f} GB "
+                  f"({each / 1e6:.0f} MB a slide), {world} local rank(s) in parallel",
                   file=sys.stderr, flush=True)
-            slide = open_slide(slide_path)
-            x, y = choose_region(slide, size, region_mode)
-            for s in (1, 2):
-                _build_stage_image(slide, x, y, size, cascade.stage_size(preset, s),
-                                   f"{base}.stage{s}.npy")
-            print(f"  done in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
-            write_json(meta_path,
-                       {"x": x, "y": y, "size": size, "slide": os.path.abspath(slide_path)})
-        else:
-            t0 = time.time()
-            while not os.path.exists(meta_path):
+        mine, t0 = missing[rank::world], time.time()
+        for j, i in enumerate(mine):
+            if not os.path.exists(bases[i] + ".json"):
+                build_cache(paths[i], preset, bases[i], region_size)
+            if rank == 0 and (j + 1) % max(1, len(mine) // 10) == 0:
+                eta = (time.time() - t0) / (j + 1) * (len(mine) - j - 1)
+                print(f"  {j + 1}/{len(mine)} of rank 0's share, ETA {eta / 60:.1f} min",
+                      file=sys.stderr, flush=True)
+        for i in missing:  # the other ranks' shares
+            while not os.path.exists(bases[i] + ".json"):
                 if time.time() - t0 > timeout:
-                    raise TimeoutError(f"{meta_path}: rank 0 did not build the cache within "
-                                       f"{timeout} s")
+                    raise TimeoutError(f"{bases[i]}.json: not built within {timeout} s by the "
+                                       "rank whose share it is")
                 time.sleep(0.5)
-    with open(meta_path) as f:
+    return bases
+
+
+def open_cache(base):
+    """A built cache: dict(x, y, size, slide, stage1=memmap (N1, N1, 3), stage2=memmap)."""
+    with open(base + ".json") as f:
         meta = json.load(f)
     return dict(meta, stage1=np.load(f"{base}.stage1.npy", mmap_mode="r"),
                 stage2=np.load(f"{base}.stage2.npy", mmap_mode="r"))
+
+
+def slide_cache(slide_path, preset, region_size=None, cache_dir=None, rank=0):
+    """Stage-1 and stage-2 images of one slide's region, built once, memory-mapped."""
+    return open_cache(build_caches([slide_path], preset, region_size, cache_dir, rank)[0])
+
+
+class LRU:
+    """At most `size` open things (slides, memory maps) by key, the least recently used closed
+    first: a process's file descriptors stay bounded whatever the number of slides."""
+
+    def __init__(self, size, open_fn, close_fn=None):
+        self.size, self.open_fn, self.close_fn = size, open_fn, close_fn
+        self.items = collections.OrderedDict()
+
+    def __getitem__(self, key):
+        if key in self.items:
+            self.items.move_to_end(key)
+        else:
+            if len(self.items) >= self.size:
+                _, old = self.items.popitem(last=False)
+                if self.close_fn:
+                    self.close_fn(old)
+            self.items[key] = self.open_fn(key)
+        return self.items[key]
 
 
 # ---------------------------------------------------------------------- the nine datasets
@@ -157,6 +203,37 @@ def dihedral(x, k):
     """The k-th of the 8 symmetries of the square (k in 0..7) on the last two dims."""
     x = torch.rot90(x, k % 4, dims=(-2, -1))
     return x.flip(-1) if k >= 4 else x
+
+
+# Cache maps are read-only and only ever read here: torch's warning about wrapping them is noise.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+def box_pyramid(u8, sizes, k=0, window=None):
+    """(H, W, 3) uint8 -> {size: (1, 3, size, size) float in [-1, 1]} for each integer factor
+    f = H / size: the area resize as exact integer block sums (halving the image while f is even),
+    then symmetry k and, if given, the window (y, x, c), then one conversion to float. Equal to
+    cascade.downsample(dihedral(to_float(u8), k), size) (windowed) up to float rounding (~1e-7;
+    tests/test_data.py) at a fraction of its cost; one pass serves several sizes."""
+    x, f, out = torch.from_numpy(np.ascontiguousarray(u8)), 1, {}
+    for size in sorted(sizes, reverse=True):
+        if u8.shape[0] % size:  # not an integer factor: the float route
+            out[size] = dihedral(cascade.downsample(cascade.to_float(u8), size), k)
+            continue
+        while (u8.shape[0] // size) // f % 2 == 0:  # 2 x 2 block sums, in int32 (exact)
+            x, f = x[0::2].to(torch.int32) + x[1::2], 2 * f
+            x = x[:, 0::2] + x[:, 1::2]
+        g = u8.shape[0] // size // f
+        sums = x if g == 1 else x.to(torch.int32).view(size, g, size, g, 3).sum((1, 3))
+        sums = torch.rot90(sums, k % 4, dims=(0, 1))  # the symmetry, on the small array
+        sums = sums.flip(1) if k >= 4 else sums
+        if window:
+            sums = sums[window[0]:window[0] + window[2], window[1]:window[1] + window[2]]
+        out[size] = sums.permute(2, 0, 1)[None].float() / (127.5 * (f * g) ** 2) - 1
+    return out
+
+
+MAX_OPEN = 64  # slides, and slides' cache maps, a process keeps open (each: 1-2 descriptors)
 
 
 class StageLevelDataset(torch.utils.data.Dataset):
@@ -170,28 +247,28 @@ class StageLevelDataset(torch.utils.data.Dataset):
     slides: list of slide paths. region_size: level-0 side of each slide's region (None:
     N3, so stage 3 is at full resolution). min_tissue: crops of stages 2-3 whose region has
     less tissue are redrawn (up to 10 times), as the paper ignores mostly white patches.
+    rank, world: this machine's local rank and rank count (the cache build's split).
+    max_open: slides and cache maps kept open per process (least recently used closed first).
     """
 
     def __init__(self, slides, preset, stage, level, *, region_size=None, cache_dir=None,
                  seed=0, length=100_000, min_tissue=MIN_TISSUE, conditioned=True,
-                 augment=True, rank=0):
+                 augment=True, rank=0, world=1, max_open=MAX_OPEN):
         self.preset, self.stage, self.level = preset, stage, level
         self.seed, self.length, self.min_tissue = seed, length, min_tissue
         self.conditioned, self.augment = conditioned, augment
         self.paths = list(slides)
-        self.caches = [slide_cache(p, preset, region_size, cache_dir, rank) for p in self.paths]
-        self._slides = {}
+        bases = build_caches(self.paths, preset, region_size, cache_dir, rank, world)
+        self.caches = LRU(max_open, lambda k: open_cache(bases[k]))
+        self.slides = LRU(max_open, lambda k: open_slide(self.paths[k]), lambda s: s.close())
 
     def __len__(self):
         return self.length
 
-    def _slide(self, k):
-        if k not in self._slides:
-            self._slides[k] = open_slide(self.paths[k])
-        return self._slides[k]
-
     def _crop(self, rng, k):
-        """Target P x P (uint8) at stage `self.stage` and the (context, region) crops, or Nones."""
+        """uint8 P x P crops at stage `self.stage`: the target, the context (None at stage 1 and
+        for the outpainting baseline), and the region as cascade.region_crop gives it (float;
+        None unless the preset conditions on it)."""
         p, cache, P = self.preset, self.caches[k], self.preset.patch
         N = cascade.stage_size(p, self.stage)
         if self.stage == 1:
@@ -202,37 +279,45 @@ class StageLevelDataset(torch.utils.data.Dataset):
             y0, x0 = (int(v) for v in rng.integers(0, N - P + 1, size=2))
             if tissue_fraction(cascade.region_window(lower, y0, x0, P, r)) >= self.min_tissue:
                 break
-        region = cascade.region_crop(lower, y0, x0, P, r)
         if self.stage == 2:
             target = np.asarray(cache["stage2"][y0:y0 + P, x0:x0 + P])
         else:
             ds = cache["size"] / N
-            target = self._slide(k).read_region(cache["x"] + x0 * ds,
+            target = self.slides[k].read_region(cache["x"] + x0 * ds,
                                                 cache["y"] + y0 * ds, P, P, ds)
-        context = cascade.to_float(cascade.context_crop(lower, y0, x0, P, r, p.background))
+        if not self.conditioned:
+            return target, None, None
+        context = cascade.context_crop(lower, y0, x0, P, r, p.background)
+        region = cascade.region_crop(lower, y0, x0, P, r) if p.region else None
         return target, context, region
 
     def __getitem__(self, idx):
         rng = np.random.default_rng([self.seed, idx])
         k = int(rng.integers(len(self.paths)))
         target, context, region = self._crop(rng, k)
-        stack = [cascade.to_float(target)] + ([context, region] if context is not None else [])
-        stack = torch.cat(stack, dim=1)  # (1, 3 or 9, P, P)
-        if self.augment:  # the same symmetry for target and conditioning
-            stack = dihedral(stack, int(rng.integers(8)))
-        target = stack[:, :3]
-        ctx, reg = (stack[:, 3:6], stack[:, 6:9]) if context is not None else (None, None)
+        sym = int(rng.integers(8)) if self.augment else 0  # one symmetry for every input
         p, L = self.preset, self.preset.level_sizes[self.level]
-        x0 = cascade.downsample(target, L)
-        cond = cascade.level_inputs(p, self.stage, self.level, target, ctx, reg, self.conditioned)
-        cond = torch.zeros(1, 0, L, L) if cond is None else cond
-        if self.level == len(p.level_sizes) - 1 and p.training.crop < L:
-            # Top level: a random crop, the same window of target and every conditioning channel
-            # (the U-Net is fully convolutional; squeezing the whole context onto the crop, as
-            # imagen-pytorch does, would show it at another scale than at sampling).
-            cy, cx = (int(v) for v in rng.integers(0, L - p.training.crop + 1, size=2))
-            win = lambda t: t[..., cy:cy + p.training.crop, cx:cx + p.training.crop]
-            x0, cond = win(x0), win(cond)
+        # Each input reduced to the size it is used at while still uint8 (box sums in integers),
+        # the symmetry on the small array, one conversion to float [same as sampling's float
+        # route up to rounding]; then the conditioning channels of (stage, level) [cascade].
+        # Top level: a random crop, the same window of target and every conditioning channel
+        # (the U-Net is fully convolutional; squeezing the whole context onto the crop, as
+        # imagen-pytorch does, would show it at another scale than at sampling).
+        c = p.training.crop
+        top = self.level == len(p.level_sizes) - 1 and c < L
+        window = (*(int(v) for v in rng.integers(0, L - c + 1, size=2)), c) if top else None
+        below = p.level_sizes[self.level - 1] if self.level else None  # the lowres input's size
+        if window:  # the target's window apart (its full size is never converted)
+            small = {**box_pyramid(target, [L], sym, window), below: None}
+            small.update(box_pyramid(target, [below], sym))
+        else:
+            small = box_pyramid(target, [L] + ([below] if below else []), sym)
+        ctx = None if context is None else box_pyramid(context, [L], sym)[L]
+        reg = None if region is None else dihedral(cascade.downsample(region, L), sym)
+        x0 = small[L]
+        cond = cascade.level_inputs(p, self.stage, self.level, small.get(below), ctx, reg,
+                                    self.conditioned, window)
+        cond = torch.zeros(1, 0, *x0.shape[-2:]) if cond is None else cond
         return {"x0": x0[0].contiguous(), "cond": cond[0].contiguous()}
 
 
@@ -330,6 +415,20 @@ class Slide:
         self.level_downsamples = [levels[0].width / lv.width for lv in levels]
         self.background = 255
 
+    def close(self):
+        """Close the file descriptors (this process's and the TIFF reader's)."""
+        if self._fdesc is not None and self._pid == os.getpid():
+            os.close(self._fdesc)
+        self._fdesc, self._pid = None, None
+        if getattr(self, "tif", None) is not None:
+            self.tif.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def _fd(self):  # one descriptor per process: pread is safe across threads and forks
         if self._pid != os.getpid():
             self._fdesc, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
@@ -414,11 +513,15 @@ def open_slide(path):
             tif = tifffile.TiffFile(path)
             series = tif.series[0]
             pages = [lvl.pages[0] for lvl in series.levels]
-            return Slide(path, _mpp(tif, pages[0].keyframe),
-                         lambda sl: [_TiffLevel(sl, p) for p in pages])
+            slide = Slide(path, _mpp(tif, pages[0].keyframe),
+                          lambda sl: [_TiffLevel(sl, p) for p in pages])
+            slide.tif = tif  # closed with the slide
+            return slide
         except SlideError:
             raise
         except Exception as e:  # noqa: BLE001
+            if "tif" in locals():
+                tif.close()
             raise SlideError(f"{path}: not a readable TIFF ({type(e).__name__}: {e})") from None
     try:
         with Image.open(path) as im:
@@ -445,7 +548,7 @@ def list_slides(path):
     good = []
     for p in paths:
         try:
-            open_slide(p)
+            open_slide(p).close()
             good.append(p)
         except SlideError as e:
             print(f"skipping slide: {e}", file=sys.stderr)
@@ -530,8 +633,6 @@ def halve(src, dst, band=512):
 
 def _tiles(src, tile):
     """Row-major tiles (tile, tile, 3) of an array-like, edge tiles padded; one band at a time."""
-
-
     H, W = src.shape[:2]
     for r0 in range(0, H, tile):
         band = np.asarray(src[r0:r0 + tile])

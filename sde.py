@@ -104,14 +104,18 @@ def randn(shape, generator=None, device="cpu", dtype=torch.float32):
             raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
         return torch.stack([torch.randn(shape[1:],
                                         generator=g, dtype=dtype) for g in generator]).to(device)
-    return torch.randn(shape, generator=generator, dtype=dtype).to(device)
+    # one generator: drawn where it lives (a CUDA generator draws on the GPU: no copy, no sync)
+    at = generator.device if generator is not None else "cpu"
+    return torch.randn(shape, generator=generator, dtype=dtype, device=at).to(device)
 
 
 def rand(n, generator=None):
-    """n uniform numbers in [0, 1), one per sample when `generator` is a list."""
+    """n uniform numbers in [0, 1), one per sample when `generator` is a list; on the device of
+    a single generator."""
     if isinstance(generator, (list, tuple)):
         return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generator])
-    return torch.rand(n, generator=generator, dtype=torch.float64)
+    at = generator.device if generator is not None else "cpu"
+    return torch.rand(n, generator=generator, dtype=torch.float64, device=at)
 
 
 # ---------------------------------------------------------------------- what the network predicts

@@ -76,7 +76,7 @@ class Config:
     @classmethod
     def from_args(cls, args, device):
         steps = args.max_steps * 3 if len(args.max_steps) == 1 else args.max_steps
-        workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+        workers = auto_workers(device) if args.workers == "auto" else int(args.workers)
         bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
         return cls(out=args.out, batch=args.batch, lr=args.lr, max_steps=tuple(steps), ema=args.ema,
                    bf16=bf16, seed=args.seed, conditioned=not args.outpaint, init=args.init,
@@ -117,8 +117,8 @@ class Trainer:
 
     def losses(self, batch, g):
         """Per-sample losses (B,) and their times t (B,) on one batch [SDE-v, MinSNR]."""
-        x0 = batch["x0"].to(self.device, memory_format=torch.channels_last)  # (B, 3, L, L)
-        cond = batch["cond"].to(self.device, memory_format=torch.channels_last)  # (B, C, L, L)
+        to = dict(device=self.device, memory_format=torch.channels_last, non_blocking=True)
+        x0, cond = batch["x0"].to(**to), batch["cond"].to(**to)  # (B, 3, L, L), (B, C, L, L)
         cond = None if cond.shape[1] == 0 else cond
         # Conditioning augmentation: t_aug ~ U(lo, hi), per sample or one per batch [CDM, Imagen].
         tr = self.preset.training
@@ -132,45 +132,41 @@ class Trainer:
                            min_snr_gamma=tr.min_snr_gamma, generator=g)
 
     def update_ema(self):
-        """ema <- decay ema + (1 - decay) model, decay warmed up from 0.1 to cfg.ema."""
+        """ema <- decay ema + (1 - decay) model, decay warmed up from 0.1 to cfg.ema; all
+        parameters in one foreach kernel per group (not one launch per tensor)."""
         decay = min(self.cfg.ema, (1 + self.step) / (10 + self.step))
         with torch.no_grad():
-            for e, p in zip(self.ema.parameters(), self.model.parameters()):
-                e.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()),
+                                 1 - decay)
             for e, b in zip(self.ema.buffers(), self.model.buffers()):
                 e.copy_(b)
 
     def train(self, ds, stop_flag):
         """Steps until max_steps; False if a SIGTERM stopped it (after saving)."""
         cfg, G = self.cfg, self.cfg.batch * self.world
-        loader, meter = self.loader(ds), Meter(self.step)
+        loader, meter = self.loader(ds), Meter(self.step, self.device)
         while self.step < self.max_steps:
-            # Forward: the loss of this rank's part of the global batch.
+            # Forward: the loss of this rank's part of the global batch (randomness drawn on the
+            # device from a generator seeded by (seed, step, rank): no copy, no host sync).
             batch = next(loader)
             seed = sde.derive_seed(cfg.seed, self.stage, self.level, self.step, self.rank)
             torch.manual_seed(seed)  # dropout
-            losses, t = self.losses(batch, torch.Generator().manual_seed(seed))
-            loss = losses.mean()
-            # Backward and update, unless the loss or the gradients are not finite.
-            finite = float(self.all_mean(float(torch.isfinite(loss)))) == 1.0
+            losses, t = self.losses(batch, torch.Generator(self.device).manual_seed(seed))
+            # Backward, then the update unless the gradients are not finite (DDP averaged them,
+            # so every rank skips alike). The norm's check is the step's one host sync.
             self.opt.zero_grad(set_to_none=True)
-            grad_norm = float("nan")
-            if finite:
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)  # PAPER
-                grad_norm = float(grad_norm)
-                finite = bool(np.isfinite(grad_norm))
+            losses.mean().backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)  # [PAPER]
+            finite = bool(torch.isfinite(grad_norm))
             if finite:
                 self.opt.step()
                 self.update_ema()
-                meter.add(self.all_mean(losses.detach().double()),
-                          self.all_mean(t.double()), grad_norm)
+                meter.add(losses.detach(), t, grad_norm)  # sums on the device
             self.count_nonfinite(finite)
             self.step += 1
             self.position += G
-            # Log, preview, checkpoint.
-            self.log_step(meter, ds)
-            stopping = float(self.all_mean(float(stop_flag[0]))) > 0
+            # Log, preview, checkpoint: one collective, on check steps only.
+            stopping = self.log_step(meter, ds, stop_flag)
             if self.step % cfg.save_every == 0 or self.step == self.max_steps or stopping:
                 self.save()
             if stopping:
@@ -257,12 +253,6 @@ class Trainer:
             for old in sorted(glob.glob(glob.escape(base) + ".step*.pt"))[:-self.cfg.keep]:
                 os.remove(old)
 
-    def all_mean(self, value):
-        t = torch.as_tensor(value, dtype=torch.float64, device=self.device).reshape(-1).clone()
-        if self.ddp:
-            dist.all_reduce(t)
-            t /= self.world
-        return t
 
     def count_nonfinite(self, finite):
         """Non-finite losses or gradients skip the step on every rank together (DDP needs all
@@ -281,28 +271,33 @@ class Trainer:
         if self.rank == 0:
             print(f"stage {self.stage} level {self.level}: "
                   f"{unet_mod.count_params(self.unet_cfg) / 1e6:.2f} M params, batch {cfg.batch} x "
-                  f"{self.world} ranks = global batch {cfg.batch * self.world}, steps {self.step} "
-                  f"-> {self.max_steps}, {'bf16' if cfg.bf16 else 'fp32'}, "
-                  f"{torch.get_num_threads()} threads", flush=True)
+                  f"{self.world} ranks = global batch {cfg.batch * self.world} at lr {cfg.lr:g}, "
+                  f"steps {self.step} -> {self.max_steps}, {'bf16' if cfg.bf16 else 'fp32'}, "
+                  f"{torch.get_num_threads()} threads, {cfg.workers} loader workers", flush=True)
         return iter(torch.utils.data.DataLoader(
             ds, batch_sampler=index_lists(self.position, cfg.batch, self.rank, self.world),
-            num_workers=cfg.workers, persistent_workers=cfg.workers > 0))
+            num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+            pin_memory=self.device.type == "cuda"))
 
-    def log_step(self, meter, ds):
-        """A log record and line every log_every steps (and at the first and last); previews."""
-        cfg = self.cfg
-        if self.rank != 0:
-            return
-        if self.step % cfg.log_every == 0 or self.step in (self.max_steps, meter.step0 + 1):
-            rec = meter.record(self.step, cfg.batch * self.world, self.opt.param_groups[0]["lr"],
-                               self.nonfinite_total)
+    def log_step(self, meter, ds, stop_flag):
+        """On check steps (every min(log_every, 10) steps, the first and the last): one collective
+        that sums the meter's figures and the stop flags of all ranks; on log steps a record and a
+        line; previews. Returns whether a rank was asked to stop (SIGTERM)."""
+        cfg, last = self.cfg, self.step in (self.max_steps, meter.step0 + 1)
+        if not (self.step % min(cfg.log_every, 10) == 0 or last):
+            return False
+        sums = meter.gather(stop_flag[0], self.ddp)
+        if self.rank == 0 and (self.step % cfg.log_every == 0 or last):
+            rec = meter.record(sums, self.step, cfg.batch * self.world,
+                               self.opt.param_groups[0]["lr"], self.nonfinite_total)
             self.log.append(rec)
             eta = (self.max_steps - self.step) * rec["sec_per_step"]
             print(f"stage {self.stage} level {self.level} step {self.step}/{self.max_steps} loss "
                   f"{rec['loss']:.4f} {rec['img_per_s']:.1f} img/s {rec['sec_per_step']:.2f} "
                   f"s/step non-finite {self.nonfinite_total} eta {eta / 60:.1f} min", flush=True)
-        if cfg.sample_every and self.step % cfg.sample_every == 0:
+        if self.rank == 0 and cfg.sample_every and self.step % cfg.sample_every == 0:
             write_preview(self, ds)
+        return bool(sums[-1] > 0)
 
     def check_replicas(self):
         """--check-replicas: each rank's weight digest, the proof that DDP kept replicas equal."""
@@ -355,8 +350,9 @@ def train_models(args):
                       "run", flush=True)
             ds = data.StageLevelDataset(slides, preset, s, lvl, region_size=args.region_size,
                                         cache_dir=args.cache, seed=args.seed, length=2 ** 62,
-                                        conditioned=cfg.conditioned,
-                                        rank=int(os.environ.get("LOCAL_RANK", 0)))  # a build each
+                                        conditioned=cfg.conditioned, max_open=args.max_open,
+                                        rank=int(os.environ.get("LOCAL_RANK", 0)),  # the cache
+                                        world=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # build
             if not trainer.train(ds, stop_flag):
                 break
     except (FloatingPointError, data.SlideError) as e:  # one line, no traceback
@@ -419,8 +415,12 @@ def parse_args(argv=None):
                     help="level-0 side of each slide's region (default N3)")
     ap.add_argument("--cache", default=None,
                     help="cache directory of the slides' stage images (default: OUT/cache)")
-    ap.add_argument("--workers", type=int, default=None,
-                    help="data loader workers (default: 4 on CUDA, 0 on CPU)")
+    ap.add_argument("--workers", default="auto",
+                    help="data loader workers per rank (default auto: on CUDA this rank's share "
+                         "of the machine's cores less one, on CPU 0)")
+    ap.add_argument("--max-open", type=int, default=data.MAX_OPEN,
+                    help="slides (and their caches) a loader process keeps open (descriptors: "
+                         "about 4 per slide)")
     ap.add_argument("--max-nonfinite", type=int, default=20,
                     help="stop after this many non-finite losses in a row")
     ap.add_argument("--check-replicas", action="store_true",
@@ -449,7 +449,11 @@ def parse_args(argv=None):
                             ("--keep", args.keep, args.keep >= 0),
                             ("--sample-steps", args.sample_steps, args.sample_steps >= 1),
                             ("--threads", args.threads, args.threads is None or args.threads >= 1),
-                            ("--max-nonfinite", args.max_nonfinite, args.max_nonfinite >= 1)):
+                            ("--max-nonfinite", args.max_nonfinite, args.max_nonfinite >= 1),
+                            ("--max-open", args.max_open, args.max_open >= 1),
+                            ("--workers", args.workers,
+                             args.workers == "auto" or args.workers.isdigit())):
+
         if not ok:
             sys.exit(f"error: {flag} {value}: out of range (see --help)")
     if args.recipe:
@@ -471,7 +475,17 @@ def parse_args(argv=None):
     return args
 
 
+def auto_workers(device):
+    """Loader workers of one rank: on CUDA its share of this machine's cores less one (the rank's
+    own process); on CPU none (the step itself uses the cores)."""
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
+
+
 def _shown(path):
+
     """A path as a user would type it here: relative below the working directory, else absolute."""
     rel = os.path.relpath(path)
     return path if rel.startswith("..") else rel
@@ -510,7 +524,10 @@ def index_lists(position, batch, rank, world):
 def slides_mpp(slides, preset, region_size):
     """Microns per stage-3 pixel: the slides' level-0 MPP times the region's downsample to N3
     (the median when slides differ; None when no slide says)."""
-    mpps = [m for m in (data.open_slide(p).mpp for p in slides) if m]
+    mpps = []
+    for path in slides:
+        with data.open_slide(path) as slide:
+            mpps += [slide.mpp] if slide.mpp else []
     if not mpps:
         return None
     N3 = cascade.stage_size(preset, 3)
@@ -538,33 +555,42 @@ def _alive(pid):
 # ---------------------------------------------------------------------- watching a run
 
 class Meter:
-    """Losses, times t, gradient norms and wall time since the last log line."""
+    """Sums since the last log record, kept on the device (adding costs no host sync): the loss
+    and the sample count per quarter of t, the gradient norm and the finite steps."""
 
-    def __init__(self, step0):
-        self.step0, self.t_start = step0, time.time()
+    def __init__(self, step0, device="cpu"):
+        self.step0, self.t_start, self.device = step0, time.time(), device
         self._reset(step0)
 
     def _reset(self, step):
-        self.losses, self.times, self.norms = [], [], []
+        self.sums = torch.zeros(10, dtype=torch.float64, device=self.device)
         self.last_step, self.t_last = step, time.time()
 
     def add(self, losses, t, grad_norm):
-        self.losses.append(losses.cpu())
-        self.times.append(t.cpu())
-        self.norms.append(grad_norm)
+        quarter = (t.to(losses.device) * 4).clamp(max=3).long()
+        self.sums[0:4].index_add_(0, quarter, losses.double())
+        self.sums[4:8].index_add_(0, quarter, torch.ones_like(losses, dtype=torch.float64))
+        self.sums[8] += grad_norm.double()
+        self.sums[9] += 1
 
-    def record(self, step, global_batch, lr, nonfinite):
+    def gather(self, stop, ddp):
+        """The sums of every rank and their stop flags added up: one all_reduce (DDP), then on
+        the host. Returns a float64 numpy array (the last entry: ranks asked to stop)."""
+        packed = torch.cat([self.sums, torch.tensor([float(stop)], dtype=torch.float64,
+                                                    device=self.device)])
+        if ddp:
+            dist.all_reduce(packed)
+        return packed.cpu().numpy()
+
+    def record(self, sums, step, global_batch, lr, nonfinite):
         """One log record: the mean loss, the loss per quarter of t (the health of a diffusion
         run: t near 0 is fine detail, t near 1 is layout), lr, grad norm, speed, non-finite."""
         dt, n = time.time() - self.t_last, step - self.last_step
-        loss = torch.cat(self.losses) if self.losses else torch.zeros(0, dtype=torch.float64)
-        t = torch.cat(self.times) if self.times else torch.zeros(0, dtype=torch.float64)
-        quarter = (t * 4).clamp(max=3).long()
-        buckets = [float(loss[quarter == q].mean()) if (quarter == q).any() else None
-                   for q in range(4)]
-        rec = {"step": step, "loss": float(loss.mean()) if len(loss) else float("nan"),
-               "loss_t_quarters": buckets,
-               "lr": lr, "grad_norm": float(np.mean(self.norms)) if self.norms else None,
+        loss_q, count_q = sums[0:4], sums[4:8]
+        rec = {"step": step,
+               "loss": float(loss_q.sum() / count_q.sum()) if count_q.sum() else float("nan"),
+               "loss_t_quarters": [float(s / c) if c else None for s, c in zip(loss_q, count_q)],
+               "lr": lr, "grad_norm": float(sums[8] / sums[9]) if sums[9] else None,
                "img_per_s": n * global_batch / max(dt, 1e-9), "sec_per_step": dt / max(n, 1),
                "nonfinite": nonfinite, "wall_s": time.time() - self.t_start}
         self._reset(step)

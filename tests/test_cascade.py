@@ -172,3 +172,13 @@ def test_steps_per_stage_and_level():
         assert [calls.count(l) for l in range(3)] == expect
     with pytest.raises(ValueError, match="3 values .* or 9"):
         cascade.Sampling(steps=(1, 2))
+
+
+def test_lowres_window_equals_the_crop_of_the_whole():
+    """make_lowres(x, size, window) = make_lowres(x, size)[window]: bit for bit at power-of-two
+    zooms (training's top-level crops), for windows at the borders and inside."""
+    x = torch.randn(2, 3, 16, 16)
+    full = cascade.make_lowres(x, 64)
+    for y, x0, c in ((0, 0, 16), (48, 48, 16), (5, 37, 24), (13, 0, 40), (0, 3, 64)):
+        got = cascade.make_lowres(x, 64, (y, x0, c))
+        assert torch.equal(got, full[..., y:y + c, x0:x0 + c]), (y, x0, c)

@@ -12,6 +12,8 @@ import cascade
 import data
 from conftest import ROOT, small_preset
 
+SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
+
 CMU = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
 
 
@@ -267,3 +269,74 @@ def test_cli_prints_and_writes_preview(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "2220 x 2967" in text and "MPP 0.499" in text and "tissue fraction" in text
     assert Image.open(out).size[1] > 9 * 128
+
+
+@pytest.mark.parametrize("region", [False, True])
+def test_training_inputs_are_what_sampling_feeds(tmp_path, region):
+    """The loader's lean route (uint8 crops reduced to the level's size by box sums in integers,
+    the symmetry on the small arrays, one conversion) gives what sampling's float route gives
+    from the same crops: cascade.level_inputs on to_float(target) / to_float(context) and
+    region_crop, as tiler.Lower feeds them. Tolerance 1e-5: only the float rounding of an area
+    mean differs (the integer sums are exact)."""
+    p = small_preset(region=region)
+    for stage in (1, 2, 3):
+        for level in range(3):
+            ds = data.StageLevelDataset([SLIDE], p, stage, level, cache_dir=str(tmp_path),
+                                        augment=False)
+            seen = []
+            real_crop = ds._crop
+            ds._crop = lambda rng, k: (lambda c: seen.append(c) or c)(real_crop(rng, k))
+            item = ds[3]
+            target, context, reg = seen[0]
+            L = p.level_sizes[level]
+            x0 = cascade.downsample(cascade.to_float(target), L)
+            ctx = None if context is None else cascade.to_float(context)
+            cond = cascade.level_inputs(p, stage, level, cascade.to_float(target), ctx, reg)
+            if level == 2 and p.training.crop < L:  # the top level's crop: compare where it is
+                full = torch.cat([x0] + ([] if cond is None else [cond]), 1)[0]
+                c = p.training.crop
+                got = torch.cat([item["x0"], item["cond"]])
+                hits = [(y, x) for y in range(L - c + 1) for x in range(L - c + 1)
+                        if (full[:, y:y + c, x:x + c] - got).abs().max() < 1e-5]
+                assert hits, (stage, level)
+                continue
+            assert (item["x0"] - x0[0]).abs().max() < 1e-5, (stage, level)
+            if cond is not None:
+                assert (item["cond"] - cond[0]).abs().max() < 1e-5, (stage, level)
+
+
+def test_box_route_commutes_with_the_symmetries():
+    u8 = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    for k in range(8):
+        for size in (96, 48, 32, 12):  # factors 1, 2, 3 (no halving), 8
+            ref = cascade.downsample(data.dihedral(cascade.to_float(u8), k), size)
+            assert (data.box_pyramid(u8, [size], k)[size] - ref).abs().max() < 1e-5, (k, size)
+        both = data.box_pyramid(u8, [48, 12], k)  # one pass, several sizes
+        assert all(torch.equal(both[s], data.box_pyramid(u8, [s], k)[s]) for s in (48, 12))
+
+
+def test_cache_built_by_local_ranks_in_parallel(tmp_path, monkeypatch):
+    """Each local rank builds every world-th missing slide's stage images, then waits for the
+    others'; a second pass finds them all built. Two ranks play here in two threads."""
+    import threading
+    (tmp_path / "slides").mkdir()
+    for k in range(5):
+        os.symlink(SLIDE, tmp_path / "slides" / f"s{k}.svs")
+    paths = data.list_slides(str(tmp_path / "slides"))
+    built, real = [], data.build_cache
+    monkeypatch.setattr(data, "build_cache", lambda path, *a: (built.append(
+        (threading.current_thread().name, os.path.basename(path))), real(path, *a)))
+    p = small_preset()
+    out = {}
+    ranks = [threading.Thread(name=str(r), target=lambda r=r: out.__setitem__(
+        r, data.build_caches(paths, p, None, str(tmp_path / "cache"), rank=r, world=2)))
+        for r in (0, 1)]
+    for t in ranks:
+        t.start()
+    for t in ranks:
+        t.join()
+    assert out[0] == out[1] and all(os.path.exists(b + ".json") for b in out[0])
+    assert sorted(n for r, n in built if r == "0") == ["s0.svs", "s2.svs", "s4.svs"]
+    assert sorted(n for r, n in built if r == "1") == ["s1.svs", "s3.svs"]
+    built.clear()
+    assert data.build_caches(paths, p, None, str(tmp_path / "cache")) == out[0] and not built

@@ -1,6 +1,7 @@
 """train.py: the three kinds of model, DDP under torchrun, exact resume, faults."""
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -284,3 +285,91 @@ def test_more_ranks_than_gpus_is_one_line(monkeypatch):
     with pytest.raises(SystemExit, match="9 processes on a machine with 8 GPUs: pass "
                                          "--nproc_per_node 8 or fewer"):
         cascade.init_distributed()
+
+
+def test_ema_in_one_foreach_equals_the_per_parameter_update(tmp_path):
+    args = train.parse_args(_args(tmp_path, "--stage", "2", "--level", "1"))
+    cfg = train.Config.from_args(args, torch.device("cpu"))
+    t = train.Trainer(cfg, cascade.get_preset("tiny"), 2, 1, 0, 1, False, torch.device("cpu"))
+    for prm in t.model.parameters():
+        torch.nn.init.normal_(prm)
+    t.step = 7
+    ref = {k: v.clone() for k, v in t.ema.state_dict().items()}
+    decay = min(cfg.ema, (1 + 7) / (10 + 7))
+    for k, p in t.model.state_dict().items():
+        ref[k].lerp_(p, 1 - decay)
+    t.update_ema()
+    for k, v in t.ema.state_dict().items():
+        assert torch.equal(v, ref[k]), k
+
+
+def test_one_collective_per_check_step_and_none_between(tmp_path, monkeypatch):
+    """DDP's step loop: the loss, grad norm and stop flags travel in one all_reduce on check steps
+    (every min(log_every, 10) steps, the first and the last), none on the others (DDP's own
+    gradient averaging aside). torch.distributed is mocked: one process plays a 2-rank group."""
+    calls = []
+    monkeypatch.setattr(train.dist, "all_reduce", lambda t, *a, **k: calls.append(t.numel()))
+    args = train.parse_args(_args(tmp_path, "--stage", "1", "--level", "0", "--log-every", "5",
+                                  "--max-steps", "23", "--save-every", "100"))
+    cfg = train.Config.from_args(args, torch.device("cpu"))
+    p = cascade.get_preset("tiny")
+    os.makedirs(args.out)
+    t = train.Trainer(cfg, p, 1, 0, 0, 2, False, torch.device("cpu"))
+    t.ddp = True  # the collectives of a data-parallel group, without wrapping the model
+    ds = train.data.StageLevelDataset([SLIDE], p, 1, 0, cache_dir=str(tmp_path / "cache"))
+    assert t.train(ds, [False])
+    checks = [s for s in range(1, 24) if s % 5 == 0 or s in (1, 23)]  # 1, 5, 10, 15, 20, 23
+    assert len(calls) == len(checks) and set(calls) == {11}
+
+
+def test_open_files_bounded_over_1500_slides(tmp_path):
+    """1500 slides (links to one small slide) under a limit of 256 open files, as a shared
+    cluster's default might be: the caches build, training runs, and the process never holds
+    more descriptors than its --max-open bound allows (slides and cache maps, least recently used
+    closed first)."""
+    from test_data import synthetic_rgb, write_slide
+    src = str(tmp_path / "src.svs")
+    write_slide(src, synthetic_rgb(200, 200))
+    (tmp_path / "slides").mkdir()
+    for k in range(1500):
+        os.symlink(src, tmp_path / "slides" / f"s{k:04d}.svs")
+    script = f"""
+import os, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+sys.path.insert(0, {ROOT!r})
+import data, train
+peak = [0]
+real = data.StageLevelDataset.__getitem__
+def counted(self, i):
+    item = real(self, i)
+    peak[0] = max(peak[0], len(os.listdir("/proc/self/fd")))
+    return item
+data.StageLevelDataset.__getitem__ = counted
+train.main(["--preset", "tiny", "--stage", "3", "--level", "0", "--data", {str(tmp_path / "slides")!r},
+            "--out", {str(tmp_path / "ck")!r}, "--max-steps", "30", "--batch", "16",
+            "--max-open", "24", "--log-every", "30"])
+print("PEAK", peak[0])
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    peak = int(res.stdout.split("PEAK")[1])
+    assert peak <= 24 * 4 + 16, res.stdout[-500:]  # 24 slides: a TIFF, a pread fd, two maps
+    assert "building the stage images of 1500 slide(s)" in res.stderr
+
+
+def test_read_only_slide_directory(tmp_path, capsys):
+    """Shared datasets often sit on read-only storage: nothing is written beside the slides (the
+    stage-image cache goes under --out by default, and says where)."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(SLIDE, slides / "a.svs")
+    os.chmod(slides, 0o555)
+    try:
+        train.main(["--preset", "tiny", "--stage", "2", "--level", "0", "--data", str(slides),
+                    "--out", str(tmp_path / "ck"), "--max-steps", "1", "--batch", "2"])
+    finally:
+        os.chmod(slides, 0o755)
+    assert os.listdir(slides) == ["a.svs"]
+    assert os.listdir(tmp_path / "ck" / "cache")
+    assert f"into {tmp_path / 'ck' / 'cache'}" in capsys.readouterr().err
