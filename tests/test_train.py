@@ -345,8 +345,8 @@ def counted(self, i):
     peak[0] = max(peak[0], len(os.listdir("/proc/self/fd")))
     return item
 data.StageLevelDataset.__getitem__ = counted
-train.main(["--preset", "tiny", "--stage", "3", "--level", "0", "--data", {str(tmp_path / "slides")!r},
-            "--out", {str(tmp_path / "ck")!r}, "--max-steps", "30", "--batch", "16",
+train.main(["--preset", "tiny", "--stage", "3", "--level", "0",
+            "--data", {str(tmp_path / "slides")!r}, "--out", {str(tmp_path / "ck")!r}, "--max-steps", "30", "--batch", "16",
             "--max-open", "24", "--log-every", "30"])
 print("PEAK", peak[0])
 """
