@@ -346,8 +346,8 @@ def counted(self, i):
     return item
 data.StageLevelDataset.__getitem__ = counted
 train.main(["--preset", "tiny", "--stage", "3", "--level", "0",
-            "--data", {str(tmp_path / "slides")!r}, "--out", {str(tmp_path / "ck")!r}, "--max-steps", "30", "--batch", "16",
-            "--max-open", "24", "--log-every", "30"])
+            "--data", {str(tmp_path / "slides")!r}, "--out", {str(tmp_path / "ck")!r},
+            "--max-steps", "30", "--batch", "16", "--max-open", "24", "--log-every", "30"])
 print("PEAK", peak[0])
 """
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
