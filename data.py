@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import socket
 import sys
 import time
 import warnings
@@ -95,13 +96,13 @@ def choose_region(slide, size, mode="tissue"):
     return clamp(cx, W), clamp(cy, H)
 
 
-def _build_stage_image(slide, x, y, size, n, path):
+def _build_stage_image(slide, x, y, size, n, path, tag=""):
     """The region resized to n x n, written band by band into a .npy file (atomically); a band
     reads at most a quarter of MAX_READ_PIXELS from the level it comes from."""
     ds = size / n
     f = ds / slide.level_downsamples[slide.best_level(ds)]  # source px per output px at that level
     band = int(min(256, max(1, MAX_READ_PIXELS // (4 * n * f * f))))
-    with atomic_path(path) as tmp:
+    with atomic_path(path, tag) as tmp:
         arr = DiskArray(tmp, (n, n, 3))
         for r0 in range(0, n, band):
             arr.write(r0, 0, slide.read_region(x, y + r0 * ds, n, min(band, n - r0), ds))
@@ -123,14 +124,17 @@ def cache_base(slide_path, preset, region_size=None, cache_dir=None):
 
 def build_cache(slide_path, preset, base, region_size=None):
     """A slide's region (chosen by the preset's training.region_choice) resized to N1 and N2,
-    written atomically, the metadata last (its presence means the images are complete)."""
-    size = region_size or cascade.stage_size(preset, 3)
+    written atomically, the metadata last (its presence means the images are complete); temp
+    names carry this machine's tag, so machines sharing the directory never write one file."""
+    size, tag = region_size or cascade.stage_size(preset, 3), "-" + hashlib.sha1(
+        socket.gethostname().encode()).hexdigest()[:8]
     with open_slide(slide_path) as slide:
         x, y = choose_region(slide, size, preset.training.region_choice)
         for s in (1, 2):
             _build_stage_image(slide, x, y, size, cascade.stage_size(preset, s),
-                               f"{base}.stage{s}.npy")
-    write_json(base + ".json", {"x": x, "y": y, "size": size, "slide": os.path.abspath(slide_path)})
+                               f"{base}.stage{s}.npy", tag)
+    write_json(base + ".json", {"x": x, "y": y, "size": size,
+                                "slide": os.path.abspath(slide_path)}, tag=tag)
 
 
 def build_caches(paths, preset, region_size=None, cache_dir=None, rank=0, world=1, timeout=3600):
@@ -693,12 +697,13 @@ def write_aperio(path, image, *, tile=256, mpp=0.25, compression="jpeg", quality
 # ---------------------------------------------------------------------- files written whole
 
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, tag=""):
     """`with atomic_path(p) as tmp:` write tmp; on success it is synced and renamed to p, so a
     reader (or a resumed run) sees the old file or the new one, never half of one; on failure
-    it is removed. The temp name keeps p's extension (np.save, np.load need it)."""
+    it is removed. The temp name keeps p's extension (np.save, np.load need it) and holds the pid
+    (and `tag`, e.g. the machine's, where several machines write into one directory)."""
     root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{ext}"
+    tmp = f"{root}.tmp{os.getpid()}{tag}{ext}"
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
@@ -722,8 +727,8 @@ def file_digest(path, algorithm="sha256"):
     return h.hexdigest()
 
 
-def write_json(path, obj, indent=None):
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
+def write_json(path, obj, indent=None, tag=""):
+    with atomic_path(path, tag) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=indent)
 
 
