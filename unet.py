@@ -93,8 +93,18 @@ def noise_embedding(lam, dim):
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the autocast, output float32: what CUDA's autocast
+    does by itself (group_norm is on its fp32 list) made explicit, so that CPU autocast, which
+    would run it in bf16, agrees [guided-diffusion's GroupNorm32]. Same weights as nn.GroupNorm."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
 def norm(ch, groups):
-    return nn.GroupNorm(math.gcd(groups, ch), ch)
+    return GroupNorm32(math.gcd(groups, ch), ch)
 
 
 class ResBlock(nn.Module):

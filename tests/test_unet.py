@@ -69,3 +69,18 @@ def test_tiny_unet_learns():
         losses.append(loss.item())
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
     assert last < 0.5 * first, (first, last)
+
+
+def test_group_norm_in_fp32_under_any_autocast():
+    """Inside the U-Net GroupNorm runs in float32 and returns float32 under CPU autocast too (as
+    CUDA's autocast does): the same values as an fp32 GroupNorm of the same input."""
+    gn = unet.norm(32, 8)
+    torch.nn.init.normal_(gn.weight)
+    ref = torch.nn.GroupNorm(8, 32)
+    ref.load_state_dict(gn.state_dict())
+    x = torch.randn(2, 32, 8, 8).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gn(x)
+        plain = ref(x)
+    assert out.dtype == torch.float32 and plain.dtype == torch.bfloat16  # CPU autocast alone: bf16
+    assert torch.equal(out, ref(x.float()))
