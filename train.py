@@ -363,6 +363,102 @@ def train_models(args):
 
 
 # ====================================================================== operations
+# ---------------------------------------------------------------------- memory plan
+
+class CudaAutocastPolicy(torch.overrides.TorchFunctionMode):
+    """CUDA autocast's dtype policy where it cannot run (the meta device, a CPU): the inputs of
+    convolutions, linear layers and attention become bf16 (weights through a cast, once a step);
+    everything else runs in the dtype it gets (GroupNorm in fp32: unet.GroupNorm32)."""
+    LOW = {torch.conv2d, torch.nn.functional.conv2d, torch.nn.functional.linear,
+           torch.nn.functional.scaled_dot_product_attention, torch.matmul}
+
+    def __init__(self, weights):
+        super().__init__()
+        self.weights, self.casts, self.keep = weights, set(), []  # parameters' storages, casts
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.LOW:
+            def cast(t):
+                if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+                    return t
+                out = t.to(torch.bfloat16)
+                if _storage(t) in self.weights:  # kept alive: no later tensor reuses its address
+                    self.casts.add(_storage(out))
+                    self.keep.append(out)
+                return out
+            args = [cast(a) for a in args]
+            kwargs = {k: cast(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+def _storage(t):
+    return t.untyped_storage()._cdata
+
+
+def saved_bytes(cfg, size, bf16=False):
+    """(activations, weights) bytes autograd saves for the backward pass of one image through a
+    U-Net at size x size, counted on the meta device: each saved storage once (views share one),
+    the weights (and their bf16 casts, per step, not per image) apart; bf16: under CUDA
+    autocast's policy (CudaAutocastPolicy)."""
+    with torch.device("meta"):
+        net = unet_mod.UNet(cfg)
+        weights = {_storage(p) for p in net.parameters()}
+        policy = CudaAutocastPolicy(weights)
+        seen, acts, wts = set(), [0], [0]
+
+        def pack(t):
+            key = _storage(t)
+            if key not in seen:
+                seen.add(key)
+                n = t.untyped_storage().nbytes()
+                (wts if key in weights or key in policy.casts else acts)[0] += n
+            return t
+        cond = torch.zeros(1, cfg.cond_ch, size, size) if cfg.cond_ch else None
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if bf16:
+                with policy:
+                    net(torch.zeros(1, 3, size, size), torch.zeros(1), cond, torch.zeros(1))
+            else:
+                net(torch.zeros(1, 3, size, size), torch.zeros(1), cond, torch.zeros(1))
+    return acts[0], wts[0]
+
+
+def memory_plan(preset, models, batch, bf16, gpu_gib, crop=None):
+    """Per model: parameters, the bytes of weights + gradients + Adam + EMA (16 B + 4 B a
+    parameter, fp32), activations per image (saved_bytes), the peak per GPU at `batch` and
+    whether it fits `gpu_gib`, and the largest batch that does. The peak is an estimate: states +
+    batch x activations + the saved weights' casts, with 10 % for the allocator and workspace."""
+    rows = []
+    for s, lvl in models:
+        cfg = cascade.unet_config(preset, s, lvl)
+        L = preset.level_sizes[lvl]
+        size = min(L, crop or preset.training.crop) if lvl == len(preset.level_sizes) - 1 else L
+        n = unet_mod.count_params(cfg)
+        states = 20 * n  # fp32 weights, gradients, Adam's two moments, EMA
+        act, wts = saved_bytes(cfg, size, bf16)
+        peak = lambda b: 1.1 * (states + wts + b * act)
+        fit = max(0, int((gpu_gib * 2 ** 30 / 1.1 - states - wts) // act))
+        rows.append(dict(stage=s, level=lvl, size=size, params=n, states=states, act=act,
+                         peak=peak(batch), fits=peak(batch) <= gpu_gib * 2 ** 30, max_batch=fit))
+    return rows
+
+
+def print_plan(args):
+    """train.py --plan: the memory plan of the models asked for, one line each."""
+    preset, models = train_preset(args), models_to_train(args)
+    bf16 = args.precision != "fp32"
+    print(f"memory plan, preset {preset.name}, batch {args.batch} per GPU, "
+          f"{'bf16 autocast' if bf16 else 'fp32'}, {args.gpu_mem:g} GiB a GPU:")
+    for r in memory_plan(preset, models, args.batch, bf16, args.gpu_mem, args.crop):
+        print(f"  stage {r['stage']} level {r['level']} at {r['size']} px: "
+              f"{r['params'] / 1e6:.1f} M params, states {r['states'] / 2 ** 30:.1f} GiB, "
+              f"activations {r['act'] / 2 ** 30:.2f} GiB an image -> peak "
+              f"{r['peak'] / 2 ** 30:.1f} GiB: {'fits' if r['fits'] else 'does NOT fit'}"
+              + ("" if r["fits"] else f"; use --batch {r['max_batch']} or less")
+              + f" (largest batch that fits: {r['max_batch']})")
+
+
 # Flags, logs, previews, curves, export, recipes, main: what makes training watchable and
 # repeatable. None of it changes a weight.
 
@@ -428,6 +524,10 @@ def parse_args(argv=None):
     ap.add_argument("--export", metavar="DIR", default=None,
                     help="do not train: write EMA-only fp16 model files of the --out checkpoints "
                          "into DIR")
+    ap.add_argument("--plan", action="store_true",
+                    help="do not train: print each model's memory per GPU at --batch and "
+                         "--precision (auto = bf16), and whether it fits --gpu-mem")
+    ap.add_argument("--gpu-mem", type=float, default=80, help="GiB of one GPU, for --plan")
     ap.add_argument("--plot", metavar="CKPT_DIR", default=None,
                     help="do not train: draw the loss curves into a PNG")
     ap.add_argument("--init", metavar="DIR", default=None,
@@ -784,6 +884,8 @@ def main(argv=None):
         return print(f"wrote {plot_curves(args.plot)}")
     if args.export:
         return export(args.out, args.export, models_to_train(args))
+    if args.plan:
+        return print_plan(args)
     return train_models(args)
 
 

@@ -99,6 +99,8 @@ class GroupNorm32(nn.GroupNorm):
     would run it in bf16, agrees [guided-diffusion's GroupNorm32]. Same weights as nn.GroupNorm."""
 
     def forward(self, x):
+        if not torch.amp.is_autocast_available(x.device.type):  # e.g. the meta device
+            return super().forward(x.float())
         with torch.autocast(x.device.type, enabled=False):
             return super().forward(x.float())
 

@@ -5,7 +5,6 @@ Not a test. Counted with torch.utils.flop_counter on the meta device (no memory,
     python tests/bench_flops.py [--steps 50 25 10] [--white 0.0]
 """
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -14,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cascade  # noqa: E402
+import train  # noqa: E402
 import unet  # noqa: E402
 
 # The authors' models, counted the same way on lucidrains' imagen-pytorch U-Nets with their training
@@ -21,7 +21,8 @@ import unet  # noqa: E402
 #   ISSUE: the figures of this project's issue 14 (imagen-pytorch 1.26, stage-3 conditioning);
 #   MEASURED: tests/bench_authors.py on imagen-pytorch 1.26.0 with our stage-3 inputs (context
 #   3 channels; the low-resolution image as imagen's lowres_cond): params (M), forward TFLOP at the
-#   level's size, forward + backward TFLOP and saved activations (GiB, fp32) on the training size.
+#   level's size, forward + backward TFLOP and saved bytes (GiB, fp32, by an older count that also
+#   took weights and tensors two ops share: not comparable with train.saved_bytes) at training size.
 AUTHORS = {"paper64": (64, 0.259), "paper256": (256, 0.458), "paper1024": (1024, 12.09)}  # ISSUE
 AUTHORS_TRAIN_1024_ON_256 = 2.25  # TFLOP, forward + backward, one image (ISSUE)
 AUTHORS_SLIDE = 7.53e18           # FLOP, a 41344^2 slide at 1024 / 256 / 256 steps (ISSUE)
@@ -58,22 +59,6 @@ def flops(cfg, size, backward=False):
     return fc.get_total_flops()
 
 
-def saved_activations(cfg, size):
-    """Bytes autograd saves for the backward pass of one image (fp32), counted on the meta
-    device."""
-    total = [0]
-
-    def pack(t):
-        total[0] += t.numel() * t.element_size()
-        return t
-    with torch.device("meta"):
-        net = unet.UNet(cfg)
-        cond = torch.zeros(1, cfg.cond_ch, size, size) if cfg.cond_ch else None
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            net(torch.zeros(1, 3, size, size), torch.zeros(1), cond, torch.zeros(1))
-    return total[0]
-
-
 def slide_flops(p, steps, white=0.0):
     """FLOP of one slide of preset p at `steps` per level (3) or per stage and level (9); `white` =
     share of stage-3 patches filled."""
@@ -108,12 +93,13 @@ def main():
               f"ratio {f / 1e12 / ref:.2f} / {f / 1e12 / a_fwd:.2f}; goal <= {GOALS[name]}: "
               f"{ok(f / 1e12 <= GOALS[name])})")
         L = paper.training.crop if name == "paper1024" else size
-        fb, saved = flops(cfg, L, True), saved_activations(cfg, L) / 2 ** 30
-        adm = dataclasses.replace(cfg, efficient=False, late_widen=False, shared_kv=False)
+        fb = flops(cfg, L, True)
+        act32, w32 = train.saved_bytes(cfg, L)
+        act16, w16 = train.saved_bytes(cfg, L, bf16=True)
         print(f"  {'':10s} at {L} px: fwd+bwd {fb / 1e12:.3f} TFLOP (authors {a_fb}, ratio "
-              f"{fb / 1e12 / a_fb:.2f}); activations saved for backward, one image (fp32): "
-              f"{saved:.2f} GiB (authors {a_saved}: {ok(saved <= a_saved)}; ADM layout "
-              f"{saved_activations(adm, L) / 2 ** 30:.2f})")
+              f"{fb / 1e12 / a_fb:.2f}); saved for backward, one image: {act32 / 2 ** 30:.2f} GiB "
+              f"fp32, {act16 / 2 ** 30:.2f} GiB under CUDA's bf16 autocast policy; weights "
+              f"(and their bf16 casts) once a step: {w32 / 2 ** 30:.2f} / {w16 / 2 ** 30:.2f} GiB")
         if name == "paper1024":
             fc = flops(cfg, L)
             print(f"  {'':10s} on its {L} px training crop: forward {fc / 1e12:.3f} TFLOP (goal <= "
