@@ -109,13 +109,19 @@ def test_missing_network_file_names_the_flag(tmp_path):
         metrics.FeatureNet(str(tmp_path / "nope.pt"), "vgg", "--vgg")
 
 
-def test_cli_end_to_end(tmp_path, capsys):
+def two_sides(tmp_path):
+    """tmp_path/real and tmp_path/fake, two small synthetic slides each; returns a stand-in
+    Inception's path."""
     for name, seed in (("real", 0), ("fake", 1)):
         (tmp_path / name).mkdir()
         for k in range(2):
             write_slide(str(tmp_path / name / f"s{k}.svs"),
                         synthetic_rgb(260, 240, seed=10 * seed + k))
-    net = random_net(tmp_path / "net.pt")
+    return random_net(tmp_path / "net.pt")
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    net = two_sides(tmp_path)
     args = ["--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--mag", "0", "1",
             "2", "--n", "12",
             "--n-pfid", "12", "--inception", net, "--inception-input", "0-255", "--vgg", net,
@@ -235,12 +241,7 @@ def test_fid_small_sets_equals_full_formula():
 def test_default_crops_follow_the_slides(tmp_path, capsys):
     """Without --n, each magnification takes twice the distinct crops the smaller side holds (at
     most the paper's 10k); a plan line comes before the work; FID and KID carry their spread."""
-    for name, seed in (("real", 0), ("fake", 1)):
-        (tmp_path / name).mkdir()
-        for k in range(2):
-            write_slide(str(tmp_path / name / f"s{k}.svs"),
-                        synthetic_rgb(260, 240, seed=10 * seed + k))
-    net = random_net(tmp_path / "net.pt")
+    net = two_sides(tmp_path)
     res = metrics.main(["--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"),
                         "--preset", "tiny", "--inception", net, "--inception-input", "0-255",
                         "--cache", str(tmp_path / "cache"), "--json", str(tmp_path / "m.json"),
