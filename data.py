@@ -753,8 +753,8 @@ def main(argv=None):
     ap.add_argument("--out", default=None,
                     help="preview PNG (default: SLIDE_NAME.datasets.png in the current directory, "
                          "not beside the slide)")
-    ap.add_argument("--cache", default=None,
-                    help="cache directory (default: .urcdm_cache beside the slide)")
+    ap.add_argument("--cache", default=".urcdm_cache",
+                    help="cache directory (default: .urcdm_cache here, never beside the slide)")
     args = ap.parse_args(argv)
     try:
         slide = open_slide(args.slide)
