@@ -240,8 +240,10 @@ def parse_args(argv=None):
                     help="raster (the paper); wavefront (136 rounds at paper size; the same slide "
                          "as raster at --batch 1, and with any batch up to float rounding); "
                          "checkerboard (4 rounds, another slide)")
-    ap.add_argument("--batch", type=int, default=8,
-                    help="patches per U-Net batch (a run's slide depends on it on CPU)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="patches per U-Net batch (default: 1 at 1024 px patches, where one patch "
+                         "fills a GPU and every rank of a round gets work; 8 below); a run's slide "
+                         "depends on it up to float rounding, never on the number of ranks")
     ap.add_argument("--stages", type=int, default=3, choices=[1, 2, 3],
                     help="stop after this stage")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted run (OUT.work/)")
@@ -290,11 +292,18 @@ def resolve(args, device, rank=0):
         check_out(args, preset, stages)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cascade.native_bf16(device))
     return Settings(preset=preset.name, seed=args.seed, stages=max(stages), order=args.order,
-                    batch=args.batch, white_threshold=args.white_threshold,
+                    batch=args.batch or default_batch(preset), white_threshold=args.white_threshold,
                     outpaint=args.outpaint, dry_run=args.dry_run,
                     precision="bf16" if bf16 else "fp32", sampling=sampling, models=models,
                     ckpt=ckpt, start_stage=start,
                     from_slide=os.path.realpath(args.from_slide) if args.from_slide else ""), preset
+
+
+def default_batch(preset):
+    """Patches per U-Net batch when --batch is not given: 1 at GPU-filling sizes (1024 px), so
+    that a round's patches spread over every rank (batches are cut before ranks take their
+    share); 8 for small patches (the CPU demo)."""
+    return 1 if preset.patch >= 1024 else 8
 
 
 def check_from(args, p):
@@ -320,7 +329,7 @@ def check_from(args, p):
 def resolve_sampling(args, p):
     """The preset's Sampling with the flags that override it, each flag checked."""
     sp = p.sampling
-    checks = [("--batch", args.batch, args.batch >= 1, ">= 1"),
+    checks = [("--batch", args.batch, args.batch is None or args.batch >= 1, ">= 1"),
               ("--steps", args.steps,
                args.steps is None or (len(args.steps) in (3, 9) and min(args.steps) >= 1),
                "list of 3 (per level) or 9 (per stage and level), each >= 1"),

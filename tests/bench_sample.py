@@ -3,7 +3,7 @@
 Not a test (pytest does not collect it). Runs sample.py in a child process with the
 cheap stand-in model and prints wall time, the child's peak RSS, and the time per patch
 spent outside the model (sample.py's own summary).
-    python tests/bench_sample.py --out /tmp/paper_dry.tif [--order wavefront --batch 16]
+    python tests/bench_sample.py --out /tmp/paper_dry.tif [--order wavefront --batch 1]
 """
 import argparse
 import os
@@ -21,7 +21,7 @@ def main():
     ap.add_argument("--out", default="/tmp/paper_dry.tif")
     ap.add_argument("--preset", default="paper")
     ap.add_argument("--order", default="wavefront")
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--keep", action="store_true",
                     help="keep the 41344^2 output (several hundred MB)")
     args = ap.parse_args()

@@ -132,6 +132,21 @@ def test_two_ranks_bit_identical_to_one(tmp_path, tiny_ckpt):
     assert one.read_bytes() == two.read_bytes()
 
 
+def test_three_ranks_bit_identical_to_one(tmp_path, tiny_ckpt):
+    """3 ranks, rounds of 1-4 patches (tiny stage 3: a 4 x 4 grid in wavefront order), so most
+    rounds do not divide among the ranks: the slide is the one of a single process, byte for
+    byte, at --batch 1 (the default at paper size) and at --batch 2."""
+    for batch in ("1", "2"):
+        one, three = tmp_path / f"one{batch}.tif", tmp_path / f"three{batch}.tif"
+        assert _run(_cmd(one, tiny_ckpt, "--batch", batch)).returncode == 0
+        cmd = _cmd(three, tiny_ckpt, "--batch", batch)
+        cmd[1:2] = ["-m", "torch.distributed.run", "--nproc_per_node=3", "--master_port=29547",
+                    cmd[1]]
+        res = _run(cmd)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert one.read_bytes() == three.read_bytes()
+
+
 def test_dry_run_demo_geometry(tmp_path):
     out = tmp_path / "d.tif"
     res = _run([sys.executable, os.path.join(ROOT, "sample.py"), "--preset", "demo",
