@@ -77,7 +77,7 @@ class Config:
     def from_args(cls, args, device):
         steps = args.max_steps * 3 if len(args.max_steps) == 1 else args.max_steps
         workers = auto_workers(device) if args.workers == "auto" else int(args.workers)
-        # deviation: the authors trained in fp32; auto = bf16 autocast on CUDA (README, "Departures")
+        # deviation: the authors trained in fp32; auto = bf16 autocast on CUDA (README)
         bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
         return cls(out=args.out, batch=args.batch, lr=args.lr, max_steps=tuple(steps), ema=args.ema,
                    bf16=bf16, seed=args.seed, conditioned=not args.outpaint, init=args.init,
