@@ -20,6 +20,7 @@ References
   [MinSNR]  Hang et al., Efficient diffusion training via min-SNR weighting, 2023.
   [Feather] Szeliski, Image alignment and stitching: a tutorial, 2006 (feathered blending).
 """
+import contextlib
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -371,8 +372,10 @@ def denoiser(net, schedule, cond=None, aug_lam=None, bf16=False):
     and sampling share."""
     def model_fn(x_t, t):
         lam = sde.log_snr(t, schedule).float().to(x_t.device)  # no copy when t is there
-        with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=bf16):
+        amp = torch.autocast(x_t.device.type, torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with amp:
             return net(x_t, lam, cond, aug_lam).float()
+
     return model_fn
 
 
@@ -401,8 +404,8 @@ class CDM:
         context, region: (B, 3, P, P) float crops of the stage below (stages 2-3).
         sampling: a Sampling (steps, sampler, eta, aug_level, threshold, feather, resample);
           None = the preset's. feather is in px at P, scaled to each level's size.
-        Returns (B, 3, P, P) float in [-1, 1]; known pixels are exact except the last
-        `feather` px next to the new ones."""
+        Returns (B, 3, P, P) float in [-1, 1] on the CDM's device (no host sync in here); known
+        pixels are exact except the last `feather` px next to the new ones."""
         p, B, dev = self.preset, len(generators), self.device
         sp = sampling or p.sampling
         to = lambda t: None if t is None else t.to(dev)
@@ -424,7 +427,8 @@ class CDM:
                            threshold=sp.threshold, known=k, mask=m, blend=w, generator=generators,
                            resample=sp.resample, device=dev)
             x = x.clamp(-1, 1)
-        return x.cpu()
+        return x
+
 
 
 # ---------------------------------------------------------------------- checkpoints

@@ -53,7 +53,8 @@ def sample_slide(cdms, preset, sampling, *, seed=0, order="wavefront", batch=8,
     Returns {stage: (N_s, N_s, 3) uint8}; the pixels `generate` writes with the same settings."""
     images = {}
     # Stage 1: the whole slide zoomed out, one CDM sample [PAPER Fig. 1, left].
-    x = cdms[1].sample([tiler.patch_generator(seed, 1, 0, 0)], sampling=sampling)  # (1, 3, N1, N1)
+    x = cdms[1].sample([tiler.patch_generator(seed, 1, 0, 0, cdms[1].device)],
+                       sampling=sampling)  # (1, 3, N1, N1)
     images[1] = cascade.to_uint8(x)[0]
     # Stages 2-3: an overlapping grid of patches, each conditioned on the stage below (context,
     # region) and holding the pixels its finished neighbours fixed [PAPER Fig. 1, middle, right].
@@ -65,7 +66,7 @@ def sample_slide(cdms, preset, sampling, *, seed=0, order="wavefront", batch=8,
         tiler.generate_stage(functools.partial(cdms[s].sample, sampling=sampling), grid, canvas,
                              stage=s, seed=seed, order=order, batch=batch, lower=lower,
                              white=white if s in sampling.fill_white else None,
-                             feather=sampling.feather)
+                             feather=sampling.feather, device=cdms[s].device)
         images[s] = canvas.array
     return images
 
@@ -108,7 +109,8 @@ def first_stage(settings, preset, journal, path, device, rank, world):
     if not journal.done(1) and rank == 0:
         t0 = time.time()
         cdm = Timed(load_cdm(settings, preset, 1, device), settings.sampling)
-        x = cdm([tiler.patch_generator(settings.seed, 1, 0, 0)])  # (1, 3, N1, N1)
+        x = cdm([tiler.patch_generator(settings.seed, 1, 0, 0, device)])  # (1, 3, N1, N1)
+
         N1 = cascade.stage_size(preset, 1)
         img = data.DiskArray(path, (N1, N1, 3))
         img.write(0, 0, cascade.to_uint8(x)[0])
@@ -634,10 +636,11 @@ class DryRunCDM:
         self.preset, self.stage = preset, stage
 
     def sample(self, generators, *, known=None, mask=None, context=None, region=None, **_):
-        P = self.preset.patch
-        noise = torch.stack([torch.randn(3, P, P, generator=g) for g in generators])
+        P, f32 = self.preset.patch, torch.float32
+        noise = sde.randn((len(generators), 3, P, P), generators)  # on the CPU
         if region is None:  # stage 1: blobs of pink tissue on white glass
-            low = torch.stack([torch.rand(1, 6, 6, generator=g) for g in generators])
+            low = torch.stack([sde.draw(torch.rand, (1, 6, 6), g, "cpu", f32) for g in generators])
+
             t = torch.nn.functional.interpolate(low, size=(P, P), mode="bicubic",
                                                 align_corners=False)
             pink = torch.tensor([0.75, 0.2, 0.6]).view(1, 3, 1, 1)

@@ -60,7 +60,10 @@ def alpha_sigma(t, schedule="cosine"):
 
 
 def _bc(a, x):
-    """Broadcast a per-sample (B,) or scalar coefficient against x (B, ...), in x's dtype."""
+    """Broadcast a per-sample (B,) or scalar coefficient against x (B, ...), in x's dtype. A Python
+    number stays one (no host-to-device copy: the sampling loop's coefficients are numbers)."""
+    if isinstance(a, (int, float)):
+        return a
     a = torch.as_tensor(a, device=x.device).to(x.dtype)
     return a.reshape(a.shape + (1,) * (x.dim() - a.dim())) if a.dim() else a
 
@@ -95,6 +98,17 @@ def derive_seed(*parts):
     return int.from_bytes(digest, "little") >> 1
 
 
+def draw(fn, shape, generator, device, dtype):
+    """fn(shape) drawn from `generator` on `device` when the generator lives there (a CUDA
+    generator draws on the GPU: no host work, no copy, no sync; 'meta' takes any generator),
+    else where the generator lives, then copied to `device`."""
+    device = torch.device(device)
+    at = generator.device if generator is not None else torch.device("cpu")
+    if device.type in (at.type, "meta"):
+        at = device
+    return fn(shape, generator=generator, dtype=dtype, device=at).to(device)
+
+
 def randn(shape, generator=None, device="cpu", dtype=torch.float32):
     """Standard normal noise. `generator` is None, one torch.Generator, or a list with one
     generator per sample (shape[0] of them), so that a sample's noise does not depend on
@@ -102,20 +116,19 @@ def randn(shape, generator=None, device="cpu", dtype=torch.float32):
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
-        return torch.stack([torch.randn(shape[1:],
-                                        generator=g, dtype=dtype) for g in generator]).to(device)
-    # one generator: drawn where it lives (a CUDA generator draws on the GPU: no copy, no sync)
-    at = generator.device if generator is not None else "cpu"
-    return torch.randn(shape, generator=generator, dtype=dtype, device=at).to(device)
+        return torch.stack([draw(torch.randn, shape[1:], g, device, dtype) for g in generator])
+    return draw(torch.randn, shape, generator, device, dtype)
 
 
-def rand(n, generator=None):
-    """n uniform numbers in [0, 1), one per sample when `generator` is a list; on the device of
-    a single generator."""
+def rand(n, generator=None, device=None):
+    """n uniform numbers in [0, 1) (float64), one per sample when `generator` is a list; on
+    `device`, default: where the (first) generator lives."""
+    gens = generator if isinstance(generator, (list, tuple)) else [generator]
+    device = device or (gens[0].device if gens[0] is not None else "cpu")
     if isinstance(generator, (list, tuple)):
-        return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generator])
-    at = generator.device if generator is not None else "cpu"
-    return torch.rand(n, generator=generator, dtype=torch.float64, device=at)
+        return torch.cat([draw(torch.rand, (1,), g, device, torch.float64) for g in generator])
+    return draw(torch.rand, (n,), generator, device, torch.float64)
+
 
 
 # ---------------------------------------------------------------------- what the network predicts
@@ -185,9 +198,10 @@ def augment_cond(cond, t_aug, generator=None, schedule="cosine"):
     the U-Net embeds (one definition for training and sampling).
     """
     B = cond.shape[0]
-    t_aug = torch.as_tensor(t_aug, dtype=torch.float64).expand(B).clone()
+    t_aug = torch.as_tensor(t_aug, dtype=torch.float64, device=cond.device).expand(B).clone()
     eps = randn(cond.shape, generator, cond.device, cond.dtype)
-    keep = (t_aug <= 0).to(cond.device).view(-1, *[1] * (cond.dim() - 1))
+    keep = (t_aug <= 0).view(-1, *[1] * (cond.dim() - 1))
+
     noised = torch.where(keep, cond, q_sample(cond, t_aug, eps, schedule))
     return noised, log_snr(t_aug, schedule).float()
 

@@ -137,8 +137,13 @@ def patch_seed(seed, stage, i, j):
     return sde.derive_seed("urcdm", seed, stage, i, j)
 
 
-def patch_generator(seed, stage, i, j):
-    return torch.Generator().manual_seed(patch_seed(seed, stage, i, j))
+def patch_generator(seed, stage, i, j, device="cpu"):
+    """The generator of patch (i, j), on `device` (a CUDA generator draws its noise on the GPU;
+    the pixels then depend on the device type, not on batch or rank). 'meta' (no data, for
+    benchmarks and tests) takes a CPU generator."""
+    device = torch.device(device)
+    at = device if device.type not in ("cpu", "meta") else "cpu"
+    return torch.Generator(at).manual_seed(patch_seed(seed, stage, i, j))
 
 
 @dataclass(frozen=True)
@@ -207,20 +212,21 @@ def batch_inputs(grid, canvas, cells, *, order, lower=None, white=None):
                        cat(regions), white_flags)
 
 
-def run_batch(sample_fn, inputs, *, stage, seed, feather=0):
+def run_batch(sample_fn, inputs, *, stage, seed, feather=0, device="cpu"):
     """Generate (or fill, if white) a batch of patches.
 
     sample_fn: callable(generators, known=, mask=, context=, region=) -> (B, 3, P, P) float,
                e.g. cascade.CDM.sample, or a closed-form stand-in in tests.
     feather:   px over which a filled patch's known pixels fade into its fill, as sample_fn does
                for generated ones (cascade.feather_weight).
+    device:    where the patches' generators draw (the model's device).
     Returns [((i, j), uint8 (P, P, 3), filled: bool)] in the order of inputs.cells."""
     cells, white = inputs.cells, inputs.white
     out = [None] * len(cells)
     gen_idx = [b for b in range(len(cells)) if not white[b]]
     if gen_idx:
         sel = lambda x: None if x is None else x[gen_idx]
-        x = sample_fn([patch_generator(seed, stage, *cells[b]) for b in gen_idx],
+        x = sample_fn([patch_generator(seed, stage, *cells[b], device) for b in gen_idx],
                       known=inputs.known[gen_idx],
                       mask=inputs.mask[gen_idx], context=sel(inputs.context),
                       region=sel(inputs.region))
@@ -234,14 +240,16 @@ def run_batch(sample_fn, inputs, *, stage, seed, feather=0):
 
 
 def generate_stage(sample_fn, grid, canvas, *, stage, seed, order="raster", batch=1, lower=None,
-                   white=None, feather=0, done=()):
+                   white=None, feather=0, done=(), device="cpu"):
     """Every patch of a stage into `canvas`, in one process (sample.py runs the same plan
     split across ranks, with a journal). Returns [((i, j), uint8 (P, P, 3), filled)]."""
     results = []
     for rnd in plan(order, grid.n, batch, done):
         for cells in rnd:
             inputs = batch_inputs(grid, canvas, cells, order=order, lower=lower, white=white)
-            results += run_batch(sample_fn, inputs, stage=stage, seed=seed, feather=feather)
+            results += run_batch(sample_fn, inputs, stage=stage, seed=seed, feather=feather,
+                                 device=device)
+
         # a round is written after all its batches
         for (i, j), pixels, _ in results[-sum(map(len, rnd)):]:
             canvas.write(*grid.origin(i, j), pixels)

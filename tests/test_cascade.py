@@ -5,8 +5,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import cascade
+import tiler
 import unet
 from conftest import oracle_net, small_preset
 
@@ -182,3 +185,54 @@ def test_lowres_window_equals_the_crop_of_the_whole():
     for y, x0, c in ((0, 0, 16), (48, 48, 16), (5, 37, 24), (13, 0, 40), (0, 3, 64)):
         got = cascade.make_lowres(x, 64, (y, x0, c))
         assert torch.equal(got, full[..., y:y + c, x0:x0 + c]), (y, x0, c)
+
+
+class _HostTransfers(TorchDispatchMode):
+    """Counts what reaches the device from the host: ops that take a CPU tensor and give a device
+    tensor (copies, CPU operands), and tensors made on the device from Python data."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.n = 0
+        for name in ("tensor", "as_tensor"):
+            real = getattr(torch, name)
+
+            def made(data, *a, _real=real, **kw):
+                out = _real(data, *a, **kw)
+                self.n += out.device.type != "cpu" and not isinstance(data, torch.Tensor)
+                return out
+            monkeypatch.setattr(torch, name, made)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = lambda t: [a for a in tree_leaves(t) if isinstance(a, torch.Tensor)]
+        self.n += (any(a.device.type == "cpu" for a in leaves((args, kwargs)))
+                   and any(o.device.type != "cpu" for o in leaves(out)))
+        return out
+
+
+def test_sampling_steps_neither_sync_nor_copy_from_the_host(monkeypatch):
+    """The CDM on the 'meta' device (tensors without data: reading one on the host, .item(),
+    .cpu() or a Python bool of it, raises), with noise from the patches' generators, dynamic
+    thresholding, inpainting and a feathered paste: it runs, and the host-to-device transfers
+    do not grow with the steps (the step loop adds none; a level's setup may add a few)."""
+    p = small_preset()
+    nets = [unet.UNet(cascade.unet_config(p, 3, lvl)).to("meta").eval() for lvl in range(3)]
+    cdm = cascade.CDM(p, 3, nets, device="meta")
+    P, B = p.patch, 2
+    z = torch.zeros(B, 3, P, P, device="meta")
+    mask = torch.zeros(B, 1, P, P, dtype=torch.bool, device="meta")
+    counts = []
+    for steps in (2, 5):
+        sp = dataclasses.replace(p.sampling, steps=(steps,) * 3, threshold=0.95, feather=2)
+        gens = [tiler.patch_generator(0, 3, 0, j, "meta") for j in range(B)]
+        with _HostTransfers(monkeypatch) as h:
+            x = cdm.sample(gens, known=z, mask=mask, context=z, region=z, sampling=sp)
+        counts.append(h.n)
+        monkeypatch.undo()
+    assert x.shape == (B, 3, P, P) and x.device.type == "meta"
+    assert counts[0] == counts[1]
+    # the counter sees the copies it is meant to catch
+    with _HostTransfers(monkeypatch) as h:
+        torch.as_tensor(0.5, device="meta"), torch.ones(2).to("meta"), torch.tensor([1.0], device="meta")
+    assert h.n == 3
