@@ -241,14 +241,8 @@ def region_crop(lower, y0, x0, P, r):
     of white patches (the "upscaled medium-magnification image" [PAPER]).
     Returns float (1, 3, P, P) in [-1, 1]."""
     H, W = lower.shape[:2]
-
-    def taps(q0, size):  # (lo, hi, weight of hi) per output pixel, source indices in [0, size)
-        s = ((torch.arange(P, dtype=torch.float64) + 0.5 + q0) / r - 0.5).clamp(0, size - 1)
-        lo = s.floor().long()
-        return lo, (lo + 1).clamp(max=size - 1), (s - lo).float()
-
-    ylo, yhi, wy = taps(y0, H)
-    xlo, xhi, wx = taps(x0, W)
+    ylo, yhi, wy = _taps(y0, H, P, r)
+    xlo, xhi, wx = _taps(x0, W, P, r)
     ya, xa = int(ylo[0]), int(xlo[0])
     crop = torch.from_numpy(np.array(lower[ya:int(yhi[-1]) + 1,
                                            xa:int(xhi[-1]) + 1], dtype=np.float32))
@@ -257,7 +251,21 @@ def region_crop(lower, y0, x0, P, r):
     return (out / 127.5 - 1).permute(2, 0, 1)[None]
 
 
+def _taps(q0, size, P, r):
+    """region_crop's (lo, hi, weight of hi) per output pixel; source indices in [0, size)."""
+    s = ((torch.arange(P, dtype=torch.float64) + 0.5 + q0) / r - 0.5).clamp(0, size - 1)
+    lo = s.floor().long()
+    return lo, (lo + 1).clamp(max=size - 1), (s - lo).float()
+
+
+def region_span(shape, y0, x0, P, r):
+    """The rows [ya, yb) and columns [xa, xb) of the stage below that region_crop reads."""
+    (ylo, yhi, _), (xlo, xhi, _) = _taps(y0, shape[0], P, r), _taps(x0, shape[1], P, r)
+    return int(ylo[0]), int(yhi[-1]) + 1, int(xlo[0]), int(xhi[-1]) + 1
+
+
 def to_float(u8):
+
     """(H, W, 3) or (B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
     t = torch.from_numpy(np.array(u8, dtype=np.uint8))  # a copy: memmaps are read-only
     t = t[None] if t.dim() == 3 else t

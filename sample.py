@@ -29,6 +29,7 @@ import shutil
 import socket
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import tifffile
@@ -124,7 +125,10 @@ def first_stage(settings, preset, journal, path, device, rank, world):
 def grid_stage(stage, *, lower_img, canvas, journal, settings, preset, device, rank, world):
     """Stage 2 or 3: the patch grid, round by round (tiler.plan). Rank 0 reads each batch's inputs
     and sends every rank its share, gathers the results, saves the round, writes it into the
-    stage image and marks it in the journal; other ranks only compute (lower_img, canvas: None)."""
+    stage image and marks it in the journal; other ranks only compute (lower_img, canvas: None).
+    Rank 0's slow file work is off the ranks' path: a round's inputs from the stage below are read
+    while the round before computes (`reader`), and a round is synced and marked done while the
+    next computes (`writer`). Only the known pixels wait for the previous round."""
     S, sp = settings, settings.sampling
     grid = cascade.stage_grid(preset, stage, sp.edge_margin)
     lower = None if S.outpaint or rank else tiler.Lower(lower_img, cascade.zoom(preset, stage),
@@ -137,28 +141,51 @@ def grid_stage(stage, *, lower_img, canvas, journal, settings, preset, device, r
     cells = [c for rnd in todo for b in rnd for c in b]
     n_fill = sum(white(lower, *grid.origin(*c), grid.patch) for c in cells) if white else 0
     meter = Progress(stage, journal, grid.n ** 2, n_fill)
-    read = lambda cells: tiler.batch_inputs(grid, canvas, cells, order=S.order, lower=lower,
-                                            white=white)
-    for rnd in todo:
-        t_round, sample_fn.seconds = time.time(), 0.0
-        # Generate: this rank's batches of the round.
-        results = [r for inputs in my_batches(rnd, read, rank, world)
-                   for r in tiler.run_batch(sample_fn, inputs, stage=stage, seed=S.seed,
-                                            feather=sp.feather)]
-        results = gather(results, rank, world)
-        # Write: rank 0 saves the round, writes it into the stage image, marks it done.
-        if rank == 0:
-            journal.stage_round(stage, results)
-            apply(canvas, grid, results)
-            journal.mark(stage, results, time.time() - t_round, sample_fn.seconds)
-            meter.update(results)
-        barrier(world)
+    below = lambda rnd: [tiler.lower_inputs(grid, cells, lower, white) for cells in rnd]
+    read = lambda cells, low: tiler.read_batch(grid, canvas, cells, lower=lower, below=low)
+
+    def finish(results, t_round, model_seconds):  # in the writer: on disk, then in the journal
+        canvas.flush()
+        journal.mark(stage, results, time.time() - t_round, model_seconds)
+        meter.update(results)
+
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+        ahead = reader.submit(below, todo[0]) if todo and rank == 0 else None
+        written = None
+        for k, rnd in enumerate(todo):
+            t_round, sample_fn.seconds = time.time(), 0.0
+            # Read ahead: the next round's inputs from the stage below, while this one computes.
+            lows = ahead.result() if rank == 0 else None
+            if rank == 0 and k + 1 < len(todo):
+                ahead = reader.submit(below, todo[k + 1])
+            # Generate: this rank's batches of the round.
+            results = [r for raw in my_batches(rnd, lows, read, rank, world)
+                       for r in tiler.run_batch(sample_fn, tiler.float_inputs(grid, raw, S.order),
+                                                stage=stage, seed=S.seed, feather=sp.feather,
+                                                device=device)]
+            results = gather(results, rank, world)
+            # Write: rank 0 saves the round whole, writes it into the stage image (the next
+            # round's known pixels), then syncs and marks it done in the background.
+            if rank == 0:
+                if written:
+                    written.result()  # the previous round is marked done, its round file gone
+                journal.stage_round(stage, results)
+                write_round(canvas, grid, results)
+                written = writer.submit(finish, results, t_round, sample_fn.seconds)
+        if written:
+            written.result()
+    barrier(world)
+
+
+def write_round(canvas, grid, results):
+    """A round's patches into the stage image."""
+    for (i, j), pixels, _ in results:
+        canvas.write(*grid.origin(i, j), pixels)
 
 
 def apply(canvas, grid, results):
     """A round's patches into the stage image, then flushed: on disk before the journal says so."""
-    for (i, j), pixels, _ in results:
-        canvas.write(*grid.origin(i, j), pixels)
+    write_round(canvas, grid, results)
     canvas.flush()
 
 
@@ -605,13 +632,16 @@ def barrier(world):
         dist.barrier()
 
 
-def my_batches(rnd, read, rank, world):
-    """This rank's batch inputs of a round: every world-th batch, read by rank 0 and scattered
+def my_batches(rnd, lows, read, rank, world):
+    """This rank's batches of a round as tiler.RawBatch: every world-th batch, read by rank 0
+    (read(cells, low), low: the batch's inputs from the stage below, already read) and scattered
     (read lazily in one process)."""
     if world == 1:
-        return (read(b) for b in rnd)
+        return (read(b, low) for b, low in zip(rnd, lows))
     mine = [None]
-    shares = [[read(b) for b in rnd[r::world]] for r in range(world)] if rank == 0 else None
+    shares = ([[read(b, low) for b, low in zip(rnd[r::world], lows[r::world])]
+               for r in range(world)] if rank == 0 else None)
+
     dist.scatter_object_list(mine, shares, src=0)
     return mine[0]
 

@@ -13,7 +13,8 @@ neighbours are finished depends on the order:
                sides. 4 rounds, a different (not identical) result.
 
 The caller runs the loop: plan() gives the rounds of batches, batch_inputs() reads one batch's
-inputs, run_batch() generates it; a round is written to the canvas after all its batches.
+inputs (read_batch from the files, float_inputs for the model: two processes in sample.py),
+run_batch() generates it; a round is written to the canvas after all its batches.
 generate_stage() is that loop in one process.
 
 References
@@ -154,12 +155,12 @@ class Lower:
     zoom: float
     background: int = 255
 
-    def context(self, y0, x0, P):  # (1, 3, P, P) float: P x P lower px around the patch
-        return cascade.to_float(cascade.context_crop(self.image, y0, x0, P,
-                                                     self.zoom, self.background))
-
-    def region(self, y0, x0, P):  # (1, 3, P, P) float: the lower px under the patch, upsampled
-        return cascade.region_crop(self.image, y0, x0, P, self.zoom)
+    def read(self, y0, x0, P):
+        """What a patch at (y0, x0) needs of the stage below, uint8: its context (P, P, 3) (the
+        P x P lower px around it) and the Cutout its region is upsampled from (float_inputs)."""
+        ya, yb, xa, xb = cascade.region_span(self.image.shape, y0, x0, P, self.zoom)
+        cut = Cutout(np.asarray(self.image[ya:yb, xa:xb]), ya, xa, tuple(self.image.shape))
+        return cascade.context_crop(self.image, y0, x0, P, self.zoom, self.background), cut
 
     def region_window(self, y0, x0, P):  # uint8: the lower px under the patch, not resampled
         return cascade.region_window(self.image, y0, x0, P, self.zoom)
@@ -178,6 +179,33 @@ class WhiteTest:
         return self.threshold > 0 and self.tissue_fraction(window) < self.threshold
 
 
+@dataclass(frozen=True)
+class Cutout:
+    """image[ya:yb, xa:xb] of an image of `shape`, sliced in the image's coordinates: the part of
+    the stage below that cascade.region_crop reads for one patch, sent in place of the image."""
+    pixels: np.ndarray
+    ya: int
+    xa: int
+    shape: tuple
+
+    def __getitem__(self, idx):
+        ys, xs = idx
+        return self.pixels[ys.start - self.ya:ys.stop - self.ya, xs.start - self.xa:xs.stop - self.xa]
+
+
+@dataclass
+class RawBatch:
+    """A batch's inputs as the files give them, uint8 (what rank 0 sends a rank: a quarter of
+    the floats' bytes, and numpy pickles fast): known (B, P, P, 3); context (B, P, P, 3) and
+    cutouts (list of Cutout), None for outpainting; white: list of bool; zoom: r_s."""
+    cells: list
+    known: np.ndarray
+    context: object
+    cutouts: object
+    white: list
+    zoom: object
+
+
 @dataclass
 class BatchInputs:
     """Everything a batch of independent patches needs, read from the canvas and the stage below:
@@ -191,25 +219,55 @@ class BatchInputs:
     white: list
 
 
-def batch_inputs(grid, canvas, cells, *, order, lower=None, white=None):
-    """Read a batch's inputs. cells: independent patches of one round of `order`; canvas: the
-    stage image (read(y0, x0, h, w) -> uint8); lower: a Lower, None for the outpainting
-    baseline; white: a WhiteTest or None (generate every patch)."""
-    P, finished_round = grid.patch, round_index(order, grid.n)
-    known, masks, contexts, regions, white_flags = [], [], [], [], []
+def lower_inputs(grid, cells, lower=None, white=None):
+    """What a batch reads from the stage below: (context (B, P, P, 3) uint8, cutouts, white
+    flags); None, None, flags for outpainting. It does not depend on the stage being generated,
+    so it can be read ahead, while earlier rounds compute."""
+    P, contexts, cutouts, white_flags = grid.patch, [], [], []
     for i, j in cells:
         y0, x0 = grid.origin(i, j)
+        if lower is not None:
+            context, cut = lower.read(y0, x0, P)
+            contexts.append(context), cutouts.append(cut)
+        white_flags.append(lower is not None and white is not None and white(lower, y0, x0, P))
+    return (np.stack(contexts) if contexts else None), (cutouts or None), white_flags
+
+
+def read_batch(grid, canvas, cells, *, lower=None, white=None, below=None):
+    """A batch's inputs from the files, as a RawBatch. cells: independent patches of one round;
+    canvas: the stage image (read(y0, x0, h, w) -> uint8), holding every earlier round; lower: a
+    Lower, None for the outpainting baseline; white: a WhiteTest or None (generate every
+    patch); below: lower_inputs(grid, cells, lower, white) when already read, else None."""
+    P = grid.patch
+    known = np.stack([canvas.read(*grid.origin(i, j), P, P) for i, j in cells])
+    context, cutouts, white_flags = below or lower_inputs(grid, cells, lower, white)
+    return RawBatch(list(cells), known, context, cutouts, white_flags,
+                    lower.zoom if lower is not None else None)
+
+
+def float_inputs(grid, raw, order):
+    """A RawBatch as the model takes it (on the rank that generates it): floats in [-1, 1], the
+    known masks from the geometry, each region upsampled from its cutout."""
+    P, finished_round = grid.patch, round_index(order, grid.n)
+    masks = []
+    for i, j in raw.cells:
         k = finished_round[(i, j)]
         masks.append(rects_mask(known_rects(grid, i, j,
                                             lambda a, b: finished_round[(a, b)] < k), P))
-        known.append(cascade.to_float(canvas.read(y0, x0, P, P)))
-        if lower is not None:
-            contexts.append(lower.context(y0, x0, P))
-            regions.append(lower.region(y0, x0, P))
-        white_flags.append(lower is not None and white is not None and white(lower, y0, x0, P))
-    cat = lambda xs: torch.cat(xs) if xs else None
-    return BatchInputs(list(cells), torch.cat(known), torch.stack(masks), cat(contexts),
-                       cat(regions), white_flags)
+    region = context = None
+    if raw.cutouts is not None:
+        context = cascade.to_float(raw.context)
+        region = torch.cat([cascade.region_crop(cut, *grid.origin(i, j), P, raw.zoom)
+                            for (i, j), cut in zip(raw.cells, raw.cutouts)])
+    return BatchInputs(raw.cells, cascade.to_float(raw.known), torch.stack(masks), context,
+                       region, raw.white)
+
+
+def batch_inputs(grid, canvas, cells, *, order, lower=None, white=None):
+    """read_batch then float_inputs, in one process."""
+    return float_inputs(grid, read_batch(grid, canvas, cells, lower=lower, white=white), order)
+
+
 
 
 def run_batch(sample_fn, inputs, *, stage, seed, feather=0, device="cpu"):

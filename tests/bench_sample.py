@@ -11,11 +11,15 @@ ahead of the GPU, so this is the most the host can add to a step, and only if it
 than the GPU. Printed beside it: ops per step and, for the route before issue 26, the time to draw
 one 1024 px patch's noise from a CPU generator (twice per step, then a blocking copy).
 
+--io: rank 0's file work per stage-3 round at paper geometry (a sparse 41344^2 canvas, a stand-in
+6400^2 stage 2 of tissue), split into what the next round waits for and what runs beside it.
+
 --dry-run: the whole slide with sample.py's cheap stand-in models (geometry, reads, journal,
 writes); prints wall time, peak RSS and the time per patch spent outside the model.
 """
 import argparse
 import dataclasses
+import math
 import os
 import resource
 import subprocess
@@ -105,6 +109,72 @@ def host_bench(args):
           f"patch's noise, 2 draws per step = {2 * noise:.1f} ms, plus the blocking copies")
 
 
+def io_bench(args, n_round=23):
+    """Seconds of rank 0's file work for one wavefront round of `n_round` stage-3 patches."""
+    import pickle
+
+    import numpy as np
+
+    import data
+    import sample
+    p = cascade.get_preset(args.preset)
+    grid, work = cascade.stage_grid(p, 3, p.sampling.edge_margin), args.out + ".io"
+    os.makedirs(work, exist_ok=True)
+    try:
+        N2, rng = cascade.stage_size(p, 2), np.random.default_rng(0)
+        stage2 = data.DiskArray(os.path.join(work, "stage2.npy"), (N2, N2, 3))
+        for r0 in range(0, N2, 640):  # pink tissue with texture: every patch is generated
+            band = rng.integers(0, 40, (min(640, N2 - r0), N2, 3), dtype=np.uint8)
+            stage2.write(r0, 0, band + np.array([190, 90, 160], np.uint8))
+        canvas = data.DiskArray(os.path.join(work, "stage3.npy"), (grid.size, grid.size, 3))
+        lower = tiler.Lower(stage2, cascade.zoom(p, 3), p.background)
+        white = tiler.WhiteTest(0.5, data.tissue_fraction)
+        cells = [(i, n_round - 1 - i) for i in range(n_round)]  # one anti-diagonal: a round
+        settings, _ = sample.resolve(sample.parse_args(["--preset", p.name, "--dry-run", "--out",
+                                                        args.out]), torch.device("cpu"))
+        journal = sample.Journal(work, settings)
+        t = {}
+        t0 = time.perf_counter()
+        low = [tiler.lower_inputs(grid, [c], lower, white) for c in cells]
+        t["lower stage: context, region, white test"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        raws = [tiler.read_batch(grid, canvas, [c], lower=lower, below=lo)
+                for c, lo in zip(cells, low)]
+        t["known pixels from the canvas"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sent = len(pickle.dumps(raws))  # what scatter_object_list does to them
+        t["inputs pickled for the ranks"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tiler.float_inputs(grid, raws[0], "wavefront")
+        t["one patch's floats, on its rank (x ranks' share)"] = (
+            (time.perf_counter() - t0) * math.ceil(n_round / args.gpus))
+        results = [(c, rng.integers(0, 255, (p.patch, p.patch, 3), dtype=np.uint8), False)
+                   for c in cells]
+        t0 = time.perf_counter()
+        journal.stage_round(3, results)
+        t["round saved whole (round.npz, fsync)"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sample.write_round(canvas, grid, results)
+        t["round into the canvas"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        canvas.flush()
+        journal.mark(3, results, 0.0)
+        t["canvas synced, journal marked"] = time.perf_counter() - t0
+    finally:
+        import shutil
+        shutil.rmtree(work, ignore_errors=True)
+    waits = ("known pixels from the canvas", "inputs pickled for the ranks",
+             "one patch's floats, on its rank (x ranks' share)", "round saved whole (round.npz, fsync)",
+             "round into the canvas")
+    print(f"rank 0's file work for a round of {n_round} stage-3 patches ({p.name}, {args.gpus} "
+          "ranks at batch 1):")
+    for k, v in t.items():
+        print(f"  {k:50s} {v:6.2f} s  {'next round waits' if k in waits else 'beside compute'}")
+    before, after = sum(t.values()), sum(t[k] for k in waits)
+    print(f"on the ranks' path per round: {after:.2f} s ({after / n_round:.3f} s a patch; all of it "
+          f"in line would be {before:.2f} s); {sent / 2 ** 20:.0f} MiB sent to the ranks")
+
+
 def dry_run(args):
     cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "--preset", args.preset, "--dry-run",
            "--out", args.out, "--order", args.order, "--batch", str(args.batch), "--overwrite"]
@@ -125,6 +195,8 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="paper")
     ap.add_argument("--steps", type=int, default=20, help="steps timed per level (host bench)")
+    ap.add_argument("--io", action="store_true", help="rank 0's file work per round")
+    ap.add_argument("--gpus", type=int, default=8, help="ranks sharing a round (--io)")
     ap.add_argument("--dry-run", action="store_true", help="the whole slide, stand-in models")
     ap.add_argument("--out", default="/tmp/paper_dry.tif")
     ap.add_argument("--order", default="wavefront")
@@ -132,7 +204,7 @@ def main():
     ap.add_argument("--keep", action="store_true",
                     help="keep the 41344^2 output (several hundred MB)")
     args = ap.parse_args()
-    dry_run(args) if args.dry_run else host_bench(args)
+    dry_run(args) if args.dry_run else io_bench(args) if args.io else host_bench(args)
 
 
 if __name__ == "__main__":

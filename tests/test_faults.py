@@ -71,6 +71,32 @@ def test_crash_between_round_write_and_journal_resumes_bit_identical(tmp_path,
     assert out.read_bytes() == ref.read_bytes()
 
 
+def test_kill_during_a_background_write_resumes_bit_identical(tmp_path, tiny_ckpt):
+    """A round is synced and marked done by a writer thread while the next round computes: the
+    process killed (SIGKILL) inside that background write, with the next round under way, resumes
+    to the same slide."""
+    flags = ("--order", "raster", "--edge-margin", "1", "--feather", "2")
+    ref, out = tmp_path / "ref.tif", tmp_path / "killed.tif"
+    sample.main(_argv(ref, tiny_ckpt, *flags))
+    killer = (
+        "import os, signal, threading, torch, sample\n"
+        "torch.set_num_threads(2)  # as in this process (conftest): the same arithmetic\n"
+        "real, calls = sample.Journal.mark, []\n"
+        "def mark(self, stage, results, *a):\n"
+        "    calls.append(stage)\n"
+        "    if stage == 3 and calls.count(3) == 4:\n"
+        "        assert threading.current_thread() is not threading.main_thread()\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(self, stage, results, *a)\n"
+        "sample.Journal.mark = mark\n"
+        f"sample.main({list(_argv(out, tiny_ckpt, *flags))!r})\n")
+    res = _cli("-c", killer, cwd=ROOT)
+    assert res.returncode == -9, res.stderr[-2000:]
+    assert not out.exists() and os.path.exists(str(out) + ".work/round.npz")
+    sample.main(_argv(out, tiny_ckpt, *flags, "--resume"))
+    assert out.read_bytes() == ref.read_bytes()
+
+
 # ------------------------------------------------------------ 2. broken weights never reach a slide
 
 def test_exploded_weights_are_never_saved(tmp_path):
