@@ -41,6 +41,7 @@ import cascade
 import data
 import sde
 import tiler
+import unet as unet_mod
 
 DEMO_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "demo")
 
@@ -231,8 +232,9 @@ class Settings:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True,
-                    help="output slide (.tif or .svs): Aperio-style pyramidal BigTIFF")
+    ap.add_argument("--out", default=None,
+                    help="output slide (.tif or .svs): Aperio-style pyramidal BigTIFF (required "
+                         "except with --estimate)")
     ap.add_argument("--ckpt", default=None,
                     help=f"directory with stage{{s}}_level{{l}}.pt (default: {DEMO_CKPT})")
     ap.add_argument("--preset", default="demo",
@@ -300,9 +302,19 @@ def parse_args(argv=None):
     ap.add_argument("--n", type=int, default=None, help="many slides: N seeds from --seed on")
     ap.add_argument("--dry-run", action="store_true",
                     help="cheap deterministic stand-in for the U-Nets (no checkpoints)")
+    g = ap.add_argument_group("estimate (prints the cost of a slide, generates nothing)")
+    g.add_argument("--estimate", action="store_true",
+                   help="patches, rounds, rank utilisation, FLOPs and wall time per stage")
+    g.add_argument("--gpus", type=int, default=8, help="GPUs (ranks) of the estimate")
+    g.add_argument("--mfu", type=float, default=0.4, help="share of the GPU's peak the U-Nets reach")
+    g.add_argument("--tflops", type=float, default=312.0,
+                   help="the GPU's bf16 dense peak, TFLOP/s (A100: 312)")
     ap.add_argument("--keep-work", action="store_true",
                     help="keep OUT.work/ (stage images, journal) at the end")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.out is None and not args.estimate:
+        ap.error("the following arguments are required: --out")
+    return args
 
 
 
@@ -328,7 +340,40 @@ def resolve(args, device, rank=0):
                     from_slide=os.path.realpath(args.from_slide) if args.from_slide else ""), preset
 
 
+# Rank 0's file work that a round waits for, per patch of the round (known pixels read and sent,
+# floats made, the round saved and written: tests/bench_sample.py --io, 1.15 s for a 23-patch paper
+# round on a 2-core CPU); the rest of its file work runs beside the GPUs (reader, writer threads).
+HOST_S_PER_PATCH = 0.05
+
+
+def estimate(args):
+    """--estimate: per stage the patches, rounds, rank utilisation, FLOPs and wall time on --gpus
+    GPUs at --mfu of --tflops, with rank 0's measured file work; arithmetic, no model loaded."""
+    p = cascade.get_preset(args.preset)
+    sp, batch, W = resolve_sampling(args, p), args.batch or default_batch(p), args.gpus
+    rate = args.tflops * 1e12 * args.mfu  # FLOP/s of one GPU
+    print(f"{p.name}: order {args.order}, batch {batch}, {W} GPUs at {args.mfu:.0%} of "
+          f"{args.tflops:g} TFLOP/s; every patch generated (glass filled instead only shortens it)")
+    print("stage  patches  rounds  ranks busy    PFLOP  s a patch   wall h")
+    total_s = total_flop = 0.0
+    for s in (1, 2, 3):
+        n = p.n_patches[s - 1]
+        flop = sum(unet_mod.flops(cascade.unet_config(p, s, lvl), L) * sp.level_steps(s, lvl)
+                   for lvl, L in enumerate(p.level_sizes))  # one patch: its three levels
+        loads = tiler.rank_loads(tiler.plan(args.order, n, batch), W) if s > 1 else [1]
+        seconds = sum(loads) * flop / rate + (n * n * HOST_S_PER_PATCH if s > 1 else 0)
+        total_s, total_flop = total_s + seconds, total_flop + n * n * flop
+        print(f"{s:5d} {n * n:8d} {len(loads):7d} {n * n / (W * sum(loads)):10.1%} "
+              f"{n * n * flop / 1e15:8.0f} {flop / rate:10.1f} {seconds / 3600:8.2f}")
+    print(f"slide {'':24s} {total_flop / 1e15:8.0f} {'':10s} {total_s / 3600:8.2f}  "
+          f"({total_s / 60:.0f} min)")
+    print(f"host: {HOST_S_PER_PATCH} s a patch of rank 0's file work on the ranks' path "
+          "(included); a step's host work (under 1 ms: tests/bench_sample.py) runs ahead of "
+          "the GPU")
+
+
 def default_batch(preset):
+
     """Patches per U-Net batch when --batch is not given: 1 at GPU-filling sizes (1024 px), so
     that a round's patches spread over every rank (batches are cut before ranks take their
     share); 8 for small patches (the CPU demo)."""
@@ -866,6 +911,8 @@ def many_slides(args, device, rank, world):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.estimate:
+        return estimate(args)
     ddp, rank, world, device = cascade.init_distributed(args.device)
     if args.seeds or args.n:
         many_slides(args, device, rank, world)

@@ -368,3 +368,9 @@ def seam_score(img, grid, order="raster", block=8):
                 ref[c].extend(d[:, q - 1 + e - lo].mean() for e in offsets
                               if 0 <= q - 1 + e - lo < d.shape[1])
     return float(max(np.mean(s) / np.mean(r) for s, r in zip(seam, ref)))
+
+
+def rank_loads(work, world):
+    """For each round of a plan (tiler.plan), the patches on its busiest rank when each rank takes
+    every world-th batch (as sample.py shares a round): the round's length in patch times."""
+    return [max(sum(map(len, rnd[r::world])) for r in range(world)) for rnd in work]

@@ -8,13 +8,12 @@ import argparse
 import os
 import sys
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cascade  # noqa: E402
 import train  # noqa: E402
 import unet  # noqa: E402
+from unet import flops  # noqa: E402
 
 # The authors' models, counted the same way on lucidrains' imagen-pytorch U-Nets with their training
 # script's settings. Two sources:
@@ -43,20 +42,6 @@ def human(f):
         if f >= scale:
             return f"{f / scale:.3g} {unit}"
     return f"{f / 1e6:.3g} MFLOP"
-
-
-def flops(cfg, size, backward=False):
-    """FLOP of one image through `cfg` at size x size: forward, or forward + backward."""
-    with torch.device("meta"):
-        net = unet.UNet(cfg)
-        x = torch.zeros(1, 3, size, size, requires_grad=backward)
-        cond = torch.zeros(1, cfg.cond_ch, size, size) if cfg.cond_ch else None
-        lam = torch.zeros(1)
-        with FlopCounterMode(display=False) as fc:
-            out = net(x, lam, cond, lam)
-            if backward:
-                out.sum().backward()
-    return fc.get_total_flops()
 
 
 def slide_flops(p, steps, white=0.0):

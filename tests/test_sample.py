@@ -285,3 +285,15 @@ def test_sample_slide_equals_generate(tmp_path, monkeypatch):
     for s in (1, 2, 3):
         assert np.array_equal(images[s], np.load(str(out) + f".work/stage{s}.npy")), f"stage {s}"
     assert images[3].shape == (2048, 2048, 3) and images[3].std() > 0
+
+
+def test_estimate_prints_every_stage_without_models():
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--preset", "demo",
+                          "--estimate", "--gpus", "3"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    rows = [line.split() for line in res.stdout.splitlines()]
+    stage3 = next(r for r in rows if r and r[0] == "3")
+    demo = cascade.get_preset("demo")
+    assert int(stage3[1]) == demo.n_patches[2] ** 2  # patches
+    assert int(stage3[2]) == 3 * (demo.n_patches[2] - 1) + 1  # wavefront rounds
+    assert any(r and r[0] == "slide" for r in rows)

@@ -279,3 +279,15 @@ def test_seam_lines_follow_the_order():
         chk = tiler.seam_lines(g, "checkerboard", transpose=t)
         assert chk[:3] == [(31, 28, 0, 32), (57, 60, 0, 32), (87, 84, 0, 32)]
         assert chk[3][2:] == (28, 60)
+
+
+def test_rank_loads_by_hand():
+    """A round lasts as long as its busiest rank's patches (ranks take every world-th batch)."""
+    sizes = [len(sum(r, [])) for r in tiler.plan("wavefront", 4, 1)]
+    assert sizes == [1, 1, 2, 2, 2, 2, 2, 2, 1, 1]
+    assert tiler.rank_loads(tiler.plan("wavefront", 4, 1), 2) == [1] * 10  # 16 / 20 busy
+    assert tiler.rank_loads(tiler.plan("wavefront", 4, 2), 2) == sizes  # one batch a round
+    assert tiler.rank_loads(tiler.plan("checkerboard", 4, 1), 3) == [2, 2, 2, 2]
+    # the paper's stage 3 (46 x 46 patches) on 8 ranks at batch 1: 84.8 % and 98.7 % busy
+    busy = lambda order: 46 ** 2 / (8 * sum(tiler.rank_loads(tiler.plan(order, 46, 1), 8)))
+    assert round(busy("wavefront"), 3) == 0.848 and round(busy("checkerboard"), 3) == 0.987
