@@ -307,6 +307,10 @@ class Source:
         folder = path if os.path.isdir(path) else os.path.dirname(path)
         images = [os.path.join(folder, f) for f in files
                   if f.lower().endswith((".png", ".jpg", ".jpeg"))]
+        manifests = [os.path.join(folder, f) for f in files if f.endswith(".windows.json")]
+        self.is_windows = os.path.isdir(path) and bool(manifests)
+        if self.is_windows:
+            return self._windows(folder, manifests)
         self.is_patches = os.path.isdir(path) and bool(images) and not any(
             f.lower().endswith((".svs", ".tif", ".tiff")) for f in files)
         self.files = images if self.is_patches else data.list_slides(path)
@@ -317,9 +321,21 @@ class Source:
             self.stages = [{s: f"{f}.stage{s}.png" for s in (1, 2)
                             if os.path.exists(f"{f}.stage{s}.png")} for f in self.files]
 
+    def _windows(self, folder, manifests):
+        """The runs of `sample.py --window / --patches` in a directory: magnification 2 from
+        their stage-3 windows, magnifications 0-1 from the lower stages they made whole."""
+        self.is_patches, self.files, self.stages, self.windows = False, manifests, [], []
+        for path in manifests:
+            with open(path) as f:
+                m = json.load(f)
+            self.stages.append({int(s): os.path.join(folder, f) for s, f in m["stages"].items()})
+            self.windows += [os.path.join(folder, w["file"]) for w in m["windows"]
+                             if w["stage"] == 3]
+        self.slides = manifests  # one 'slide' per run (its lower stages)
+
     def fingerprint(self):
         stages = [] if self.is_patches else [p for st in self.stages for p in st.values()]
-        files = self.files + stages
+        files = self.files + stages + (self.windows if self.is_windows else [])
         return [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]
 
     def stage_png(self, k, stage):
@@ -360,8 +376,8 @@ def transforms(kind, n, preset, n_slides, crop=None, seed=0):
 def n_crops(source, kind, n, crop):
     """How many crops (network passes) patch_features takes of a source: n, or one whole region
     per slide at magnification 0 without --crop, or the files of a patch directory."""
-    if source.is_patches:
-        return min(n, len(source.files))
+    if source.is_patches or (source.is_windows and kind == 2):
+        return min(n, len(source.windows if source.is_windows else source.files))
     return len(source.slides) if kind == 0 and not crop else n
 
 
@@ -369,8 +385,8 @@ def distinct_crops(source, kind, crop):
     """How many different crops a source holds at a magnification: the region's area over a
     crop's (how many tile it), summed over the slides; one per slide at mag 0 without --crop
     (whole regions); the files of a patch directory."""
-    if source.is_patches:
-        return len(source.files)
+    if source.is_patches or (source.is_windows and kind == 2):
+        return len(source.windows if source.is_windows else source.files)
     if kind == 0 and not crop:
         return len(source.slides)
     N = cascade.stage_size(source.preset, kind + 1)
@@ -398,8 +414,11 @@ def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, crop=Non
         return np.load(path)
 
     P = source.preset.patch
-    if source.is_patches:
-        jobs = [lambda f=f: read_image(f) for f in source.files[:n]]
+    if source.is_windows:
+        check_windows(source, kind)
+    if source.is_patches or (source.is_windows and kind == 2):
+        files = source.windows if source.is_windows else source.files
+        jobs = [lambda f=f: read_image(f) for f in files[:n]]
     else:
         stage = 3 if kind == "pfid" else kind + 1
         pngs = {k: source.stage_png(k, stage) if stage < 3 else None
@@ -414,7 +433,8 @@ def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, crop=Non
     for i, job in enumerate(jobs):
         img = job()
         if keep(img):
-            buf.append(img if img.shape[:2] == (P, P) or not source.is_patches else
+            buf.append(img if img.shape[:2] == (P, P) or not (source.is_patches
+                                                              or source.is_windows) else
                        np.asarray(Image.fromarray(img).resize((P, P), Image.BOX)))
         if len(buf) == batch or (i == len(jobs) - 1 and buf):
             feats.append(net(np.stack(buf)))
@@ -430,6 +450,16 @@ def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, crop=Non
         with data.atomic_path(path) as tmp:
             np.save(tmp, feats)
     return feats
+
+
+def check_windows(source, kind):
+    """A one-line error when windows runs cannot give a magnification."""
+    if kind == "pfid":
+        raise ValueError(f"{source.path}: pFID needs whole slides, not windows; leave --n-pfid 0")
+    if kind in (0, 1) and any(kind + 1 not in st for st in source.stages):
+        raise ValueError(f"{source.path}: not every run made stage {kind + 1} whole (--window "
+                         "runs make only stage 1 whole); evaluate with --mag 2, or sample with "
+                         "--patches")
 
 
 def read_image(path):
@@ -622,7 +652,7 @@ def evaluate(args):
     ips = [results[f"mag{m}"]["ip"] for m in args.mag if results[f"mag{m}"]["ip"] is not None]
     irs = [results[f"mag{m}"]["ir"] for m in args.mag if results[f"mag{m}"]["ir"] is not None]
     results["table1_ip_ir"] = [float(np.mean(ips)), float(np.mean(irs))] if ips else None
-    if not fake.is_patches:
+    if not (fake.is_patches or fake.is_windows):  # what needs whole slides
         results["consistency"] = {"fake": [consistency(fake, k) for k in range(len(fake.files))],
                                   "real": [consistency(real, k) for k in range(len(real.files))]}
         margin = preset.sampling.edge_margin if args.edge_margin is None else args.edge_margin

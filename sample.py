@@ -24,6 +24,7 @@ import dataclasses
 import fcntl
 import functools
 import json
+import math
 import os
 import shutil
 import socket
@@ -88,17 +89,36 @@ def generate(args, device, rank=0, world=1):
     elif settings.from_slide:
         s = settings.start_stage - 1
         images[s] = real_lower_stage(settings, preset, journal, s, path(s), rank, world)
-    # Stages 2-3: patch grids, each conditioned on the stage below.
+    # Stages 2-3: patch grids, each conditioned on the stage below; with windows, only the
+    # patches they depend on (needed_cells).
+    windows, need = settings.windows, needed_cells(settings, preset, settings.windows)
+    for s in need if rank == 0 else ():
+        print(f"windows: stage {s}: {len(need[s])} of {cascade.stage_grid(preset, s).n ** 2} "
+              "patches", file=sys.stderr)
     for s in range(max(settings.start_stage, 2), settings.stages + 1):
-        canvas = new_canvas(path(s), cascade.stage_size(preset, s), preset.background, rank)
+        if settings.patches and s == 3:  # random windows on the tissue of the finished stage 2
+            windows = tissue_windows(images[2], settings, preset, rank, world)
+            need = needed_cells(settings, preset, windows, below=2)
+            if rank == 0:
+                print(f"--patches: {len(windows)} windows on tissue; stage 3: {len(need[3])} of "
+                      f"{cascade.stage_grid(preset, 3).n ** 2} patches", file=sys.stderr)
+        canvas = new_canvas(path(s), cascade.stage_size(preset, s), preset.background, rank,
+                            fill=s not in need)  # a window's stage image stays sparse
         grid_stage(s, lower_img=images.get(s - 1), canvas=canvas, journal=journal,
-                   settings=settings, preset=preset, device=device, rank=rank, world=world)
+                   settings=settings, preset=preset, device=device, rank=rank, world=world,
+                   cells=need.get(s))
         images[s] = canvas
-    # The slide: the last stage as a pyramidal BigTIFF, the lower stages as PNGs, a summary.
+    # The slide: the last stage as a pyramidal BigTIFF, the lower stages as PNGs, a summary;
+    # or the windows as PNGs with a manifest.
     if rank == 0:
         mpp = args.mpp or model_mpp(settings, preset, max(images))
-        t_write = write_slide(args.out, images, mpp=mpp, compression=args.compression)
-        report(args.out, images, settings, preset, journal, mpp, time.time() - t_start, t_write)
+        if settings.windows or settings.patches:
+            write_windows(args.out, images, windows, settings, mpp, args.lower_windows,
+                          whole=[s for s in images if s not in need])
+        else:
+            t_write = write_slide(args.out, images, mpp=mpp, compression=args.compression)
+            report(args.out, images, settings, preset, journal, mpp, time.time() - t_start,
+                   t_write)
         for img in images.values():
             img.close()
         if not args.keep_work:
@@ -123,13 +143,15 @@ def first_stage(settings, preset, journal, path, device, rank, world):
     return data.DiskArray(path) if rank == 0 else None
 
 
-def grid_stage(stage, *, lower_img, canvas, journal, settings, preset, device, rank, world):
+def grid_stage(stage, *, lower_img, canvas, journal, settings, preset, device, rank, world,
+               cells=None):
     """Stage 2 or 3: the patch grid, round by round (tiler.plan). Rank 0 reads each batch's inputs
     and sends every rank its share, gathers the results, saves the round, writes it into the
     stage image and marks it in the journal; other ranks only compute (lower_img, canvas: None).
     Rank 0's slow file work is off the ranks' path: a round's inputs from the stage below are read
     while the round before computes (`reader`), and a round is synced and marked done while the
-    next computes (`writer`). Only the known pixels wait for the previous round."""
+    next computes (`writer`). Only the known pixels wait for the previous round.
+    cells: the patches to generate (a window's closure), None = all."""
     S, sp = settings, settings.sampling
     grid = cascade.stage_grid(preset, stage, sp.edge_margin)
     lower = None if S.outpaint or rank else tiler.Lower(lower_img, cascade.zoom(preset, stage),
@@ -138,10 +160,12 @@ def grid_stage(stage, *, lower_img, canvas, journal, settings, preset, device, r
              if stage in sp.fill_white and lower else None)
     sample_fn = Timed(load_cdm(S, preset, stage, device), sp)
     journal.share(world)
-    todo = tiler.plan(S.order, grid.n, S.batch, journal.done(stage))
-    cells = [c for rnd in todo for b in rnd for c in b]
-    n_fill = sum(white(lower, *grid.origin(*c), grid.patch) for c in cells) if white else 0
-    meter = Progress(stage, journal, grid.n ** 2, n_fill)
+    skip = [] if cells is None else [(i, j) for i in range(grid.n) for j in range(grid.n)
+                                     if (i, j) not in cells]
+    todo = tiler.plan(S.order, grid.n, S.batch, journal.done(stage) + skip)
+    left = [c for rnd in todo for b in rnd for c in b]
+    n_fill = sum(white(lower, *grid.origin(*c), grid.patch) for c in left) if white else 0
+    meter = Progress(stage, journal, grid.n ** 2 - len(skip), n_fill)
     below = lambda rnd: [tiler.lower_inputs(grid, cells, lower, white) for cells in rnd]
     read = lambda cells, low: tiler.read_batch(grid, canvas, cells, lower=lower, below=low)
 
@@ -203,7 +227,89 @@ def write_slide(out, images, *, mpp, compression):
     return time.time() - t0
 
 
+# ----------------------------------------------------------------------------- windows
+
+def needed_cells(settings, preset, windows, below=1):
+    """{stage: the patches that `windows` (final-stage px) depend on} (tiler.closure), from the
+    last stage down to the stage above `below`; {} for the whole slide. Stage 1 is always whole."""
+    S, need = settings, {}
+    rects = [(y, y + h, x, x + w) for x, y, w, h in windows]
+    for s in range(S.stages, below, -1) if windows else ():
+        grid = cascade.stage_grid(preset, s, S.sampling.edge_margin)
+        need[s] = tiler.closure(grid, S.order, rects)
+        rects = tiler.lower_rects(grid, need[s], cascade.zoom(preset, s),
+                                  cascade.stage_size(preset, s - 1))
+    return need
+
+
+def tissue_windows(stage2, settings, preset, rank, world, tries=100):
+    """--patches: settings.patches windows of settings.patch_size px at random final-stage
+    positions, drawn from the seed, kept where the stage-2 field under them is tissue (at least
+    --white-threshold, the rule for 'mostly white'): glass is never generated. Rank 0 draws,
+    every rank gets them."""
+    S, out = settings, []
+    if rank == 0:
+        rng = np.random.default_rng(sde.derive_seed("windows", S.seed))
+        N3, size = cascade.stage_size(preset, 3), S.patch_size
+        r = N3 / cascade.stage_size(preset, 2)  # final px per stage-2 px
+        for _ in range(tries * S.patches):
+            x, y = (int(v) for v in rng.integers(0, N3 - size + 1, 2))
+            field = stage2[int(y / r):math.ceil((y + size) / r),
+                           int(x / r):math.ceil((x + size) / r)]
+            if data.tissue_fraction(np.asarray(field)) >= max(S.white_threshold, 1e-9):
+                out.append((x, y, size, size))
+                if len(out) == S.patches:
+                    break
+        if len(out) < S.patches:
+            print(f"--patches {S.patches}: only {len(out)} windows on tissue found in "
+                  f"{tries * S.patches} draws", file=sys.stderr)
+    if world > 1:
+        box = [out]
+        dist.broadcast_object_list(box, src=0)
+        out = box[0]
+    return tuple(out)
+
+
+def window_files(out, x, y):
+    """The file of the window at (x, y) (final-stage px), beside OUT: OUT_x<X>_y<Y>.png."""
+    return f"{os.path.splitext(out)[0]}_x{x}_y{y}"
+
+
+def write_windows(out, images, windows, settings, mpp, lower_windows, whole):
+    """Each window of the final stage as a PNG (with --lower-windows, its field in each lower
+    stage too), the lower stages generated whole as OUT.stage<s>.png (for metrics.py's
+    magnifications 0-1), and OUT.windows.json: a manifest a patch dataset loads (file, x, y, w, h,
+    stage, um/px; the run's seed and settings)."""
+    last, records = max(images), []
+    save = lambda arr, path: Image.fromarray(np.asarray(arr)).save(path, format="PNG")
+    for x, y, w, h in windows:
+        root = window_files(out, x, y)
+        rec = {"file": os.path.basename(root) + ".png", "x": x, "y": y, "w": w, "h": h,
+               "stage": last, "mpp": mpp, "lower": {}}
+        with data.atomic_path(root + ".png") as tmp:
+            save(images[last].read(y, x, h, w), tmp)
+        for s in sorted(images)[:-1] if lower_windows else ():
+            r = images[last].shape[0] / images[s].shape[0]  # final px per stage-s px
+            y0, x0 = int(y / r), int(x / r)
+            y1, x1 = max(math.ceil((y + h) / r), y0 + 1), max(math.ceil((x + w) / r), x0 + 1)
+            with data.atomic_path(f"{root}_stage{s}.png") as tmp:
+                save(images[s][y0:y1, x0:x1], tmp)
+            rec["lower"][str(s)] = {"file": f"{os.path.basename(root)}_stage{s}.png",
+                                    "box": [x0, y0, x1 - x0, y1 - y0]}
+        records.append(rec)
+    stages = {}
+    for s in sorted(s for s in whole if s < last):
+        with data.atomic_path(f"{out}.stage{s}.png") as tmp:
+            save(images[s][:], tmp)
+        stages[str(s)] = f"{os.path.basename(out)}.stage{s}.png"
+    data.write_json(f"{out}.windows.json", {"format": "urcdm-windows-v1", "seed": settings.seed,
+                                            "stages": stages, "settings": _plain(settings),
+                                            "windows": records}, indent=1)
+    print(f"wrote {len(records)} windows beside {out} and {out}.windows.json", file=sys.stderr)
+
+
 # ============================================================================= operations
+
 # Settings, journal, ranks, models, progress, previews, many slides, main: what makes
 # `generate` robust and fast. None of it changes a pixel.
 
@@ -227,6 +333,9 @@ class Settings:
     ckpt: str                   # the model directory, resolved
     from_slide: str = ""        # --from: a real slide whose lower stage is used ("" = none)
     start_stage: int = 1        # the first stage generated (1; 2-3 with --from; 3 for --outpaint)
+    windows: tuple = ()         # --window: ((x, y, w, h), ...) in final-stage px; () = the slide
+    patches: int = 0            # --patches: that many random windows on tissue (0 = none)
+    patch_size: int = 0         # their side, final-stage px
 
 
 def parse_args(argv=None):
@@ -309,6 +418,17 @@ def parse_args(argv=None):
     g.add_argument("--mfu", type=float, default=0.4, help="share of the GPU's peak the U-Nets reach")
     g.add_argument("--tflops", type=float, default=312.0,
                    help="the GPU's bf16 dense peak, TFLOP/s (A100: 312)")
+    g = ap.add_argument_group("windows (crops of the final slide; only the patches they depend on "
+                              "are generated, and they hold exactly the slide's pixels)")
+    g.add_argument("--window", type=int, nargs=4, action="append", default=None,
+                   metavar=("X", "Y", "W", "H"),
+                   help="a window in final-stage px (repeat for several): OUT_x<X>_y<Y>.png")
+    g.add_argument("--patches", type=int, default=0,
+                   help="N windows at random positions on tissue (after stage 2, from the seed)")
+    g.add_argument("--patch-size", type=int, default=None,
+                   help="side of the --patches windows, px (default: the preset's patch)")
+    g.add_argument("--lower-windows", action="store_true",
+                   help="also write each window's field in the lower stages (OUT_x.._stage<s>.png)")
     ap.add_argument("--keep-work", action="store_true",
                     help="keep OUT.work/ (stage images, journal) at the end")
     args = ap.parse_args(argv)
@@ -331,13 +451,15 @@ def resolve(args, device, rank=0):
     ckpt, models = ("", {}) if args.dry_run else check_models(args, preset, stages)
     if rank == 0:  # only rank 0 writes (other machines need no shared file system)
         check_out(args, preset, stages)
+    windows, patch_size = check_windows(args, preset, max(stages))
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cascade.native_bf16(device))
     return Settings(preset=preset.name, seed=args.seed, stages=max(stages), order=args.order,
                     batch=args.batch or default_batch(preset), white_threshold=args.white_threshold,
                     outpaint=args.outpaint, dry_run=args.dry_run,
                     precision="bf16" if bf16 else "fp32", sampling=sampling, models=models,
                     ckpt=ckpt, start_stage=start,
-                    from_slide=os.path.realpath(args.from_slide) if args.from_slide else ""), preset
+                    from_slide=os.path.realpath(args.from_slide) if args.from_slide else "",
+                    windows=windows, patches=args.patches, patch_size=patch_size), preset
 
 
 # Rank 0's file work that a round waits for, per patch of the round (known pixels read and sent,
@@ -380,7 +502,21 @@ def default_batch(preset):
     return 1 if preset.patch >= 1024 else 8
 
 
+def check_windows(args, p, last):
+    """--window / --patches: windows inside the final stage. Returns (windows, patch size)."""
+    N, windows = cascade.stage_size(p, last), tuple(tuple(w) for w in args.window or ())
+    for x, y, w, h in windows:
+        if not (w >= 1 and h >= 1 and 0 <= x and x + w <= N and 0 <= y and y + h <= N):
+            fail(f"--window {x} {y} {w} {h}: must lie inside the {N} x {N} px stage {last} image")
+    size = args.patch_size or p.patch
+    if args.patches and (args.patches < 0 or windows or not 1 <= size <= N or last != 3):
+        fail(f"--patches {args.patches}: use N >= 1, without --window, with --patch-size 1 to {N} "
+             "and --stages 3")
+    return windows, size if args.patches else 0
+
+
 def check_from(args, p):
+
     """--from SLIDE --start-stage S: a readable slide at least the region's size, S within --stages.
     Returns S."""
     start = args.start_stage or 2
@@ -472,8 +608,11 @@ def check_out(args, p, stages):
     folder = os.path.dirname(out)
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         fail(f"--out {args.out}: cannot write into {folder} (missing or read-only)")
-    need = sum(3 * cascade.stage_size(p, s) ** 2 for s in stages) * 1.4  # stage images, pyramid
-                                                                         #   temps, slide
+    sizes = [3 * cascade.stage_size(p, s) ** 2 for s in stages]  # stage images, pyramid temps,
+    if args.window or args.patches:                              #   slide; windows: a closure
+        sizes[-1] = min(sizes[-1], 3 * p.patch ** 2 * 50 * max(len(args.window or ()),
+                                                             args.patches))
+    need = sum(sizes) * 1.4
     free = shutil.disk_usage(folder).free
     if free < need and not args.resume:
         fail(f"--out {args.out}: this run needs about {need / 1e9:.1f} GB in {folder}, "
@@ -642,13 +781,15 @@ def lock_work(work):
     return lock
 
 
-def new_canvas(path, N, background, rank):
-    """The (N, N, 3) stage image file of a grid stage (rank 0; None elsewhere), created once."""
+def new_canvas(path, N, background, rank, fill=True):
+    """The (N, N, 3) stage image file of a grid stage (rank 0; None elsewhere), created once;
+    filled with the background, or (fill=False, for windows) left sparse: no bytes on disk."""
     if rank:
         return None
     if not os.path.exists(path):
         with data.atomic_path(path) as tmp:
-            data.DiskArray(tmp, (N, N, 3), fill=background).close()
+            data.DiskArray(tmp, (N, N, 3), fill=background if fill else None).close()
+
     return data.DiskArray(path)
 
 
@@ -877,7 +1018,8 @@ def many_slides(args, device, rank, world):
     for seed in seeds[rank::world]:
         out = f"{root}_s{seed}{ext}"
         rec_path = out + ".json"
-        if os.path.exists(rec_path) and os.path.exists(out):
+        product = f"{out}.windows.json" if args.window or args.patches else out  # what is kept
+        if os.path.exists(rec_path) and os.path.exists(product):
             with open(rec_path) as f:
                 records.append(json.load(f))
             print(f"{out}: done already, skipped", file=sys.stderr)
@@ -888,10 +1030,11 @@ def many_slides(args, device, rank, world):
         journal = generate(one, device)
         stages = journal.stages()
         rec = {"seed": seed, "host": socket.gethostname(), "rank": rank,
-               "path": os.path.abspath(out), "settings": journal.settings(),
+               "path": os.path.abspath(product), "settings": journal.settings(),
                "seconds": time.time() - t0,
                "patches": {str(s): v[0] for s, v in stages.items()},
-               "filled": {str(s): v[1] for s, v in stages.items()}, "sha256": data.file_digest(out)}
+               "filled": {str(s): v[1] for s, v in stages.items()},
+               "sha256": data.file_digest(product)}
         data.write_json(rec_path, rec, indent=1)
         records.append(rec)
     if world > 1:

@@ -22,6 +22,7 @@ References
   [RePaint]  Lugmayr et al., 2022 (inpainting by replacement).
 """
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -314,7 +315,55 @@ def generate_stage(sample_fn, grid, canvas, *, stage, seed, order="raster", batc
     return results
 
 
+# ---------------------------------------------------------------------- windows: what a crop needs
+
+def cells_over(grid, rect):
+    """The patches whose P x P area meets rect = (y0, y1, x0, x1), in stage px."""
+    y0, y1, x0, x1 = rect
+    span = lambda a, b: range(max(0, -(-(a - grid.patch + 1) // grid.stride)),
+                              min(grid.n, -(-b // grid.stride)))
+    return {(i, j) for i in span(y0, y1) for j in span(x0, x1)}
+
+
+def closure(grid, order, rects):
+    """Every patch that the final pixels of `rects` (stage px) depend on in `order`: the patches
+    that write into them and, recursively, each earlier-round neighbour of one of those (it wrote
+    pixels the later patch holds fixed, feathers or overwrites). With per-patch seeds, generating
+    these alone, in plan order, gives the rects exactly the pixels of the whole stage. Small in
+    checkerboard (4 phases: at most 3 steps back), the whole past in raster and wavefront."""
+    k = round_index(order, grid.n)
+    need = set().union(*(cells_over(grid, r) for r in rects))
+    todo = list(need)
+    while todo:
+        i, j = todo.pop()
+        for a in (i - 1, i, i + 1):
+            for b in (j - 1, j, j + 1):
+                if (a, b) in k and k[(a, b)] < k[(i, j)] and (a, b) not in need:
+                    need.add((a, b))
+                    todo.append((a, b))
+    return need
+
+
+def lower_rects(grid, cells, zoom, lower_size):
+    """What `cells` read of the stage below (size lower_size px): each one's context window, its
+    region (cascade.region_span) and its white-test window, as (y0, y1, x0, x1) clipped to it."""
+    P, out = grid.patch, []
+    clip = lambda a: min(max(a, 0), lower_size)
+    for i, j in cells:
+        y0, x0 = grid.origin(i, j)
+        cy, cx = cascade.context_origin(y0, x0, P, zoom)
+        ya, yb, xa, xb = cascade.region_span((lower_size, lower_size), y0, x0, P, zoom)
+        wy, wx = math.floor(y0 / zoom), math.floor(x0 / zoom)
+        wy1, wx1 = math.ceil((y0 + P) / zoom), math.ceil((x0 + P) / zoom)
+        for r in ((cy, cy + P, cx, cx + P), (ya, yb, xa, xb), (wy, wy1, wx, wx1)):
+            r = tuple(map(clip, r))
+            if r[0] < r[1] and r[2] < r[3]:
+                out.append(r)
+    return out
+
+
 # ---------------------------------------------------------------------- seams
+
 
 def seam_lines(grid, order, transpose=False):
     """Where a patch's content can meet its earlier neighbour's across vertical lines. For every
