@@ -91,14 +91,17 @@ def generate(args, device, rank=0, world=1):
         images[s] = real_lower_stage(settings, preset, journal, s, path(s), rank, world)
     # Stages 2-3: patch grids, each conditioned on the stage below; with windows, only the
     # patches they depend on (needed_cells).
-    windows, need = settings.windows, needed_cells(settings, preset, settings.windows)
+    cells = lambda windows, below=1: needed_cells(preset, settings.order,
+                                                  settings.sampling.edge_margin, windows,
+                                                  settings.stages, below)
+    windows, need = settings.windows, cells(settings.windows)
     for s in need if rank == 0 else ():
         print(f"windows: stage {s}: {len(need[s])} of {cascade.stage_grid(preset, s).n ** 2} "
               "patches", file=sys.stderr)
     for s in range(max(settings.start_stage, 2), settings.stages + 1):
         if settings.patches and s == 3:  # random windows on the tissue of the finished stage 2
             windows = tissue_windows(images[2], settings, preset, rank, world)
-            need = needed_cells(settings, preset, windows, below=2)
+            need = cells(windows, below=2)
             if rank == 0:
                 print(f"--patches: {len(windows)} windows on tissue; stage 3: {len(need[3])} of "
                       f"{cascade.stage_grid(preset, 3).n ** 2} patches", file=sys.stderr)
@@ -229,14 +232,14 @@ def write_slide(out, images, *, mpp, compression):
 
 # ----------------------------------------------------------------------------- windows
 
-def needed_cells(settings, preset, windows, below=1):
-    """{stage: the patches that `windows` (final-stage px) depend on} (tiler.closure), from the
+def needed_cells(preset, order, margin, windows, last=3, below=1):
+    """{stage: the patches that `windows` (stage-`last` px) depend on} (tiler.closure), from the
     last stage down to the stage above `below`; {} for the whole slide. Stage 1 is always whole."""
-    S, need = settings, {}
+    need = {}
     rects = [(y, y + h, x, x + w) for x, y, w, h in windows]
-    for s in range(S.stages, below, -1) if windows else ():
-        grid = cascade.stage_grid(preset, s, S.sampling.edge_margin)
-        need[s] = tiler.closure(grid, S.order, rects)
+    for s in range(last, below, -1) if windows else ():
+        grid = cascade.stage_grid(preset, s, margin)
+        need[s] = tiler.closure(grid, order, rects)
         rects = tiler.lower_rects(grid, need[s], cascade.zoom(preset, s),
                                   cascade.stage_size(preset, s - 1))
     return need
@@ -468,27 +471,56 @@ def resolve(args, device, rank=0):
 HOST_S_PER_PATCH = 0.05
 
 
+def patch_flops(preset, sampling, stage):
+    """FLOP of one patch of `stage`: its three levels at their sizes and steps."""
+    return sum(unet_mod.flops(cascade.unet_config(preset, stage, lvl), L)
+               * sampling.level_steps(stage, lvl) for lvl, L in enumerate(preset.level_sizes))
+
+
+def stage_costs(preset, sampling, order, batch, world, need=None):
+    """Per stage (1, 2, 3): (patches, rounds, share of rank time busy, FLOP, FLOP a patch, rank
+    time in patch-times) when `world` ranks share each round; need: {stage: cells} (windows)."""
+    rows = []
+    for s in (1, 2, 3):
+        n, cells = preset.n_patches[s - 1], (need or {}).get(s)
+        skip = [] if cells is None else [(i, j) for i in range(n) for j in range(n)
+                                         if (i, j) not in cells]
+        loads = tiler.rank_loads(tiler.plan(order, n, batch, skip), world) if s > 1 else [1]
+        k, flop = n * n - len(skip), patch_flops(preset, sampling, s)
+        rows.append((k, len(loads), k / (world * max(sum(loads), 1)), k * flop, flop, sum(loads)))
+    return rows
+
+
 def estimate(args):
     """--estimate: per stage the patches, rounds, rank utilisation, FLOPs and wall time on --gpus
-    GPUs at --mfu of --tflops, with rank 0's measured file work; arithmetic, no model loaded."""
+    GPUs at --mfu of --tflops, with rank 0's measured file work; arithmetic, no model loaded.
+    With --window / --patches: what those windows cost (--patches: uniform random positions, as
+    the tissue is not known before stage 2)."""
     p = cascade.get_preset(args.preset)
     sp, batch, W = resolve_sampling(args, p), args.batch or default_batch(p), args.gpus
     rate = args.tflops * 1e12 * args.mfu  # FLOP/s of one GPU
+    windows, size = check_windows(args, p, 3)
+    if args.patches:
+        rng = np.random.default_rng(sde.derive_seed("windows", args.seed))
+        xy = rng.integers(0, cascade.stage_size(p, 3) - size + 1, (args.patches, 2))
+        windows = [(int(x), int(y), size, size) for x, y in xy]
+    need = needed_cells(p, args.order, sp.edge_margin, windows, below=2 if args.patches else 1)
     print(f"{p.name}: order {args.order}, batch {batch}, {W} GPUs at {args.mfu:.0%} of "
-          f"{args.tflops:g} TFLOP/s; every patch generated (glass filled instead only shortens it)")
+          f"{args.tflops:g} TFLOP/s; every patch generated (glass filled instead only shortens it)"
+          + (f"; {len(windows)} windows" if windows else ""))
     print("stage  patches  rounds  ranks busy    PFLOP  s a patch   wall h")
-    total_s = total_flop = 0.0
-    for s in (1, 2, 3):
-        n = p.n_patches[s - 1]
-        flop = sum(unet_mod.flops(cascade.unet_config(p, s, lvl), L) * sp.level_steps(s, lvl)
-                   for lvl, L in enumerate(p.level_sizes))  # one patch: its three levels
-        loads = tiler.rank_loads(tiler.plan(args.order, n, batch), W) if s > 1 else [1]
-        seconds = sum(loads) * flop / rate + (n * n * HOST_S_PER_PATCH if s > 1 else 0)
-        total_s, total_flop = total_s + seconds, total_flop + n * n * flop
-        print(f"{s:5d} {n * n:8d} {len(loads):7d} {n * n / (W * sum(loads)):10.1%} "
-              f"{n * n * flop / 1e15:8.0f} {flop / rate:10.1f} {seconds / 3600:8.2f}")
-    print(f"slide {'':24s} {total_flop / 1e15:8.0f} {'':10s} {total_s / 3600:8.2f}  "
-          f"({total_s / 60:.0f} min)")
+    rows = stage_costs(p, sp, args.order, batch, W, need)
+    total_s = 0.0
+    for s, (k, n_rounds, busy, flop, one, load) in enumerate(rows, 1):
+        seconds = load * one / rate + (k * HOST_S_PER_PATCH if s > 1 else 0)
+        total_s += seconds
+        print(f"{s:5d} {k:8d} {n_rounds:7d} {busy:10.1%} {flop / 1e15:8.1f} {one / rate:10.1f} "
+              f"{seconds / 3600:8.2f}")
+    total = sum(r[3] for r in rows)
+    whole = sum(r[3] for r in stage_costs(p, sp, args.order, batch, W)) if windows else total
+    print(f"slide {'':24s} {total / 1e15:8.1f} {'':10s} {total_s / 3600:8.2f}  "
+          f"({total_s / 60:.0f} min" + (f"; {total / whole:.1%} of the whole slide's FLOPs)"
+                                         if windows else ")"))
     print(f"host: {HOST_S_PER_PATCH} s a patch of rank 0's file work on the ranks' path "
           "(included); a step's host work (under 1 ms: tests/bench_sample.py) runs ahead of "
           "the GPU")
