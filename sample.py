@@ -418,7 +418,8 @@ def parse_args(argv=None):
     g.add_argument("--estimate", action="store_true",
                    help="patches, rounds, rank utilisation, FLOPs and wall time per stage")
     g.add_argument("--gpus", type=int, default=8, help="GPUs (ranks) of the estimate")
-    g.add_argument("--mfu", type=float, default=0.4, help="share of the GPU's peak the U-Nets reach")
+    g.add_argument("--mfu", type=float, default=0.4,
+                   help="share of the GPU's peak the U-Nets reach")
     g.add_argument("--tflops", type=float, default=312.0,
                    help="the GPU's bf16 dense peak, TFLOP/s (A100: 312)")
     g = ap.add_argument_group("windows (crops of the final slide; only the patches they depend on "

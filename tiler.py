@@ -191,7 +191,8 @@ class Cutout:
 
     def __getitem__(self, idx):
         ys, xs = idx
-        return self.pixels[ys.start - self.ya:ys.stop - self.ya, xs.start - self.xa:xs.stop - self.xa]
+        y, x = self.ya, self.xa
+        return self.pixels[ys.start - y:ys.stop - y, xs.start - x:xs.stop - x]
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Benchmark: the host's share of sampling at paper geometry. Not a test (pytest does not collect it).
+"""Benchmark: the host's share of sampling at paper geometry. Not a test (pytest skips it).
 
     python tests/bench_sample.py                    # host time per 1024 px patch-step
     python tests/bench_sample.py --dry-run --out /tmp/paper_dry.tif [--order wavefront --batch 1]
@@ -98,12 +98,14 @@ def host_bench(args):
     cpu, meta = host_per_step(tiny, args.steps, "cpu"), host_per_step(p, args.steps, "meta")
     for lvl, ((ms, ops), (ms_meta, _)) in enumerate(zip(cpu, meta)):
         print(f"  level {lvl} ({p.level_sizes[lvl]} px): {ops:.0f} ops per step; host {ms:.2f} ms "
-              f"per step on tiny CPU tensors, {ms_meta:.2f} ms on 'meta' at {p.level_sizes[lvl]} px")
+              f"per step on tiny CPU tensors, {ms_meta:.2f} ms on 'meta' at "
+              f"{p.level_sizes[lvl]} px")
     top_ms, top_ops = cpu[2][0], cpu[2][1]
     print(f"  assumed CUDA launch cost 5 us an op: {top_ops * 5e-3:.2f} ms more per top-level step")
     top_ms += top_ops * 5e-3
     noise = cpu_noise_ms(p.patch)
-    print(f"host per {p.patch} px patch-step, launches included: {top_ms:.2f} ms (goal <= 4.5 ms = 5 % of "
+    print(f"host per {p.patch} px patch-step, launches included: {top_ms:.2f} ms (goal <= 4.5 "
+          "ms = 5 % of "
           f"{GPU_MS_PER_STEP} ms of GPU: {'met' if top_ms <= 4.5 else 'NOT met'})")
     print(f"before (noise from CPU generators): {noise:.1f} ms per draw of one {p.patch} px "
           f"patch's noise, 2 draws per step = {2 * noise:.1f} ms, plus the blocking copies")
@@ -164,14 +166,16 @@ def io_bench(args, n_round=23):
         import shutil
         shutil.rmtree(work, ignore_errors=True)
     waits = ("known pixels from the canvas", "inputs pickled for the ranks",
-             "one patch's floats, on its rank (x ranks' share)", "round saved whole (round.npz, fsync)",
+             "one patch's floats, on its rank (x ranks' share)",
+             "round saved whole (round.npz, fsync)",
              "round into the canvas")
     print(f"rank 0's file work for a round of {n_round} stage-3 patches ({p.name}, {args.gpus} "
           "ranks at batch 1):")
     for k, v in t.items():
         print(f"  {k:50s} {v:6.2f} s  {'next round waits' if k in waits else 'beside compute'}")
     before, after = sum(t.values()), sum(t[k] for k in waits)
-    print(f"on the ranks' path per round: {after:.2f} s ({after / n_round:.3f} s a patch; all of it "
+    print(f"on the ranks' path per round: {after:.2f} s ({after / n_round:.3f} s a patch; all "
+          "of it "
           f"in line would be {before:.2f} s); {sent / 2 ** 20:.0f} MiB sent to the ranks")
 
 

@@ -234,5 +234,6 @@ def test_sampling_steps_neither_sync_nor_copy_from_the_host(monkeypatch):
     assert counts[0] == counts[1]
     # the counter sees the copies it is meant to catch
     with _HostTransfers(monkeypatch) as h:
-        torch.as_tensor(0.5, device="meta"), torch.ones(2).to("meta"), torch.tensor([1.0], device="meta")
+        torch.as_tensor(0.5, device="meta"), torch.ones(2).to("meta")
+        torch.tensor([1.0], device="meta")
     assert h.n == 3
