@@ -649,9 +649,10 @@ def evaluate(args):
             ok = min(len(vr), len(vf)) > args.k
             row["ip"], row["ir"] = precision_recall(vr, vf, k=args.k) if ok else (None, None)
         results[f"mag{kind}" if kind != "pfid" else "pfid"] = row
-    ips = [results[f"mag{m}"]["ip"] for m in args.mag if results[f"mag{m}"]["ip"] is not None]
-    irs = [results[f"mag{m}"]["ir"] for m in args.mag if results[f"mag{m}"]["ir"] is not None]
+    mags = [m for m in args.mag if results[f"mag{m}"]["ip"] is not None]
+    ips, irs = ([results[f"mag{m}"][key] for m in mags] for key in ("ip", "ir"))
     results["table1_ip_ir"] = [float(np.mean(ips)), float(np.mean(irs))] if ips else None
+    results["table1_mags"] = mags  # the paper averages all three
     if not (fake.is_patches or fake.is_windows):  # what needs whole slides
         results["consistency"] = {"fake": [consistency(fake, k) for k in range(len(fake.files))],
                                   "real": [consistency(real, k) for k in range(len(real.files))]}
@@ -688,8 +689,12 @@ def format_table(results):
 
 
     if results.get("table1_ip_ir"):
-        lines.append("IP / IR averaged over the magnifications (the paper's Table 1): "
-                     + " / ".join(f"{v:.3f}" for v in results["table1_ip_ir"]))
+        mags = results.get("table1_mags", [0, 1, 2])
+        lines.append(f"IP / IR averaged over magnifications {', '.join(map(str, mags))} (the "
+                     "paper's Table 1): " + " / ".join(f"{v:.3f}" for v in results["table1_ip_ir"]))
+        if len(mags) < 3:
+            lines.append(f"warning: the paper's Table 1 averages magnifications 0, 1 and 2; this "
+                         f"average has only {len(mags)} (too few crops, or --mag): not comparable")
     for side in ("fake", "real"):
         for k, c in enumerate(results.get("consistency", {}).get(side, [])):
             lines.append(f"consistency {side} slide {k}: " + "; ".join(

@@ -264,3 +264,14 @@ def test_default_crops_follow_the_slides(tmp_path, capsys):
                           "--min-tissue", "0", "--mag", "2"])
     assert again["mag2"]["fid"] == res["mag2"]["fid"]
     assert "0 network passes to run" in capsys.readouterr().err  # all cached
+
+
+def test_table1_average_warns_when_it_covers_fewer_than_three_magnifications():
+    row = {"fid": 1.0, "fid_std": 0.1, "kid": 0.01, "kid_std": 0.001, "ip": 0.5, "ir": 0.5,
+           "n_real": 5, "n_fake": 5}
+    base = {"network": "x", "ip_ir_features": "y", "table1_ip_ir": [0.5, 0.5]}
+    full = metrics.format_table({**base, "mag0": row, "mag1": row, "mag2": row,
+                                 "table1_mags": [0, 1, 2]})
+    assert "magnifications 0, 1, 2" in full and "warning" not in full
+    short = metrics.format_table({**base, "mag2": row, "table1_mags": [2]})
+    assert "warning: the paper's Table 1 averages magnifications 0, 1 and 2" in short
