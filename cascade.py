@@ -72,6 +72,8 @@ class Training:
     aug_per_batch: bool = True        # one t_aug per batch [imagen-pytorch] or one per sample
     min_snr_gamma: object = 5.0       # min-SNR loss weight [MinSNR; imagen-pytorch]; None = off
     region_choice: str = "centre"     # each slide's region: 'centre' [PAPER] or on the 'tissue'
+    ema_warmup: str = "ema-pytorch"   # the EMA's schedule (train.ema_decay): 'ema-pytorch' [the
+                                      #   authors' trainer] or 'fast' (every step, (1+n)/(10+n))
 
 
 @dataclass(frozen=True)
@@ -127,13 +129,14 @@ PRESETS = {
     # deviation: the settings its checkpoints were trained with, not the authors' (README,
     # "Departures"): v everywhere, cosine augmentation of every input over U(0, 0.5) per sample,
     # region conditioning, no min-SNR, tissue-centred regions, no thresholding, the inner-edge
-    # margin and feather (overlap / 8 = 4 px), white fill at stages 2 and 3, the ADM U-Net layout.
+    # margin and feather (overlap / 8 = 4 px), white fill at stages 2 and 3, the ADM U-Net layout,
+    # an EMA updated every step with a fast warm-up (short CPU runs).
     "demo": Preset("demo", patch=256, n_patches=(1, 3, 9), level_sizes=(16, 64, 256),
                    unets=("demo_base", "demo", "demo"), schedules=("cosine", "cosine", "linear"),
                    **V1_MODEL_DEFAULTS,
                    training=Training(crop=64, aug_train=(0.0, 0.5), aug_per_batch=False,
                                      min_snr_gamma=None,
-                                     region_choice="tissue"),
+                                     region_choice="tissue", ema_warmup="fast"),
                    sampling=Sampling(steps=(50, 25, 10), edge_margin=4,
                                      feather=4, fill_white=(2, 3))),
     # For tests and smoke runs: stages 32 / 88 / 116, 8 -> 16 -> 32 px, a few steps.
@@ -142,7 +145,7 @@ PRESETS = {
                    schedules=("cosine", "cosine", "linear"), **V1_MODEL_DEFAULTS,
                    training=Training(crop=16, aug_train=(0.0, 0.5), aug_per_batch=False,
                                      min_snr_gamma=None,
-                                     region_choice="tissue"),
+                                     region_choice="tissue", ema_warmup="fast"),
                    sampling=Sampling(steps=(3, 3, 3), fill_white=(2, 3))),
 }
 

@@ -58,7 +58,7 @@ class Config:
     batch: int                 # per process; the global batch is batch x ranks
     lr: float                  # Adam's learning rate [Imagen: 1e-4]
     max_steps: tuple           # total optimiser steps per level (0, 1, 2) [PAPER: 200k]
-    ema: float                 # EMA decay, warmed up as min(ema, (1 + n) / (10 + n))
+    ema: float                 # EMA decay beta, reached after the preset's warm-up (ema_decay)
     bf16: bool                 # bf16 autocast of the U-Net (the optimiser state stays fp32)
     seed: int = 0
     conditioned: bool = True   # False: the outpainting baseline (no lower-stage crops)
@@ -85,6 +85,21 @@ class Config:
                    save_every=args.save_every, keep=args.keep, sample_every=args.sample_every,
                    sample_steps=args.sample_steps, max_nonfinite=args.max_nonfinite,
                    check_replicas=args.check_replicas)
+
+
+def ema_decay(step, beta, warmup):
+    """The EMA's decay at optimiser step `step` (0-based), or None: no update this step.
+    'ema-pytorch' [the authors: imagen-pytorch's trainer keeps ema-pytorch's defaults]: every 10th
+    step; a copy of the model (decay 0) up to step 100, then 1 - (1 + (step - 100))^(-2/3), at
+    most beta (0.99971 at 200k steps: the EMA then averages the last ~34k steps).
+    'fast': every step, min(beta, (1 + step) / (10 + step)) (about 10k steps at beta 0.9999)."""
+    if warmup == "fast":  # deviation: the demo's short CPU runs (cascade.PRESETS["demo"])
+        return min(beta, (1 + step) / (10 + step))
+    if warmup != "ema-pytorch":
+        raise ValueError(f"unknown EMA warm-up {warmup!r}; use 'ema-pytorch' or 'fast'")
+    if step % 10:
+        return None
+    return 0.0 if step <= 100 else min(beta, 1 - (1 + step - 100) ** (-2 / 3))
 
 
 class Trainer:
@@ -133,12 +148,17 @@ class Trainer:
                            min_snr_gamma=tr.min_snr_gamma, generator=g)
 
     def update_ema(self):
-        """ema <- decay ema + (1 - decay) model, decay warmed up from 0.1 to cfg.ema; all
+        """ema <- decay ema + (1 - decay) model at the preset's schedule (ema_decay); all
         parameters in one foreach kernel per group (not one launch per tensor)."""
-        decay = min(self.cfg.ema, (1 + self.step) / (10 + self.step))
+        decay = ema_decay(self.step, self.cfg.ema, self.preset.training.ema_warmup)
+        if decay is None:
+            return
+        ema, model = list(self.ema.parameters()), list(self.model.parameters())
         with torch.no_grad():
-            torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()),
-                                 1 - decay)
+            if decay == 0:
+                torch._foreach_copy_(ema, model)
+            else:
+                torch._foreach_lerp_(ema, model, 1 - decay)
             for e, b in zip(self.ema.buffers(), self.model.buffers()):
                 e.copy_(b)
 

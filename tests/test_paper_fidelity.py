@@ -40,6 +40,9 @@ AUTHORS = [
     ("training.crop", 256, "[AUTH] random_crop_sizes: the 1024 px U-Net trains on 256 px crops"),
     ("training.region_choice", "centre",
      "[PAPER] Sec. 3: a 40000 x 40000 centre crop of each slide"),
+    ("training.ema_warmup", "ema-pytorch",
+     "[IP] the trainer's EMA keeps ema-pytorch's defaults: beta 0.9999, a copy until step 100, "
+     "then every 10 steps, warm-up 1 - (1 + n)^(-2/3)"),
     ("sampling.aug_level", 0.2, "[IP] lowres_sample_noise_level = 0.2"),
     ("sampling.threshold", 0.95, "[IP] dynamic_thresholding = True, percentile 0.95"),
     ("sampling.edge_margin", 0, "[PAPER] the whole overlap is kept constant"),

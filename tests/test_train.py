@@ -1,4 +1,5 @@
 """train.py: the three kinds of model, DDP under torchrun, exact resume, faults."""
+import dataclasses
 import os
 import re
 import shutil
@@ -410,3 +411,41 @@ def test_read_only_slide_directory(tmp_path, capsys):
     assert os.listdir(slides) == ["a.svs"]
     assert os.listdir(tmp_path / "ck" / "cache")
     assert f"into {tmp_path / 'ck' / 'cache'}" in capsys.readouterr().err
+
+
+def _ema_pytorch_decays(n, beta):
+    """The decay of each of n calls of ema-pytorch's EMA.update() at its defaults (the authors'
+    trainer): None where it skips the call, 0 where it copies the model (its counter logic)."""
+    counter, out = 0, []
+    for _ in range(n):
+        step, counter = counter, counter + 1
+        if step % 10:
+            out.append(None)
+        elif step <= 100:
+            out.append(0.0)
+        else:
+            epoch = max(counter - 100 - 1, 0)
+            out.append(0.0 if epoch <= 0 else min(max(1 - (1 + epoch) ** (-2 / 3), 0.0), beta))
+    return out
+
+
+def test_ema_schedule_of_the_authors_and_of_the_demo(tmp_path):
+    mine = [train.ema_decay(s, 0.9999, "ema-pytorch") for s in range(2000)]
+    assert mine == _ema_pytorch_decays(2000, 0.9999)
+    assert train.ema_decay(200_000, 0.9999, "ema-pytorch") == pytest.approx(0.99971, abs=1e-5)
+    assert train.ema_decay(7, 0.9999, "fast") == (1 + 7) / (10 + 7)
+    # the trainer follows its preset: paper's EMA is a copy of the model until step 100
+    args = train.parse_args(_args(tmp_path, "--stage", "2", "--level", "1"))
+    cfg = train.Config.from_args(args, torch.device("cpu"))
+    paper_like = dataclasses.replace(cascade.get_preset("tiny"), training=dataclasses.replace(
+        cascade.get_preset("tiny").training, ema_warmup="ema-pytorch"))
+    t = train.Trainer(cfg, paper_like, 2, 1, 0, 1, False, torch.device("cpu"))
+    for prm in t.model.parameters():
+        torch.nn.init.normal_(prm)
+    before = {k: v.clone() for k, v in t.ema.state_dict().items()}
+    t.step = 55  # not a 10th step: no update
+    t.update_ema()
+    assert all(torch.equal(v, before[k]) for k, v in t.ema.state_dict().items())
+    t.step = 60  # a copy
+    t.update_ema()
+    assert all(torch.equal(v, t.model.state_dict()[k]) for k, v in t.ema.state_dict().items())
