@@ -91,7 +91,7 @@ class Preset:
     aug_inputs: str = "lowres"        # noised inputs: 'lowres' (level l-1's image) or 'all' (also
                                       #   context, region)
     region: bool = False              # stages 2-3 also see the region crop (the pixels zoomed into)
-    background: int = 255             # grey level padded outside an image (white glass)
+    background: object = 255          # grey level or (R, G, B) padded outside an image (glass)
     training: Training = Training()
     sampling: Sampling = None
 
@@ -110,7 +110,8 @@ V1_MODEL_DEFAULTS = dict(objectives=("v", "v", "v"), aug_schedule="cosine",
 
 _PAPER_GEOMETRY = dict(patch=1024, n_patches=(1, 7, 46), level_sizes=(64, 256, 1024),
                        unets=("paper64", "paper256", "paper1024"),
-                       schedules=("cosine", "cosine", "linear"))
+                       schedules=("cosine", "cosine", "linear"),
+                       background=(242, 243, 242))  # the authors' dataset pads with this grey
 PRESETS = {
     # The authors' recipe: geometry and sizes [PAPER Sec. 2-3]; everything else the imagen-pytorch
     # 1.25 defaults their training script leaves on (see docs/design.md, "The paper preset").
