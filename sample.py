@@ -64,14 +64,22 @@ def sample_slide(cdms, preset, sampling, *, seed=0, order="wavefront", batch=8,
     for s in (2, 3):
         grid = cascade.stage_grid(preset, s, sampling.edge_margin)
         lower = tiler.Lower(images[s - 1], cascade.zoom(preset, s), preset.background)
-        white = tiler.WhiteTest(white_threshold, data.tissue_fraction)  # mostly glass: filled
+        white = white_test(sampling, s, white_threshold)  # mostly glass: filled, not generated
         canvas = tiler.MemoryCanvas(grid.size, preset.background)
         tiler.generate_stage(functools.partial(cdms[s].sample, sampling=sampling), grid, canvas,
                              stage=s, seed=seed, order=order, batch=batch, lower=lower,
-                             white=white if s in sampling.fill_white else None,
+                             white=white,
                              feather=sampling.feather, device=cdms[s].device)
         images[s] = canvas.array
     return images
+
+
+def white_test(sampling, stage, threshold):
+    """Which patches of `stage` are filled from the stage below instead of generated: those less
+    tissue than `threshold`, on the stages sampling.fill_white names [PAPER: mostly white patches
+    at the highest magnification are ignored]; None where every patch is generated."""
+    return tiler.WhiteTest(threshold, data.tissue_fraction) if stage in sampling.fill_white \
+        else None
 
 
 def generate(args, device, rank=0, world=1):
@@ -159,8 +167,7 @@ def grid_stage(stage, *, lower_img, canvas, journal, settings, preset, device, r
     grid = cascade.stage_grid(preset, stage, sp.edge_margin)
     lower = None if S.outpaint or rank else tiler.Lower(lower_img, cascade.zoom(preset, stage),
                                                         preset.background)
-    white = (tiler.WhiteTest(S.white_threshold, data.tissue_fraction)
-             if stage in sp.fill_white and lower else None)
+    white = white_test(sp, stage, S.white_threshold) if lower else None
     sample_fn = Timed(load_cdm(S, preset, stage, device), sp)
     journal.share(world)
     skip = [] if cells is None else [(i, j) for i in range(grid.n) for j in range(grid.n)

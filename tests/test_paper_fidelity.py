@@ -13,6 +13,7 @@ import torch
 
 import cascade
 import data
+import sample
 import sde
 import tiler
 import train
@@ -107,18 +108,6 @@ def test_ddim_eta0_is_deterministic_and_differs_from_ancestral():
     assert (a - run("ancestral", torch.Generator().manual_seed(1))).abs().mean() > 0.05
 
 
-def test_ddim_reachable_from_the_command_line(tmp_path):
-    out = tmp_path / "d.tif"
-    cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "--preset", "tiny", "--dry-run",
-           "--out", str(out),
-           "--sampler", "ddim", "--eta", "0", "--stages", "1", "--keep-work"]
-    res = subprocess.run(cmd, capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
-    assert res.returncode == 0, res.stderr
-    settings = json.load(open(str(out) + ".work/journal.json"))["settings"]
-    assert settings["sampling"]["sampler"] == "ddim" and settings["sampling"]["eta"] == 0
-
-
 def test_dynamic_thresholding_as_imagen():
     """Per sample: q = max(quantile(|x0_hat|, p), 1); clip to [-q, q], divide by q."""
     x0_hat = torch.stack([torch.linspace(-3, 3, 101),
@@ -152,20 +141,110 @@ def test_eps_objective_samples_the_gaussian():
     assert abs(float(x.mean()) - mu) < 0.02 and abs(float(x.std()) - s) < 0.02
 
 
-@pytest.mark.parametrize("fill_white", [(3,), (2, 3), ()])
-def test_white_fill_only_on_the_stages_the_preset_names(tmp_path, fill_white):
-    """A stage-1 image of pure glass: its stage-2 patches are all 'mostly white'. They are
-    filled only where the preset (or --fill-white) names the stage."""
-    p = small_preset(sampling=dataclasses.replace(small_preset().sampling, fill_white=fill_white))
-    lower = tiler.Lower(np.full((32, 32, 3), 255, np.uint8), cascade.zoom(p, 2))
+@pytest.mark.parametrize("name", ["paper", "paper_plus"])
+def test_white_fill_through_the_sampling_code(name):
+    """A stage below of pure glass: with sample.py's own rule (sample.white_test, what
+    sample_slide and generate call) `paper` fills its patches at stage 3 only [PAPER], paper_plus
+    at stages 2 and 3; a filled patch is the region, not a sample."""
+    p = cascade.get_preset(name)
+    glass = tiler.Lower(np.full((64, 64, 3), 255, np.uint8), 2.0)
+    grid = cascade.Grid(32, 2)
+    filled = {}
     for stage in (2, 3):
-        white = tiler.WhiteTest(0.3,
-                                data.tissue_fraction) if stage in p.sampling.fill_white else None
-        grid = cascade.stage_grid(p, 2)
-        inputs = tiler.batch_inputs(grid, tiler.MemoryCanvas(grid.size), [(0, 0)], order="raster",
-                                    lower=lower,
-                                    white=white)
-        assert inputs.white == [stage in fill_white]
+        white = sample.white_test(p.sampling, stage, data.MIN_TISSUE)
+        inputs = tiler.batch_inputs(grid, tiler.MemoryCanvas(grid.size), [(0, 0)],
+                                    order="raster", lower=glass, white=white)
+        never = lambda *a, **k: pytest.fail("a mostly-white patch was generated")
+        sample_fn = (lambda g, **k: torch.zeros(len(g), 3, 32, 32)) if not inputs.white[0] else never
+        (_, pixels, filled[stage]), = tiler.run_batch(sample_fn, inputs, stage=stage, seed=0)
+        assert (pixels == 255).all() == filled[stage]  # the fill is the glass below
+    assert filled == {2: 2 in p.sampling.fill_white, 3: True}
+    assert (name == "paper") == (p.sampling.fill_white == (3,))
+
+
+def test_eta_and_threshold_reach_the_sampler_from_the_command_line(tmp_path, tiny_ckpt,
+                                                                   monkeypatch):
+    """Real (tiny) models: every sde.sample call of a run gets the flags' sampler, eta and
+    threshold (a stand-in model would ignore them)."""
+    calls, real = [], sde.sample
+
+    def spy(fn, shape, **kw):
+        calls.append((kw["sampler"], kw["eta"], kw["threshold"]))
+        return real(fn, shape, **kw)
+    monkeypatch.setattr(sde, "sample", spy)
+    sample.main(["--preset", "tiny", "--ckpt", tiny_ckpt, "--out", str(tmp_path / "s.tif"),
+                 "--device", "cpu", "--stages", "2", "--sampler", "ddim", "--eta", "0.5",
+                 "--threshold", "0.9", "--compression", "zlib"])
+    assert len(calls) >= 3 * 2 and set(calls) == {("ddim", 0.5, 0.9)}
+
+
+def test_thresholding_acts_on_x0_hat():
+    """A model whose x0_hat is 3 everywhere: thresholded (p = 0.95) the sample is 1, not 3 (no
+    clamp inside sde.sample hides it; CDM.sample clamps only after)."""
+    def predicts_3(x, t):  # v such that x0_hat = alpha x_t - sigma v = 3
+        alpha, sigma = (a.view(-1, 1).float() for a in sde.alpha_sigma(t.double()))
+        return (alpha * x - 3) / sigma
+    run = lambda th: sde.sample(predicts_3, (2, 16), steps=5, threshold=th,
+                                generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(run(None), torch.full((2, 16), 3.0))
+    torch.testing.assert_close(run(0.95), torch.ones(2, 16))
+
+
+def _trainer(tmp_path, stage, level, **training):
+    """A Trainer at tiny sizes with everything else of `paper` (objectives, augmentation, its
+    training fields), `training` overriding some."""
+    tiny, paper = cascade.get_preset("tiny"), cascade.get_preset("paper")
+    same = {k: getattr(paper, k) for k in ("objectives", "aug_schedule", "aug_inputs", "region")}
+    p = dataclasses.replace(tiny, **same, training=dataclasses.replace(
+        paper.training, crop=tiny.training.crop, **training))
+    args = train.parse_args(["--preset", "tiny", "--stage", str(stage), "--level", str(level),
+                             "--data", SLIDE, "--out", str(tmp_path / "ck")])
+    cfg = train.Config.from_args(args, torch.device("cpu"))
+    t = train.Trainer(cfg, p, stage, level, 0, 1, False, torch.device("cpu"))
+    L = p.level_sizes[level]
+    batch = {"x0": torch.rand(4, 3, L, L) * 2 - 1,
+             "cond": torch.zeros(4, cascade.cond_channels(p, stage, level), L, L)}
+    return t, batch
+
+
+def _ab(lam):
+    a2 = torch.sigmoid(lam.double()).view(-1, 1, 1, 1)
+    return a2.sqrt().float(), (1 - a2).sqrt().float()
+
+
+def test_trainer_targets_eps_at_the_eps_level_with_min_snr(tmp_path):
+    """Trainer.losses at the base level (eps): a network that returns the true eps has zero loss,
+    one that returns 0 has loss mean(eps^2) x min(SNR, 5) / SNR (min-SNR on eps)."""
+    t, batch = _trainer(tmp_path, 1, 0, min_snr_gamma=5.0)
+    x0, seen = batch["x0"], {}
+
+    def true_eps(x_t, lam, cond=None, aug_lam=None):
+        alpha, sigma = _ab(lam)
+        seen["eps"] = (x_t - alpha * x0) / sigma
+        return seen["eps"]
+    t.net = true_eps
+    losses, _ = t.losses(batch, torch.Generator().manual_seed(0))
+    assert float(losses.max()) < 1e-8
+    t.net = lambda x_t, lam, *a: (true_eps(x_t, lam), torch.zeros_like(x_t))[1]
+    losses, times = t.losses(batch, torch.Generator().manual_seed(1))
+    want = (seen["eps"] ** 2).flatten(1).mean(1) * sde.min_snr_weight(times, t.schedule, 5.0,
+                                                                      "eps").float()
+    torch.testing.assert_close(losses, want, rtol=1e-4, atol=1e-6)
+
+
+def test_trainer_draws_one_t_aug_a_batch_from_u01(tmp_path):
+    """Stage 2 level 1 (the lowres input is augmented): one aug level per batch, over U(0, 1)
+    of the linear schedule (half of the draws above t_aug = 0.5)."""
+    t, batch = _trainer(tmp_path, 2, 1)
+    levels = []
+    t.net = lambda x_t, lam, cond, aug_lam: (levels.append(aug_lam.clone()), x_t)[1]
+    for k in range(200):
+        t.losses(batch, torch.Generator().manual_seed(k))
+    assert all(torch.equal(a, a[:1].expand_as(a)) for a in levels)  # one per batch
+    half = float(sde.log_snr(torch.tensor(0.5), "linear"))
+    above = sum(float(a[0]) < half for a in levels) / len(levels)  # lam decreases in t
+    assert 0.4 < above < 0.6
+    assert min(float(a[0]) for a in levels) < float(sde.log_snr(torch.tensor(0.9), "linear"))
 
 
 def test_paper_dry_run_first_two_stages(tmp_path):
