@@ -1,7 +1,6 @@
 """The `paper` preset is the authors' recipe: each setting against its source, and the
 mechanisms behind the settings (augmentation level, DDIM, thresholding, min-SNR, white fill)."""
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -155,7 +154,8 @@ def test_white_fill_through_the_sampling_code(name):
         inputs = tiler.batch_inputs(grid, tiler.MemoryCanvas(grid.size), [(0, 0)],
                                     order="raster", lower=glass, white=white)
         never = lambda *a, **k: pytest.fail("a mostly-white patch was generated")
-        sample_fn = (lambda g, **k: torch.zeros(len(g), 3, 32, 32)) if not inputs.white[0] else never
+        zeros = lambda g, **k: torch.zeros(len(g), 3, 32, 32)
+        sample_fn = never if inputs.white[0] else zeros
         (_, pixels, filled[stage]), = tiler.run_batch(sample_fn, inputs, stage=stage, seed=0)
         assert (pixels == 255).all() == filled[stage]  # the fill is the glass below
     assert filled == {2: 2 in p.sampling.fill_white, 3: True}
