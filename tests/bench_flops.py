@@ -27,9 +27,9 @@ AUTHORS_TRAIN_1024_ON_256 = 2.25  # TFLOP, forward + backward, one image (ISSUE)
 AUTHORS_SLIDE = 7.53e18           # FLOP, a 41344^2 slide at 1024 / 256 / 256 steps (ISSUE)
 # name: (params M, forward TFLOP, train px, fwd+bwd TFLOP, saved GiB)
 AUTHORS_MEASURED = {
-    "paper64": (407.4, 0.256, 64, 0.768, 2.43),
-    "paper256": (296.6, 0.432, 256, 1.295, 3.00),
-    "paper1024": (687.8, 11.690, 256, 2.186, 4.94),
+    "paper64": (412.9, 0.259, 64, 0.776, 2.51),
+    "paper256": (300.5, 0.458, 256, 1.375, 3.24),
+    "paper1024": (690.3, 12.085, 256, 2.260, 5.12),
 }
 # Issue 14's goals: forward TFLOP at the level's size (and on the 256 px crop), params at least the
 # authors' minus 15 %, saved activations at or below imagen's.
