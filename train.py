@@ -503,7 +503,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-steps", type=int, nargs="+", default=[200_000],
                     help="total optimiser steps [PAPER: 200k]; 3 values = one per level (0 1 2)")
     ap.add_argument("--ema", type=float, default=0.9999,
-                    help="EMA decay (warm-up: min(ema, (1+n)/(10+n)))")
+                    help="EMA decay beta, reached after the preset's warm-up (train.ema_decay)")
     ap.add_argument("--save-every", type=int, default=1000,
                     help="checkpoint every N steps (and at the end)")
     ap.add_argument("--keep", type=int, default=3, help="numbered snapshots to keep (0: none)")
