@@ -304,9 +304,11 @@ class StageLevelDataset(torch.utils.data.Dataset):
         # Each input reduced to the size it is used at while still uint8 (box sums in integers),
         # the symmetry on the small array, one conversion to float [same as sampling's float
         # route up to rounding]; then the conditioning channels of (stage, level) [cascade].
-        # Top level: a random crop, the same window of target and every conditioning channel
-        # (the U-Net is fully convolutional; squeezing the whole context onto the crop, as
-        # imagen-pytorch does, would show it at another scale than at sampling).
+        # Top level: a random crop, the same window of target and every conditioning channel.
+        # deviation (every preset, `paper` too): imagen-pytorch resizes the whole context onto
+        # the crop, so the authors' 1024 px model sees its context at 1/4 scale in training and
+        # at full scale at sampling; cutting it with the crop's window keeps one scale (the U-Net
+        # is fully convolutional). Arguably a fix; not a preset field.
         c = p.training.crop
         top = self.level == len(p.level_sizes) - 1 and c < L
         window = (*(int(v) for v in rng.integers(0, L - c + 1, size=2)), c) if top else None
