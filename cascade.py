@@ -283,6 +283,8 @@ def to_uint8(x):
 
 def downsample(x, size):
     """Area (box-filter) resize to size x size: targets, known pixels and crops of each level."""
+    # deviation (every preset, `paper` too): imagen-pytorch resizes with 'nearest' everywhere
+    # (targets, the lowres input down and up, the context); area down and bilinear up here.
     return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="area")
 
 
