@@ -52,6 +52,7 @@ class Sampling:
 
     fill_white: tuple = (3,)          # stages whose mostly-white patches are filled from below
     resample: int = 1                 # RePaint jumps per step (1 = off)
+    order: str = "wavefront"          # tiler.ORDERS: wavefront = raster's slide, in fewer rounds
 
     def __post_init__(self):
         if len(self.steps) not in (3, 9) or min(self.steps) < 1:
@@ -120,12 +121,15 @@ PRESETS = {
                     sampling=Sampling(steps=(1024, 256, 256), threshold=0.95)),
     # deviation: the paper's geometry and sizes with our choices (README, "Departures"): region
     # conditioning, the inner-edge margin and the feathered paste (overlap / 8 = 16 px), white
-    # fill at stage 2 too, and DPM-Solver++(2M) at about 1/4-1/5 of the authors' steps: 1.37e18
+    # fill at stage 2 too, the checkerboard order (4 rounds a stage: every rank busy, windows
+    # cheap; on the demo within the seeds' spread of wavefront, docs/notes.md), and
+    # DPM-Solver++(2M) at about 1/4-1/5 of the authors' steps: 1.37e18
     # FLOP a slide without glass against their 7.53e18 (tests/bench_flops.py). At demo scale, stage
     # 3 with this solver at 1/8 of a reference's steps scored as the reference (docs/notes.md).
     "paper_plus": Preset("paper_plus", **_PAPER_GEOMETRY, objectives=("eps", "v", "v"), region=True,
                          sampling=Sampling(steps=(256, 64, 48), sampler="dpmpp2m", threshold=0.95,
-                                           edge_margin=16, feather=16, fill_white=(2, 3))),
+                                           edge_margin=16, feather=16, fill_white=(2, 3),
+                                           order="checkerboard")),
     # The shipped CPU demo (stages 256 / 704 / 2048, 16 -> 64 -> 256 px).
     # deviation: the settings its checkpoints were trained with, not the authors' (README,
     # "Departures"): v everywhere, cosine augmentation of every input over U(0, 0.5) per sample,

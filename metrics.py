@@ -657,7 +657,8 @@ def evaluate(args):
         results["consistency"] = {"fake": [consistency(fake, k) for k in range(len(fake.files))],
                                   "real": [consistency(real, k) for k in range(len(real.files))]}
         margin = preset.sampling.edge_margin if args.edge_margin is None else args.edge_margin
-        results["seam"] = [seam_scores(fake, k, args.order, margin) for k in range(len(fake.files))]
+        order = args.order or preset.sampling.order
+        results["seam"] = [seam_scores(fake, k, order, margin) for k in range(len(fake.files))]
         sides = [(side, src) for side, src in (("fake", fake), ("real", real))
                  if not src.is_patches]
         results["grey_p90"] = {side: [glass_grey(src, k) for k in range(len(src.files))]
@@ -741,8 +742,8 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=3, help="neighbourhood size of precision / recall")
     ap.add_argument("--min-tissue", type=float, default=data.MIN_TISSUE,
                     help="crops at magnifications 1-2 with less tissue are left out (each side)")
-    ap.add_argument("--order", default="wavefront", choices=tiler.ORDERS,
-                    help="generation order, for the seam score")
+    ap.add_argument("--order", default=None, choices=tiler.ORDERS,
+                    help="generation order, for the seam score (default: the preset's)")
     ap.add_argument("--edge-margin", type=int, default=None,
                     help="the slides' inner-edge margin, for the seam score (default: preset's)")
 

@@ -386,10 +386,11 @@ def parse_args(argv=None):
     ap.add_argument("--white-threshold", type=float, default=data.MIN_TISSUE,
                     help="'mostly white': a region less tissue than this (default data.MIN_TISSUE, "
                          "training's rule)")
-    ap.add_argument("--order", default="wavefront", choices=tiler.ORDERS,
+    ap.add_argument("--order", default=None, choices=tiler.ORDERS,
                     help="raster (the paper); wavefront (136 rounds at paper size; the same slide "
                          "as raster at --batch 1, and with any batch up to float rounding); "
-                         "checkerboard (4 rounds, another slide)")
+                         "checkerboard (4 rounds, another slide; cheap windows). Default: the "
+                         "preset's (paper_plus: checkerboard; others: wavefront)")
     ap.add_argument("--batch", type=int, default=None,
                     help="patches per U-Net batch (default: 1 at 1024 px patches, where one patch "
                          "fills a GPU and every rank of a round gets work; 8 below); a run's slide "
@@ -464,7 +465,7 @@ def resolve(args, device, rank=0):
         check_out(args, preset, stages)
     windows, patch_size = check_windows(args, preset, max(stages))
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cascade.native_bf16(device))
-    return Settings(preset=preset.name, seed=args.seed, stages=max(stages), order=args.order,
+    return Settings(preset=preset.name, seed=args.seed, stages=max(stages), order=sampling.order,
                     batch=args.batch or default_batch(preset), white_threshold=args.white_threshold,
                     outpaint=args.outpaint, dry_run=args.dry_run,
                     precision="bf16" if bf16 else "fp32", sampling=sampling, models=models,
@@ -512,12 +513,12 @@ def estimate(args):
         rng = np.random.default_rng(sde.derive_seed("windows", args.seed))
         xy = rng.integers(0, cascade.stage_size(p, 3) - size + 1, (args.patches, 2))
         windows = [(int(x), int(y), size, size) for x, y in xy]
-    need = needed_cells(p, args.order, sp.edge_margin, windows, below=2 if args.patches else 1)
-    print(f"{p.name}: order {args.order}, batch {batch}, {W} GPUs at {args.mfu:.0%} of "
+    need = needed_cells(p, sp.order, sp.edge_margin, windows, below=2 if args.patches else 1)
+    print(f"{p.name}: order {sp.order}, batch {batch}, {W} GPUs at {args.mfu:.0%} of "
           f"{args.tflops:g} TFLOP/s; every patch generated (glass filled instead only shortens it)"
           + (f"; {len(windows)} windows" if windows else ""))
     print("stage  patches  rounds  ranks busy    PFLOP  s a patch   wall h")
-    rows = stage_costs(p, sp, args.order, batch, W, need)
+    rows = stage_costs(p, sp, sp.order, batch, W, need)
     total_s = 0.0
     for s, (k, n_rounds, busy, flop, one, load) in enumerate(rows, 1):
         seconds = load * one / rate + (k * HOST_S_PER_PATCH if s > 1 else 0)
@@ -525,7 +526,7 @@ def estimate(args):
         print(f"{s:5d} {k:8d} {n_rounds:7d} {busy:10.1%} {flop / 1e15:8.1f} {one / rate:10.1f} "
               f"{seconds / 3600:8.2f}")
     total = sum(r[3] for r in rows)
-    whole = sum(r[3] for r in stage_costs(p, sp, args.order, batch, W)) if windows else total
+    whole = sum(r[3] for r in stage_costs(p, sp, sp.order, batch, W)) if windows else total
     print(f"slide {'':24s} {total / 1e15:8.1f} {'':10s} {total_s / 3600:8.2f}  "
           f"({total_s / 60:.0f} min" + (f"; {total / whole:.1%} of the whole slide's FLOPs)"
                                          if windows else ")"))
@@ -611,7 +612,7 @@ def resolve_sampling(args, p):
         threshold=sp.threshold if args.threshold is None else (args.threshold or None),
         resample=pick(args.resample, sp.resample), aug_level=pick(args.aug_level, sp.aug_level),
         edge_margin=margin, feather=pick(args.feather, sp.feather),
-        fill_white=tuple(pick(args.fill_white, sp.fill_white)))
+        fill_white=tuple(pick(args.fill_white, sp.fill_white)), order=pick(args.order, sp.order))
 
 
 

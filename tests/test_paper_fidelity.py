@@ -34,6 +34,8 @@ AUTHORS = [
     ("background", (242, 243, 242), "[AUTH] the dataset pads crops beyond the image with it"),
     ("sampling.steps", (1024, 256, 256), "[AUTH] timesteps per unet"),
     ("sampling.sampler", "ancestral", "[IP] Imagen's p_sample loop: the ancestral step"),
+    ("sampling.order", "wavefront",
+     "[PAPER] patches one after another (raster); wavefront gives raster's slide (tiler.py)"),
     ("objectives", ("eps", "v", "v"),
      "[AUTH] pred_objectives: eps for the 64 px base U-Net, v above"),
     ("aug_schedule", "linear", "[IP] lowres_noise_schedule = 'linear'"),
