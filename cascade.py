@@ -93,6 +93,7 @@ class Preset:
                                       #   context, region)
     region: bool = False              # stages 2-3 also see the region crop (the pixels zoomed into)
     background: object = 255          # grey level or (R, G, B) padded outside an image (glass)
+    resize: str = "area"              # RESIZES: 'area' (box down, bilinear up) or 'nearest'
     training: Training = Training()
     sampling: Sampling = None
 
@@ -107,7 +108,8 @@ class Preset:
 # Model files written before a field existed (format urcdm-model-v1, e.g. the shipped demo) were
 # trained with these values.
 V1_MODEL_DEFAULTS = dict(objectives=("v", "v", "v"), aug_schedule="cosine",
-                         aug_inputs="all", region=True)
+                         aug_inputs="all", region=True, resize="area")
+
 
 _PAPER_GEOMETRY = dict(patch=1024, n_patches=(1, 7, 46), level_sizes=(64, 256, 1024),
                        unets=("paper64", "paper256", "paper1024"),
@@ -116,7 +118,7 @@ _PAPER_GEOMETRY = dict(patch=1024, n_patches=(1, 7, 46), level_sizes=(64, 256, 1
 PRESETS = {
     # The authors' recipe: geometry and sizes [PAPER Sec. 2-3]; everything else the imagen-pytorch
     # 1.25 defaults their training script leaves on (see docs/design.md, "The paper preset").
-    "paper": Preset("paper", **_PAPER_GEOMETRY,
+    "paper": Preset("paper", **_PAPER_GEOMETRY, resize="nearest",  # imagen-pytorch's resize
                     objectives=("eps", "v", "v"),  # their pred_objectives: eps for the base unet
                     sampling=Sampling(steps=(1024, 256, 256), threshold=0.95)),
     # deviation: the paper's geometry and sizes with our choices (README, "Departures"): region
@@ -285,11 +287,15 @@ def to_uint8(x):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def downsample(x, size):
-    """Area (box-filter) resize to size x size: targets, known pixels and crops of each level."""
-    # deviation (every preset, `paper` too): imagen-pytorch resizes with 'nearest' everywhere
-    # (targets, the lowres input down and up, the context); area down and bilinear up here.
-    return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="area")
+RESIZES = ("area", "nearest")
+
+
+def downsample(x, size, mode="area"):
+    """Resize to size x size: targets, known pixels and crops of each level. 'area' (the box
+    filter) or 'nearest' (pixel floor(i * factor) [imagen-pytorch's resize_image_to]).
+    deviation ('area': paper_plus, demo): imagen-pytorch resizes with 'nearest' everywhere
+    (targets, the lowres input down and up, the context); we prefer area down, bilinear up."""
+    return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode=mode)
 
 
 def feather_weight(mask, width):
@@ -310,20 +316,22 @@ def feather_weight(mask, width):
     return d / (width + 1)
 
 
-def make_lowres(x_prev, size, window=None):
+def make_lowres(x_prev, size, window=None, mode="area"):
     """Level l-1's image (B, 3, L_(l-1), L_(l-1)) -> level l's conditioning input at
-    size x size (bilinear upsampling) [CDM]. Training feeds it downsample(target, L_(l-1)).
+    size x size [CDM]: bilinear upsampling (mode 'area') or nearest ('nearest' [imagen-pytorch]).
+    Training feeds it downsample(target, L_(l-1), mode).
     window (y, x, c): only that c x c window of the result (training's top-level crops),
     upsampled from the part of x_prev it needs: the same values when size / L_(l-1) is a
     power of two (the sub-pixel positions are then exact in binary)."""
+    up_mode = dict(mode="bilinear", align_corners=False) if mode == "area" else dict(mode=mode)
     if window is None:
-        return F.interpolate(x_prev, size=(size, size), mode="bilinear", align_corners=False)
+        return F.interpolate(x_prev, size=(size, size), **up_mode)
     (y, x, c), n = window, x_prev.shape[-1]
     f = size // n
     y0, x0 = max(y // f - 1, 0), max(x // f - 1, 0)  # one source px of margin each side
     y1, x1 = min(-(-(y + c) // f) + 1, n), min(-(-(x + c) // f) + 1, n)
     up = F.interpolate(x_prev[..., y0:y1, x0:x1], size=((y1 - y0) * f, (x1 - x0) * f),
-                       mode="bilinear", align_corners=False)
+                       **up_mode)
     return up[..., y - y0 * f:y - y0 * f + c, x - x0 * f:x - x0 * f + c]
 
 
@@ -346,11 +354,11 @@ def level_inputs(preset, stage, level, target_or_lowres, context=None,
     crop = lambda t: t[..., y:y + c, x:x + c]
     parts = []
     if level > 0:
-        lowres = downsample(target_or_lowres, preset.level_sizes[level - 1])
-        parts.append(make_lowres(lowres, L, window))
+        lowres = downsample(target_or_lowres, preset.level_sizes[level - 1], preset.resize)
+        parts.append(make_lowres(lowres, L, window, preset.resize))
     if stage > 1 and conditioned:
-        parts += [crop(downsample(context, L))]
-        parts += [crop(downsample(region, L))] if preset.region else []
+        parts += [crop(downsample(context, L, preset.resize))]
+        parts += [crop(downsample(region, L, preset.resize))] if preset.region else []
     return torch.cat(parts, dim=1) if parts else None
 
 
@@ -435,7 +443,7 @@ class CDM:
                                     generators, self.conditioned)
             k = m = w = None
             if known is not None:
-                k = downsample(known, L)
+                k = downsample(known, L, p.resize)
                 m = downsample(mask.float(), L) > 0.999
                 w = feather_weight(m, sp.feather * L // p.patch)
             fn = denoiser(self.nets[level], p.schedules[level], cond, aug_lam, self.bf16)

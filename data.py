@@ -213,12 +213,15 @@ def dihedral(x, k):
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
-def box_pyramid(u8, sizes, k=0, window=None):
+def box_pyramid(u8, sizes, k=0, window=None, mode="area"):
     """(H, W, 3) uint8 -> {size: (1, 3, size, size) float in [-1, 1]} for each integer factor
     f = H / size: the area resize as exact integer block sums (halving the image while f is even),
     then symmetry k and, if given, the window (y, x, c), then one conversion to float. Equal to
-    cascade.downsample(dihedral(to_float(u8), k), size) (windowed) up to float rounding (~1e-7;
-    tests/test_data.py) at a fraction of its cost; one pass serves several sizes."""
+    cascade.downsample(dihedral(to_float(u8), k), size, mode) (windowed) up to float rounding
+    (~1e-7; tests/test_data.py) at a fraction of its cost; one pass serves several sizes.
+    mode 'nearest': the symmetry first (it does not commute with picking), then every f-th px."""
+    if mode == "nearest":
+        return _nearest_pyramid(u8, sizes, k, window)
     x, f, out = torch.from_numpy(np.ascontiguousarray(u8)), 1, {}
     for size in sorted(sizes, reverse=True):
         if u8.shape[0] % size:  # not an integer factor: the float route
@@ -234,6 +237,23 @@ def box_pyramid(u8, sizes, k=0, window=None):
         if window:
             sums = sums[window[0]:window[0] + window[2], window[1]:window[1] + window[2]]
         out[size] = sums.permute(2, 0, 1)[None].float() / (127.5 * (f * g) ** 2) - 1
+    return out
+
+
+def _nearest_pyramid(u8, sizes, k, window):
+    """box_pyramid's 'nearest' route: pixel (i f, j f) of the symmetric image, as F.interpolate's
+    'nearest' picks it; non-integer factors through the float route."""
+    x = torch.rot90(torch.from_numpy(np.ascontiguousarray(u8)), k % 4, dims=(0, 1))
+    x = x.flip(1) if k >= 4 else x
+    y, xx, c = window or (0, 0, None)
+    out = {}
+    for size in sizes:
+        if u8.shape[0] % size:
+            small = cascade.downsample(dihedral(cascade.to_float(u8), k), size, "nearest")
+        else:
+            f = u8.shape[0] // size
+            small = x[::f, ::f].permute(2, 0, 1)[None].float() / 127.5 - 1
+        out[size] = small if window is None else small[..., y:y + c, xx:xx + c]
     return out
 
 
@@ -313,13 +333,15 @@ class StageLevelDataset(torch.utils.data.Dataset):
         top = self.level == len(p.level_sizes) - 1 and c < L
         window = (*(int(v) for v in rng.integers(0, L - c + 1, size=2)), c) if top else None
         below = p.level_sizes[self.level - 1] if self.level else None  # the lowres input's size
+        m = p.resize
         if window:  # the target's window apart (its full size is never converted)
-            small = {**box_pyramid(target, [L], sym, window), below: None}
-            small.update(box_pyramid(target, [below], sym))
+            small = {**box_pyramid(target, [L], sym, window, m), below: None}
+            small.update(box_pyramid(target, [below], sym, mode=m))
         else:
-            small = box_pyramid(target, [L] + ([below] if below else []), sym)
-        ctx = None if context is None else box_pyramid(context, [L], sym)[L]
-        reg = None if region is None else dihedral(cascade.downsample(region, L), sym)
+            small = box_pyramid(target, [L] + ([below] if below else []), sym, mode=m)
+        ctx = None if context is None else box_pyramid(context, [L], sym, mode=m)[L]
+        reg = None if region is None else cascade.downsample(dihedral(region, sym), L, m)
+
         x0 = small[L]
         cond = cascade.level_inputs(p, self.stage, self.level, small.get(below), ctx, reg,
                                     self.conditioned, window)

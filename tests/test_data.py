@@ -271,14 +271,14 @@ def test_cli_prints_and_writes_preview(tmp_path, capsys):
     assert Image.open(out).size[1] > 9 * 128
 
 
-@pytest.mark.parametrize("region", [False, True])
-def test_training_inputs_are_what_sampling_feeds(tmp_path, region):
+@pytest.mark.parametrize("region,resize", [(False, "area"), (True, "area"), (False, "nearest")])
+def test_training_inputs_are_what_sampling_feeds(tmp_path, region, resize):
     """The loader's lean route (uint8 crops reduced to the level's size by box sums in integers,
     the symmetry on the small arrays, one conversion) gives what sampling's float route gives
     from the same crops: cascade.level_inputs on to_float(target) / to_float(context) and
     region_crop, as tiler.Lower feeds them. Tolerance 1e-5: only the float rounding of an area
-    mean differs (the integer sums are exact)."""
-    p = small_preset(region=region)
+    mean differs (the integer sums are exact). 'nearest' (the paper's resizing) picks pixels."""
+    p = small_preset(region=region, resize=resize)
     for stage in (1, 2, 3):
         for level in range(3):
             ds = data.StageLevelDataset([SLIDE], p, stage, level, cache_dir=str(tmp_path),
@@ -289,7 +289,7 @@ def test_training_inputs_are_what_sampling_feeds(tmp_path, region):
             item = ds[3]
             target, context, reg = seen[0]
             L = p.level_sizes[level]
-            x0 = cascade.downsample(cascade.to_float(target), L)
+            x0 = cascade.downsample(cascade.to_float(target), L, resize)
             ctx = None if context is None else cascade.to_float(context)
             cond = cascade.level_inputs(p, stage, level, cascade.to_float(target), ctx, reg)
             if level == 2 and p.training.crop < L:  # the top level's crop: compare where it is
@@ -305,14 +305,17 @@ def test_training_inputs_are_what_sampling_feeds(tmp_path, region):
                 assert (item["cond"] - cond[0]).abs().max() < 1e-5, (stage, level)
 
 
-def test_box_route_commutes_with_the_symmetries():
+@pytest.mark.parametrize("mode", ["area", "nearest"])
+def test_box_route_commutes_with_the_symmetries(mode):
     u8 = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
     for k in range(8):
-        for size in (96, 48, 32, 12):  # factors 1, 2, 3 (no halving), 8
-            ref = cascade.downsample(data.dihedral(cascade.to_float(u8), k), size)
-            assert (data.box_pyramid(u8, [size], k)[size] - ref).abs().max() < 1e-5, (k, size)
-        both = data.box_pyramid(u8, [48, 12], k)  # one pass, several sizes
-        assert all(torch.equal(both[s], data.box_pyramid(u8, [s], k)[s]) for s in (48, 12))
+        for size in (96, 48, 32, 12, 40):  # factors 1, 2, 3 (no halving), 8; 2.4 (float route)
+            ref = cascade.downsample(data.dihedral(cascade.to_float(u8), k), size, mode)
+            got = data.box_pyramid(u8, [size], k, mode=mode)[size]
+            assert (got - ref).abs().max() < 1e-5, (k, size)
+        both = data.box_pyramid(u8, [48, 12], k, mode=mode)  # one pass, several sizes
+        assert all(torch.equal(both[s], data.box_pyramid(u8, [s], k, mode=mode)[s])
+                   for s in (48, 12))
 
 
 def test_cache_built_by_local_ranks_in_parallel(tmp_path, monkeypatch):

@@ -32,6 +32,8 @@ AUTHORS = [
      "[AUTH] their three Unet / Unet1024 sizes (unet.CONFIGS; tests/bench_authors.py)"),
     ("schedules", ("cosine", "cosine", "linear"), "[AUTH] noise_schedules"),
     ("background", (242, 243, 242), "[AUTH] the dataset pads crops beyond the image with it"),
+    ("resize", "nearest", "[IP] resize_image_to: F.interpolate(mode='nearest') for targets, "
+     "the lowres input (down and up) and the context"),
     ("sampling.steps", (1024, 256, 256), "[AUTH] timesteps per unet"),
     ("sampling.sampler", "ancestral", "[IP] Imagen's p_sample loop: the ancestral step"),
     ("sampling.order", "wavefront",
@@ -293,3 +295,16 @@ def test_cdm_with_eps_level_runs_with_thresholding():
                                                                                    threshold=0.95))
     out = cascade.CDM(p, 1, [oracle_net()] * 3).sample([torch.Generator().manual_seed(0)])
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+
+
+def test_paper_resizes_like_imagen():
+    """'nearest' (the paper preset's resize): the lowres input of level 1 is level 0's image
+    picked every 4th px and repeated, the context picked every 2nd px; no averaging anywhere."""
+    p = small_preset(resize="nearest", region=False)
+    target = torch.rand(1, 3, 32, 32)
+    context = torch.rand(1, 3, 32, 32)
+    cond = cascade.level_inputs(p, 2, 1, target, context)  # level 1: 16 px, below it 8 px
+    lowres = target[..., ::4, ::4].repeat_interleave(2, -1).repeat_interleave(2, -2)
+    assert torch.equal(cond[:, :3], lowres) and torch.equal(cond[:, 3:], context[..., ::2, ::2])
+    known = torch.rand(1, 3, 32, 32)
+    assert torch.equal(cascade.downsample(known, 8, p.resize), known[..., ::4, ::4])
