@@ -243,18 +243,20 @@ def box_pyramid(u8, sizes, k=0, window=None, mode="area"):
 def _nearest_pyramid(u8, sizes, k, window):
     """box_pyramid's 'nearest' route: pixel (i f, j f) of the symmetric image, as F.interpolate's
     'nearest' picks it; non-integer factors through the float route."""
-    x = torch.rot90(torch.from_numpy(np.ascontiguousarray(u8)), k % 4, dims=(0, 1))
-    x = x.flip(1) if k >= 4 else x
+    a = np.rot90(np.asarray(u8), k % 4, axes=(0, 1))  # views: nothing is copied at full size
+    a = a[:, ::-1] if k >= 4 else a
     y, xx, c = window or (0, 0, None)
     out = {}
     for size in sizes:
         if u8.shape[0] % size:
             small = cascade.downsample(dihedral(cascade.to_float(u8), k), size, "nearest")
-        else:
-            f = u8.shape[0] // size
-            small = x[::f, ::f].permute(2, 0, 1)[None].float() / 127.5 - 1
-        out[size] = small if window is None else small[..., y:y + c, xx:xx + c]
+            out[size] = small if window is None else small[..., y:y + c, xx:xx + c]
+            continue
+        f = u8.shape[0] // size
+        picked = a[::f, ::f] if window is None else a[::f, ::f][y:y + c, xx:xx + c]
+        out[size] = cascade.to_float(np.ascontiguousarray(picked))
     return out
+
 
 
 MAX_OPEN = 64  # slides, and slides' cache maps, a process keeps open (each: 1-2 descriptors)
