@@ -176,12 +176,12 @@ def grid_stage(stage, *, lower_img, canvas, journal, settings, preset, device, r
     left = [c for rnd in todo for b in rnd for c in b]
     n_fill = sum(white(lower, *grid.origin(*c), grid.patch) for c in left) if white else 0
     meter = Progress(stage, journal, grid.n ** 2 - len(skip), n_fill)
-    below = lambda rnd: [tiler.lower_inputs(grid, cells, lower, white) for cells in rnd]
-    read = lambda cells, low: tiler.read_batch(grid, canvas, cells, lower=lower, below=low)
+    below = lambda rnd: [tiler.lower_inputs(grid, batch, lower, white) for batch in rnd]
+    read = lambda batch, low: tiler.read_batch(grid, canvas, batch, lower=lower, below=low)
 
-    def finish(results, t_round, model_seconds):  # in the writer: on disk, then in the journal
+    def finish(results, seconds, model_seconds):  # in the writer: on disk, then in the journal
         canvas.flush()
-        journal.mark(stage, results, time.time() - t_round, model_seconds)
+        journal.mark(stage, results, seconds, model_seconds)
         meter.update(results)
 
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
@@ -206,7 +206,8 @@ def grid_stage(stage, *, lower_img, canvas, journal, settings, preset, device, r
                     written.result()  # the previous round is marked done, its round file gone
                 journal.stage_round(stage, results)
                 write_round(canvas, grid, results)
-                written = writer.submit(finish, results, t_round, sample_fn.seconds)
+                written = writer.submit(finish, results, time.time() - t_round, sample_fn.seconds)
+
         if written:
             written.result()
     barrier(world)
