@@ -15,7 +15,8 @@ neighbours are finished depends on the order:
 The caller runs the loop: plan() gives the rounds of batches, batch_inputs() reads one batch's
 inputs (read_batch from the files, float_inputs for the model: two processes in sample.py),
 run_batch() generates it; a round is written to the canvas after all its batches.
-generate_stage() is that loop in one process.
+generate_stage() is that loop in one process. closure() is what a window of a stage's final image
+depends on: with per-patch seeds, those patches alone give the window's exact pixels.
 
 References
   [PAPER]    Cechnicka et al., URCDM, MICCAI 2024 (overlap 12.5 %, inpainting, white skip).
