@@ -13,7 +13,7 @@ neighbours are finished depends on the order:
                sides. 4 rounds, a different (not identical) result.
 
 The caller runs the loop: plan() gives the rounds of batches, batch_inputs() reads one batch's
-inputs (read_batch from the files, float_inputs for the model: two processes in sample.py),
+inputs (read_batch from the files on rank 0, float_inputs on the rank that generates it),
 run_batch() generates it; a round is written to the canvas after all its batches.
 generate_stage() is that loop in one process. closure() is what a window of a stage's final image
 depends on: with per-patch seeds, those patches alone give the window's exact pixels.
