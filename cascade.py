@@ -121,14 +121,17 @@ PRESETS = {
     "paper": Preset("paper", **_PAPER_GEOMETRY, resize="nearest",  # imagen-pytorch's resize
                     objectives=("eps", "v", "v"),  # their pred_objectives: eps for the base unet
                     sampling=Sampling(steps=(1024, 256, 256), threshold=0.95)),
-    # deviation: the paper's geometry and sizes with our choices (README, "Departures"): region
+    # deviation: the paper's geometry and sizes with our choices (README, "Departures"): leaner
+    # U-Nets (unet.py, plus64 / plus256 / plus1024: 0.93 x the authors' slide FLOPs), region
     # conditioning, the inner-edge margin and the feathered paste (overlap / 8 = 16 px), white
     # fill at stage 2 too, the checkerboard order (4 rounds a stage: every rank busy, windows
     # cheap; on the demo within the seeds' spread of wavefront, docs/notes.md), and
     # DPM-Solver++(2M) at about 1/4-1/5 of the authors' steps: 1.37e18
     # FLOP a slide without glass against their 7.53e18 (tests/bench_flops.py). At demo scale, stage
     # 3 with this solver at 1/8 of a reference's steps scored as the reference (docs/notes.md).
-    "paper_plus": Preset("paper_plus", **_PAPER_GEOMETRY, objectives=("eps", "v", "v"), region=True,
+    "paper_plus": Preset("paper_plus", **{**_PAPER_GEOMETRY, "unets": ("plus64", "plus256",
+                                                                       "plus1024")},
+                         objectives=("eps", "v", "v"), region=True,
                          sampling=Sampling(steps=(256, 64, 48), sampler="dpmpp2m", threshold=0.95,
                                            edge_margin=16, feather=16, fill_white=(2, 3),
                                            order="checkerboard")),
@@ -528,7 +531,7 @@ def load_unet(path, preset, stage, level, device="cpu"):
     why = checkpoint_mismatch(ck, preset, stage, level) or weights_problem(ck["ema"])
     if why:
         raise ValueError(f"{path}: {why}; pass the matching --preset or retrain")
-    net = unet_mod.UNet(unet_mod.UNetConfig(**ck["unet_config"]))
+    net = unet_mod.build(unet_mod.UNetConfig(**ck["unet_config"]))
     net.load_state_dict(ck["ema"])
     # channels_last: about 4x faster convolutions on CPU (tests/bench_unet.py), same on GPU
     return net.to(device, memory_format=torch.channels_last).eval(), ck.get("conditioned", True)

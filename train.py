@@ -114,7 +114,7 @@ class Trainer:
         self.schedule, self.objective = preset.schedules[level], preset.objectives[level]
         self.path = os.path.join(cfg.out, cascade.model_filename(stage, level))
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.model = unet_mod.UNet(self.unet_cfg).to(device, memory_format=torch.channels_last)
+        self.model = unet_mod.build(self.unet_cfg).to(device, memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))  # Imagen
         self.step, self.position, self.nonfinite_total, self.bad_in_a_row = 0, 0, 0, 0
@@ -423,7 +423,7 @@ def saved_bytes(cfg, size, bf16=False):
     the weights (and their bf16 casts, per step, not per image) apart; bf16: under CUDA
     autocast's policy (CudaAutocastPolicy)."""
     with torch.device("meta"):
-        net = unet_mod.UNet(cfg)
+        net = unet_mod.build(cfg)
         weights = {_storage(p) for p in net.parameters()}
         policy = CudaAutocastPolicy(weights)
         seen, acts, wts = set(), [0], [0]

@@ -40,13 +40,23 @@ class UNetConfig:
                                           #   decoder's up conv narrows them back (imagen-pytorch)
     shared_kv: bool = False               # attention with one shared key / value head
                                           #   (imagen-pytorch)
+    imagen: bool = False                  # imagen-pytorch's Unet block for block (ImagenUNet)
+    cross_attn: tuple = None              # imagen: per level, the first ResBlock also attends to
+                                          #   the noise-level tokens (no text: its cross-attention)
+    heads: int = 8                        # imagen: attention heads (of head_dim channels each)
+    init_residual: bool = False           # imagen: the input conv's output re-enters before the
+                                          #   last ResBlock (init_conv_to_final_conv_residual)
 
     def __post_init__(self):
         self.mults, self.attn = tuple(self.mults), tuple(bool(a) for a in self.attn)
+        self.cross_attn = tuple(bool(a) for a in (self.cross_attn or (False,) * len(self.mults)))
         if not isinstance(self.blocks, int):
             self.blocks = tuple(self.blocks)
-        if len(self.attn) != len(self.mults) or len(self.per_level_blocks()) != len(self.mults):
-            raise ValueError("UNetConfig: mults, attn and blocks need one entry per level")
+        if any(len(t) != len(self.mults) for t in (self.attn, self.cross_attn,
+                                                   self.per_level_blocks())):
+            raise ValueError("UNetConfig: mults, attn, cross_attn and blocks need one entry per "
+                             "level")
+
 
     def per_level_blocks(self):
         return (self.blocks,) * len(self.mults) if isinstance(self.blocks, int) else self.blocks
@@ -55,19 +65,35 @@ class UNetConfig:
         return asdict(self)
 
 
-# Named configs. The paper's three models (imagen-pytorch as the authors configured it).
+# Named configs.
 CONFIGS = {
-    # 64 px base model, ~410 M parameters in the paper; imagen's plain U-Net: encoder blocks at the
-    # level above's channels, multi-query attention.
+    # The paper's three models: the authors' imagen-pytorch U-Nets, setting for setting from their
+    # scripts/train.py (ImagenUNet; `blocks` there counts the ResBlocks after a level's first).
+    # 64 px base model: 410 M parameters (theirs 412.9 M with unused text-pooling weights).
     "paper64": UNetConfig(width=256, mults=(1, 2, 3, 4), blocks=3, attn=(False, True, True, True),
-                          late_widen=True,
-                          shared_kv=True),
-    # 64 -> 256 super-resolution model, ~300 M; memory-efficient (the authors' setting).
+                          cross_attn=(False, True, True, True), groups=8, imagen=True),
+    # 64 -> 256 super-resolution model (theirs 300.5 M); memory-efficient.
     "paper256": UNetConfig(width=128, mults=(1, 2, 4, 8), blocks=2,
-                           attn=(False, False, False, True), efficient=True),
-    # 256 -> 1024 super-resolution model, ~690 M; no attention; memory-efficient (the authors').
-    "paper1024": UNetConfig(width=128, mults=(1, 2, 4, 8), blocks=(2, 4, 6, 8),
-                            attn=(False,) * 4, efficient=True),
+                           attn=(False, False, False, True), cross_attn=(False, False, True, True),
+                           groups=8, efficient=True, init_residual=True, imagen=True),
+    # 256 -> 1024 super-resolution model (theirs 690.3 M); attention only in the middle.
+    "paper1024": UNetConfig(width=128, mults=(1, 2, 4, 8), blocks=(2, 4, 6, 8), attn=(False,) * 4,
+                            cross_attn=(False, False, False, True), groups=8, efficient=True,
+                            init_residual=True, imagen=True),
+    # deviation (paper_plus): leaner U-Nets of the same widths and depths in the ADM layout
+    # (GroupNorm 32, no cross-attention, feed-forward, global context or middle attention in the
+    # 1024 px model, one ResBlock fewer a level): 92 / 84 / 87 % of the authors' parameters at
+    # 100 / 90 / 93 % of their FLOPs (tests/bench_flops.py).
+    # 64 px: imagen's plain layout (encoder blocks at the level above's channels), multi-query.
+    "plus64": UNetConfig(width=256, mults=(1, 2, 3, 4), blocks=3, attn=(False, True, True, True),
+                         late_widen=True, shared_kv=True),
+    # 64 -> 256 px, memory-efficient.
+    "plus256": UNetConfig(width=128, mults=(1, 2, 4, 8), blocks=2,
+                          attn=(False, False, False, True), efficient=True),
+    # 256 -> 1024 px, no attention, memory-efficient.
+    "plus1024": UNetConfig(width=128, mults=(1, 2, 4, 8), blocks=(2, 4, 6, 8),
+                           attn=(False,) * 4, efficient=True),
+
     # Small models for the CPU demo and for tests.
     "demo": UNetConfig(width=32, mults=(1, 2, 2), blocks=1, attn=(False, False, True), head_dim=32),
     "demo_base": UNetConfig(width=32, mults=(1, 2), blocks=1, attn=(False, True), head_dim=32),
@@ -110,24 +136,34 @@ def norm(ch, groups):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv, scale-shift from the embedding, GroupNorm-SiLU-dropout-conv. [ADM]"""
+    """GroupNorm-SiLU-conv, scale-shift from the embedding, GroupNorm-SiLU-dropout-conv. [ADM]
+    imagen-pytorch's ResnetBlock adds two optional pieces [Imagen]: `cross` (heads, head_dim,
+    token_dim): after the first conv every pixel attends to the noise-level tokens; `gca`: the
+    output is gated by a GlobalContext."""
 
-    def __init__(self, cin, cout, emb_dim, dropout, groups):
+    def __init__(self, cin, cout, emb_dim, dropout, groups, cross=None, gca=False):
         super().__init__()
         self.norm1, self.conv1 = norm(cin, groups), nn.Conv2d(cin, cout, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * cout)
         self.norm2, self.conv2 = norm(cout, groups), nn.Conv2d(cout, cout, 3, padding=1)
         self.drop = nn.Dropout(dropout)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.cross = TokenAttention(cout, *cross[:2], cross[2], cross=True) if cross else None
+        self.gca = GlobalContext(cout) if gca else None
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
 
-    def forward(self, x, emb):  # x (B, cin, H, W), emb (B, emb_dim)
+    def forward(self, x, emb, tokens=None):  # x (B, cin, H, W), emb (B, emb_dim)
         h = self.conv1(F.silu(self.norm1(x)))
+        if self.cross is not None:  # tokens (B, T, token_dim)
+            h = h + on_pixels(self.cross, h, tokens)
         scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
         h = self.norm2(h) * (1 + scale) + shift
         h = self.conv2(self.drop(F.silu(h)))
+        if self.gca is not None:
+            h = h * self.gca(h)
         return self.skip(x) + h  # (B, cout, H, W)
+
 
 
 class Attention(nn.Module):
@@ -327,10 +363,256 @@ class UNet(nn.Module):
         return self.out(h)
 
 
+# ---------------------------------------------------------------------- imagen-pytorch's pieces
+
+class TokenAttention(nn.Module):
+    """imagen-pytorch's attention over tokens (B, N, dim) [Imagen]: `heads` query heads of
+    head_dim channels. Self-attention (cross=False) has one key / value head shared by all
+    (multi-query) and may also attend to extra tokens of token_dim channels; cross-attention
+    (cross=True) takes keys and values from the tokens only, one head each. Both add a learned
+    null key / value and compare queries with keys by cosine similarity, with learned per-channel
+    scales, at temperature 8."""
+
+    def __init__(self, dim, heads, head_dim, token_dim=None, cross=False):
+        super().__init__()
+        self.heads, self.d, self.cross = heads, head_dim, cross
+        self.kv_heads = heads if cross else 1
+        self.norm = nn.LayerNorm(dim, bias=False)
+        self.to_q = nn.Linear(dim, heads * head_dim, bias=False)
+        self.to_kv = nn.Linear(token_dim if cross else dim, 2 * self.kv_heads * head_dim,
+                               bias=False)
+        self.to_tokens = (nn.Sequential(nn.LayerNorm(token_dim), nn.Linear(token_dim, 2 * head_dim))
+                          if token_dim and not cross else None)
+        self.null_kv = nn.Parameter(torch.randn(2, head_dim))
+        self.q_scale, self.k_scale = (nn.Parameter(torch.ones(head_dim)) for _ in range(2))
+        self.to_out = nn.Sequential(nn.Linear(heads * head_dim, dim, bias=False),
+                                    nn.LayerNorm(dim, bias=False))
+
+    def forward(self, x, tokens=None):  # x (B, N, dim), tokens (B, T, token_dim)
+        B, N, _ = x.shape
+        x = self.norm(x)
+        q = self.to_q(x).view(B, N, self.heads, self.d).transpose(1, 2)     # (B, heads, N, d)
+        kv = self.to_kv(tokens if self.cross else x)
+        k, v = kv.view(B, -1, 2, self.kv_heads, self.d).permute(2, 0, 3, 1, 4)  # (B, kvh, M, d)
+        null_k, null_v = (n.to(k.dtype).expand(B, self.kv_heads, 1, self.d) for n in self.null_kv)
+        k, v = torch.cat([null_k, k], dim=2), torch.cat([null_v, v], dim=2)
+        if self.to_tokens is not None and tokens is not None:
+            tk, tv = self.to_tokens(tokens)[:, None].chunk(2, dim=-1)       # (B, 1, T, d)
+            k, v = torch.cat([tk.to(k.dtype), k], dim=2), torch.cat([tv.to(v.dtype), v], dim=2)
+        q = F.normalize(q, dim=-1) * self.q_scale.to(q.dtype)
+        k = F.normalize(k, dim=-1) * self.k_scale.to(k.dtype)
+        M = k.shape[2]
+        k, v = k.expand(B, self.heads, M, self.d), v.expand(B, self.heads, M, self.d)
+        h = F.scaled_dot_product_attention(q, k, v, scale=8.0)
+        return self.to_out(h.transpose(1, 2).reshape(B, N, -1))
+
+
+def on_pixels(layer, x, tokens=None):
+    """Apply a token layer to the H*W pixels of x as tokens. (B, C, H, W) -> (B, C, H, W)"""
+    B, C, H, W = x.shape
+    return layer(x.flatten(2).transpose(1, 2), tokens).transpose(1, 2).reshape(B, C, H, W)
+
+
+class TransformerBlock(nn.Module):
+    """imagen's attention layer of a level: self-attention (also to the noise-level tokens when
+    token_dim is given), then a feed-forward of twice the width, each residual."""
+
+    def __init__(self, dim, heads, head_dim, token_dim=None):
+        super().__init__()
+        self.attn = TokenAttention(dim, heads, head_dim, token_dim)
+        self.ff = nn.Sequential(nn.LayerNorm(dim, bias=False), nn.Linear(dim, 2 * dim, bias=False),
+                                nn.GELU(), nn.LayerNorm(2 * dim, bias=False),
+                                nn.Linear(2 * dim, dim, bias=False))
+
+    def forward(self, x, tokens=None):
+        def layer(t, tokens):  # t (B, HW, C)
+            t = t + self.attn(t, tokens)
+            return t + self.ff(t)
+        return on_pixels(layer, x, tokens)
+
+
+class GlobalContext(nn.Module):
+    """imagen's gate, a squeeze-and-excitation with attention pooling: a softmax over the pixels
+    pools the map into one vector; a small MLP makes a gate in (0, 1) per channel.
+    (B, C, H, W) -> (B, C, 1, 1)"""
+
+    def __init__(self, ch):
+        super().__init__()
+        hidden = max(3, ch // 2)
+        self.to_k = nn.Conv2d(ch, 1, 1)
+        self.net = nn.Sequential(nn.Conv2d(ch, hidden, 1), nn.SiLU(), nn.Conv2d(hidden, ch, 1),
+                                 nn.Sigmoid())
+
+    def forward(self, x):
+        weights = self.to_k(x).flatten(2).softmax(dim=-1)                   # (B, 1, HW)
+        pooled = torch.einsum("bin,bcn->bci", weights, x.flatten(2))         # (B, C, 1)
+        return self.net(pooled[..., None])
+
+
+class CrossEmbed(nn.Module):
+    """imagen's input conv: 3x3, 7x7 and 15x15 convolutions side by side (half, a quarter and a
+    quarter of the channels), concatenated: several receptive fields from the first layer."""
+
+    def __init__(self, cin, cout, kernels=(3, 7, 15)):
+        super().__init__()
+        chans = [cout // 2, cout // 4]
+        chans.append(cout - sum(chans))
+        self.convs = nn.ModuleList(nn.Conv2d(cin, c, k, padding=k // 2)
+                                   for k, c in zip(kernels, chans))
+
+    def forward(self, x):
+        return torch.cat([conv(x) for conv in self.convs], dim=1)
+
+
+class ConvPair(nn.Module):
+    """imagen's plain U-Net, last level: a 3x3 and a 1x1 convolution, summed (no downsampling)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv3, self.conv1 = nn.Conv2d(cin, cout, 3, padding=1), nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):
+        return self.conv3(x) + self.conv1(x)
+
+
+def shuffle_up(cin, cout):
+    """imagen's PixelShuffleUpsample: 1x1 conv to 4x the channels, SiLU, pixel shuffle; each
+    weight drawn once for the 4 sub-pixels, so it starts as a nearest upsampling (ICNR init)."""
+    conv = nn.Conv2d(cin, 4 * cout, 1)
+    with torch.no_grad():
+        conv.weight.copy_(nn.init.kaiming_uniform_(torch.empty(cout, cin, 1, 1))
+                          .repeat_interleave(4, dim=0))
+        conv.bias.zero_()
+    return nn.Sequential(conv, nn.SiLU(), nn.PixelShuffle(2))
+
+
+class NoiseLevel(nn.Module):
+    """imagen's time conditioning, of the log-SNR: 16 features -> hidden (emb_dim) -> the
+    ResBlocks' embedding, and `n` tokens of `width` channels that attention layers attend to.
+    deviation: imagen embeds t in [0, 1] with 16 learned Fourier features (and t); we embed lam
+    with 16 fixed ones (see the module docstring), so a level's schedule and step count can change
+    after training."""
+
+    def __init__(self, width, emb_dim, n=2, features=16):
+        super().__init__()
+        self.width, self.n, self.features = width, n, features
+        self.hidden = nn.Sequential(nn.Linear(features, emb_dim), nn.SiLU())
+        self.to_emb = nn.Linear(emb_dim, emb_dim)
+        self.to_tokens = nn.Linear(emb_dim, n * width)
+
+    def forward(self, lam):  # (B,) -> (B, emb_dim), (B, n, width)
+        hidden = self.hidden(noise_embedding(lam, self.features))
+        return self.to_emb(hidden), self.to_tokens(hidden).view(len(lam), self.n, self.width)
+
+
+class ImagenUNet(nn.Module):
+    """imagen-pytorch's Unet (1.26) as the authors configured it [Imagen]; `paper` trains these.
+    Per level, encoder: (efficient: pixel_down first) a first ResBlock (cross-attention to the
+    noise-level tokens where cross_attn says), `blocks` ResBlocks with a global-context gate, an
+    attention layer (TransformerBlock) where attn says, (plain: pixel_down after, a ConvPair at
+    the last level); a skip after each of the ResBlocks but the first and after the attention.
+    Middle: ResBlock, attention, ResBlock (both with cross-attention). Decoder: the mirror,
+    eating the skips (scaled by 1/sqrt 2), up by shuffle_up. Out: (init_residual: the input conv's
+    output concatenated) a gated ResBlock, (super-resolution: the low-res image concatenated)
+    a 3x3 conv. Super-resolution models (aug_emb: cond[:, :3] is the low-res image) double the
+    embedding and add the augmentation level's tokens. GroupNorm of cfg.groups (imagen: 8)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        w, blocks = cfg.width, cfg.per_level_blocks()
+        self.lowres = cfg.aug_emb
+        self.emb_dim = 4 * w * (2 if self.lowres else 1)            # imagen's time_cond_dim
+        self.emb = NoiseLevel(w, self.emb_dim)
+        self.aug_emb = NoiseLevel(w, self.emb_dim) if self.lowres else None
+        self.norm_tokens = nn.LayerNorm(w)
+        self.conv_in = CrossEmbed(cfg.img_ch + cfg.cond_ch, w)
+        self.in_block = self.res(w, w, gca=True) if cfg.efficient else None
+        dims, skip_ch = [w] + [w * m for m in cfg.mults], []
+        self.down, self.up = nn.ModuleList(), nn.ModuleList()
+        for lvl, (din, dout) in enumerate(zip(dims[:-1], dims[1:])):
+            ch, last = (dout if cfg.efficient else din), lvl == len(blocks) - 1
+            post = nn.Identity() if cfg.efficient else (ConvPair if last else pixel_down)(ch, dout)
+            self.down.append(nn.ModuleDict(dict(
+                pre=pixel_down(din, dout) if cfg.efficient else nn.Identity(),
+                first=self.res(ch, ch, cross=cfg.cross_attn[lvl]),
+                blocks=nn.ModuleList(self.res(ch, ch, gca=True) for _ in range(blocks[lvl])),
+                attn=self.transformer(ch, lvl), post=post)))
+            skip_ch.append(ch)
+        mid = dims[-1]
+        self.mid = nn.ModuleList([self.res(mid, mid, cross=True),
+                                  TransformerBlock(mid, cfg.heads, cfg.head_dim),
+                                  self.res(mid, mid, cross=True)])
+        for lvl in reversed(range(len(blocks))):
+            din, dout, s = dims[lvl], dims[lvl + 1], skip_ch.pop()
+            up = shuffle_up(dout, din) if lvl or cfg.efficient else nn.Identity()
+            self.up.append(nn.ModuleDict(dict(
+                first=self.res(dout + s, dout, cross=cfg.cross_attn[lvl]),
+                blocks=nn.ModuleList(self.res(dout + s, dout, gca=True) for _ in range(blocks[lvl])),
+                attn=self.transformer(dout, lvl), post=up)))
+        self.out_block = self.res(w * (2 if cfg.init_residual else 1), w, gca=True)
+        self.out = nn.Conv2d(w + (3 if self.lowres else 0), cfg.img_ch, 3, padding=1)
+        nn.init.zeros_(self.out.weight)  # zero output at init [ADM; imagen's zero_init_]
+        nn.init.zeros_(self.out.bias)
+
+    def res(self, cin, cout, cross=False, gca=False):
+        cfg = self.cfg
+        block = ResBlock(cin, cout, self.emb_dim, cfg.dropout, cfg.groups,
+                         (cfg.heads, cfg.head_dim, cfg.width) if cross else None, gca)
+        block.conv2.reset_parameters()  # imagen keeps the default init (ADM zeroes it)
+        return block
+
+    def transformer(self, ch, lvl):
+        cfg = self.cfg
+        return (TransformerBlock(ch, cfg.heads, cfg.head_dim, cfg.width) if cfg.attn[lvl]
+                else nn.Identity())
+
+    def forward(self, x, lam, cond=None, aug_lam=None):
+        """As UNet.forward; sizes divisible by 2^levels (efficient) or 2^(levels - 1)."""
+        cfg = self.cfg
+        f = 2 ** (len(cfg.mults) - (0 if cfg.efficient else 1))
+        if x.shape[-1] % f or x.shape[-2] % f:
+            raise ValueError(f"U-Net input {tuple(x.shape[-2:])} is not divisible by {f}")
+        emb, tokens = self.emb(lam)                                  # (B, E), (B, 2, w)
+        if self.aug_emb is not None:
+            aug_lam = torch.full_like(lam, sde.LAM_CLAMP) if aug_lam is None else aug_lam
+            aug, aug_tokens = self.aug_emb(aug_lam)
+            emb, tokens = emb + aug, torch.cat([tokens, aug_tokens], dim=1)
+        emb, tokens = emb.to(x.dtype), self.norm_tokens(tokens).to(x.dtype)
+        attend = lambda layer, h: h if isinstance(layer, nn.Identity) else layer(h, tokens)
+        cond = cond.to(x.dtype) if cfg.cond_ch else None
+        h = first = self.conv_in(torch.cat([x, cond], dim=1) if cfg.cond_ch else x)
+        if self.in_block is not None:  # efficient: the one full-resolution ResBlock in
+            h = self.in_block(h, emb)
+        skips = []
+        for level in self.down:
+            h = level["first"](level["pre"](h), emb, tokens)
+            for block in level["blocks"]:
+                h = block(h, emb)
+                skips.append(h)
+            h = attend(level["attn"], h)
+            skips.append(h)
+            h = level["post"](h)
+        h = self.mid[2](self.mid[1](self.mid[0](h, emb, tokens)), emb, tokens)
+        skip = lambda h: torch.cat([h, skips.pop() * 2 ** -0.5], dim=1)
+        for level in self.up:
+            h = level["first"](skip(h), emb, tokens)
+            for block in level["blocks"]:
+                h = block(skip(h), emb)
+            h = level["post"](attend(level["attn"], h))
+        h = self.out_block(torch.cat([h, first], dim=1) if cfg.init_residual else h, emb)
+        return self.out(torch.cat([h, cond[:, :3]], dim=1) if self.lowres else h)
+
+
+def build(cfg: UNetConfig):
+    """The network of a config: ImagenUNet (cfg.imagen) or UNet."""
+    return ImagenUNet(cfg) if cfg.imagen else UNet(cfg)
+
+
 def count_params(cfg: UNetConfig):
     """Parameter count of a config, built on the meta device (no memory)."""
     with torch.device("meta"):
-        return sum(p.numel() for p in UNet(cfg).parameters())
+        return sum(p.numel() for p in build(cfg).parameters())
 
 
 def flops(cfg: UNetConfig, size, backward=False):
@@ -338,7 +620,7 @@ def flops(cfg: UNetConfig, size, backward=False):
     torch.utils.flop_counter on the meta device (no memory, no compute)."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
-        net = UNet(cfg)
+        net = build(cfg)
         x = torch.zeros(1, 3, size, size, requires_grad=backward)
         cond = torch.zeros(1, cfg.cond_ch, size, size) if cfg.cond_ch else None
         lam = torch.zeros(1)

@@ -80,7 +80,7 @@ def layout(p, level, args, device, channels_last):
     """img/s of the bare U-Net step (bf16 where native), channels_last or not."""
     cfg = cascade.unet_config(p, 3, level)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    net = unet.UNet(cfg).to(device, memory_format=fmt)
+    net = unet.build(cfg).to(device, memory_format=fmt)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     L = p.level_sizes[level]
     size = min(L, p.training.crop) if level == len(p.level_sizes) - 1 else L
@@ -107,7 +107,7 @@ def sampling(p, level, args, device):
     """Seconds per patch-step of sde.sample at the level's size (inpainting on, a batch of
     --sample-batch), and the host's share: the same loop around a zero-cost network."""
     cfg = cascade.unet_config(p, 3, level)
-    net = unet.UNet(cfg).to(device, memory_format=torch.channels_last).eval()
+    net = unet.build(cfg).to(device, memory_format=torch.channels_last).eval()
     B, L = args.sample_batch, p.level_sizes[level]
     cond = torch.randn(B, cfg.cond_ch, L, L, device=device)
     known = torch.zeros(B, 3, L, L, device=device)

@@ -50,7 +50,7 @@ def validation_loss(net, p, stage, level, items,
 def train_for(cfg, p, stage, level, ds, seconds, batch, lr=5e-4,
               ema_decay=0.995, min_snr_gamma=None):
     torch.manual_seed(0)
-    net = unet.UNet(cfg).to(memory_format=torch.channels_last)
+    net = unet.build(cfg).to(memory_format=torch.channels_last)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
     opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.99))
     step, t0 = 0, time.process_time()

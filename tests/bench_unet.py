@@ -47,7 +47,7 @@ def main():
                    help="subset of: fp32 channels_last channels_last+bf16")
     args = p.parse_args()
     cfg = unet.get_config(args.config, cond_ch=args.cond_ch, aug_emb=args.cond_ch > 0)
-    model = unet.UNet(cfg)
+    model = unet.build(cfg)
     print(f"{args.config}: {unet.count_params(cfg) / 1e6:.1f} M params, {args.size}px, batch "
           f"{args.batch}, {torch.get_num_threads()} threads")
     g = torch.Generator().manual_seed(0)

@@ -131,7 +131,7 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     nets = {}
     for level in range(3):
         torch.manual_seed(level)
-        nets[level] = unet.UNet(cascade.unet_config(p, 2, level))
+        nets[level] = unet.build(cascade.unet_config(p, 2, level))
         _save(tmp_path / cascade.model_filename(2, level), p, 2, level, nets[level])
     cdm = cascade.load_cdm(str(tmp_path), p, 2)
     for level in range(3):
@@ -217,7 +217,7 @@ def test_sampling_steps_neither_sync_nor_copy_from_the_host(monkeypatch):
     thresholding, inpainting and a feathered paste: it runs, and the host-to-device transfers
     do not grow with the steps (the step loop adds none; a level's setup may add a few)."""
     p = small_preset()
-    nets = [unet.UNet(cascade.unet_config(p, 3, lvl)).to("meta").eval() for lvl in range(3)]
+    nets = [unet.build(cascade.unet_config(p, 3, lvl)).to("meta").eval() for lvl in range(3)]
     cdm = cascade.CDM(p, 3, nets, device="meta")
     P, B = p.patch, 2
     z = torch.zeros(B, 3, P, P, device="meta")

@@ -268,10 +268,10 @@ def test_train_builds_all_nine_paper_models(tmp_path, monkeypatch):
     """train.py --preset paper: the nine models of the authors' recipe (eps base level, min-SNR,
     per-batch linear augmentation of the lowres input only), at stand-in widths."""
     for name in ("paper64", "paper256", "paper1024"):
-        small = unet.get_config(name, width=8, head_dim=8, groups=4)
+        small = unet.get_config(name, width=8, head_dim=8, heads=2, groups=4)
         monkeypatch.setitem(unet.CONFIGS, name,
                             dataclasses.replace(small, mults=small.mults[:2], attn=small.attn[:2],
-                                                                    blocks=1))
+                                                cross_attn=small.cross_attn[:2], blocks=1))
     train.main(["--preset", "paper", "--stage", "all", "--level", "all", "--data", SLIDE, "--out",
                 str(tmp_path / "ck"),
                 "--cache", str(tmp_path / "cache"), "--batch", "1", "--max-steps", "1", "--keep",

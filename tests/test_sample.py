@@ -272,7 +272,7 @@ def test_sample_slide_equals_generate(tmp_path, monkeypatch):
     for s in (1, 2, 3):
         for lvl in range(3):
             torch.manual_seed(10 * s + lvl)
-            net = unet.UNet(cascade.unet_config(p, s, lvl))
+            net = unet.build(cascade.unet_config(p, s, lvl))
             for prm in net.parameters():
                 torch.nn.init.normal_(prm, std=0.03)
             torch.save(cascade.model_payload(p, s, lvl, net.cfg, net.state_dict()),

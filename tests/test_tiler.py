@@ -114,7 +114,7 @@ def test_wavefront_equals_raster_with_unets():
     p = small_preset()
     nets = []
     for level in range(3):
-        net = unet.UNet(cascade.unet_config(p, 3, level)).eval()
+        net = unet.build(cascade.unet_config(p, 3, level)).eval()
         for prm in net.parameters():  # random, non-zero output
             torch.nn.init.normal_(prm, std=0.05)
         nets.append(net)

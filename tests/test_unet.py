@@ -10,7 +10,7 @@ import unet
 def test_config_output_shape_and_zero_init(name):
     # Each named config's structure (levels, blocks, attention) at a tiny width.
     cfg = unet.get_config(name, width=8, head_dim=8, groups=4, cond_ch=6, aug_emb=True)
-    model = unet.UNet(cfg).to(memory_format=torch.channels_last)
+    model = unet.build(cfg).to(memory_format=torch.channels_last)
     # any multiple of 2^(levels(-1)), not only 2^k
     size = 2 ** (len(cfg.mults) - (0 if cfg.efficient else 1)) * 3
     x = torch.randn(2, 3, size, size).to(memory_format=torch.channels_last)
@@ -20,15 +20,18 @@ def test_config_output_shape_and_zero_init(name):
 
 
 def test_bad_input_size_is_rejected():
-    model = unet.UNet(unet.get_config("tiny"))
+    model = unet.build(unet.get_config("tiny"))
     with pytest.raises(ValueError, match="divisible"):
         model(torch.randn(1, 3, 15, 15), torch.zeros(1))
 
 
 @pytest.mark.parametrize("layout",
-                         [{}, {"efficient": True}, {"late_widen": True, "shared_kv": True}])
+                         [{}, {"efficient": True}, {"late_widen": True, "shared_kv": True},
+                          {"imagen": True, "cross_attn": (True, True)},
+                          {"imagen": True, "efficient": True, "cross_attn": (False, True),
+                           "init_residual": True}])
 def test_gradients_reach_every_parameter(layout):
-    model = unet.UNet(unet.get_config("tiny", cond_ch=3, aug_emb=True, **layout))
+    model = unet.build(unet.get_config("tiny", cond_ch=3, aug_emb=True, **layout))
     for p in model.parameters():  # leave the zero init, which blocks gradients on purpose
         if torch.count_nonzero(p) == 0:
             torch.nn.init.normal_(p, std=0.02)
@@ -42,12 +45,14 @@ def test_gradients_reach_every_parameter(layout):
 
 
 @pytest.mark.parametrize("name,target",
-                         [("paper64", 410e6), ("paper256", 300e6), ("paper1024", 690e6)])
+                         [("paper64", 412.9e6), ("paper256", 300.5e6), ("paper1024", 690.3e6),
+                          ("plus64", 381.9e6), ("plus256", 253.6e6), ("plus1024", 597.6e6)])
 def test_paper_parameter_counts(name, target):
-    """The paper's models (docs/design.md, "The paper preset") within +-25 %, counted on the meta
-    device."""
-    cfg = unet.get_config(name, cond_ch=0 if name == "paper64" else 9, aug_emb=name != "paper64")
-    assert abs(unet.count_params(cfg) / target - 1) < 0.25
+    """The paper's models (the authors' 412.9 / 300.5 / 690.3 M) and paper_plus's leaner ones
+    within 1 %, counted on the meta device."""
+    lowres = "64" not in name
+    cfg = unet.get_config(name, cond_ch=6 if lowres else 3, aug_emb=lowres)
+    assert abs(unet.count_params(cfg) / target - 1) < 0.01
 
 
 def test_tiny_unet_learns():
@@ -57,7 +62,7 @@ def test_tiny_unet_learns():
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 16), torch.linspace(-1, 1, 16), indexing="ij")
     data = torch.stack([torch.stack([torch.sin(3 * xx + k),
                                      torch.cos(2 * yy - k), xx * yy]) for k in range(8)])
-    model = unet.UNet(unet.get_config("tiny"))
+    model = unet.build(unet.get_config("tiny"))
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     fn = lambda x, t: model(x, sde.log_snr(t).float())
     losses = []
