@@ -1,4 +1,4 @@
-"""The U-Net of every URCDM level: a hand-written DDPM / Imagen style network.
+"""The U-Net of every URCDM level: hand-written DDPM / Imagen style networks.
 
 Input channels are concatenated: x_t (img_ch), then the conditioning (cond_ch: the
 upsampled previous-level image, and for stages 2-3 the context and region crops). The
@@ -6,11 +6,18 @@ network is conditioned on the noise level as a log-SNR `lam` (never on a step in
 the number of sampling steps can change after training) and, optionally, on the
 conditioning-augmentation level `aug_lam` through a second embedding.
 
+Two networks: `UNet` (ADM's layout and Imagen's plain and efficient ones: the demo and
+paper_plus) and `ImagenUNet`, imagen-pytorch's Unet piece by piece as the authors configured it
+(`paper`: their parameter count within 1 %, their FLOPs; tests/bench_flops.py). `build(cfg)`
+makes either.
+
 References
   [DDPM]    Ho et al., Denoising diffusion probabilistic models, 2020 (ResBlock U-Net).
   [ADM]     Dhariwal & Nichol, Diffusion models beat GANs, 2021 (scale-shift norm,
             attention at low resolution, zero-initialised output).
-  [Imagen]  Saharia et al., 2022; imagen-pytorch (the paper's model sizes, docs/design.md).
+  [Imagen]  Saharia et al., 2022 (Efficient U-Net, App. B.1); lucidrains' imagen-pytorch 1.26
+            (the authors' U-Net: cross-embed stem, global context, multi-query cosine-sim
+            attention, time tokens; docs/design.md).
 """
 import math
 from dataclasses import asdict, dataclass
@@ -548,7 +555,8 @@ class ImagenUNet(nn.Module):
             up = shuffle_up(dout, din) if lvl or cfg.efficient else nn.Identity()
             self.up.append(nn.ModuleDict(dict(
                 first=self.res(dout + s, dout, cross=cfg.cross_attn[lvl]),
-                blocks=nn.ModuleList(self.res(dout + s, dout, gca=True) for _ in range(blocks[lvl])),
+                blocks=nn.ModuleList(self.res(dout + s, dout, gca=True)
+                                     for _ in range(blocks[lvl])),
                 attn=self.transformer(dout, lvl), post=up)))
         self.out_block = self.res(w * (2 if cfg.init_residual else 1), w, gca=True)
         self.out = nn.Conv2d(w + (3 if self.lowres else 0), cfg.img_ch, 3, padding=1)

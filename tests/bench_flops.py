@@ -57,6 +57,41 @@ def slide_flops(p, steps, white=0.0):
     return total
 
 
+def unet_rows(p, lvl, name, ok):
+    """One U-Net's params, forward and training FLOPs and saved bytes against the authors', with
+    the goals: issue 29's for `paper` (the authors' size: params within 5 %, forward FLOPs at or
+    below theirs), issue 14's for paper_plus's leaner ones."""
+    cfg, ref_name = cascade.unet_config(p, 3, lvl), f"paper{p.level_sizes[lvl]}"
+    size, ref = AUTHORS[ref_name]
+    a_params, a_fwd, a_px, a_fb, a_saved = AUTHORS_MEASURED[ref_name]
+    f, params = flops(cfg, size), unet.count_params(cfg) / 1e6
+    if p.name == "paper":
+        goal_p = f"within 5 %: {ok(abs(params / a_params - 1) <= 0.05)}"
+        goal_f = f"at or below theirs: {ok(f <= AUTHORS_FORWARD[ref_name])}"
+    else:
+        goal_p = f">= 0.85: {ok(params >= 0.85 * a_params)}"
+        goal_f = f"<= {GOALS[ref_name]}: {ok(f / 1e12 <= GOALS[ref_name])}"
+    print(f"  {name:10s} {params:6.1f} M params (authors {a_params}, ratio "
+          f"{params / a_params:.3f}; goal {goal_p})")
+    print(f"  {'':10s} forward at {size} px {f / 1e12:.4f} TFLOP (authors {ref} / "
+          f"{AUTHORS_FORWARD[ref_name] / 1e12:.4f}, ratio {f / AUTHORS_FORWARD[ref_name]:.4f}; "
+          f"goal {goal_f})")
+    L = p.training.crop if ref_name == "paper1024" else size
+    fb = flops(cfg, L, True)
+    act32, w32 = train.saved_bytes(cfg, L)
+    act16, w16 = train.saved_bytes(cfg, L, bf16=True)
+    print(f"  {'':10s} at {L} px: fwd+bwd {fb / 1e12:.3f} TFLOP (authors {a_fb}, ratio "
+          f"{fb / 1e12 / a_fb:.2f}); saved for backward, one image: {act32 / 2 ** 30:.2f} GiB "
+          f"fp32, {act16 / 2 ** 30:.2f} GiB under CUDA's bf16 autocast policy; weights "
+          f"(and their bf16 casts) once a step: {w32 / 2 ** 30:.2f} / {w16 / 2 ** 30:.2f} GiB")
+    if ref_name == "paper1024" and p.name != "paper":
+        fc = flops(cfg, L)
+        print(f"  {'':10s} on its {L} px training crop: forward {fc / 1e12:.3f} TFLOP (goal <= "
+              f"{GOAL_1024_ON_256}: {ok(fc / 1e12 <= GOAL_1024_ON_256)}), fwd+bwd ratio to "
+              f"issue 14's {AUTHORS_TRAIN_1024_ON_256}: "
+              f"{fb / 1e12 / AUTHORS_TRAIN_1024_ON_256:.2f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,34 +100,13 @@ def main():
     ap.add_argument("--white", type=float, default=0.0,
                     help="share of stage-3 patches filled as glass")
     args = ap.parse_args()
-    paper = cascade.get_preset("paper")
-    print("U-Net configs (stage-3 conditioning of the paper preset); authors = issue 14's figure / "
-          "tests/bench_authors.py's measurement:")
-    for lvl, name in enumerate(paper.unets):
-        cfg = cascade.unet_config(paper, 3, lvl)
-        size, ref = AUTHORS[name]
-        a_params, a_fwd, a_px, a_fb, a_saved = AUTHORS_MEASURED[name]
-        f, params = flops(cfg, size), unet.count_params(cfg) / 1e6
-        ok = lambda cond: "met" if cond else "NOT met"
-        print(f"  {name:10s} {params:6.1f} M params (authors {a_params}, ratio "
-              f"{params / a_params:.2f}, goal >= 0.85: {ok(params >= 0.85 * a_params)})")
-        print(f"  {'':10s} forward at {size} px {f / 1e12:.3f} TFLOP (authors {ref} / {a_fwd}, "
-              f"ratio {f / 1e12 / ref:.2f} / {f / 1e12 / a_fwd:.2f}; goal <= {GOALS[name]}: "
-              f"{ok(f / 1e12 <= GOALS[name])})")
-        L = paper.training.crop if name == "paper1024" else size
-        fb = flops(cfg, L, True)
-        act32, w32 = train.saved_bytes(cfg, L)
-        act16, w16 = train.saved_bytes(cfg, L, bf16=True)
-        print(f"  {'':10s} at {L} px: fwd+bwd {fb / 1e12:.3f} TFLOP (authors {a_fb}, ratio "
-              f"{fb / 1e12 / a_fb:.2f}); saved for backward, one image: {act32 / 2 ** 30:.2f} GiB "
-              f"fp32, {act16 / 2 ** 30:.2f} GiB under CUDA's bf16 autocast policy; weights "
-              f"(and their bf16 casts) once a step: {w32 / 2 ** 30:.2f} / {w16 / 2 ** 30:.2f} GiB")
-        if name == "paper1024":
-            fc = flops(cfg, L)
-            print(f"  {'':10s} on its {L} px training crop: forward {fc / 1e12:.3f} TFLOP (goal <= "
-                  f"{GOAL_1024_ON_256}: {ok(fc / 1e12 <= GOAL_1024_ON_256)}), fwd+bwd ratio to "
-                  f"issue 14's {AUTHORS_TRAIN_1024_ON_256}: "
-                  f"{fb / 1e12 / AUTHORS_TRAIN_1024_ON_256:.2f}")
+    ok = lambda cond: "met" if cond else "NOT met"
+    for preset in ("paper", "paper_plus"):
+        p = cascade.get_preset(preset)
+        print(f"{preset}'s U-Nets (stage-3 conditioning); authors = issue 14's figure / "
+              "tests/bench_authors.py's measurement:")
+        for lvl, name in enumerate(p.unets):
+            unet_rows(p, lvl, name, ok)
     for name in ("demo_base", "demo", "tiny"):
         cfg = unet.get_config(name, cond_ch=9)
         print(f"  {name:10s} {unet.count_params(cfg) / 1e6:6.2f} M params")

@@ -34,7 +34,7 @@ sys.path.insert(0, ROOT)
 import cascade  # noqa: E402
 import tiler  # noqa: E402
 
-GPU_MS_PER_STEP = 89.7  # the paper1024 U-Net's forward at 1024 px on an A100 at 40 % of 312 TFLOP/s
+GPU_MS_PER_STEP = 96.8  # the paper1024 U-Net's forward at 1024 px on an A100 at 40 % of 312 TFLOP/s
 
 
 class CountOps(TorchDispatchMode):
