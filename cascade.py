@@ -73,6 +73,9 @@ class Training:
     aug_per_batch: bool = True        # one t_aug per batch [imagen-pytorch] or one per sample
     min_snr_gamma: object = 5.0       # min-SNR loss weight [MinSNR; imagen-pytorch]; None = off
     region_choice: str = "centre"     # each slide's region: 'centre' [PAPER] or on the 'tissue'
+    positions: str = "grid"           # where stage 2-3 examples are: the authors' tissue 'grid'
+                                      #   over the whole slide [their patient_dataset.py] or
+                                      #   anywhere in the 'region' [PAPER] (data.py)
     ema_warmup: str = "ema-pytorch"   # the EMA's schedule (train.ema_decay): 'ema-pytorch' [the
                                       #   authors' trainer] or 'fast' (every step, (1+n)/(10+n))
 
@@ -132,6 +135,7 @@ PRESETS = {
     "paper_plus": Preset("paper_plus", **{**_PAPER_GEOMETRY, "unets": ("plus64", "plus256",
                                                                        "plus1024")},
                          objectives=("eps", "v", "v"), region=True,
+                         training=Training(positions="region"),
                          sampling=Sampling(steps=(256, 64, 48), sampler="dpmpp2m", threshold=0.95,
                                            edge_margin=16, feather=16, fill_white=(2, 3),
                                            order="checkerboard")),
@@ -146,7 +150,8 @@ PRESETS = {
                    **V1_MODEL_DEFAULTS,
                    training=Training(crop=64, aug_train=(0.0, 0.5), aug_per_batch=False,
                                      min_snr_gamma=None,
-                                     region_choice="tissue", ema_warmup="fast"),
+                                     region_choice="tissue", ema_warmup="fast",
+                                     positions="region"),
                    sampling=Sampling(steps=(50, 25, 10), edge_margin=4,
                                      feather=4, fill_white=(2, 3))),
     # For tests and smoke runs: stages 32 / 88 / 116, 8 -> 16 -> 32 px, a few steps.
@@ -155,7 +160,8 @@ PRESETS = {
                    schedules=("cosine", "cosine", "linear"), **V1_MODEL_DEFAULTS,
                    training=Training(crop=16, aug_train=(0.0, 0.5), aug_per_batch=False,
                                      min_snr_gamma=None,
-                                     region_choice="tissue", ema_warmup="fast"),
+                                     region_choice="tissue", ema_warmup="fast",
+                                     positions="region"),
                    sampling=Sampling(steps=(3, 3, 3), fill_white=(2, 3))),
 }
 

@@ -48,6 +48,10 @@ TISSUE_MIN_VALUE = 0.10
 # both. Training redraws crops whose region is less tissue than this; sampling fills such patches
 # from the stage below (sample.py --white-threshold); metrics leave them out of patch features.
 MIN_TISSUE = 0.3  # deviation: the paper does not quantify "mostly white"
+# The authors' training grid (Training.positions 'grid') keeps a block whose mean colour has HSV
+# hue > 0.5 (purple to pink on skimage's 0-1 scale), saturation > 0.1, value < 0.9 [their
+# patient_dataset.py].
+GRID_HUE, GRID_SATURATION, GRID_VALUE = 0.5, 0.1, 0.9
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".jpg", ".jpeg")
 # what we write beside slides: never taken for slides
 OUTPUT_SUFFIXES = (".preview.png", ".thumbnail.png", ".datasets.png", "loss_curves.png",
@@ -70,6 +74,20 @@ def tissue_mask(rgb):
 def tissue_fraction(rgb):
     """Share of tissue pixels in an (h, w, 3) uint8 image."""
     return float(tissue_mask(rgb).mean())
+
+
+def grid_tissue(rgb):
+    """(h, w, 3) uint8 -> (h, w) bool: the authors' test of a grid block's mean colour, with hue,
+    saturation and value as skimage.color.rgb2hsv computes them (ties: blue, then green wins)."""
+    c = np.asarray(rgb, dtype=np.float64) / 255.0
+    r, g, b = c[..., 0], c[..., 1], c[..., 2]
+    v = c.max(axis=-1)
+    delta = v - c.min(axis=-1)
+    d = np.where(delta > 0, delta, 1.0)
+    hue = np.where(v == b, 4 + (r - g) / d, np.where(v == g, 2 + (b - r) / d, (g - b) / d))
+    hue = np.where(delta > 0, (hue / 6) % 1, 0.0)
+    sat = np.where(v > 0, delta / np.where(v > 0, v, 1.0), 0.0)
+    return (hue > GRID_HUE) & (sat > GRID_SATURATION) & (v < GRID_VALUE)
 
 
 # ---------------------------------------------------------------------- regions and caches
@@ -96,17 +114,34 @@ def choose_region(slide, size, mode="tissue"):
     return clamp(cx, W), clamp(cy, H)
 
 
-def _build_stage_image(slide, x, y, size, n, path, tag=""):
-    """The region resized to n x n, written band by band into a .npy file (atomically); a band
-    reads at most a quarter of MAX_READ_PIXELS from the level it comes from."""
-    ds = size / n
+def _band(slide, ds, w):
+    """Rows of a w px wide read at downsample ds that take at most a quarter of MAX_READ_PIXELS
+    from the level they come from."""
     f = ds / slide.level_downsamples[slide.best_level(ds)]  # source px per output px at that level
-    band = int(min(256, max(1, MAX_READ_PIXELS // (4 * n * f * f))))
+    return int(min(256, max(1, MAX_READ_PIXELS // (4 * w * f * f))))
+
+
+def _build_stage_image(slide, x, y, w, h, ds, path, tag=""):
+    """Level-0 px [x, x + w ds) x [y, y + h ds) resized to h x w, written band by band into a
+    .npy file (atomically)."""
+    band = _band(slide, ds, w)
     with atomic_path(path, tag) as tmp:
-        arr = DiskArray(tmp, (n, n, 3))
-        for r0 in range(0, n, band):
-            arr.write(r0, 0, slide.read_region(x, y + r0 * ds, n, min(band, n - r0), ds))
+        arr = DiskArray(tmp, (h, w, 3))
+        for r0 in range(0, h, band):
+            arr.write(r0, 0, slide.read_region(x, y + r0 * ds, w, min(band, h - r0), ds))
         arr.close()
+
+
+def tissue_grid(slide, block):
+    """The authors' training grid [their patient_dataset.py]: level-0 top-left corners (x, y) of
+    the block x block squares tiling the slide whose mean colour passes grid_tissue. (n, 2) int64"""
+    (W, H), band = slide.dimensions, _band(slide, block, max(1, slide.dimensions[0] // block))
+    cols, rows = W // block, H // block
+    means = [slide.read_region(0, r0 * block, cols, min(band, rows - r0), block)
+             for r0 in range(0, rows, band)]
+    ys, xs = np.nonzero(grid_tissue(np.concatenate(means))) if cols and rows else ((), ())
+    return np.stack([np.asarray(xs), np.asarray(ys)], axis=1).astype(np.int64).reshape(-1, 2) \
+        * block
 
 
 def cache_base(slide_path, preset, region_size=None, cache_dir=None):
@@ -116,6 +151,8 @@ def cache_base(slide_path, preset, region_size=None, cache_dir=None):
     st = os.stat(slide_path)
     ident = [os.path.abspath(slide_path), st.st_size, st.st_mtime_ns, size,
              preset.training.region_choice, [cascade.stage_size(preset, s) for s in (1, 2, 3)]]
+    if preset.training.positions == "grid":  # its own files (older keys unchanged)
+        ident += ["grid", preset.patch]
     key = hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:16]
     cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(slide_path)),
                                           ".urcdm_cache")
@@ -123,18 +160,30 @@ def cache_base(slide_path, preset, region_size=None, cache_dir=None):
 
 
 def build_cache(slide_path, preset, base, region_size=None):
-    """A slide's region (chosen by the preset's training.region_choice) resized to N1 and N2,
-    written atomically, the metadata last (its presence means the images are complete); temp
-    names carry this machine's tag, so machines sharing the directory never write one file."""
+    """A slide's region (chosen by the preset's training.region_choice) resized to N1 and N2;
+    positions 'grid': also the whole slide at stage-1 scale (`overview`, the stage-2 contexts) and
+    the tissue grid (its block: a stage-3 patch's field). Written atomically, the metadata last
+    (its presence means the files are complete); temp names carry this machine's tag, so machines
+    sharing the directory never write one file."""
     size, tag = region_size or cascade.stage_size(preset, 3), "-" + hashlib.sha1(
         socket.gethostname().encode()).hexdigest()[:8]
+    meta = {"size": size, "slide": os.path.abspath(slide_path)}
     with open_slide(slide_path) as slide:
         x, y = choose_region(slide, size, preset.training.region_choice)
         for s in (1, 2):
-            _build_stage_image(slide, x, y, size, cascade.stage_size(preset, s),
-                               f"{base}.stage{s}.npy", tag)
-    write_json(base + ".json", {"x": x, "y": y, "size": size,
-                                "slide": os.path.abspath(slide_path)}, tag=tag)
+            n = cascade.stage_size(preset, s)
+            _build_stage_image(slide, x, y, n, n, size / n, f"{base}.stage{s}.npy", tag)
+        if preset.training.positions == "grid":
+            ds1, (W, H) = size / cascade.stage_size(preset, 1), slide.dimensions
+            _build_stage_image(slide, 0, 0, max(1, round(W / ds1)), max(1, round(H / ds1)), ds1,
+                               f"{base}.overview.npy", tag)
+            block = round(preset.patch * size / cascade.stage_size(preset, 3))
+            grid = tissue_grid(slide, block)
+            with atomic_path(f"{base}.grid.npy", tag) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, grid)
+            meta.update(block=block, grid_n=len(grid))
+    write_json(base + ".json", dict(meta, x=x, y=y), tag=tag)
 
 
 def build_caches(paths, preset, region_size=None, cache_dir=None, rank=0, world=1, timeout=3600):
@@ -169,11 +218,15 @@ def build_caches(paths, preset, region_size=None, cache_dir=None, rank=0, world=
 
 
 def open_cache(base):
-    """A built cache: dict(x, y, size, slide, stage1=memmap (N1, N1, 3), stage2=memmap)."""
+    """A built cache: dict(x, y, size, slide, stage1=memmap (N1, N1, 3), stage2=memmap); with a
+    grid also block, grid_n, overview=memmap, grid=(grid_n, 2) level-0 corners."""
     with open(base + ".json") as f:
         meta = json.load(f)
-    return dict(meta, stage1=np.load(f"{base}.stage1.npy", mmap_mode="r"),
-                stage2=np.load(f"{base}.stage2.npy", mmap_mode="r"))
+    files = {k: np.load(f"{base}.{k}.npy", mmap_mode="r") for k in ("stage1", "stage2")}
+    if "block" in meta:
+        files.update(overview=np.load(f"{base}.overview.npy", mmap_mode="r"),
+                     grid=np.load(f"{base}.grid.npy"))
+    return dict(meta, **files)
 
 
 def slide_cache(slide_path, preset, region_size=None, cache_dir=None, rank=0):
@@ -271,8 +324,10 @@ class StageLevelDataset(torch.utils.data.Dataset):
     (C = 0 for the unconditional stage-1 base model).
 
     slides: list of slide paths. region_size: level-0 side of each slide's region (None:
-    N3, so stage 3 is at full resolution). min_tissue: crops of stages 2-3 whose region has
-    less tissue are redrawn (up to 10 times), as the paper ignores mostly white patches.
+    N3, so stage 3 is at full resolution). Stage 2-3 positions (preset.training.positions):
+    'region': anywhere in the region; crops whose region has less tissue than min_tissue are
+    redrawn (up to 10 times), as the paper ignores mostly white patches. 'grid': the authors'
+    (_grid_crop), every tissue block of every slide equally likely.
     rank, world: this machine's local rank and rank count (the cache build's split).
     max_open: slides and cache maps kept open per process (least recently used closed first).
     """
@@ -286,12 +341,28 @@ class StageLevelDataset(torch.utils.data.Dataset):
         self.paths = list(slides)
         bases = build_caches(self.paths, preset, region_size, cache_dir, rank, world)
         self.caches = LRU(max_open, lambda k: open_cache(bases[k]))
-        self.slides = LRU(max_open, lambda k: open_slide(self.paths[k]), lambda s: s.close())
+        self.slides = LRU(max_open, lambda k: self._open(k), lambda s: s.close())
+        self.blocks = None  # grid: cumulative tissue blocks over the slides
+        if stage > 1 and preset.training.positions == "grid":
+            counts = []
+            for b in bases:
+                with open(b + ".json") as f:
+                    counts.append(json.load(f)["grid_n"])
+            if not sum(counts):
+                raise SlideError(f"{self.paths[0]}: no block of any of the {len(self.paths)} "
+                                 "slide(s) passes the authors' tissue test (data.grid_tissue); "
+                                 "use --positions region")
+            self.blocks = np.cumsum(counts)
+
+    def _open(self, k):
+        slide = open_slide(self.paths[k])
+        slide.background = self.preset.background  # what reads pad beyond the slide
+        return slide
 
     def __len__(self):
         return self.length
 
-    def _crop(self, rng, k):
+    def _crop(self, rng, k, j=None):
         """uint8 P x P crops at stage `self.stage`: the target, the context (None at stage 1 and
         for the outpainting baseline), and the region as cascade.region_crop gives it (float;
         None unless the preset conditions on it)."""
@@ -299,6 +370,8 @@ class StageLevelDataset(torch.utils.data.Dataset):
         N = cascade.stage_size(p, self.stage)
         if self.stage == 1:
             return np.asarray(cache["stage1"]), None, None
+        if j is not None:
+            return self._grid_crop(rng, k, j)
         lower = cache[f"stage{self.stage - 1}"]
         r = cascade.zoom(p, self.stage)
         for _ in range(10):
@@ -317,10 +390,41 @@ class StageLevelDataset(torch.utils.data.Dataset):
         region = cascade.region_crop(lower, y0, x0, P, r) if p.region else None
         return target, context, region
 
+    def _grid_crop(self, rng, k, j):
+        """_crop at the authors' positions [their patient_dataset.py]: a tissue block of slide k
+        (grid_tissue; the block is a stage-3 patch's field; j drawn in __getitem__), its corner
+        shifted by 0 or half a block in x and in y; the target is the stage-s field (P ds_s
+        level-0 px) from that corner, the context the stage s-1 field around its centre, both
+        read from the whole slide (padded beyond it with the preset's background), the stage-2
+        contexts from the cached overview. Not re-tested for tissue."""
+        p, cache, P, s = self.preset, self.caches[k], self.preset.patch, self.stage
+        x, y = (int(v) for v in cache["grid"][j] + rng.integers(2, size=2) * (cache["block"] // 2))
+        ds, ds_low = (cache["size"] / cascade.stage_size(p, t) for t in (s, s - 1))
+        target = self.slides[k].read_region(x, y, P, P, ds)
+        if not self.conditioned:
+            return target, None, None
+        cx, cy = x + P * ds / 2, y + P * ds / 2  # the target's centre, level-0 px
+        if s == 2:  # the overview is the whole slide at stage-1 scale: context_crop's rounding
+            context = cascade.window(cache["overview"], round(cy / ds_low - P / 2),
+                                     round(cx / ds_low - P / 2), P, P, p.background)
+        else:
+            context = self.slides[k].read_region(cx - P * ds_low / 2, cy - P * ds_low / 2, P, P,
+                                                  ds_low)
+        r = cascade.zoom(p, s)  # the target is the centre P / r px of its context
+        region = cascade.region_crop(context, P * (r - 1) / 2, P * (r - 1) / 2, P, r) \
+            if p.region else None
+        return target, context, region
+
     def __getitem__(self, idx):
         rng = np.random.default_rng([self.seed, idx])
-        k = int(rng.integers(len(self.paths)))
-        target, context, region = self._crop(rng, k)
+        j = None
+        if self.blocks is not None:  # every tissue block of every slide equally likely
+            n = int(rng.integers(self.blocks[-1]))
+            k = int(np.searchsorted(self.blocks, n, side="right"))
+            j = n - (int(self.blocks[k - 1]) if k else 0)
+        else:
+            k = int(rng.integers(len(self.paths)))
+        target, context, region = self._crop(rng, k, j)
         sym = int(rng.integers(8)) if self.augment else 0  # one symmetry for every input
         p, L = self.preset, self.preset.level_sizes[self.level]
         # Each input reduced to the size it is used at while still uint8 (box sums in integers),

@@ -525,6 +525,9 @@ def parse_args(argv=None):
                          "the level's full size trains on what sampling feeds (README, 'Training')")
     ap.add_argument("--min-snr-gamma", type=float, default=None,
                     help="min-SNR-gamma loss weight (default: the preset's; 0 = off)")
+    ap.add_argument("--positions", default=None, choices=["grid", "region"],
+                    help="where stage 2-3 examples are (default: the preset's): the authors' "
+                         "tissue 'grid' over the whole slide, or anywhere in the 'region'")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--outpaint", action="store_true",
                     help="train the outpainting baseline (no lower-stage crops)")
@@ -620,7 +623,8 @@ def models_to_train(args):
 
 
 def train_preset(args):
-    """The preset with the training flags that override its recipe (--crop, --min-snr-gamma)."""
+    """The preset with the training flags that override its recipe (--crop, --min-snr-gamma,
+    --positions)."""
     preset = cascade.get_preset(args.preset)
     tr = preset.training
     if args.crop is not None:
@@ -631,6 +635,8 @@ def train_preset(args):
         tr = dataclasses.replace(tr, crop=args.crop)
     if args.min_snr_gamma is not None:
         tr = dataclasses.replace(tr, min_snr_gamma=args.min_snr_gamma or None)
+    if args.positions is not None:
+        tr = dataclasses.replace(tr, positions=args.positions)
     return dataclasses.replace(preset, training=tr)
 
 

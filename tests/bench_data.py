@@ -5,16 +5,19 @@ tiles, smooth H&E-coloured waves; deleted at the end), then for each (stage, lev
 times the loader's samples on one core (one thread, as in a loader worker) and prints img/s per
 core beside the GPU's demand and the loader cores one GPU needs:
 
-    python tests/bench_data.py --preset paper [--size 8192] [--n 30]
+    python tests/bench_data.py --preset paper [--size 8192] [--n 30] [--positions grid|region]
 
 The GPU's demand is arithmetic, not measured: an A100 at 40 % of 312 TFLOP/s (bf16) spends
 3 x the forward FLOPs (tests/bench_flops.py's count) on one training image. The stand-in slide is
 smaller than the paper's 41344 px region, so each slide's region is the whole stand-in (stages 1-2
 are built from it exactly as at paper scale), and a stage-3 target, which at paper scale is a
 1024 px window of level 0, is read as such a window of the stand-in's level 0 (the position
-wrapped into it): the same JPEG decoding, the same pipeline after it.
+wrapped into it): the same JPEG decoding, the same pipeline after it. With positions 'grid' the
+stage-2 targets and stage-3 contexts are read from the slide too: 1310 px squares of the stand-in's
+level 0 here, 1654 px squares of a 4x level at paper scale (1.6 x the pixels to decode).
 """
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -86,16 +89,22 @@ def main():
     ap.add_argument("--size", type=int, default=8192, help="stand-in slide side (px)")
     ap.add_argument("--n", type=int, default=30, help="samples timed per model")
     ap.add_argument("--dir", default=None, help="where the stand-in slide and caches go (temp)")
+    ap.add_argument("--positions", default=None, choices=["grid", "region"],
+                    help="stage 2-3 training positions (default: the preset's)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     p = cascade.get_preset(args.preset)
+    if args.positions:
+        p = dataclasses.replace(p, training=dataclasses.replace(p.training,
+                                                                positions=args.positions))
     work = tempfile.mkdtemp(dir=args.dir)
     try:
         path = os.path.join(work, "standin.svs")
         t0 = time.time()
         make_slide(path, args.size)
         print(f"stand-in slide {args.size} px, {os.path.getsize(path) / 1e6:.0f} MB, written in "
-              f"{time.time() - t0:.0f} s; {args.n} samples per model on one thread")
+              f"{time.time() - t0:.0f} s; {args.n} samples per model on one thread; positions "
+              f"{p.training.positions}")
         real_open = data.open_slide
         data.open_slide = lambda f: Level0Windows(real_open(f))
         gpu = A100_BF16 * MFU

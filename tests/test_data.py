@@ -1,4 +1,5 @@
 """data.py: region reads against the source array, tissue, the nine datasets, cache, bad input."""
+import dataclasses
 import os
 import shutil
 
@@ -343,3 +344,73 @@ def test_cache_built_by_local_ranks_in_parallel(tmp_path, monkeypatch):
     assert sorted(n for r, n in built if r == "1") == ["s1.svs", "s3.svs"]
     built.clear()
     assert data.build_caches(paths, p, None, str(tmp_path / "cache")) == out[0] and not built
+
+
+def test_grid_tissue_is_skimages_hsv_rule():
+    """The authors' block test: hue > 0.5, saturation > 0.1, value < 0.9, hue and saturation as
+    skimage computes them (colorsys agrees with it, ties included)."""
+    import colorsys
+    rgb = np.random.default_rng(0).integers(0, 256, (4000, 3)).astype(np.uint8)
+    ties = np.array([[200, 100, 200], [200, 200, 100], [100, 200, 200], [90, 90, 90]], np.uint8)
+    rgb = np.concatenate([rgb, ties])
+    hsv = np.array([colorsys.rgb_to_hsv(*(c / 255.0)) for c in rgb.astype(np.float64)])
+    want = (hsv[:, 0] > 0.5) & (hsv[:, 1] > 0.1) & (hsv[:, 2] < 0.9)
+    assert np.array_equal(data.grid_tissue(rgb[None])[0], want) and 0 < want.mean() < 1
+
+
+def grid_slide(path):
+    """192 x 256 px: noisy pink 32 px blocks at (row, col) (1, 2), (3, 5), (4, 0), a noisy green
+    one at (2, 2) (saturated, but the wrong hue), noisy glass elsewhere: every 32 px window is
+    unique. Returns the image and the tissue blocks' level-0 corners (x, y)."""
+    rng = np.random.default_rng(1)
+    img = (245 + rng.integers(-3, 4, (192, 256, 3))).astype(np.uint8)
+    for (r, c), colour in (((1, 2), (200, 90, 170)), ((3, 5), (190, 80, 160)),
+                           ((4, 0), (170, 70, 180)), ((2, 2), (80, 170, 90))):
+        noise = rng.integers(-20, 21, (32, 32, 3))
+        img[32 * r:32 * r + 32, 32 * c:32 * c + 32] = np.clip(np.array(colour) + noise, 0, 255)
+    write_slide(path, img)
+    return img, {(64, 32), (160, 96), (0, 128)}
+
+
+def test_grid_positions_are_the_authors(tmp_path):
+    """positions 'grid' [the authors' patient_dataset.py]: the grid holds exactly the tissue
+    blocks; a stage-3 target is the slide at a block corner shifted by 0 or half a block in x and
+    y (every block and shift drawn), its context the stage-2 field around its centre; stage 2's
+    target is the stage-2 field from such a corner."""
+    path = str(tmp_path / "grid.svs")
+    img, corners = grid_slide(path)
+    with data.open_slide(path) as slide:
+        assert {tuple(c) for c in data.tissue_grid(slide, 32)} == corners
+    p = small_preset(region=False)
+    p = dataclasses.replace(p, training=dataclasses.replace(p.training, crop=32, positions="grid"))
+    ds3 = data.StageLevelDataset([path], p, 3, 2, cache_dir=str(tmp_path), augment=False)
+    ds2 = data.StageLevelDataset([path], p, 2, 2, cache_dir=str(tmp_path), augment=False)
+    u8 = lambda t: ((t + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    windows = {(y, x): img[y:y + 32, x:x + 32] for y in range(161) for x in range(225)}
+    seen = set()
+    with data.open_slide(path) as slide:
+        for idx in range(60):
+            item = ds3[idx]
+            (y, x), = [yx for yx, w in windows.items() if np.array_equal(w, u8(item["x0"]))]
+            hits = [(cx, cy, x - cx, y - cy) for cx, cy in corners if {x - cx, y - cy} <= {0, 16}]
+            assert len(hits) == 1, (x, y)
+            seen.add(hits[0])
+            ds = 116 / 88  # stage-2 px in level-0 px
+            context = slide.read_region(x + 16 - 16 * ds, y + 16 - 16 * ds, 32, 32, ds)
+            assert np.array_equal(u8(item["cond"][3:6]), context)
+        assert {h[:2] for h in seen} == corners and {h[2:] for h in seen} == \
+            {(0, 0), (0, 16), (16, 0), (16, 16)}
+        fields = [slide.read_region(cx + sx, cy + sy, 32, 32, 116 / 88)
+                  for cx, cy in corners for sx in (0, 16) for sy in (0, 16)]
+        for idx in range(10):
+            target = u8(ds2[idx]["x0"])
+            assert sum(np.array_equal(target, f) for f in fields) == 1
+
+
+def test_grid_without_tissue_is_a_clear_error(tmp_path):
+    path = str(tmp_path / "glass.svs")
+    write_slide(path, np.full((128, 128, 3), 245, np.uint8))
+    p = small_preset()
+    p = dataclasses.replace(p, training=dataclasses.replace(p.training, positions="grid"))
+    with pytest.raises(data.SlideError, match="tissue test"):
+        data.StageLevelDataset([path], p, 3, 0, cache_dir=str(tmp_path))

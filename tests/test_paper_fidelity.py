@@ -50,6 +50,9 @@ AUTHORS = [
     ("training.crop", 256, "[AUTH] random_crop_sizes: the 1024 px U-Net trains on 256 px crops"),
     ("training.region_choice", "centre",
      "[PAPER] Sec. 3: a 40000 x 40000 centre crop of each slide"),
+    ("training.positions", "grid",
+     "[AUTH] patient_dataset.py: magnification 1-2 patches from a grid of 1024 px tissue blocks "
+     "over the whole slide (data.tissue_grid), each shifted by 0 or 512 px in x and y"),
     ("training.ema_warmup", "ema-pytorch",
      "[IP] the trainer's EMA keeps ema-pytorch's defaults: beta 0.9999, a copy until step 100, "
      "then every 10 steps, warm-up 1 - (1 + n)^(-2/3)"),
@@ -60,6 +63,29 @@ AUTHORS = [
     ("sampling.fill_white", (3,),
      "[PAPER] 'high-magnification patches ... mostly white are ignored'"),
 ]
+
+
+def test_grid_tissue_rule_is_the_authors():
+    """[AUTH] patient_dataset.py: hue > 0.5, saturation > 0.1, value < 0.9 on each block's mean."""
+    assert (data.GRID_HUE, data.GRID_SATURATION, data.GRID_VALUE) == (0.5, 0.1, 0.9)
+
+
+@pytest.mark.parametrize("name", ["paper64", "paper256", "paper1024"])
+def test_paper_unets_are_the_authors_settings(name):
+    """unet.CONFIGS against the authors' Unet arguments (tests/bench_authors.py: their script)
+    and imagen-pytorch's defaults they keep (GroupNorm 8, 8 heads of 64, middle attention)."""
+    import bench_authors
+    kw, cfg = bench_authors.AUTHORS_UNETS[name][2], unet.CONFIGS[name]
+    blocks = kw["num_resnet_blocks"]
+    n = len(kw["dim_mults"])
+    as_levels = lambda v: tuple(v) if isinstance(v, tuple) else (v,) * n
+    assert cfg.imagen and (cfg.width, cfg.mults) == (kw["dim"], kw["dim_mults"])
+    assert cfg.per_level_blocks() == as_levels(blocks)
+    assert cfg.attn == as_levels(kw["layer_attns"])
+    assert cfg.cross_attn == as_levels(kw["layer_cross_attns"])
+    assert cfg.efficient == kw.get("memory_efficient", False)
+    assert cfg.init_residual == kw.get("init_conv_to_final_conv_residual", False)
+    assert (cfg.groups, cfg.heads, cfg.head_dim) == (8, 8, 64)
 
 
 def _get(obj, dotted):
