@@ -140,8 +140,9 @@ def _corr(a, b):
     return float((a * b).sum() / (a.norm() * b.norm()))
 
 
+@pytest.mark.parametrize("positions", ["region", "grid"])
 @pytest.mark.parametrize("stage", [2, 3])
-def test_conditioning_aligned_with_target(tmp_path, stage):
+def test_conditioning_aligned_with_target(tmp_path, stage, positions):
     """On a slide of smooth waves (periods 150 / 170 px: resolved at every stage) the region
     crop (the stage below, upsampled) must line up with the target: high correlation; the
     same crop 8 stage pixels (a quarter wave) off does not."""
@@ -152,6 +153,7 @@ def test_conditioning_aligned_with_target(tmp_path, stage):
     path = str(tmp_path / "waves.svs")
     write_slide(path, img)
     p = small_preset()
+    p = dataclasses.replace(p, training=dataclasses.replace(p.training, positions=positions))
     ds = data.StageLevelDataset([path], p, stage, 1, region_size=600, cache_dir=str(tmp_path),
                                 augment=False, min_tissue=0.9)
     for idx in range(3):
@@ -272,21 +274,25 @@ def test_cli_prints_and_writes_preview(tmp_path, capsys):
     assert Image.open(out).size[1] > 9 * 128
 
 
-@pytest.mark.parametrize("region,resize", [(False, "area"), (True, "area"), (False, "nearest")])
-def test_training_inputs_are_what_sampling_feeds(tmp_path, region, resize):
+@pytest.mark.parametrize("region,resize,positions", [(False, "area", "region"),
+                                                     (True, "area", "region"),
+                                                     (False, "nearest", "region"),
+                                                     (True, "nearest", "grid")])
+def test_training_inputs_are_what_sampling_feeds(tmp_path, region, resize, positions):
     """The loader's lean route (uint8 crops reduced to the level's size by box sums in integers,
     the symmetry on the small arrays, one conversion) gives what sampling's float route gives
     from the same crops: cascade.level_inputs on to_float(target) / to_float(context) and
     region_crop, as tiler.Lower feeds them. Tolerance 1e-5: only the float rounding of an area
     mean differs (the integer sums are exact). 'nearest' (the paper's resizing) picks pixels."""
     p = small_preset(region=region, resize=resize)
+    p = dataclasses.replace(p, training=dataclasses.replace(p.training, positions=positions))
     for stage in (1, 2, 3):
         for level in range(3):
             ds = data.StageLevelDataset([SLIDE], p, stage, level, cache_dir=str(tmp_path),
                                         augment=False)
             seen = []
             real_crop = ds._crop
-            ds._crop = lambda rng, k: (lambda c: seen.append(c) or c)(real_crop(rng, k))
+            ds._crop = lambda *a: (lambda c: seen.append(c) or c)(real_crop(*a))
             item = ds[3]
             target, context, reg = seen[0]
             L = p.level_sizes[level]
