@@ -514,14 +514,20 @@ class NoiseLevel(nn.Module):
 
 class ImagenUNet(nn.Module):
     """imagen-pytorch's Unet (1.26) as the authors configured it [Imagen]; `paper` trains these.
+    Imagen is a text-to-image model: its cross-attention layers read text tokens. The authors
+    give no text, so those layers read only the two noise-level tokens (and the augmentation
+    level's): a costlier way of conditioning on the noise level, kept because it is theirs.
+
     Per level, encoder: (efficient: pixel_down first) a first ResBlock (cross-attention to the
-    noise-level tokens where cross_attn says), `blocks` ResBlocks with a global-context gate, an
-    attention layer (TransformerBlock) where attn says, (plain: pixel_down after, a ConvPair at
-    the last level); a skip after each of the ResBlocks but the first and after the attention.
-    Middle: ResBlock, attention, ResBlock (both with cross-attention). Decoder: the mirror,
-    eating the skips (scaled by 1/sqrt 2), up by shuffle_up. Out: (init_residual: the input conv's
-    output concatenated) a gated ResBlock, (super-resolution: the low-res image concatenated)
-    a 3x3 conv. Super-resolution models (aug_emb: cond[:, :3] is the low-res image) double the
+    tokens where cross_attn says), `blocks` ResBlocks with a global-context gate (global
+    information at conv cost), an attention layer (TransformerBlock) where attn says, (plain:
+    pixel_down after, a ConvPair at the last level); a skip after each of the ResBlocks but the
+    first and after the attention. Middle: ResBlock, attention, ResBlock (both with
+    cross-attention). Decoder: the mirror, eating the skips (scaled by 1/sqrt 2, so a
+    concatenation does not double the variance), up by shuffle_up. Out: (init_residual: the input
+    conv's output concatenated: full-resolution detail skips the network) a gated ResBlock,
+    (super-resolution: the low-res image concatenated) a 3x3 conv. Super-resolution models
+    (aug_emb: cond[:, :3] is the low-res image, as cascade.level_inputs puts it) double the
     embedding and add the augmentation level's tokens. GroupNorm of cfg.groups (imagen: 8)."""
 
     def __init__(self, cfg: UNetConfig):
