@@ -5,11 +5,13 @@ tests/bench_flops.py counts ours (torch.utils.flop_counter on the meta device).
 Not a test, and imagen-pytorch is not a dependency of this project. To rerun it, put the package
 and the two libraries its U-Net module needs somewhere on their own:
     pip install --no-deps --target /tmp/imagen imagen-pytorch==1.26.0 einops beartype
-    python tests/bench_authors.py /tmp/imagen
+    python tests/bench_authors.py /tmp/imagen [--compare]
 Only `imagen_pytorch/imagen_pytorch.py` is loaded; what it imports for text encoding, video and
 data augmentation (transformers, torchvision, kornia, tqdm) is replaced by empty stand-ins, since
 the U-Net never calls them. The figures printed are the AUTHORS_MEASURED constants in
-bench_flops.py.
+bench_flops.py. `--compare` builds each of their U-Nets at width 32 beside our ImagenUNet, copies
+their weights into ours (all but the noise-level features, where ours embed the log-SNR) and prints
+how far the outputs differ: float rounding (< 1e-6) when the two are the same network.
 
 Conditioning as ours at stage 3 (what bench_flops.py counts): the base model sees the 3-channel
 context image, the super-resolution models the low-resolution image (imagen's `lowres_cond`) and
@@ -110,12 +112,126 @@ def measure(Unet, kw, size, train_size):
     return params, forward, fc.get_total_flops(), saved[0]
 
 
+# ---------------------------------------------------------------- the same weights, the same output
+
+def resblock_names(ours, theirs):
+    """(our name, their name) of a ResBlock's parameters."""
+    pairs = [("emb", "time_mlp.1"), ("norm1", "block1.groupnorm"), ("conv1", "block1.project"),
+             ("norm2", "block2.groupnorm"), ("conv2", "block2.project"), ("skip", "res_conv"),
+             ("gca.to_k", "gca.to_k"), ("gca.net.0", "gca.net.0"), ("gca.net.2", "gca.net.2")]
+    pairs += [(f"cross.{a}", f"cross_attn.{b}") for a, b in attention_pairs()]
+    return [(f"{ours}.{a}", f"{theirs}.{b}") for a, b in pairs]
+
+
+def attention_pairs():
+    return [("norm", "norm"), ("to_q", "to_q"), ("to_kv", "to_kv"), ("null_kv", "null_kv"),
+            ("q_scale", "q_scale"), ("k_scale", "k_scale"), ("to_out.0", "to_out.0"),
+            ("to_out.1", "to_out.1"), ("to_tokens.0", "to_context.0"),
+            ("to_tokens.1", "to_context.1")]
+
+
+def transformer_names(ours, theirs):
+    pairs = [(f"attn.{a}", f"layers.0.0.{b}") for a, b in attention_pairs()]
+    pairs += [(f"ff.{k}", f"layers.0.1.{k}") for k in (0, 1, 3, 4)]
+    return [(f"{ours}.{a}", f"{theirs}.{b}") for a, b in pairs]
+
+
+def name_map(net):
+    """(our module prefix, theirs) for every piece of an ImagenUNet."""
+    pairs = [("emb.to_emb", "to_time_cond.0"), ("emb.to_tokens", "to_time_tokens.0"),
+             ("aug_emb.to_emb", "to_lowres_time_cond.0"),
+             ("aug_emb.to_tokens", "to_lowres_time_tokens.0"), ("norm_tokens", "norm_cond"),
+             ("out", "final_conv")] + [(f"conv_in.convs.{i}", f"init_conv.convs.{i}")
+                                       for i in range(3)]
+    pairs += resblock_names("in_block", "init_resnet_block")
+    pairs += resblock_names("out_block", "final_res_block")
+    pairs += resblock_names("mid.0", "mid_block1") + resblock_names("mid.2", "mid_block2")
+    pairs += transformer_names("mid.1", "mid_attn")
+    for i, level in enumerate(net.down):
+        pairs += [(f"down.{i}.pre.1", f"downs.{i}.0.1"), (f"down.{i}.post.1", f"downs.{i}.4.1"),
+                  (f"down.{i}.post.conv3", f"downs.{i}.4.fns.0"),
+                  (f"down.{i}.post.conv1", f"downs.{i}.4.fns.1")]
+        pairs += resblock_names(f"down.{i}.first", f"downs.{i}.1")
+        pairs += sum((resblock_names(f"down.{i}.blocks.{j}", f"downs.{i}.2.{j}")
+                      for j in range(len(level["blocks"]))), [])
+        pairs += transformer_names(f"down.{i}.attn", f"downs.{i}.3")
+    for i, level in enumerate(net.up):
+        pairs += [(f"up.{i}.post.0", f"ups.{i}.3.net.0")]
+        pairs += resblock_names(f"up.{i}.first", f"ups.{i}.0")
+        pairs += sum((resblock_names(f"up.{i}.blocks.{j}", f"ups.{i}.1.{j}")
+                      for j in range(len(level["blocks"]))), [])
+        pairs += transformer_names(f"up.{i}.attn", f"ups.{i}.2")
+    return pairs
+
+
+def compare(Unet, kw, size=32):
+    """Our ImagenUNet at a small width given imagen-pytorch's weights (their noise-level features
+    replaced by ours, the one part we change): the largest output difference, and how many of
+    our parameters were copied from theirs out of all."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import unet
+    torch.manual_seed(0)
+    theirs = Unet(**kw, cond_on_text=False, text_embed_dim=768, cond_images_channels=CONTEXT_CH)
+    with torch.no_grad():  # a non-zero output layer, so the output depends on everything
+        torch.nn.init.normal_(theirs.final_conv.weight, std=0.05)
+    lowres = kw.get("lowres_cond", False)
+    levels = lambda v: v if isinstance(v, tuple) else (v,) * len(kw["dim_mults"])
+    cfg = unet.UNetConfig(width=kw["dim"], mults=kw["dim_mults"], blocks=kw["num_resnet_blocks"],
+                          attn=levels(kw["layer_attns"]),
+                          cross_attn=levels(kw["layer_cross_attns"]),
+                          heads=kw.get("attn_heads", 8), head_dim=kw.get("attn_dim_head", 64),
+                          groups=8,
+                          efficient=kw.get("memory_efficient", False), imagen=True,
+                          init_residual=kw.get("init_conv_to_final_conv_residual", False),
+                          cond_ch=CONTEXT_CH + 3 * lowres, aug_emb=lowres)
+    ours = unet.build(cfg).eval()
+    mine, got, copied = dict(ours.named_parameters()), dict(theirs.named_parameters()), set()
+    with torch.no_grad():
+        for a, b in name_map(ours):
+            for suffix in ("weight", "bias", ""):
+                ka, kb = (f"{a}.{suffix}", f"{b}.{suffix}") if suffix else (a, b)
+                kb = kb if kb in got else kb.replace(".weight", ".g")
+                if ka in mine and kb in got:
+                    w = got[kb]
+                    if ka.startswith("conv_in.") and ka.endswith("weight"):
+                        # their input channels: context, x, lowres; ours: x, lowres, context
+                        w = torch.cat([w[:, CONTEXT_CH:], w[:, :CONTEXT_CH]], dim=1)
+                    mine[ka].copy_(w)
+                    copied.add(ka)
+    class Hidden(torch.nn.Module):  # our noise-level features in place of theirs
+        def __init__(self, emb):
+            super().__init__()
+            self.emb = [emb]  # not registered: no parameters of ours inside theirs
+
+        def forward(self, t):
+            return self.emb[0].hidden(unet.noise_embedding(t, self.emb[0].features))
+    theirs.to_time_hiddens = Hidden(ours.emb)
+    if lowres:
+        theirs.to_lowres_time_hiddens = Hidden(ours.aug_emb)
+    g = torch.Generator().manual_seed(1)
+    x, ctx, low = (torch.randn(2, 3, size, size, generator=g) for _ in range(3))
+    lam, aug_lam = torch.tensor([-3.0, 4.0]), torch.tensor([1.0, -2.0])
+    with torch.no_grad():
+        extra = dict(lowres_cond_img=low, lowres_noise_times=aug_lam) if lowres else {}
+        want = theirs.eval()(x, lam, cond_images=ctx, **extra)
+        cond = torch.cat([low, ctx], dim=1) if lowres else ctx
+        out = ours(x, lam, cond, aug_lam if lowres else None)
+    return float((out - want).abs().max()), float(want.abs().max()), len(copied), len(mine)
+
+
 def main():
-    if len(sys.argv) != 2 or not os.path.isfile(os.path.join(sys.argv[1], "imagen_pytorch",
-                                                             "imagen_pytorch.py")):
-        sys.exit("usage: python tests/bench_authors.py SITE  (SITE: where imagen-pytorch 1.26.0 "
-                 "was installed, see this file's docstring)")
+    if len(sys.argv) not in (2, 3) or not os.path.isfile(
+            os.path.join(sys.argv[1], "imagen_pytorch", "imagen_pytorch.py")):
+        sys.exit("usage: python tests/bench_authors.py SITE [--compare]  (SITE: where "
+                 "imagen-pytorch 1.26.0 was installed, see this file's docstring)")
     Unet = load_imagen_unet(sys.argv[1])
+    if sys.argv[2:] == ["--compare"]:
+        for name, (_, _, kw) in AUTHORS_UNETS.items():
+            small = dict(kw, dim=32)  # 8 heads of 64, as theirs (the middle blocks' fixed)
+            diff, scale, n, total = compare(Unet, small)
+            print(f"{name:10s} at width 32: {n} of {total} parameter tensors from imagen-pytorch's "
+                  f"Unet; outputs differ by at most {diff:.2e} (output scale {scale:.2f})")
+        return
     for name, (size, train_size, kw) in AUTHORS_UNETS.items():
         train_size = train_size or size
         params, fwd, fwd_bwd, saved = measure(Unet, kw, size, train_size)
