@@ -76,6 +76,8 @@ class Training:
     positions: str = "grid"           # where stage 2-3 examples are: the authors' tissue 'grid'
                                       #   over the whole slide [their patient_dataset.py] or
                                       #   anywhere in the 'region' [PAPER] (data.py)
+    crop_context: str = "whole"       # the top level's crops see the 'whole' context resized
+                                      #   onto the crop [imagen-pytorch] or its 'window'
     ema_warmup: str = "ema-pytorch"   # the EMA's schedule (train.ema_decay): 'ema-pytorch' [the
                                       #   authors' trainer] or 'fast' (every step, (1+n)/(10+n))
 
@@ -127,23 +129,26 @@ PRESETS = {
     # deviation: the paper's geometry and sizes with our choices (README, "Departures"): leaner
     # U-Nets (unet.py, plus64 / plus256 / plus1024: 0.93 x the authors' slide FLOPs), stage 2-3
     # examples anywhere in the region as the paper says (sampling sees nothing beyond it; a 2-4 x
-    # faster loader than the authors' grid, tests/bench_data.py), region conditioning, the inner-edge margin and the feathered paste (overlap / 8 = 16 px), white
-    # fill at stage 2 too, the checkerboard order (4 rounds a stage: every rank busy, windows
-    # cheap; on the demo within the seeds' spread of wavefront, docs/notes.md), and
-    # DPM-Solver++(2M) at about 1/4-1/5 of the authors' steps: 1.37e18
-    # FLOP a slide without glass against their 7.53e18 (tests/bench_flops.py). At demo scale, stage
-    # 3 with this solver at 1/8 of a reference's steps scored as the reference (docs/notes.md).
+    # faster loader than the authors' grid, tests/bench_data.py), top-level crops that see their
+    # context's window (one scale in training and sampling), region conditioning, the inner-edge
+    # margin and the feathered paste (overlap / 8 = 16 px), white fill at stage 2 too, the
+    # checkerboard order (4 rounds a stage: every rank busy, windows cheap; on the demo within the
+    # seeds' spread of wavefront, docs/notes.md), and DPM-Solver++(2M) at about 1/4-1/5 of the
+    # authors' steps: 1.37e18 FLOP a slide without glass against their 7.53e18
+    # (tests/bench_flops.py). At demo scale, stage 3 with this solver at 1/8 of a reference's
+    # steps scored as the reference (docs/notes.md).
     "paper_plus": Preset("paper_plus", **{**_PAPER_GEOMETRY, "unets": ("plus64", "plus256",
                                                                        "plus1024")},
                          objectives=("eps", "v", "v"), region=True,
-                         training=Training(positions="region"),
+                         training=Training(positions="region", crop_context="window"),
                          sampling=Sampling(steps=(256, 64, 48), sampler="dpmpp2m", threshold=0.95,
                                            edge_margin=16, feather=16, fill_white=(2, 3),
                                            order="checkerboard")),
     # The shipped CPU demo (stages 256 / 704 / 2048, 16 -> 64 -> 256 px).
     # deviation: the settings its checkpoints were trained with, not the authors' (README,
     # "Departures"): v everywhere, cosine augmentation of every input over U(0, 0.5) per sample,
-    # region conditioning, no min-SNR, tissue-centred regions and examples inside them, no
+    # region conditioning, no min-SNR, tissue-centred regions and examples inside them, the
+    # context's window on top-level crops, no
     # thresholding, the inner-edge margin and feather (overlap / 8 = 4 px), white fill at stages
     # 2 and 3, the ADM U-Net layout, an EMA updated every step with a fast warm-up (short CPU
     # runs).
@@ -153,7 +158,7 @@ PRESETS = {
                    training=Training(crop=64, aug_train=(0.0, 0.5), aug_per_batch=False,
                                      min_snr_gamma=None,
                                      region_choice="tissue", ema_warmup="fast",
-                                     positions="region"),
+                                     positions="region", crop_context="window"),
                    sampling=Sampling(steps=(50, 25, 10), edge_margin=4,
                                      feather=4, fill_white=(2, 3))),
     # For tests and smoke runs: stages 32 / 88 / 116, 8 -> 16 -> 32 px, a few steps.
@@ -163,7 +168,7 @@ PRESETS = {
                    training=Training(crop=16, aug_train=(0.0, 0.5), aug_per_batch=False,
                                      min_snr_gamma=None,
                                      region_choice="tissue", ema_warmup="fast",
-                                     positions="region"),
+                                     positions="region", crop_context="window"),
                    sampling=Sampling(steps=(3, 3, 3), fill_white=(2, 3))),
 }
 
@@ -358,18 +363,21 @@ def level_inputs(preset, stage, level, target_or_lowres, context=None,
     """Conditioning channels of (stage, level), in the order the U-Net concatenates them:
     [lowres (level > 0)], [context, region (stage > 1, conditioned; region if the preset has it)],
     all at level size. `target_or_lowres` is level l-1's image (any size; made into the lowres
-    input here). window (y, x, c): only that c x c window of them (training's top-level crops).
-    Returns (B, C, L, L) (or (B, C, c, c)) or None when there is no conditioning."""
+    input here). window (y, x, c): only that c x c window of them (training's top-level crops;
+    training.crop_context 'whole': the context and region whole, resized to c x c, as
+    imagen-pytorch resizes its cond_images onto the crop). Returns (B, C, L, L) (or (B, C, c, c))
+    or None when there is no conditioning."""
     L = preset.level_sizes[level]
     y, x, c = window or (0, 0, L)
-    crop = lambda t: t[..., y:y + c, x:x + c]
+    fit = lambda t: downsample(t, L, preset.resize)[..., y:y + c, x:x + c]
+    if window and preset.training.crop_context == "whole":
+        fit = lambda t: downsample(t, c, preset.resize)
     parts = []
     if level > 0:
         lowres = downsample(target_or_lowres, preset.level_sizes[level - 1], preset.resize)
         parts.append(make_lowres(lowres, L, window, preset.resize))
     if stage > 1 and conditioned:
-        parts += [crop(downsample(context, L, preset.resize))]
-        parts += [crop(downsample(region, L, preset.resize))] if preset.region else []
+        parts += [fit(context)] + ([fit(region)] if preset.region else [])
     return torch.cat(parts, dim=1) if parts else None
 
 

@@ -430,11 +430,11 @@ class StageLevelDataset(torch.utils.data.Dataset):
         # Each input reduced to the size it is used at while still uint8 (box sums in integers),
         # the symmetry on the small array, one conversion to float [same as sampling's float
         # route up to rounding]; then the conditioning channels of (stage, level) [cascade].
-        # Top level: a random crop, the same window of target and every conditioning channel.
-        # deviation (every preset, `paper` too): imagen-pytorch resizes the whole context onto
-        # the crop, so the authors' 1024 px model sees its context at 1/4 scale in training and
-        # at full scale at sampling; cutting it with the crop's window keeps one scale (the U-Net
-        # is fully convolutional). Arguably a fix; not a preset field.
+        # Top level: a random crop, the same window of target and low-res input; the context
+        # (and region) whole, resized onto the crop, as imagen-pytorch does (`paper`), so the
+        # authors' 1024 px model sees its context at 1/4 scale in training, full scale at sampling.
+        # deviation (training.crop_context 'window': paper_plus, demo): the same window of them
+        # too, one scale in training and sampling (the U-Net is fully convolutional).
         c = p.training.crop
         top = self.level == len(p.level_sizes) - 1 and c < L
         window = (*(int(v) for v in rng.integers(0, L - c + 1, size=2)), c) if top else None
@@ -445,8 +445,9 @@ class StageLevelDataset(torch.utils.data.Dataset):
             small.update(box_pyramid(target, [below], sym, mode=m))
         else:
             small = box_pyramid(target, [L] + ([below] if below else []), sym, mode=m)
-        ctx = None if context is None else box_pyramid(context, [L], sym, mode=m)[L]
-        reg = None if region is None else cascade.downsample(dihedral(region, sym), L, m)
+        cs = c if window and p.training.crop_context == "whole" else L  # the context's size
+        ctx = None if context is None else box_pyramid(context, [cs], sym, mode=m)[cs]
+        reg = None if region is None else cascade.downsample(dihedral(region, sym), cs, m)
 
         x0 = small[L]
         cond = cascade.level_inputs(p, self.stage, self.level, small.get(below), ctx, reg,

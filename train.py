@@ -528,6 +528,10 @@ def parse_args(argv=None):
     ap.add_argument("--positions", default=None, choices=["grid", "region"],
                     help="where stage 2-3 examples are (default: the preset's): the authors' "
                          "tissue 'grid' over the whole slide, or anywhere in the 'region'")
+    ap.add_argument("--crop-context", default=None, choices=["whole", "window"],
+                    help="what the top level's crops see of the context (default: the preset's): "
+                         "the 'whole' context resized onto the crop (imagen-pytorch) or its "
+                         "'window'")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--outpaint", action="store_true",
                     help="train the outpainting baseline (no lower-stage crops)")
@@ -624,7 +628,7 @@ def models_to_train(args):
 
 def train_preset(args):
     """The preset with the training flags that override its recipe (--crop, --min-snr-gamma,
-    --positions)."""
+    --positions, --crop-context)."""
     preset = cascade.get_preset(args.preset)
     tr = preset.training
     if args.crop is not None:
@@ -637,6 +641,8 @@ def train_preset(args):
         tr = dataclasses.replace(tr, min_snr_gamma=args.min_snr_gamma or None)
     if args.positions is not None:
         tr = dataclasses.replace(tr, positions=args.positions)
+    if args.crop_context is not None:
+        tr = dataclasses.replace(tr, crop_context=args.crop_context)
     return dataclasses.replace(preset, training=tr)
 
 

@@ -420,3 +420,32 @@ def test_grid_without_tissue_is_a_clear_error(tmp_path):
     p = dataclasses.replace(p, training=dataclasses.replace(p.training, positions="grid"))
     with pytest.raises(data.SlideError, match="tissue test"):
         data.StageLevelDataset([path], p, 3, 0, cache_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("resize", ["area", "nearest"])
+def test_top_level_crops_see_the_whole_context_resized(tmp_path, resize):
+    """training.crop_context 'whole' (imagen-pytorch, `paper`): the target and low-res input are
+    cut with one window, the context (and region) are resized whole onto the crop; 'window' cuts
+    all of them with it."""
+    for mode in ("whole", "window"):
+        p = small_preset(region=True, resize=resize)
+        p = dataclasses.replace(p, training=dataclasses.replace(p.training, crop_context=mode))
+        ds = data.StageLevelDataset([SLIDE], p, 3, 2, cache_dir=str(tmp_path), augment=False)
+        seen = []
+        real_crop = ds._crop
+        ds._crop = lambda *a: (lambda c: seen.append(c) or c)(real_crop(*a))
+        item = ds[5]
+        target, context, region = seen[0]
+        c, L = p.training.crop, p.level_sizes[2]
+        full = cascade.level_inputs(p, 3, 2, cascade.to_float(target),
+                                    cascade.to_float(context), region)[0]
+        x0 = cascade.to_float(target)[0]
+        (y, x), = [(y, x) for y in range(L - c + 1) for x in range(L - c + 1)
+                   if torch.equal(x0[:, y:y + c, x:x + c], item["x0"])]
+        assert (item["cond"][:3] - full[:3, y:y + c, x:x + c]).abs().max() < 1e-5  # low-res
+        if mode == "whole":
+            want = torch.cat([cascade.downsample(cascade.to_float(context), c, resize),
+                              cascade.downsample(region, c, resize)], 1)[0]
+        else:
+            want = full[3:, y:y + c, x:x + c]
+        assert (item["cond"][3:] - want).abs().max() < 1e-5, mode

@@ -53,6 +53,9 @@ AUTHORS = [
     ("training.positions", "grid",
      "[AUTH] patient_dataset.py: magnification 1-2 patches from a grid of 1024 px tissue blocks "
      "over the whole slide (data.tissue_grid), each shifted by 0 or 512 px in x and y"),
+    ("training.crop_context", "whole",
+     "[IP] random_crop_sizes crops x and lowres_cond_img together; the Unet resizes cond_images "
+     "whole onto the crop (resize_image_to)"),
     ("training.ema_warmup", "ema-pytorch",
      "[IP] the trainer's EMA keeps ema-pytorch's defaults: beta 0.9999, a copy until step 100, "
      "then every 10 steps, warm-up 1 - (1 + n)^(-2/3)"),
