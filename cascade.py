@@ -128,8 +128,8 @@ PRESETS = {
                     sampling=Sampling(steps=(1024, 256, 256), threshold=0.95)),
     # deviation: the paper's geometry and sizes with our choices (README, "Departures"): leaner
     # U-Nets (unet.py, plus64 / plus256 / plus1024: 0.93 x the authors' slide FLOPs), stage 2-3
-    # examples anywhere in the region as the paper says (sampling sees nothing beyond it; a 2-4 x
-    # faster loader than the authors' grid, tests/bench_data.py), top-level crops that see their
+    # examples anywhere in the region as the paper says (sampling sees nothing beyond it; a 1.7-3.5
+    # x faster loader than the authors' grid, tests/bench_data.py), top-level crops that see their
     # context's window (one scale in training and sampling), region conditioning, the inner-edge
     # margin and the feathered paste (overlap / 8 = 16 px), white fill at stage 2 too, the
     # checkerboard order (4 rounds a stage: every rank busy, windows cheap; on the demo within the
