@@ -24,6 +24,14 @@ def gaussian_oracle(mu, s, schedule="cosine"):
     return model_fn
 
 
+def torchrun_failure(stderr):
+    """What a failed torchrun printed that says why: its ranks' error lines (torchrun's own
+    summary, at the end, names only the signal), then the tail."""
+    why = [line for line in stderr.splitlines()
+           if any(k in line for k in ("Error", "error:", "terminate", "what()", "Abort", "Signal"))]
+    return "\n".join(why[:30]) + "\n...\n" + stderr[-1500:]
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)

@@ -13,7 +13,7 @@ import torch
 
 import cascade
 import train
-from conftest import ROOT, oracle_net
+from conftest import ROOT, oracle_net, torchrun_failure
 
 SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
 
@@ -137,7 +137,7 @@ def test_three_rank_torchrun_bf16_replicas_identical(tmp_path):
            *_args(tmp_path, "--stage", "2", "--level", "1", "--max-steps", "3"),
            "--check-replicas", "--precision", "bf16"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == 0, torchrun_failure(out.stderr)
     sums = re.findall(r"rank (\d): weights sha1 ([0-9a-f]+)", out.stdout)
     assert len(sums) == 3 and len({s for _, s in sums}) == 1, out.stdout
     assert "global batch 6" in out.stdout and "bf16" in out.stdout
@@ -306,7 +306,7 @@ def test_bare_command_starts_training(tmp_path):
            "--max-steps", "2"]
     res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                          env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.returncode == 0, torchrun_failure(res.stderr)
     assert "defaults: --data " in res.stdout and "cmu_small_region.svs" in res.stdout
     assert "--out ckpt, --cache ckpt/cache" in res.stdout
     assert "global batch 16" in res.stdout  # 8 per process x 2 ranks
@@ -390,7 +390,7 @@ print("PEAK", peak[0])
 """
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.returncode == 0, torchrun_failure(res.stderr)
     peak = int(res.stdout.split("PEAK")[1])
     assert peak <= 24 * 4 + 16, res.stdout[-500:]  # 24 slides: a TIFF, a pread fd, two maps
     assert "building the stage images of 1500 slide(s)" in res.stderr
