@@ -237,3 +237,30 @@ def test_sampling_steps_neither_sync_nor_copy_from_the_host(monkeypatch):
         torch.as_tensor(0.5, device="meta"), torch.ones(2).to("meta")
         torch.tensor([1.0], device="meta")
     assert h.n == 3
+
+
+def test_cdm_samples_with_the_authors_unet(tmp_path, monkeypatch):
+    """The `paper` U-Net (ImagenUNet, at a tiny width) through a model file and a stage-2 CDM:
+    the low-res image it re-concatenates is the first conditioning channels, the output is
+    finite, on the known pixels exact, and the same for the same generators."""
+    monkeypatch.setitem(unet.CONFIGS, "imagen_tiny", unet.UNetConfig(
+        width=16, mults=(1, 2), blocks=1, attn=(False, True), cross_attn=(True, True), heads=2,
+        head_dim=8, groups=4, efficient=True, init_residual=True, imagen=True))
+    p = small_preset(unets=("imagen_tiny",) * 3, aug_inputs="lowres", region=False,
+                     resize="nearest", objectives=("eps", "v", "v"))
+    for level in range(3):
+        torch.manual_seed(level)
+        net = unet.build(cascade.unet_config(p, 2, level))
+        for prm in net.parameters():
+            torch.nn.init.normal_(prm, std=0.05)
+        _save(tmp_path / cascade.model_filename(2, level), p, 2, level, net)
+    cdm = cascade.load_cdm(str(tmp_path), p, 2)
+    assert all(isinstance(n, unet.ImagenUNet) for n in cdm.nets)
+    context = torch.rand(1, 3, 32, 32) * 2 - 1
+    known, mask = context.clone(), torch.zeros(1, 1, 32, 32, dtype=torch.bool)
+    mask[..., :4] = True
+    gen = lambda: [torch.Generator().manual_seed(2)]
+    out = cdm.sample(gen(), known=known, mask=mask, context=context)
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+    assert torch.equal(out[..., :4], known[..., :4])
+    assert torch.equal(out, cdm.sample(gen(), known=known, mask=mask, context=context))
