@@ -365,7 +365,7 @@ class StageLevelDataset(torch.utils.data.Dataset):
     def _crop(self, rng, k, j=None):
         """uint8 P x P crops at stage `self.stage`: the target, the context (None at stage 1 and
         for the outpainting baseline), and the region as cascade.region_crop gives it (float;
-        None unless the preset conditions on it)."""
+        None unless the preset conditions on it). j: the grid block of positions 'grid'."""
         p, cache, P = self.preset, self.caches[k], self.preset.patch
         N = cascade.stage_size(p, self.stage)
         if self.stage == 1:

@@ -155,7 +155,7 @@ class ResBlock(nn.Module):
         self.norm2, self.conv2 = norm(cout, groups), nn.Conv2d(cout, cout, 3, padding=1)
         self.drop = nn.Dropout(dropout)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-        self.cross = TokenAttention(cout, *cross[:2], cross[2], cross=True) if cross else None
+        self.cross = TokenAttention(cout, *cross, cross=True) if cross else None
         self.gca = GlobalContext(cout) if gca else None
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
