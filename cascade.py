@@ -22,12 +22,10 @@ References
 """
 import contextlib
 import math
-import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import sde
@@ -250,12 +248,16 @@ def context_crop(lower, y0, x0, P, r, background):
     return window(lower, cy, cx, P, P, background)
 
 
-def region_window(lower, y0, x0, P, r):
-    """The stage s-1 pixels under the patch, [floor(y0/r), ceil((y0+P)/r)), uint8, not resampled:
-    what the white-patch test looks at (about 164 px at paper size, instead of P x P)."""
-    H, W = lower.shape[:2]
-    ya, xa = max(math.floor(y0 / r), 0), max(math.floor(x0 / r), 0)
-    return np.asarray(lower[ya:min(math.ceil((y0 + P) / r), H), xa:min(math.ceil((x0 + P) / r), W)])
+def field_under(y0, x0, h, w, r, size=None):
+    """The rows [ya, yb) and columns [xa, xb) of the stage below under the h x w px at (y0, x0) of
+    a stage zoomed r times from it: [floor(y0 / r), ceil((y0 + h) / r)), at least one px, clipped
+    to a size x size image when `size` is given. What the white-patch test looks at (about 164 px
+    under a patch at paper size), and what a window's lower stages show."""
+    ya, xa = math.floor(y0 / r), math.floor(x0 / r)
+    yb, xb = max(math.ceil((y0 + h) / r), ya + 1), max(math.ceil((x0 + w) / r), xa + 1)
+    if size is not None:
+        ya, yb, xa, xb = (min(max(v, 0), size) for v in (ya, yb, xa, xb))
+    return ya, yb, xa, xb
 
 
 def region_crop(lower, y0, x0, P, r):
@@ -473,125 +475,3 @@ class CDM:
                            resample=sp.resample, device=dev)
             x = x.clamp(-1, 1)
         return x
-
-
-
-# ---------------------------------------------------------------------- checkpoints
-
-MODEL_FORMAT = "urcdm-model-v1"
-
-
-def model_filename(stage, level):
-    return f"stage{stage}_level{level}.pt"
-
-
-def model_payload(preset, stage, level, cfg, state_dict, conditioned=True, **extra):
-    """The dictionary saved as stage{s}_level{l}.pt (plain types only: weights_only=True loads it).
-    It records the whole preset, training and sampling defaults included."""
-    return {"format": MODEL_FORMAT, "preset": preset.to_dict(), "stage": stage, "level": level,
-            "conditioned": conditioned, "unet_config": cfg.to_dict(), "ema": state_dict, **extra}
-
-
-def checkpoint_mismatch(ck, preset, stage, level, conditioned=None):
-    """Why a loaded model file is not (preset, stage, level)'s, or None if it is: the one check
-    for sampling (load_unet) and resuming (train.py). conditioned: None = either kind."""
-    if not isinstance(ck, dict) or ck.get("format") != MODEL_FORMAT:
-        return f"not a URCDM model file (format {MODEL_FORMAT} expected)"
-    if (ck["stage"], ck["level"]) != (stage, level):
-        return (f"holds stage {ck['stage']} level {ck['level']}, "
-                f"expected stage {stage} level {level}")
-    mine = preset.model_dict()
-    saved = {k: ck["preset"].get(k, V1_MODEL_DEFAULTS.get(k)) for k in mine}
-    diff = [k for k in mine if _plain(saved[k]) != _plain(mine[k])]
-    if diff:
-        return (f"trained for preset {ck['preset'].get('name')!r} with other settings than preset "
-                f"{preset.name!r} ({', '.join(f'{k}: {saved[k]!r} vs {mine[k]!r}' for k in diff)})")
-    if conditioned is not None and ck.get("conditioned", True) != conditioned:
-        return ("an outpainting model" if conditioned
-                else "a conditioned model, not an outpainting one")
-    return None
-
-
-FP16_MAX = 65504.0
-
-
-def weights_problem(state_dict):
-    """Why a model's weights are unusable, or None: a non-finite value, or one beyond fp16's
-    range (a run that exploded: its exported fp16 model would hold inf)."""
-    for k, v in state_dict.items():
-        if v.is_floating_point() and v.numel():
-            if not torch.isfinite(v).all():
-                return f"{k} is not finite"
-            if float(v.abs().max()) > FP16_MAX:
-                return f"{k} reaches {float(v.abs().max()):.3g}, beyond fp16's range"
-    return None
-
-
-def _plain(v):
-    """Tuples and lists compare alike (checkpoints may hold either)."""
-    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
-
-
-def load_unet(path, preset, stage, level, device="cpu"):
-    """Build the U-Net of (stage, level) from its file alone; a clear error if the file is
-    missing, unreadable, or belongs to another stage, level or preset."""
-    fix = (f"train it with `python train.py --preset {preset.name} --stage {stage} "
-           f"--level {level}` or point --ckpt elsewhere")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: missing model file; {fix}")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line message
-        raise ValueError(f"{path}: not a readable URCDM model file ({type(e).__name__}); "
-                         f"{fix}") from None
-    why = checkpoint_mismatch(ck, preset, stage, level) or weights_problem(ck["ema"])
-    if why:
-        raise ValueError(f"{path}: {why}; pass the matching --preset or retrain")
-    net = unet_mod.build(unet_mod.UNetConfig(**ck["unet_config"]))
-    net.load_state_dict(ck["ema"])
-    # channels_last: about 4x faster convolutions on CPU (tests/bench_unet.py), same on GPU
-    return net.to(device, memory_format=torch.channels_last).eval(), ck.get("conditioned", True)
-
-
-def load_cdm(ckpt_dir, preset, stage, device="cpu", bf16=False):
-    """The CDM of one stage from CKPT_DIR/stage{s}_level{0,1,2}.pt."""
-    loaded = [load_unet(os.path.join(ckpt_dir, model_filename(stage, lvl)),
-                        preset, stage, lvl, device)
-              for lvl in range(3)]
-    flags = {c for _, c in loaded}
-    if len(flags) != 1:
-        raise ValueError(f"{ckpt_dir}: stage {stage} mixes conditioned and outpainting models")
-    return CDM(preset, stage, [n for n, _ in loaded], conditioned=flags.pop(),
-               device=device, bf16=bf16)
-
-
-# ---------------------------------------------------------------------- processes
-
-def init_distributed(device_arg=None):
-    """torchrun or plain python [nanoGPT]: returns (ddp, rank, world, device). Under torchrun the
-    process group uses nccl on GPU and gloo on CPU; device_arg: 'cuda', 'cpu' or None (auto)."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, world, local = 0, 1, 0
-    cuda = torch.cuda.is_available() and device_arg != "cpu"
-    if ddp and cuda and int(os.environ.get("LOCAL_RANK", 0)) >= torch.cuda.device_count():
-        raise SystemExit(f"error: {os.environ.get('LOCAL_WORLD_SIZE', 'more')} processes on a "
-                         f"machine with {torch.cuda.device_count()} GPUs: pass --nproc_per_node "
-                         f"{torch.cuda.device_count()} or fewer, and add machines with torchrun "
-                         "--nnodes for more ranks (or --device cpu)")
-    if ddp:
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}" if cuda else (device_arg or "cpu"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return ddp, rank, world, device
-
-
-def native_bf16(device):
-    """Whether bf16 autocast is fast here: CUDA, or a CPU with bf16 units (AVX512-BF16 / AMX)."""
-    if device.type == "cuda":
-        return True
-    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-

@@ -1,44 +1,34 @@
-"""Slides in and out: what a training example is, the nine training datasets, slide files.
+"""What a training example is: the nine training datasets, and the tissue rules they share with
+sampling.
 
-A training example of (stage, level) is a crop of one slide's square *region* (paper: ~40000
-level-0 px) at that stage's scale: stage 1 = the region resized to N1; stage 2 = P x P crops of
-the region resized to N2; stage 3 = P x P crops at full resolution; stages 2-3 with context
-(and region) crops of the stage below, level l > 0 with make_lowres(level l-1). The geometry is
-cascade.py's, so training sees exactly what sampling feeds.
-
-Slide files: read with tifffile (+ imagecodecs for JPEG / JPEG 2000 tiles), Aperio SVS, generic
-pyramidal tiled TIFF, OME-TIFF, plain PNG / JPEG / TIFF for small data; regions are read tile by
-tile, OpenSlide-style (read_region(x, y, w, h, downsample) covers w*downsample x h*downsample
-level-0 px). Written: an Aperio-style pyramidal BigTIFF (write_aperio) streamed from a
-disk-backed image (DiskArray), so a 41344^2 slide never sits in memory.
+A training example of (stage, level) is a crop of one slide at that stage's scale. Each slide
+contributes a square *region* of N3 level-0 px (paper: ~40000, the centre crop): stage 1 = the
+region resized to N1; stages 2-3 = P x P fields at stage scale, either anywhere in the region
+(Training.positions 'region') or at the authors' tissue grid over the whole slide ('grid'), with
+the context (and region input) of the stage below; level l > 0 adds make_lowres(level l-1). The
+geometry is cascade.py's, so training sees exactly what sampling feeds. The stage images are
+built once per slide into a cache (operations/caches.py); slides are read with
+operations/slides.py.
 
 Usage: python data.py SLIDE [--preset demo] [--out preview.png]
 
 References
   [PAPER]     Cechnicka et al., URCDM, MICCAI 2024 ("Datasets and Preprocessing").
-  [OpenSlide] read_region / downsample conventions, https://openslide.org/api/python/
-  [Aperio]    OpenSlide's Aperio format notes, https://openslide.org/formats/aperio/
-  [tifffile]  TiffWriter.write with tile iterators, https://github.com/cgohlke/tifffile
 """
 import argparse
-import collections
-import contextlib
-import hashlib
 import json
-import math
 import os
-import re
-import socket
 import sys
-import time
 import warnings
 
 import numpy as np
-import tifffile
 import torch
-from PIL import Image
 
 import cascade
+import tiler
+from operations import caches
+from operations.files import LRU, atomic_path, write_json
+from operations.slides import SlideError, open_slide
 
 # Tissue = saturated and not black: H&E stains are coloured (HSV saturation >= 0.07), glass
 # background is white/grey (low saturation), pen marks and dust can be black (value < 0.1).
@@ -52,17 +42,6 @@ MIN_TISSUE = 0.3  # deviation: the paper does not quantify "mostly white"
 # hue > 0.5 (purple to pink on skimage's 0-1 scale), saturation > 0.1, value < 0.9 [their
 # patient_dataset.py].
 GRID_HUE, GRID_SATURATION, GRID_VALUE = 0.5, 0.1, 0.9
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".jpg", ".jpeg")
-# what we write beside slides: never taken for slides
-OUTPUT_SUFFIXES = (".preview.png", ".thumbnail.png", ".datasets.png", "loss_curves.png",
-                   ".stage1.png", ".stage2.png")
-MAX_READ_PIXELS = 2 ** 28  # the largest window one read decodes (768 MiB of RGB)
-
-
-class SlideError(Exception):
-    """A slide that cannot be used; the message is one line naming the file and the reason."""
-
-
 def tissue_mask(rgb):
     """(h, w, 3) uint8 -> (h, w) bool, True on tissue (HSV saturation / value thresholds)."""
     rgb = np.asarray(rgb, dtype=np.float32) / 255.0
@@ -90,6 +69,14 @@ def grid_tissue(rgb):
     return (hue > GRID_HUE) & (sat > GRID_SATURATION) & (v < GRID_VALUE)
 
 
+def white_test(sampling, stage, threshold):
+    """Which patches of `stage` sampling fills from the stage below instead of generating: those
+    with less tissue than `threshold` (the rule training applies to its crops), on the stages
+    sampling.fill_white names [PAPER: mostly white patches at the highest magnification are
+    ignored]; None where every patch is generated."""
+    return tiler.WhiteTest(threshold, tissue_fraction) if stage in sampling.fill_white else None
+
+
 # ---------------------------------------------------------------------- regions and caches
 
 def choose_region(slide, size, mode="tissue"):
@@ -114,28 +101,11 @@ def choose_region(slide, size, mode="tissue"):
     return clamp(cx, W), clamp(cy, H)
 
 
-def _band(slide, ds, w):
-    """Rows of a w px wide read at downsample ds that take at most a quarter of MAX_READ_PIXELS
-    from the level they come from."""
-    f = ds / slide.level_downsamples[slide.best_level(ds)]  # source px per output px at that level
-    return int(min(256, max(1, MAX_READ_PIXELS // (4 * w * f * f))))
-
-
-def _build_stage_image(slide, x, y, w, h, ds, path, tag=""):
-    """Level-0 px [x, x + w ds) x [y, y + h ds) resized to h x w, written band by band into a
-    .npy file (atomically)."""
-    band = _band(slide, ds, w)
-    with atomic_path(path, tag) as tmp:
-        arr = DiskArray(tmp, (h, w, 3))
-        for r0 in range(0, h, band):
-            arr.write(r0, 0, slide.read_region(x, y + r0 * ds, w, min(band, h - r0), ds))
-        arr.close()
-
-
 def tissue_grid(slide, block):
     """The authors' training grid [their patient_dataset.py]: level-0 top-left corners (x, y) of
     the block x block squares tiling the slide whose mean colour passes grid_tissue. (n, 2) int64"""
-    (W, H), band = slide.dimensions, _band(slide, block, max(1, slide.dimensions[0] // block))
+    (W, H) = slide.dimensions
+    band = caches.band_rows(slide, block, max(1, W // block))
     cols, rows = W // block, H // block
     means = [slide.read_region(0, r0 * block, cols, min(band, rows - r0), block)
              for r0 in range(0, rows, band)]
@@ -144,114 +114,48 @@ def tissue_grid(slide, block):
         * block
 
 
-def cache_base(slide_path, preset, region_size=None, cache_dir=None):
-    """Where a slide's stage images live: CACHE_DIR/<file name>.<key>{.stage1.npy, .stage2.npy,
-    .json}, the key a digest of the file (path, size, time) and of the geometry."""
-    size = region_size or cascade.stage_size(preset, 3)
-    st = os.stat(slide_path)
-    ident = [os.path.abspath(slide_path), st.st_size, st.st_mtime_ns, size,
-             preset.training.region_choice, [cascade.stage_size(preset, s) for s in (1, 2, 3)]]
-    if preset.training.positions == "grid":  # its own files (older keys unchanged)
-        ident += ["grid", preset.patch]
-    key = hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:16]
-    cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(slide_path)),
-                                          ".urcdm_cache")
-    return os.path.join(cache_dir, f"{os.path.basename(slide_path)}.{key}")
-
-
 def build_cache(slide_path, preset, base, region_size=None):
-    """A slide's region (chosen by the preset's training.region_choice) resized to N1 and N2;
-    positions 'grid': also the whole slide at stage-1 scale (`overview`, the stage-2 contexts) and
-    the tissue grid (its block: a stage-3 patch's field). Written atomically, the metadata last
-    (its presence means the files are complete); temp names carry this machine's tag, so machines
-    sharing the directory never write one file."""
-    size, tag = region_size or cascade.stage_size(preset, 3), "-" + hashlib.sha1(
-        socket.gethostname().encode()).hexdigest()[:8]
-    meta = {"size": size, "slide": os.path.abspath(slide_path)}
+    """What a slide's stage images are: its region (chosen by the preset's
+    training.region_choice) resized to N1 and N2; positions 'grid': also the whole slide at
+    stage-1 scale (`overview`, the stage-2 contexts) and the tissue grid (its block: a stage-3
+    patch's field). Written atomically, the metadata (BASE.json) last."""
+    size, tag = region_size or cascade.stage_size(preset, 3), caches.machine_tag()
+    meta = {"size": size, "slide": os.path.abspath(slide_path), "arrays": ["stage1", "stage2"]}
     with open_slide(slide_path) as slide:
         x, y = choose_region(slide, size, preset.training.region_choice)
         for s in (1, 2):
             n = cascade.stage_size(preset, s)
-            _build_stage_image(slide, x, y, n, n, size / n, f"{base}.stage{s}.npy", tag)
+            caches.build_image(slide, x, y, n, n, size / n, f"{base}.stage{s}.npy", tag)
         if preset.training.positions == "grid":
             ds1, (W, H) = size / cascade.stage_size(preset, 1), slide.dimensions
-            _build_stage_image(slide, 0, 0, max(1, round(W / ds1)), max(1, round(H / ds1)), ds1,
+            caches.build_image(slide, 0, 0, max(1, round(W / ds1)), max(1, round(H / ds1)), ds1,
                                f"{base}.overview.npy", tag)
             block = round(preset.patch * size / cascade.stage_size(preset, 3))
             grid = tissue_grid(slide, block)
-            with atomic_path(f"{base}.grid.npy", tag) as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, grid)
-            meta.update(block=block, grid_n=len(grid))
+            with atomic_path(f"{base}.grid.npy", tag) as tmp, open(tmp, "wb") as f:
+                np.save(f, grid)
+            meta.update(block=block, grid_n=len(grid), arrays=meta["arrays"] + ["overview", "grid"])
     write_json(base + ".json", dict(meta, x=x, y=y), tag=tag)
 
 
-def build_caches(paths, preset, region_size=None, cache_dir=None, rank=0, world=1, timeout=3600):
-    """Every slide's stage images, built once. This machine's `world` local ranks each build
-    every world-th missing one, then wait for the others' (safe when several machines share the
-    directory: atomic writes, metadata last). Returns the bases (cache_base)."""
-    bases = [cache_base(p, preset, region_size, cache_dir) for p in paths]
-    missing = [i for i, b in enumerate(bases) if not os.path.exists(b + ".json")]
-    if missing:
-        os.makedirs(os.path.dirname(bases[0]), exist_ok=True)
-        each = 3 * sum(cascade.stage_size(preset, s) ** 2 for s in (1, 2))
-        if rank == 0:
-            print(f"building the stage images of {len(missing)} slide(s) into "
-                  f"{os.path.dirname(bases[0])}: about {len(missing) * each / 1e9:.2f} GB "
-                  f"({each / 1e6:.0f} MB a slide), {world} local rank(s) in parallel",
-                  file=sys.stderr, flush=True)
-        mine, t0 = missing[rank::world], time.time()
-        for j, i in enumerate(mine):
-            if not os.path.exists(bases[i] + ".json"):
-                build_cache(paths[i], preset, bases[i], region_size)
-            if rank == 0 and (j + 1) % max(1, len(mine) // 10) == 0:
-                eta = (time.time() - t0) / (j + 1) * (len(mine) - j - 1)
-                print(f"  {j + 1}/{len(mine)} of rank 0's share, ETA {eta / 60:.1f} min",
-                      file=sys.stderr, flush=True)
-        for i in missing:  # the other ranks' shares
-            while not os.path.exists(bases[i] + ".json"):
-                if time.time() - t0 > timeout:
-                    raise TimeoutError(f"{bases[i]}.json: not built within {timeout} s by the "
-                                       "rank whose share it is")
-                time.sleep(0.5)
+def slide_caches(paths, preset, region_size=None, cache_dir=None, rank=0, world=1):
+    """Every slide's stage images (build_cache), built once into CACHE_DIR (default: .urcdm_cache
+    beside each slide) by this machine's `world` local ranks. Returns their bases."""
+    size = region_size or cascade.stage_size(preset, 3)
+    ident = [size, preset.training.region_choice,
+             [cascade.stage_size(preset, s) for s in (1, 2, 3)]]
+    if preset.training.positions == "grid":  # its own files (older keys unchanged)
+        ident += ["grid", preset.patch]
+    bases = [caches.cache_base(p, ident, cache_dir) for p in paths]
+    nbytes = 3 * sum(cascade.stage_size(preset, s) ** 2 for s in (1, 2))
+    caches.build_missing(paths, bases, lambda p, b: build_cache(p, preset, b, region_size),
+                         nbytes, rank, world)
     return bases
 
 
-def open_cache(base):
-    """A built cache: dict(x, y, size, slide, stage1=memmap (N1, N1, 3), stage2=memmap); with a
-    grid also block, grid_n, overview=memmap, grid=(grid_n, 2) level-0 corners."""
-    with open(base + ".json") as f:
-        meta = json.load(f)
-    files = {k: np.load(f"{base}.{k}.npy", mmap_mode="r") for k in ("stage1", "stage2")}
-    if "block" in meta:
-        files.update(overview=np.load(f"{base}.overview.npy", mmap_mode="r"),
-                     grid=np.load(f"{base}.grid.npy"))
-    return dict(meta, **files)
-
-
-def slide_cache(slide_path, preset, region_size=None, cache_dir=None, rank=0):
-    """Stage-1 and stage-2 images of one slide's region, built once, memory-mapped."""
-    return open_cache(build_caches([slide_path], preset, region_size, cache_dir, rank)[0])
-
-
-class LRU:
-    """At most `size` open things (slides, memory maps) by key, the least recently used closed
-    first: a process's file descriptors stay bounded whatever the number of slides."""
-
-    def __init__(self, size, open_fn, close_fn=None):
-        self.size, self.open_fn, self.close_fn = size, open_fn, close_fn
-        self.items = collections.OrderedDict()
-
-    def __getitem__(self, key):
-        if key in self.items:
-            self.items.move_to_end(key)
-        else:
-            if len(self.items) >= self.size:
-                _, old = self.items.popitem(last=False)
-                if self.close_fn:
-                    self.close_fn(old)
-            self.items[key] = self.open_fn(key)
-        return self.items[key]
+def slide_cache(slide_path, preset, region_size=None, cache_dir=None):
+    """One slide's stage images (slide_caches), memory-mapped: caches.open_cache's dict."""
+    return caches.open_cache(slide_caches([slide_path], preset, region_size, cache_dir)[0])
 
 
 # ---------------------------------------------------------------------- the nine datasets
@@ -339,8 +243,8 @@ class StageLevelDataset(torch.utils.data.Dataset):
         self.seed, self.length, self.min_tissue = seed, length, min_tissue
         self.conditioned, self.augment = conditioned, augment
         self.paths = list(slides)
-        bases = build_caches(self.paths, preset, region_size, cache_dir, rank, world)
-        self.caches = LRU(max_open, lambda k: open_cache(bases[k]))
+        bases = slide_caches(self.paths, preset, region_size, cache_dir, rank, world)
+        self.caches = LRU(max_open, lambda k: caches.open_cache(bases[k]))
         self.slides = LRU(max_open, lambda k: self._open(k), lambda s: s.close())
         self.blocks = None  # grid: cumulative tissue blocks over the slides
         if stage > 1 and preset.training.positions == "grid":
@@ -376,7 +280,8 @@ class StageLevelDataset(torch.utils.data.Dataset):
         r = cascade.zoom(p, self.stage)
         for _ in range(10):
             y0, x0 = (int(v) for v in rng.integers(0, N - P + 1, size=2))
-            if tissue_fraction(cascade.region_window(lower, y0, x0, P, r)) >= self.min_tissue:
+            ya, yb, xa, xb = cascade.field_under(y0, x0, P, P, r, lower.shape[0])
+            if tissue_fraction(lower[ya:yb, xa:xb]) >= self.min_tissue:
                 break
         if self.stage == 2:
             target = np.asarray(cache["stage2"][y0:y0 + P, x0:x0 + P])
@@ -456,424 +361,6 @@ class StageLevelDataset(torch.utils.data.Dataset):
         return {"x0": x0[0].contiguous(), "cond": cond[0].contiguous()}
 
 
-# ---------------------------------------------------------------------- slide files in
-
-def _to_rgb(arr, path):
-    """Explicit colour-layout handling: 16-bit -> 8-bit (x * 255 / 65535, rounded), gray -> RGB,
-    RGBA -> RGB over white, others rejected."""
-    if arr.dtype == np.uint16:
-        arr = ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    if arr.dtype != np.uint8:
-        raise SlideError(f"{path}: {arr.dtype} pixels are not supported; convert the slide to "
-                         "8-bit RGB")
-    if arr.ndim == 2:
-        return np.repeat(arr[..., None], 3, axis=-1)
-    if arr.shape[-1] == 3:
-        return arr
-    if arr.shape[-1] == 4:
-        a = arr[..., 3:].astype(np.float32) / 255
-        return np.round(arr[..., :3] * a + 255 * (1 - a)).astype(np.uint8)
-    raise SlideError(f"{path}: {arr.shape[-1]} colour channels are not supported; convert the "
-                     "slide to RGB")
-
-
-class _TiffLevel:
-    """One pyramid level of a tiled (or stripped) TIFF page; reads only the tiles it needs."""
-
-    def __init__(self, slide, page):
-        self.slide, self.page, self.key = slide, page, page.keyframe
-        self.height, self.width = self.key.imagelength, self.key.imagewidth
-        key = self.key
-        if key.photometric not in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR,
-                                   tifffile.PHOTOMETRIC.MINISBLACK):
-            raise SlideError(f"{slide.path}: photometric {key.photometric.name} (e.g. CMYK) is not "
-                             "supported; convert the slide to RGB")
-        if key.planarconfig == tifffile.PLANARCONFIG.SEPARATE and key.samplesperpixel > 1:
-            raise SlideError(f"{slide.path}: planar (separate) samples are not supported; rewrite "
-                             "as contiguous RGB")
-
-    def read(self, y0, x0, h, w):
-        """Pixels [y0, y0+h) x [x0, x0+w) of this level (inside it), uint8 (h, w, 3)."""
-        key = self.key
-        if not key.is_tiled:  # stripped page: small images only, decoded whole once
-            return self.slide._whole(self.page)[y0:y0 + h, x0:x0 + w]
-        th, tw = key.tilelength, key.tilewidth
-        across = math.ceil(self.width / tw)
-        out = np.empty((h, w, key.samplesperpixel if key.samplesperpixel > 1 else 1), key.dtype)
-        for ty in range(y0 // th, (y0 + h - 1) // th + 1):
-            for tx in range(x0 // tw, (x0 + w - 1) // tw + 1):
-                tile = self._tile(ty * across + tx)  # (th, tw, spp)
-                ya, yb = max(y0, ty * th), min(y0 + h, (ty + 1) * th)
-                xa, xb = max(x0, tx * tw), min(x0 + w, (tx + 1) * tw)
-                out[ya - y0:yb - y0, xa - x0:xb - x0] = tile[ya - ty * th:yb - ty * th,
-                                                             xa - tx * tw:xb - tx * tw]
-        return _to_rgb(out[..., 0] if out.shape[-1] == 1 else out, self.slide.path)
-
-    def _tile(self, index):
-        offset, count = self.page.dataoffsets[index], self.page.databytecounts[index]
-        key = self.key
-        if count == 0:
-            return np.full((key.tilelength, key.tilewidth, key.samplesperpixel), 255, np.uint8)
-        data = os.pread(self.slide._fd(), count, offset)
-        if len(data) != count:
-            raise SlideError(f"{self.slide.path}: truncated file (tile {index} ends past the end "
-                             "of the file)")
-        try:
-            seg = key.decode(data, index, jpegtables=key.jpegtables)[0]
-        except Exception as e:  # noqa: BLE001 - codec errors come in many types
-            raise SlideError(f"{self.slide.path}: corrupt tile {index} "
-                             f"({type(e).__name__}: {e})") from None
-        return seg.reshape(key.tilelength, key.tilewidth, -1)
-
-
-class _ArrayLevel:
-    """A level held as an in-memory array (plain PNG / JPEG images)."""
-
-    def __init__(self, arr):
-        self.arr, (self.height, self.width) = arr, arr.shape[:2]
-
-    def read(self, y0, x0, h, w):
-        return self.arr[y0:y0 + h, x0:x0 + w]
-
-
-class Slide:
-    """An opened slide: `dimensions` (width, height) of level 0, `levels`, `level_downsamples`,
-    `mpp` (microns per pixel or None), `background`, and read_region()."""
-
-    def __init__(self, path, mpp, make_levels):
-        # make_levels: callable(slide) -> list of levels (objects with height, width, read())
-        self.path, self.mpp = path, mpp
-        self._fdesc, self._pid, self._cache = None, None, {}
-        self._levels = levels = make_levels(self)
-        self.dimensions = (levels[0].width, levels[0].height)
-        self.level_dimensions = [(lv.width, lv.height) for lv in levels]
-        self.level_downsamples = [levels[0].width / lv.width for lv in levels]
-        self.background = 255
-
-    def close(self):
-        """Close the file descriptors (this process's and the TIFF reader's)."""
-        if self._fdesc is not None and self._pid == os.getpid():
-            os.close(self._fdesc)
-        self._fdesc, self._pid = None, None
-        if getattr(self, "tif", None) is not None:
-            self.tif.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def _fd(self):  # one descriptor per process: pread is safe across threads and forks
-        if self._pid != os.getpid():
-            self._fdesc, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
-        return self._fdesc
-
-    def _whole(self, page):
-        if id(page) not in self._cache:
-            self._cache[id(page)] = _to_rgb(page.asarray(), self.path)
-        return self._cache[id(page)]
-
-    def best_level(self, downsample):
-        """The smallest level whose downsample is <= the requested one (OpenSlide's choice)."""
-        ok = [k for k, d in enumerate(self.level_downsamples) if d <= downsample * (1 + 1e-9)]
-        return max(ok, key=lambda k: self.level_downsamples[k]) if ok else 0
-
-    def read_region(self, x, y, w, h, downsample=1.0):
-        """RGB uint8 (h, w, 3) covering level-0 pixels [x, x + w*ds) x [y, y + h*ds); pixels
-        outside the slide are background. Reads from the best level, then area-resamples."""
-        k = self.best_level(downsample)
-        lv, d = self._levels[k], self.level_downsamples[k]
-        f = downsample / d  # remaining factor, >= 1
-        # Source box in level-k pixels (float), and the integer window that contains it.
-        bx0, by0, bx1, by1 = x / d, y / d, (x + w * downsample) / d, (y + h * downsample) / d
-        ix0, iy0 = math.floor(bx0), math.floor(by0)
-        ix1, iy1 = math.ceil(bx1), math.ceil(by1)
-        if (ix1 - ix0) * (iy1 - iy0) > MAX_READ_PIXELS:  # bounded memory, whatever a header claims
-            raise SlideError(f"{self.path}: reading {w}x{h} px at downsample {downsample:g} needs "
-                             f"{ix1 - ix0}x{iy1 - iy0} px of level {k} (more than "
-                             f"{MAX_READ_PIXELS} px): the slide has no pyramid level near that "
-                             "scale; save it with a pyramid (e.g. vips tiffsave --pyramid --tile)")
-        win = cascade.window(_LevelView(lv), iy0, ix0, iy1 - iy0, ix1 - ix0, self.background)
-        if (ix1 - ix0, iy1 - iy0) == (w, h) and f == 1:
-            return win
-        img = Image.fromarray(win)  # BOX = exact area average over the fractional source box
-        return np.asarray(img.resize((w, h), Image.BOX,
-                                     box=(bx0 - ix0, by0 - iy0, bx1 - ix0, by1 - iy0)))
-
-    def thumbnail(self, max_side=1024):
-        ds = max(self.dimensions) / max_side
-        w, h = (max(1, round(s / ds)) for s in self.dimensions)
-        return self.read_region(0, 0, w, h, ds)
-
-
-class _LevelView:
-    """Array-like facade of a level for cascade.window (shape + 2-D slicing)."""
-
-    def __init__(self, lv):
-        self.lv, self.shape = lv, (lv.height, lv.width, 3)
-
-    def __getitem__(self, idx):
-        ys, xs = idx
-        return self.lv.read(ys.start, xs.start, ys.stop - ys.start, xs.stop - xs.start)
-
-
-def _mpp(tif, page):
-    m = re.search(r"MPP\s*=\s*([0-9.]+)", page.description or "")
-    if m:
-        return float(m.group(1))
-    if tif.is_ome:
-        m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata or "")
-        if m:
-            return float(m.group(1))
-    tags = page.tags
-    if "XResolution" in tags and "ResolutionUnit" in tags:
-        num, den = tags["XResolution"].value
-        unit = {2: 25400.0, 3: 10000.0}.get(int(tags["ResolutionUnit"].value))
-        if unit and num:
-            return unit * den / num
-    return None
-
-
-def open_slide(path):
-    """Open a slide or image; raises SlideError with a one-line reason."""
-    if not os.path.exists(path):
-        raise SlideError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise SlideError(f"{path}: is a directory, not a slide")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head[:2] in (b"II", b"MM"):
-        try:
-            tif = tifffile.TiffFile(path)
-            series = tif.series[0]
-            pages = [lvl.pages[0] for lvl in series.levels]
-            slide = Slide(path, _mpp(tif, pages[0].keyframe),
-                          lambda sl: [_TiffLevel(sl, p) for p in pages])
-            slide.tif = tif  # closed with the slide
-            return slide
-        except SlideError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            if "tif" in locals():
-                tif.close()
-            raise SlideError(f"{path}: not a readable TIFF ({type(e).__name__}: {e})") from None
-    try:
-        with Image.open(path) as im:
-            if im.mode == "CMYK":
-                raise SlideError(f"{path}: CMYK images are not supported; convert to RGB")
-            arr = np.asarray(im if im.mode.startswith("I;16") else im.convert(
-                "RGBA" if "A" in im.getbands() else ("L" if im.mode == "L" else "RGB")))
-            arr = arr.astype(np.uint16) if im.mode.startswith("I;16") else arr
-    except SlideError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise SlideError(f"{path}: not an image ({type(e).__name__})") from None
-    return Slide(path, None, lambda sl: [_ArrayLevel(_to_rgb(arr, path))])
-
-
-def list_slides(path):
-    """Open every slide in a directory (or the one file given). A bad file is reported on
-    stderr and skipped, with a count at the end; returns the usable paths."""
-    if not os.path.exists(path):
-        raise SlideError(f"{path}: no such file or directory")
-    paths = [path] if os.path.isfile(path) else sorted(  # our own outputs are never slides
-        os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(SLIDE_SUFFIXES)
-        and not f.lower().endswith(OUTPUT_SUFFIXES) and not f.startswith("."))
-    good = []
-    for p in paths:
-        try:
-            open_slide(p).close()
-            good.append(p)
-        except SlideError as e:
-            print(f"skipping slide: {e}", file=sys.stderr)
-    if len(good) < len(paths):
-        print(f"{len(good)} of {len(paths)} slides usable, {len(paths) - len(good)} skipped",
-              file=sys.stderr)
-    if not good:
-        raise SlideError(f"{path}: no usable slides (looked for {', '.join(SLIDE_SUFFIXES)})")
-    return good
-
-
-# ---------------------------------------------------------------------- slide files out
-
-class DiskArray:
-    """An (H, W, 3) uint8 image in a .npy file, read and written with pread / pwrite.
-
-    Unlike np.memmap, touched pages do not stay mapped into the process, so the resident
-    memory stays at the size of the windows in flight however large the image is. It is the
-    tiler's canvas (read / write) and slices like an array, img[r0:r1] and img[y0:y1, x0:x1]
-    (what cascade.window, region_crop and write_aperio use)."""
-
-    def __init__(self, path, shape=None, fill=None):
-        # shape given: create the file (sparse, zero-filled; `fill` writes a grey level).
-        if shape is not None:
-            np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=tuple(shape))
-        header = np.load(path, mmap_mode="r")  # maps the file, reads no pixels
-        if header.dtype != np.uint8 or header.ndim != 3 or header.shape[2] != 3:
-            raise ValueError(f"{path}: not an (H, W, 3) uint8 image file")
-        self.shape, self.offset, self.path = header.shape, header.offset, path
-        del header
-        self.fd, self.row_bytes = os.open(path, os.O_RDWR), self.shape[1] * 3
-        if fill is not None:
-            band = np.full((min(256, self.shape[0]), self.shape[1], 3), fill, np.uint8)
-            for r0 in range(0, self.shape[0], band.shape[0]):
-                self.write(r0, 0, band[:self.shape[0] - r0])
-
-    def _spans(self, y0, x0, h, w):  # (file offset, bytes) per row, or one span for whole rows
-        if x0 == 0 and w == self.shape[1]:
-            return [(self.offset + y0 * self.row_bytes, h * self.row_bytes)]
-        return [(self.offset + (y0 + r) * self.row_bytes + x0 * 3, w * 3) for r in range(h)]
-
-    def read(self, y0, x0, h, w):
-        buf = b"".join(os.pread(self.fd, n, off) for off, n in self._spans(y0, x0, h, w))
-        return np.frombuffer(buf, np.uint8).reshape(h, w, 3).copy()
-
-    def write(self, y0, x0, arr):
-        arr = np.ascontiguousarray(arr, dtype=np.uint8)
-        data, pos = arr.tobytes(), 0
-        for off, n in self._spans(y0, x0, *arr.shape[:2]):
-            if os.pwrite(self.fd, data[pos:pos + n], off) != n:  # a short write: the disk is full
-                raise OSError(28, f"short write to {self.path} (disk full?)")
-            pos += n
-
-    def _box(self, idx):
-        ys, xs = idx if isinstance(idx, tuple) else (idx, slice(None))
-        (y0, y1, _), (x0, x1, _) = ys.indices(self.shape[0]), xs.indices(self.shape[1])
-        return y0, x0, max(y1 - y0, 0), max(x1 - x0, 0)
-
-    def __getitem__(self, idx):
-        return self.read(*self._box(idx))
-
-    def __setitem__(self, idx, value):
-        self.write(*self._box(idx)[:2], value)
-
-    def flush(self):
-        os.fsync(self.fd)
-
-    def close(self):
-        os.close(self.fd)
-
-
-def halve(src, dst, band=512):
-    """dst = 2x2 area average of src (edge-replicated when odd), band by band.
-    src: (H, W, 3) uint8 array-like; dst: (ceil(H/2), ceil(W/2), 3) uint8 array-like."""
-    H, W = src.shape[:2]
-    for r0 in range(0, H, band):
-        b = np.asarray(src[r0:r0 + band], dtype=np.float32)
-        b = np.pad(b, ((0, b.shape[0] % 2), (0, W % 2), (0, 0)), mode="edge")
-        avg = b.reshape(b.shape[0] // 2, 2, b.shape[1] // 2, 2, 3).mean(axis=(1, 3))
-        dst[r0 // 2:r0 // 2 + avg.shape[0]] = np.round(avg).astype(np.uint8)
-
-
-def _tiles(src, tile):
-    """Row-major tiles (tile, tile, 3) of an array-like, edge tiles padded; one band at a time."""
-    H, W = src.shape[:2]
-    for r0 in range(0, H, tile):
-        band = np.asarray(src[r0:r0 + tile])
-        band = np.pad(band, ((0, tile - band.shape[0]), (0, (-W) % tile), (0, 0)), mode="edge")
-        for c0 in range(0, band.shape[1], tile):
-            yield band[:, c0:c0 + tile]
-
-
-def write_aperio(path, image, *, tile=256, mpp=0.25, compression="jpeg", quality=90, min_side=1024,
-                 workdir=None, thumb_side=768):
-    """Write an (N, M, 3) uint8 array-like (array or memmap, read band by band) as an
-    Aperio-style pyramidal tiled BigTIFF at `path`. Lower levels are built x2 at a time into
-    temporary files under `workdir` (default: beside `path`), so memory stays bounded.
-    compression: 'jpeg' (needs imagecodecs) or 'zlib'."""
-    if compression not in ("jpeg", "zlib"):
-        raise ValueError(f"compression {compression!r}: use 'jpeg' or 'zlib'")
-    H, W = image.shape[:2]
-    workdir = workdir or os.path.dirname(os.path.abspath(path))
-    levels, temps = [image], []
-    while max(levels[-1].shape[:2]) > min_side:
-        h, w = (math.ceil(s / 2) for s in levels[-1].shape[:2])
-        tmp = os.path.join(workdir, f".{os.path.basename(path)}.level{len(levels)}.npy")
-        nxt = DiskArray(tmp, (h, w, 3))
-        halve(levels[-1], nxt)
-        levels.append(nxt)
-        temps.append(tmp)
-    small = np.asarray(levels[-1][:])
-    th = max(1, round(small.shape[0] * thumb_side / max(small.shape[:2])))
-    tw = max(1, round(small.shape[1] * thumb_side / max(small.shape[:2])))
-    thumb = np.asarray(Image.fromarray(small).resize((tw, th), Image.BOX))
-    codec = dict(compression=compression,
-                 compressionargs={"level": quality if compression == "jpeg" else 6})
-    q = f"{compression.upper()}/RGB Q={quality}" if compression == "jpeg" else "ZLIB/RGB"
-    props = f"AppMag = {10 / mpp:g}|MPP = {mpp:g}|Software = URCDM"
-    head = (f"Aperio Image Library v12.0.0 URCDM synthetic slide\r\n"
-            f"{W}x{H} [0,0 {W}x{H}] ({tile}x{tile})")
-    try:
-        with tifffile.TiffWriter(path, bigtiff=True) as tif:
-            for k, lv in enumerate(levels):
-                h, w = lv.shape[:2]
-                desc = f"{head} {q}|{props}" if k == 0 else f"{head} -> {w}x{h} {q}"
-                tif.write(_tiles(lv, tile), shape=(h, w, 3), dtype=np.uint8, tile=(tile, tile),
-                          photometric="rgb",
-                          description=desc, metadata=None, subfiletype=0,
-                          buffersize=tile * tile * 3 * 64, **codec)
-                if k == 0:  # page 1: the stripped thumbnail
-                    tif.write(thumb, photometric="rgb",
-                              description=f"{head} -> {tw}x{th} - |{props}",
-                              metadata=None, **codec)
-    finally:
-        for lv in levels[1:]:
-            lv.close()
-        for tmp in temps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-
-# ---------------------------------------------------------------------- files written whole
-
-@contextlib.contextmanager
-def atomic_path(path, tag=""):
-    """`with atomic_path(p) as tmp:` write tmp; on success it is synced and renamed to p, so a
-    reader (or a resumed run) sees the old file or the new one, never half of one; on failure
-    it is removed. The temp name keeps p's extension (np.save, np.load need it) and holds the pid
-    (and `tag`, e.g. the machine's, where several machines write into one directory)."""
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{tag}{ext}"
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def file_digest(path, algorithm="sha256"):
-    """Hex digest of a file's content, read in 1 MiB blocks."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_json(path, obj, indent=None, tag=""):
-    with atomic_path(path, tag) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=indent)
-
-
-# ---------------------------------------------------------------------- CLI
-
-def _preview(ds, n=1):
-    """One row per sample: target, then each 3-channel conditioning group, at 128 px."""
-    item = ds[0]
-    tiles = [item["x0"]] + (list(item["cond"].split(3)) if item["cond"].shape[0] else [])
-    tiles = [torch.nn.functional.interpolate(t[None],
-                                             size=(128, 128), mode="nearest")[0] for t in tiles]
-    return cascade.to_uint8(torch.cat(tiles, dim=2)[None])[0]
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Inspect a slide and preview the nine URCDM training "
                                              "datasets.")
@@ -887,6 +374,7 @@ def main(argv=None):
     ap.add_argument("--cache", default=".urcdm_cache",
                     help="cache directory (default: .urcdm_cache here, never beside the slide)")
     args = ap.parse_args(argv)
+    from operations import previews  # the picture: an operation, not the algorithm
     try:
         slide = open_slide(args.slide)
         preset = cascade.get_preset(args.preset)
@@ -894,20 +382,13 @@ def main(argv=None):
         for k, (dim, d) in enumerate(zip(slide.level_dimensions, slide.level_downsamples)):
             print(f"  level {k}: {dim[0]} x {dim[1]} (downsample {d:g})")
         print(f"  tissue fraction (thumbnail): {tissue_fraction(slide.thumbnail(1024)):.3f}")
-        rows = []
-        for stage in (1, 2, 3):
-            for level in range(3):
-                ds = StageLevelDataset([args.slide], preset, stage, level,
-                                       region_size=args.region_size,
-                                       cache_dir=args.cache, length=1)
-                row = _preview(ds)
-                rows.append(np.pad(row, ((2, 2), (0, 128 * 4 - row.shape[1]), (0, 0)),
-                                   constant_values=255))
+        rows = [previews.dataset_row(StageLevelDataset(
+            [args.slide], preset, stage, level, region_size=args.region_size,
+            cache_dir=args.cache, length=1)[0]) for stage in (1, 2, 3) for level in range(3)]
     except (SlideError, ValueError) as e:
         sys.exit(f"error: {e}")
     out = args.out or os.path.basename(args.slide) + ".datasets.png"
-    with atomic_path(out) as tmp:
-        Image.fromarray(np.concatenate(rows)).save(tmp, format="PNG")
+    previews.save_png(out, previews.grid_image(rows, 128, gap=2))
     print("preview of the nine datasets (rows: stage 1-3 x level 0-2; target, then lowres (levels "
           f"1-2), context and region (stages 2-3)): {out}")
 

@@ -23,14 +23,10 @@ References
             CVPR 2022.
   [PAPER]   Cechnicka et al., URCDM, MICCAI 2024 (Tables 1, 3; Metric Implementation).
 """
-import argparse
-import hashlib
 import importlib.util
-import json
 import math
 import os
 import sys
-import time
 
 import numpy as np
 import torch
@@ -40,6 +36,11 @@ from PIL import Image, ImageFilter
 import cascade
 import data
 import tiler
+from operations import evaluation as ev
+from operations import flags
+from operations.files import atomic_path, file_digest, write_json
+from operations.logs import ETA
+from operations.slides import SlideError
 
 
 # ---------------------------------------------------------------------- Frechet distance
@@ -223,7 +224,7 @@ class FeatureNet:
                                     + fix)
         self.kind, self.device, self.flag, self.path = kind, device, flag, path
         self.size = 299 if kind == "inception" else 224
-        self.digest = data.file_digest(path, "sha1")
+        self.digest = file_digest(path, "sha1")
         if kind == "inception":
             self.input = inception_input or ("tf" if self.digest in KNOWN_INCEPTION else None)
             if self.input not in INCEPTION_INPUTS:
@@ -293,68 +294,6 @@ class VGG16Features(nn.Module):
 
 # ---------------------------------------------------------------------- what is compared
 
-class Source:
-    """Slides to evaluate (a file or a directory of them), each contributing its square region
-    of N3 level-0 px (a real slide's chosen as for training; a generated slide is its region),
-    or a directory of PNG / JPEG patches. A generated slide's lower stages are read from the
-    OUT.stage{s}.png files sample.py writes beside it (else from the slide, downsampled)."""
-
-    def __init__(self, path, preset):
-        self.path, self.preset, self.size = path, preset, cascade.stage_size(preset, 3)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no such file or directory")
-        files = sorted(os.listdir(path)) if os.path.isdir(path) else [os.path.basename(path)]
-        folder = path if os.path.isdir(path) else os.path.dirname(path)
-        images = [os.path.join(folder, f) for f in files
-                  if f.lower().endswith((".png", ".jpg", ".jpeg"))]
-        manifests = [os.path.join(folder, f) for f in files if f.endswith(".windows.json")]
-        self.is_windows = os.path.isdir(path) and bool(manifests)
-        if self.is_windows:
-            return self._windows(folder, manifests)
-        self.is_patches = os.path.isdir(path) and bool(images) and not any(
-            f.lower().endswith((".svs", ".tif", ".tiff")) for f in files)
-        self.files = images if self.is_patches else data.list_slides(path)
-        if not self.is_patches:
-            self.slides = [data.open_slide(f) for f in self.files]
-            self.origins = [data.choose_region(s, self.size,
-                                               preset.training.region_choice) for s in self.slides]
-            self.stages = [{s: f"{f}.stage{s}.png" for s in (1, 2)
-                            if os.path.exists(f"{f}.stage{s}.png")} for f in self.files]
-
-    def _windows(self, folder, manifests):
-        """The runs of `sample.py --window / --patches` in a directory: magnification 2 from
-        their stage-3 windows, magnifications 0-1 from the lower stages they made whole."""
-        self.is_patches, self.files, self.stages, self.windows = False, manifests, [], []
-        for path in manifests:
-            with open(path) as f:
-                m = json.load(f)
-            self.stages.append({int(s): os.path.join(folder, f) for s, f in m["stages"].items()})
-            self.windows += [os.path.join(folder, w["file"]) for w in m["windows"]
-                             if w["stage"] == 3]
-        self.slides = manifests  # one 'slide' per run (its lower stages)
-
-    def fingerprint(self):
-        stages = [] if self.is_patches else [p for st in self.stages for p in st.values()]
-        files = self.files + stages + (self.windows if self.is_windows else [])
-        return [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]
-
-    def stage_png(self, k, stage):
-        """The generated stage image (uint8 array) of slide k, or None (real, or not kept)."""
-        path = self.stages[k].get(stage)
-        return None if path is None else np.asarray(Image.open(path).convert("RGB"))
-
-    def crop(self, k, stage, s, u, v, out, png=None):
-        """Slide k: the square of side s (a fraction of the region) at (u, v) (fractions) of its
-        stage-`stage` image, area-resampled to out x out px. uint8 (out, out, 3)."""
-        if png is not None:
-            N = png.shape[0]
-            im = Image.fromarray(png)
-            return np.asarray(im.resize((out, out), Image.BOX,
-                                        box=(u * N, v * N, (u + s) * N, (v + s) * N)))
-        (x, y), size = self.origins[k], self.size
-        return self.slides[k].read_region(x + u * size, y + v * size, out, out, s * size / out)
-
-
 def transforms(kind, n, preset, n_slides, crop=None, seed=0):
     """The crops, replayed identically on the real and the generated side: (slide index, scale s,
     u, v), s and (u, v) fractions of the region. kind 0, 1, 2: the magnifications, crops of `crop`
@@ -373,63 +312,33 @@ def transforms(kind, n, preset, n_slides, crop=None, seed=0):
     return out
 
 
-def n_crops(source, kind, n, crop):
-    """How many crops (network passes) patch_features takes of a source: n, or one whole region
-    per slide at magnification 0 without --crop, or the files of a patch directory."""
-    if source.is_patches or (source.is_windows and kind == 2):
-        return min(n, len(source.windows if source.is_windows else source.files))
-    return len(source.slides) if kind == 0 and not crop else n
-
-
-def distinct_crops(source, kind, crop):
-    """How many different crops a source holds at a magnification: the region's area over a
-    crop's (how many tile it), summed over the slides; one per slide at mag 0 without --crop
-    (whole regions); the files of a patch directory."""
-    if source.is_patches or (source.is_windows and kind == 2):
-        return len(source.windows if source.is_windows else source.files)
-    if kind == 0 and not crop:
-        return len(source.slides)
-    N = cascade.stage_size(source.preset, kind + 1)
-    return len(source.slides) * (N / min(crop or source.preset.patch, N)) ** 2
-
-
-def feature_cache(source, kind, n, net, *, min_tissue, crop, seed, cache_dir):
-    """The cache file of patch_features' result (None: no cache)."""
-    if not cache_dir:
-        return None
-    ident = [source.fingerprint(), str(kind), n, seed, min_tissue, crop, net.digest,
-             getattr(net, "input", None), source.preset.model_dict()]
-    return os.path.join(cache_dir, hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:20]
-                        + ".npy")
-
-
 def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, crop=None, seed=0,
-                   batch=16, cache_dir=None, label="", meter=None):
+                   batch=16, cache_dir=None, label="", eta=None):
     """Features of up to n crops of a source (the transforms; at magnifications 1-2, crops with
     less tissue than min_tissue are left out, on each side), or of its PNG files. Cached.
-    meter: a Meter that counts the run's network passes (overall progress)."""
-    path = feature_cache(source, kind, n, net, min_tissue=min_tissue, crop=crop, seed=seed,
-                         cache_dir=cache_dir)
+    eta: an operations.logs.ETA of the whole run's network passes (overall progress)."""
+    path = ev.feature_cache(source, kind, n, net, min_tissue=min_tissue, crop=crop, seed=seed,
+                            cache_dir=cache_dir)
     if path and os.path.exists(path):
         return np.load(path)
 
     P = source.preset.patch
     if source.is_windows:
-        check_windows(source, kind)
+        ev.windows_give(source, kind)
     if source.is_patches or (source.is_windows and kind == 2):
         files = source.windows if source.is_windows else source.files
-        jobs = [lambda f=f: read_image(f) for f in files[:n]]
+        jobs = [lambda f=f: ev.read_image(f) for f in files[:n]]
     else:
         stage = 3 if kind == "pfid" else kind + 1
         pngs = {k: source.stage_png(k, stage) if stage < 3 else None
                 for k in range(len(source.slides))}
-        count = n_crops(source, kind, n, crop)  # mag 0 without --crop: one whole region a slide
+        count = ev.n_crops(source, kind, n, crop)  # mag 0 without --crop: one whole region a slide
         side = P if kind == "pfid" else min(crop or P, cascade.stage_size(source.preset, kind + 1))
         jobs = [lambda t=t: source.crop(t[0], stage, *t[1:], side, pngs[t[0]])
                 for t in transforms(kind, count, source.preset, len(source.slides), crop, seed)]
     keep = (lambda img: True) if kind in (0, "pfid") or source.is_patches else \
         (lambda img: data.tissue_fraction(img) >= min_tissue)
-    feats, buf, t0, last = [], [], time.time(), 0
+    feats, buf, mine, last = [], [], ETA(len(jobs)), 0
     for i, job in enumerate(jobs):
         img = job()
         if keep(img):
@@ -439,37 +348,19 @@ def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, crop=Non
         if len(buf) == batch or (i == len(jobs) - 1 and buf):
             feats.append(net(np.stack(buf)))
             buf = []
-            rate = (i + 1) / (time.time() - t0)
-            overall, last = (meter.advance(i + 1 - last) if meter else ""), i + 1
-            print(f"  {label}: {i + 1}/{len(jobs)} crops, {rate:.1f}/s, ETA "
-                  f"{(len(jobs) - i - 1) / rate:.0f} s{overall}", file=sys.stderr, flush=True)
+            if eta:
+                eta.advance(i + 1 - last)
+            overall = f"; overall {eta.done}/{eta.total}, {eta.text(eta.done)}" if eta else ""
+            print(f"  {label}: {i + 1}/{len(jobs)} crops, {mine.rate(i + 1):.1f}/s, "
+                  f"{mine.text(i + 1)}{overall}", file=sys.stderr, flush=True)
+            last = i + 1
 
     feats = np.concatenate(feats) if feats else np.zeros((0, 1), np.float32)
     if path:
         os.makedirs(cache_dir, exist_ok=True)
-        with data.atomic_path(path) as tmp:
+        with atomic_path(path) as tmp:
             np.save(tmp, feats)
     return feats
-
-
-def check_windows(source, kind):
-    """A one-line error when windows runs cannot give a magnification."""
-    if kind == "pfid":
-        raise ValueError(f"{source.path}: pFID needs whole slides, not windows; leave --n-pfid 0")
-    if kind in (0, 1) and any(kind + 1 not in st for st in source.stages):
-        raise ValueError(f"{source.path}: not every run made stage {kind + 1} whole (--window "
-                         "runs make only stage 1 whole); evaluate with --mag 2, or sample with "
-                         "--patches")
-
-
-def read_image(path):
-    """An image file as (h, w, 3) uint8; a one-line error if it cannot be read."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except Exception as e:  # noqa: BLE001 - PIL raises many kinds
-        raise ValueError(f"{path}: not a readable image ({type(e).__name__}); "
-                         "remove or replace it") from None
 
 
 # ---------------------------------------------------------------------- across scales and patches
@@ -529,17 +420,58 @@ def nearest_real_correlation(fake, reals, radius=2):
     return max(scores)
 
 
-class RegionView:
-    """Slide k's region at level 0 as an array-like (shape, [y0:y1, x0:x1]) for tiler.seam_score."""
+def seam_lines(grid, order, transpose=False):
+    """Where a patch's content can meet its earlier neighbour's across vertical lines. For every
+    pair of neighbours (i, j-1), (i, j), with the later one's rows [r0, r1): q_known, the later
+    one's first own pixel past the known ones (origin + o - m when the right one is later,
+    origin + m when the left one is), and q_write, the first pixel past the later one's write
+    (its left edge, or the left one's right edge: origin + o). transpose: the same for horizontal
+    lines, in the transposed image (q a row, [r0, r1) columns).
+    Returns [(q_known, q_write, r0, r1)]."""
+    k, m, o = tiler.round_index(order, grid.n), grid.margin, grid.overlap
+    key = (lambda i, j: k[(j, i)]) if transpose else (lambda i, j: k[(i, j)])
+    lines = []
+    for i in range(grid.n):
+        for j in range(1, grid.n):
+            x0, r0 = grid.origin(0, j)[1], grid.origin(i, 0)[0]
+            right_later = key(i, j) > key(i, j - 1)
+            lines.append((x0 + (o - m if right_later else m), x0 + (0 if right_later else o),
+                          r0, r0 + grid.patch))
+    return lines
 
-    def __init__(self, source, k):
-        self.slide, (self.x, self.y), n = source.slides[k], source.origins[k], source.size
-        self.shape = (n, n, 3)
 
-    def __getitem__(self, idx):
-        ys, xs = idx
-        return self.slide.read_region(self.x + xs.start, self.y + ys.start,
-                                      xs.stop - xs.start, ys.stop - ys.start)
+def seam_score(img, grid, order="raster", block=8):
+    """How visible the patch borders of a stage image generated in `order` are (1.0 = not at all):
+    mean |gradient| across the lines where content switches patch over the mean |gradient|
+    across lines o/4 to o/2 px away, on the same rows (nearby lines, so that the tissue under a
+    few long lines does not bias it). Both candidate lines are scored, the end of the known
+    pixels and the edge of the later patch's write (seam_lines); the larger ratio is returned.
+    Reference lines are taken at multiples of `block` px away where there are such offsets, so
+    that they share a JPEG-compressed slide's 8 x 8 block phase with the line they are compared to.
+    img: (N, N) or (N, N, C) array-like, read one band per line (a DiskArray, a slide view)."""
+    o, N = grid.overlap, img.shape[0]
+    near = range(max(1, o // 4), max(2, o // 2) + 1)
+    phased = [a for a in near if a % block == 0]
+    offsets = [d for a in (phased or near) for d in (-a, a)]
+    reach = max(abs(d) for d in offsets) + 1
+    seam, ref = ([], []), ([], [])
+    for transpose in (False, True):  # vertical lines, then horizontal ones
+        for line in seam_lines(grid, order, transpose):
+            r0, r1 = line[2:]
+            for c, q in enumerate(line[:2]):
+                lo, hi = max(q - 1 - reach, 0), min(q + reach + 1, N)
+                band = img[lo:hi, r0:r1] if transpose else img[r0:r1, lo:hi]
+                band = np.asarray(band, dtype=np.float64)
+                band = band[..., None] if band.ndim == 2 else band
+                band = band.transpose(1, 0, 2) if transpose else band  # rows along the line,
+                                                                       #   columns across it
+                # d[:, j] = |a[:, lo + j + 1] - a[:, lo + j]|
+                d = np.abs(np.diff(band, axis=1)).mean(-1)
+
+                seam[c].append(d[:, q - 1 - lo].mean())
+                ref[c].extend(d[:, q - 1 + e - lo].mean() for e in offsets
+                              if 0 <= q - 1 + e - lo < d.shape[1])
+    return float(max(np.mean(s) / np.mean(r) for s, r in zip(seam, ref)))
 
 
 def seam_scores(source, k, order, margin):
@@ -547,74 +479,13 @@ def seam_scores(source, k, order, margin):
     made in `order` with inner-edge margin `margin`."""
     p, out = source.preset, {}
     for s in (2, 3):
-        img = RegionView(source, k) if s == 3 else source.stage_png(k, 2)
+        img = ev.RegionView(source, k) if s == 3 else source.stage_png(k, 2)
         if img is not None:
-            out[s] = tiler.seam_score(img, cascade.stage_grid(p, s, margin), order)
+            out[s] = seam_score(img, cascade.stage_grid(p, s, margin), order)
     return out
 
 
 # ---------------------------------------------------------------------- the plan
-
-PAPER_N = 10_000  # crops per set and magnification in the paper's evaluation [PAPER]
-OVERSAMPLE = 2    # crops by default: this many times the distinct crops (random crops overlap)
-
-
-class Meter:
-    """The run's network passes so far, for an overall ETA on every progress line."""
-
-    def __init__(self, total):
-        self.total, self.done, self.t0 = total, 0, time.time()
-
-    def advance(self, k):
-        self.done += k
-        rate = self.done / max(time.time() - self.t0, 1e-9)
-        left = max(self.total - self.done, 0)
-        return f"; overall {self.done}/{self.total}, ETA {left / rate:.0f} s"
-
-
-def plan(args, real, fake, nets, kw, kw_fake):
-    """Crops per magnification: --n, or OVERSAMPLE x the distinct crops the smaller side holds, at
-    most the paper's 10k. Prints, before any work, the crops per side with the reason, the network
-    passes still to run (cached features cost none) and the time they take at a rate timed here.
-    Returns ({kind: (n, crop)}, Meter)."""
-    p, todo, lines, passes = real.preset, {}, [], 0
-    for kind in list(args.mag) + (["pfid"] if args.n_pfid else []):
-        crop = None if kind == "pfid" else (args.crop[kind] if args.crop else None)
-        if kind == "pfid" or args.n:
-            n = args.n_pfid if kind == "pfid" else args.n
-            why = "--n-pfid" if kind == "pfid" else "--n"
-        else:
-            d = min(distinct_crops(real, kind, crop), distinct_crops(fake, kind, crop))
-            n = min(PAPER_N, max(2, math.ceil(OVERSAMPLE * d)))
-            why = (f"the smaller side holds {d:.1f} distinct crops; {OVERSAMPLE} x that, at most "
-                   f"the paper's {PAPER_N}; --n overrides")
-        todo[kind] = (n, crop)
-        counts = []
-        for src, k in ((real, kw), (fake, kw_fake)):
-            counts.append(n_crops(src, kind, n, crop))
-            for net in nets[:1 if kind == "pfid" else None]:
-                passes += 0 if os.path.exists(feature_cache(src, kind, n, net, crop=crop, **k)
-                                              or "") else counts[-1]
-        N = cascade.stage_size(p, 3 if kind == "pfid" else kind + 1)
-        what = ("crops of P to N3 px" if kind == "pfid" else f"whole {N} px regions"
-                if kind == 0 and not crop else f"{min(crop or p.patch, N)} px crops")
-        lines.append(f"  {'pFID' if kind == 'pfid' else f'mag {kind}'}: {counts[0]} real / "
-                     f"{counts[1]} generated {what} ({why})")
-    rate = time_network(nets[0], p.patch) if passes else float("inf")
-    print("plan:\n" + "\n".join(lines) + f"\n  {passes} network passes to run (cached features "
-          f"are reused), about {passes / rate / 60:.1f} min at {rate:.1f} crops/s (timed here)",
-          file=sys.stderr, flush=True)
-    return todo, Meter(passes)
-
-
-def time_network(net, size, batch=4):
-    """Crops per second through `net` (resize included), timed on one batch after a warm-up."""
-    imgs = np.full((batch, size, size, 3), 200, np.uint8)
-    net(imgs)
-    t0 = time.time()
-    net(imgs)
-    return batch / max(time.time() - t0, 1e-9)
-
 
 # ---------------------------------------------------------------------- the table
 
@@ -623,11 +494,12 @@ def evaluate(args):
     inception = FeatureNet(args.inception or installed_inception(), "inception", "--inception",
                            args.device, args.inception_input)
     vgg = FeatureNet(args.vgg, "vgg", "--vgg", args.device) if args.vgg else None
-    real, fake = Source(args.real, preset), Source(args.fake, preset)
+    real, fake = ev.Source(args.real, preset), ev.Source(args.fake, preset)
     kw = dict(min_tissue=args.min_tissue, seed=args.seed, cache_dir=args.cache)
     kw_fake = dict(kw, seed=args.seed if args.fake_seed is None else args.fake_seed)
-    todo, meter = plan(args, real, fake, [inception] + ([vgg] if vgg else []), kw, kw_fake)
-    kw["meter"] = kw_fake["meter"] = meter
+    todo, eta = ev.crop_counts(args, real, fake, [inception] + ([vgg] if vgg else []), kw,
+                               kw_fake)
+    kw["eta"] = kw_fake["eta"] = eta
     results = {"network": inception.label(),
                "ip_ir_features": "vgg16 fc2" if vgg else "inception pool3 (fallback)"}
     for kind, (n, crop) in todo.items():
@@ -673,51 +545,8 @@ def evaluate(args):
     return results
 
 
-def format_table(results):
-    fmt = lambda v, d: "n.a." if v is None else f"{v:.{d}f}"
-    pm = lambda v, sd, scale=1: ("n.a." if v is None else
-                                 f"{scale * v:.1f} +- {fmt(None if sd is None else scale * sd, 1)}")
-    lines = [f"features: {results['network']}; IP / IR on {results['ip_ir_features']}",
-             f"{'':6s} {'FID/pFID':>15s} {'KID x1e3':>15s} {'IP':>6s} {'IR':>6s} {'n real':>7s} "
-             f"{'n fake':>7s}"]
-    for name, r in results.items():
-        if name.startswith("mag") or name == "pfid":
-            lines.append(f"{name:6s} {pm(r.get('fid', r.get('pfid')), r.get('fid_std')):>15s} "
-                         f"{pm(r['kid'], r['kid_std'], 1e3):>15s} {fmt(r.get('ip'), 3):>6s} "
-                         f"{fmt(r.get('ir'), 3):>6s} {r['n_real']:7d} {r['n_fake']:7d}")
-    lines.append("+- : standard deviation over 10 bootstrap redraws of both sides' crops; two "
-                 "models differ\n     only by more than about twice it")
-
-
-    if results.get("table1_ip_ir"):
-        mags = results.get("table1_mags", [0, 1, 2])
-        lines.append(f"IP / IR averaged over magnifications {', '.join(map(str, mags))} (the "
-                     "paper's Table 1): " + " / ".join(f"{v:.3f}" for v in results["table1_ip_ir"]))
-        if len(mags) < 3:
-            lines.append(f"warning: the paper's Table 1 averages magnifications 0, 1 and 2; this "
-                         f"average has only {len(mags)} (too few crops, or --mag): not comparable")
-    for side in ("fake", "real"):
-        for k, c in enumerate(results.get("consistency", {}).get(side, [])):
-            lines.append(f"consistency {side} slide {k}: " + "; ".join(
-                f"stage {s} vs {int(s) - 1}: MAE {'/'.join(f'{v:.1f}' for v in c[s]['mae'])} "
-                f"(RGB), {c[s]['psnr']:.1f} dB"
-                for s in sorted(c)))
-    for side, values in results.get("grey_p90", {}).items():
-        lines.append(f"grey level, 90th percentile ({side}): "
-                     + ", ".join(f"{v:.0f}" for v in values))
-    if results.get("stage1_nearest_real"):
-        lines.append("stage 1, nearest real stage-1 image (correlation over 8 symmetries, 2 px "
-                     "blur; 1 = a copy): "
-                     + ", ".join(f"{v:.3f}" for v in results["stage1_nearest_real"]))
-    for k, sc in enumerate(results.get("seam", [])):
-        lines.append(f"seam score slide {k}: "
-                     + ", ".join(f"stage {s} {v:.3f}" for s, v in sorted(sc.items())))
-    return "\n".join(lines)
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = flags.Parser(__doc__)
     ap.add_argument("--real", required=True,
                     help="real slides (file or directory) or a directory of PNG patches")
     ap.add_argument("--fake", required=True,
@@ -759,21 +588,15 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     args.cache = args.cache or None
-    for flag, value, ok in (("--k", args.k, args.k >= 1),
-                            ("--n", args.n, args.n is None or args.n >= 2),
-
-                            ("--min-tissue", args.min_tissue, 0 <= args.min_tissue <= 1),
-                            ("--n-pfid", args.n_pfid, args.n_pfid == 0 or args.n_pfid >= 2),
-                            ("--crop", args.crop, args.crop is None or min(args.crop) >= 8)):
-        if not ok:
-            sys.exit(f"error: {flag} {value}: out of range (--k >= 1, --n >= 2, --n-pfid 0 or >= "
-                     "2, --crop >= 8, --min-tissue in [0, 1])")
+    flags.check_ranges(args, {"--k": flags.at_least(1), "--n": flags.at_least(2),
+                              "--min-tissue": flags.between(0, 1), "--crop": flags.at_least(8),
+                              "--n-pfid": (lambda v: v == 0 or v >= 2, "0 (off) or a value >= 2")})
     try:
         results = evaluate(args)
-    except (FileNotFoundError, ValueError, data.SlideError) as e:
-        sys.exit(f"error: {e}")
-    print(format_table(results))
-    data.write_json(args.json, results, indent=1)
+    except (FileNotFoundError, ValueError, SlideError) as e:
+        flags.fail(str(e))
+    print(ev.format_table(results))
+    write_json(args.json, results, indent=1)
     print(f"wrote {args.json}")
     return results
 

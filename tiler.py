@@ -23,7 +23,6 @@ References
   [RePaint]  Lugmayr et al., 2022 (inpainting by replacement).
 """
 import functools
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -164,8 +163,10 @@ class Lower:
         cut = Cutout(np.asarray(self.image[ya:yb, xa:xb]), ya, xa, tuple(self.image.shape))
         return cascade.context_crop(self.image, y0, x0, P, self.zoom, self.background), cut
 
-    def region_window(self, y0, x0, P):  # uint8: the lower px under the patch, not resampled
-        return cascade.region_window(self.image, y0, x0, P, self.zoom)
+    def field(self, y0, x0, P):
+        """The stage-below px under the patch (cascade.field_under), uint8, not resampled."""
+        ya, yb, xa, xb = cascade.field_under(y0, x0, P, P, self.zoom, self.image.shape[0])
+        return np.asarray(self.image[ya:yb, xa:xb])
 
 
 @dataclass(frozen=True)
@@ -177,8 +178,7 @@ class WhiteTest:
                              #   data.tissue_fraction
 
     def __call__(self, lower, y0, x0, P):
-        window = lower.region_window(y0, x0, P)
-        return self.threshold > 0 and self.tissue_fraction(window) < self.threshold
+        return self.threshold > 0 and self.tissue_fraction(lower.field(y0, x0, P)) < self.threshold
 
 
 @dataclass(frozen=True)
@@ -301,127 +301,20 @@ def run_batch(sample_fn, inputs, *, stage, seed, feather=0, device="cpu"):
 
 
 def generate_stage(sample_fn, grid, canvas, *, stage, seed, order="raster", batch=1, lower=None,
-                   white=None, feather=0, done=(), device="cpu"):
-    """Every patch of a stage into `canvas`, in one process (sample.py runs the same plan
-    split across ranks, with a journal). Returns [((i, j), uint8 (P, P, 3), filled)]."""
+                   white=None, feather=0, done=(), device="cpu", on_round=None):
+    """Every patch of a stage into `canvas`, in one process (operations/runs.py runs the same plan
+    split across ranks, with a journal). on_round(results): called after each round (progress).
+    Returns [((i, j), uint8 (P, P, 3), filled)]."""
     results = []
     for rnd in plan(order, grid.n, batch, done):
+        new = []
         for cells in rnd:
             inputs = batch_inputs(grid, canvas, cells, order=order, lower=lower, white=white)
-            results += run_batch(sample_fn, inputs, stage=stage, seed=seed, feather=feather,
-                                 device=device)
-
-        # a round is written after all its batches
-        for (i, j), pixels, _ in results[-sum(map(len, rnd)):]:
+            new += run_batch(sample_fn, inputs, stage=stage, seed=seed, feather=feather,
+                             device=device)
+        for (i, j), pixels, _ in new:  # a round is written after all its batches
             canvas.write(*grid.origin(i, j), pixels)
+        results += new
+        if on_round:
+            on_round(new)
     return results
-
-
-# ---------------------------------------------------------------------- windows: what a crop needs
-
-def cells_over(grid, rect):
-    """The patches whose P x P area meets rect = (y0, y1, x0, x1), in stage px."""
-    y0, y1, x0, x1 = rect
-    span = lambda a, b: range(max(0, -(-(a - grid.patch + 1) // grid.stride)),
-                              min(grid.n, -(-b // grid.stride)))
-    return {(i, j) for i in span(y0, y1) for j in span(x0, x1)}
-
-
-def closure(grid, order, rects):
-    """Every patch that the final pixels of `rects` (stage px) depend on in `order`: the patches
-    that write into them and, recursively, each earlier-round neighbour of one of those (it wrote
-    pixels the later patch holds fixed, feathers or overwrites). With per-patch seeds, generating
-    these alone, in plan order, gives the rects exactly the pixels of the whole stage. Small in
-    checkerboard (4 phases: at most 3 steps back), the whole past in raster and wavefront."""
-    k = round_index(order, grid.n)
-    need = set().union(*(cells_over(grid, r) for r in rects))
-    todo = list(need)
-    while todo:
-        i, j = todo.pop()
-        for a in (i - 1, i, i + 1):
-            for b in (j - 1, j, j + 1):
-                if (a, b) in k and k[(a, b)] < k[(i, j)] and (a, b) not in need:
-                    need.add((a, b))
-                    todo.append((a, b))
-    return need
-
-
-def lower_rects(grid, cells, zoom, lower_size):
-    """What `cells` read of the stage below (size lower_size px): each one's context window, its
-    region (cascade.region_span) and its white-test window, as (y0, y1, x0, x1) clipped to it."""
-    P, out = grid.patch, []
-    clip = lambda a: min(max(a, 0), lower_size)
-    for i, j in cells:
-        y0, x0 = grid.origin(i, j)
-        cy, cx = cascade.context_origin(y0, x0, P, zoom)
-        ya, yb, xa, xb = cascade.region_span((lower_size, lower_size), y0, x0, P, zoom)
-        wy, wx = math.floor(y0 / zoom), math.floor(x0 / zoom)
-        wy1, wx1 = math.ceil((y0 + P) / zoom), math.ceil((x0 + P) / zoom)
-        for r in ((cy, cy + P, cx, cx + P), (ya, yb, xa, xb), (wy, wy1, wx, wx1)):
-            r = tuple(map(clip, r))
-            if r[0] < r[1] and r[2] < r[3]:
-                out.append(r)
-    return out
-
-
-# ---------------------------------------------------------------------- seams
-
-
-def seam_lines(grid, order, transpose=False):
-    """Where a patch's content can meet its earlier neighbour's across vertical lines. For every
-    pair of neighbours (i, j-1), (i, j), with the later one's rows [r0, r1): q_known, the later
-    one's first own pixel past the known ones (origin + o - m when the right one is later,
-    origin + m when the left one is), and q_write, the first pixel past the later one's write
-    (its left edge, or the left one's right edge: origin + o). transpose: the same for horizontal
-    lines, in the transposed image (q a row, [r0, r1) columns).
-    Returns [(q_known, q_write, r0, r1)]."""
-    k, m, o = round_index(order, grid.n), grid.margin, grid.overlap
-    key = (lambda i, j: k[(j, i)]) if transpose else (lambda i, j: k[(i, j)])
-    lines = []
-    for i in range(grid.n):
-        for j in range(1, grid.n):
-            x0, r0 = grid.origin(0, j)[1], grid.origin(i, 0)[0]
-            right_later = key(i, j) > key(i, j - 1)
-            lines.append((x0 + (o - m if right_later else m), x0 + (0 if right_later else o),
-                          r0, r0 + grid.patch))
-    return lines
-
-
-def seam_score(img, grid, order="raster", block=8):
-    """How visible the patch borders of a stage image generated in `order` are (1.0 = not at all):
-    mean |gradient| across the lines where content switches patch over the mean |gradient|
-    across lines o/4 to o/2 px away, on the same rows (nearby lines, so that the tissue under a
-    few long lines does not bias it). Both candidate lines are scored, the end of the known
-    pixels and the edge of the later patch's write (seam_lines); the larger ratio is returned.
-    Reference lines are taken at multiples of `block` px away where there are such offsets, so
-    that they share a JPEG-compressed slide's 8 x 8 block phase with the line they are compared to.
-    img: (N, N) or (N, N, C) array-like, read one band per line (a DiskArray, a slide view)."""
-    o, N = grid.overlap, img.shape[0]
-    near = range(max(1, o // 4), max(2, o // 2) + 1)
-    phased = [a for a in near if a % block == 0]
-    offsets = [d for a in (phased or near) for d in (-a, a)]
-    reach = max(abs(d) for d in offsets) + 1
-    seam, ref = ([], []), ([], [])
-    for transpose in (False, True):  # vertical lines, then horizontal ones
-        for line in seam_lines(grid, order, transpose):
-            r0, r1 = line[2:]
-            for c, q in enumerate(line[:2]):
-                lo, hi = max(q - 1 - reach, 0), min(q + reach + 1, N)
-                band = img[lo:hi, r0:r1] if transpose else img[r0:r1, lo:hi]
-                band = np.asarray(band, dtype=np.float64)
-                band = band[..., None] if band.ndim == 2 else band
-                band = band.transpose(1, 0, 2) if transpose else band  # rows along the line,
-                                                                       #   columns across it
-                # d[:, j] = |a[:, lo + j + 1] - a[:, lo + j]|
-                d = np.abs(np.diff(band, axis=1)).mean(-1)
-
-                seam[c].append(d[:, q - 1 - lo].mean())
-                ref[c].extend(d[:, q - 1 + e - lo].mean() for e in offsets
-                              if 0 <= q - 1 + e - lo < d.shape[1])
-    return float(max(np.mean(s) / np.mean(r) for s, r in zip(seam, ref)))
-
-
-def rank_loads(work, world):
-    """For each round of a plan (tiler.plan), the patches on its busiest rank when each rank takes
-    every world-th batch (as sample.py shares a round): the round's length in patch times."""
-    return [max(sum(map(len, rnd[r::world])) for r in range(world)) for rnd in work]

@@ -621,25 +621,3 @@ class ImagenUNet(nn.Module):
 def build(cfg: UNetConfig):
     """The network of a config: ImagenUNet (cfg.imagen) or UNet."""
     return ImagenUNet(cfg) if cfg.imagen else UNet(cfg)
-
-
-def count_params(cfg: UNetConfig):
-    """Parameter count of a config, built on the meta device (no memory)."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in build(cfg).parameters())
-
-
-def flops(cfg: UNetConfig, size, backward=False):
-    """FLOP of one image through `cfg` at size x size, forward (or forward + backward), counted by
-    torch.utils.flop_counter on the meta device (no memory, no compute)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.device("meta"):
-        net = build(cfg)
-        x = torch.zeros(1, 3, size, size, requires_grad=backward)
-        cond = torch.zeros(1, cfg.cond_ch, size, size) if cfg.cond_ch else None
-        lam = torch.zeros(1)
-        with FlopCounterMode(display=False) as fc:
-            out = net(x, lam, cond, lam)
-            if backward:
-                out.sum().backward()
-    return fc.get_total_flops()

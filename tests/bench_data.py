@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import cascade  # noqa: E402
 import data  # noqa: E402
 from bench_flops import flops  # noqa: E402
+from operations import aperio  # noqa: E402
 
 A100_BF16 = 312e12  # FLOP/s, dense bf16
 MFU = 0.4           # the share of it a training step achieves (our assumption)
@@ -47,7 +48,7 @@ def make_slide(path, size, tile=240):
         t = 0.5 + 0.25 * np.sin(yy / 37.0) * np.cos(xx / 23.0) + 0.25 * np.sin((yy + xx) / 301.0)
         t = np.clip(t + rng.normal(0, 0.05, t.shape), 0, 1)[..., None]
         img[r0:r0 + len(yy)] = (1 - t) * [230, 150, 200] + t * [110, 50, 140]
-    data.write_aperio(path, img, tile=tile, compression="jpeg", mpp=0.25)
+    aperio.write_aperio(path, img, tile=tile, compression="jpeg", mpp=0.25)
 
 
 class Level0Windows:

@@ -27,6 +27,7 @@ sys.path.insert(0, ROOT)
 import cascade  # noqa: E402
 import data  # noqa: E402
 import metrics  # noqa: E402
+from operations import aperio, files  # noqa: E402
 
 SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
 
@@ -59,7 +60,7 @@ def no_detail(src, out, preset):
     n2, n3 = cascade.stage_size(preset, 2), cascade.stage_size(preset, 3)
     s1.save(out + ".stage1.png")
     s1.resize((n2, n2), Image.BICUBIC).save(out + ".stage2.png")
-    data.write_aperio(out, np.asarray(s2.resize((n3, n3), Image.BICUBIC)), mpp=0.499)
+    aperio.write_aperio(out, np.asarray(s2.resize((n3, n3), Image.BICUBIC)), mpp=0.499)
 
 
 def row(name, fake_dir, args, extra=()):
@@ -144,7 +145,7 @@ def main():
             "crops\n\n" + table(rows))
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text + "\n")
-    data.write_json(os.path.join(args.out, "results.json"), rows, indent=1)
+    files.write_json(os.path.join(args.out, "results.json"), rows, indent=1)
     print(text)
 
 

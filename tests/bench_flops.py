@@ -11,9 +11,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cascade  # noqa: E402
-import train  # noqa: E402
 import unet  # noqa: E402
-from unet import flops  # noqa: E402
+from operations.costs import flops  # noqa: E402
+from operations import costs  # noqa: E402
 
 # The authors' models, counted the same way on lucidrains' imagen-pytorch U-Nets with their training
 # script's settings. Two sources:
@@ -21,7 +21,7 @@ from unet import flops  # noqa: E402
 #   MEASURED: tests/bench_authors.py on imagen-pytorch 1.26.0 with our stage-3 inputs (context
 #   3 channels; the low-resolution image as imagen's lowres_cond): params (M), forward TFLOP at the
 #   level's size, forward + backward TFLOP and saved bytes (GiB, fp32, by an older count that also
-#   took weights and tensors two ops share: not comparable with train.saved_bytes) at training size.
+#   took weights and tensors two ops share: not comparable with costs.saved_bytes) at training size.
 AUTHORS = {"paper64": (64, 0.259), "paper256": (256, 0.458), "paper1024": (1024, 12.09)}  # ISSUE
 AUTHORS_TRAIN_1024_ON_256 = 2.25  # TFLOP, forward + backward, one image (ISSUE)
 AUTHORS_SLIDE = 7.53e18           # FLOP, a 41344^2 slide at 1024 / 256 / 256 steps (ISSUE)
@@ -64,7 +64,7 @@ def unet_rows(p, lvl, name, ok):
     cfg, ref_name = cascade.unet_config(p, 3, lvl), f"paper{p.level_sizes[lvl]}"
     size, ref = AUTHORS[ref_name]
     a_params, a_fwd, a_px, a_fb, a_saved = AUTHORS_MEASURED[ref_name]
-    f, params = flops(cfg, size), unet.count_params(cfg) / 1e6
+    f, params = flops(cfg, size), costs.count_params(cfg) / 1e6
     if p.name == "paper":
         goal_p = f"within 5 %: {ok(abs(params / a_params - 1) <= 0.05)}"
         goal_f = f"at or below theirs: {ok(f <= AUTHORS_FORWARD[ref_name])}"
@@ -78,8 +78,8 @@ def unet_rows(p, lvl, name, ok):
           f"goal {goal_f})")
     L = p.training.crop if ref_name == "paper1024" else size
     fb = flops(cfg, L, True)
-    act32, w32 = train.saved_bytes(cfg, L)
-    act16, w16 = train.saved_bytes(cfg, L, bf16=True)
+    act32, w32 = costs.saved_bytes(cfg, L)
+    act16, w16 = costs.saved_bytes(cfg, L, bf16=True)
     print(f"  {'':10s} at {L} px: fwd+bwd {fb / 1e12:.3f} TFLOP (authors {a_fb}, ratio "
           f"{fb / 1e12 / a_fb:.2f}); saved for backward, one image: {act32 / 2 ** 30:.2f} GiB "
           f"fp32, {act16 / 2 ** 30:.2f} GiB under CUDA's bf16 autocast policy; weights "
@@ -109,7 +109,7 @@ def main():
             unet_rows(p, lvl, name, ok)
     for name in ("demo_base", "demo", "tiny"):
         cfg = unet.get_config(name, cond_ch=9)
-        print(f"  {name:10s} {unet.count_params(cfg) / 1e6:6.2f} M params")
+        print(f"  {name:10s} {costs.count_params(cfg) / 1e6:6.2f} M params")
     print("Whole slides:")
     for name, p in cascade.PRESETS.items():
         steps = args.steps or p.sampling.steps

@@ -32,6 +32,7 @@ import sde  # noqa: E402
 import train  # noqa: E402
 import unet  # noqa: E402
 from bench_flops import flops  # noqa: E402
+from operations import distributed  # noqa: E402
 
 PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L40S": 362e12}  # dense FLOP/s
 
@@ -88,8 +89,10 @@ def layout(p, level, args, device, channels_last):
     cond = torch.randn(args.batch, cfg.cond_ch, size, size, device=device).to(memory_format=fmt)
     lam = torch.zeros(args.batch, device=device)
 
+    bf16 = distributed.native_bf16(device)
+
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cascade.native_bf16(device)):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             net(x, lam, cond, lam).float().square().mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -115,7 +118,7 @@ def sampling(p, level, args, device):
     mask[..., :L // 8] = True
     gens = [torch.Generator().manual_seed(k) for k in range(B)]
     aug = torch.zeros(B, device=device) if cfg.aug_emb else None
-    real = cascade.denoiser(net, p.schedules[level], cond, aug, cascade.native_bf16(device))
+    real = cascade.denoiser(net, p.schedules[level], cond, aug, distributed.native_bf16(device))
     zero = lambda x_t, t: torch.zeros_like(x_t)
 
     def run(fn):
@@ -168,7 +171,7 @@ def main(argv=None):
         shutil.rmtree(work, ignore_errors=True)
     f = lambda v, d=1: "n.a." if v is None else f"{v:.{d}f}"
     md = [f"{name}, preset {p.name}, batch {args.batch}, bf16 autocast "
-          f"{'on' if cascade.native_bf16(device) else 'off'}", "",
+          f"{'on' if distributed.native_bf16(device) else 'off'}", "",
           "| stage 3 level | train img/s | TFLOP/s | MFU | peak GiB | img/s channels_last / "
           "contiguous | sampling s per patch-step | host share |",
           "|---|---|---|---|---|---|---|---|"]

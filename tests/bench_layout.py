@@ -25,6 +25,7 @@ import cascade  # noqa: E402
 import data  # noqa: E402
 import sde  # noqa: E402
 import unet  # noqa: E402
+from operations import costs  # noqa: E402
 
 SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
 
@@ -117,7 +118,7 @@ def main():
             ema, steps = train_for(cfg, p, args.stage, level, ds, args.seconds,
                                    args.batch, **train_over)
             loss = validation_loss(ema, p, args.stage, level, held_out)
-            print(f"  level {level} {name:14s}: {unet.count_params(cfg) / 1e6:.2f} M params, "
+            print(f"  level {level} {name:14s}: {costs.count_params(cfg) / 1e6:.2f} M params, "
                   f"{steps} steps, validation v-MSE {loss:.4f}", flush=True)
 
 

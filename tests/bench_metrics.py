@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cascade  # noqa: E402
 import metrics  # noqa: E402
+from operations import evaluation  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +42,7 @@ def main():
     path = os.path.join(tempfile.mkdtemp(), "net.pt")
     torch.jit.script(net).save(path)
     fnet = metrics.FeatureNet(path, "inception", "--inception")
-    src = metrics.Source(os.path.join(ROOT, "tests", "data", "cmu_small_region.svs"),
+    src = evaluation.Source(os.path.join(ROOT, "tests", "data", "cmu_small_region.svs"),
                          cascade.get_preset("demo"))
     t0 = time.time()
     f = metrics.patch_features(src, 2, args.crops, fnet, min_tissue=0.0)

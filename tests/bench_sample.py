@@ -33,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import cascade  # noqa: E402
 import tiler  # noqa: E402
+from operations import aperio, flags, journal  # noqa: E402
 
 GPU_MS_PER_STEP = 96.8  # the paper1024 U-Net's forward at 1024 px on an A100 at 40 % of 312 TFLOP/s
 
@@ -124,17 +125,17 @@ def io_bench(args, n_round=23):
     os.makedirs(work, exist_ok=True)
     try:
         N2, rng = cascade.stage_size(p, 2), np.random.default_rng(0)
-        stage2 = data.DiskArray(os.path.join(work, "stage2.npy"), (N2, N2, 3))
+        stage2 = aperio.DiskArray(os.path.join(work, "stage2.npy"), (N2, N2, 3))
         for r0 in range(0, N2, 640):  # pink tissue with texture: every patch is generated
             band = rng.integers(0, 40, (min(640, N2 - r0), N2, 3), dtype=np.uint8)
             stage2.write(r0, 0, band + np.array([190, 90, 160], np.uint8))
-        canvas = data.DiskArray(os.path.join(work, "stage3.npy"), (grid.size, grid.size, 3))
+        canvas = aperio.DiskArray(os.path.join(work, "stage3.npy"), (grid.size, grid.size, 3))
         lower = tiler.Lower(stage2, cascade.zoom(p, 3), p.background)
         white = tiler.WhiteTest(0.5, data.tissue_fraction)
         cells = [(i, n_round - 1 - i) for i in range(n_round)]  # one anti-diagonal: a round
-        settings, _ = sample.resolve(sample.parse_args(["--preset", p.name, "--dry-run", "--out",
+        settings, _ = flags.resolve(sample.parse_args(["--preset", p.name, "--dry-run", "--out",
                                                         args.out]), torch.device("cpu"))
-        journal = sample.Journal(work, settings)
+        log = journal.Journal(work, settings)
         t = {}
         t0 = time.perf_counter()
         low = [tiler.lower_inputs(grid, [c], lower, white) for c in cells]
@@ -153,14 +154,14 @@ def io_bench(args, n_round=23):
         results = [(c, rng.integers(0, 255, (p.patch, p.patch, 3), dtype=np.uint8), False)
                    for c in cells]
         t0 = time.perf_counter()
-        journal.stage_round(3, results)
+        log.stage_round(3, results)
         t["round saved whole (round.npz, fsync)"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        sample.write_round(canvas, grid, results)
+        journal.write_round(canvas, grid, results)
         t["round into the canvas"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         canvas.flush()
-        journal.mark(3, results, 0.0)
+        log.mark(3, results, 0.0)
         t["canvas synced, journal marked"] = time.perf_counter() - t0
     finally:
         import shutil

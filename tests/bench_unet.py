@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import unet  # noqa: E402
+from operations import costs  # noqa: E402
 
 
 def bench(model, x, lam, cond, steps, autocast, opt=None):
@@ -48,7 +49,7 @@ def main():
     args = p.parse_args()
     cfg = unet.get_config(args.config, cond_ch=args.cond_ch, aug_emb=args.cond_ch > 0)
     model = unet.build(cfg)
-    print(f"{args.config}: {unet.count_params(cfg) / 1e6:.1f} M params, {args.size}px, batch "
+    print(f"{args.config}: {costs.count_params(cfg) / 1e6:.1f} M params, {args.size}px, batch "
           f"{args.batch}, {torch.get_num_threads()} threads")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size, generator=g)

@@ -1,7 +1,7 @@
 """Benchmark: what windows cost (sample.py --window / --patches) against whole slides.
 
-Not a test. Pure geometry and FLOP counts (tiler.closure, unet.flops on the meta device): for each
-preset and order, the patches of each stage that one window of P px depends on (over random
+Not a test. Pure geometry and FLOP counts (windows.closure; costs.flops on the meta device): for
+each preset and order, the patches of each stage that one window of P px depends on (over random
 positions), and the share of a whole slide's FLOPs that one window, and k windows of one slide,
 cost; 10k magnification-2 patches from 800 slides is the paper's evaluation set (12.5 a slide).
     python tests/bench_windows.py [--presets demo paper] [--positions 200] [--k 1 13 100]
@@ -15,6 +15,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cascade  # noqa: E402
 import sample  # noqa: E402
+from operations import costs, windows  # noqa: E402
 
 
 def main():
@@ -32,16 +33,16 @@ def main():
     for name in args.presets:
         p = cascade.get_preset(name)
         sp, N3, P = p.sampling, cascade.stage_size(p, 3), p.patch
-        flop = [sample.patch_flops(p, sp, s) for s in (1, 2, 3)]
+        flop = [costs.patch_flops(p, sp, s) for s in (1, 2, 3)]
         whole = sum(n * n * f for n, f in zip(p.n_patches, flop))
         for order in args.orders:
             for k in args.k:
                 counts, shares = [], []
                 for _ in range(args.positions if k < 50 else max(args.positions // 10, 5)):
                     xy = rng.integers(0, N3 - P + 1, (k, 2))
-                    windows = [(int(x), int(y), P, P) for x, y in xy]
+                    wins = [(int(x), int(y), P, P) for x, y in xy]
                     # k > 1: --patches (stage 2 whole); one window: --window (stage 2's closure)
-                    need = sample.needed_cells(p, order, sp.edge_margin, windows,
+                    need = windows.needed_cells(p, order, sp.edge_margin, wins,
                                                below=2 if k > 1 else 1)
                     c = [len(need.get(s, range(p.n_patches[s - 1] ** 2))) for s in (1, 2, 3)]
                     c[0] = 1

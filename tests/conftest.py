@@ -9,6 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import sde  # noqa: E402
+from operations import checkpoints  # noqa: E402
 
 
 def gaussian_oracle(mu, s, schedule="cosine"):
@@ -72,8 +73,8 @@ def save_tiny_models(d, mpp=None, std=0.03):
             net = unet.build(cascade.unet_config(p, s, lvl))
             for prm in net.parameters():
                 torch.nn.init.normal_(prm, std=std)
-            torch.save(cascade.model_payload(p, s, lvl, net.cfg, net.state_dict(), mpp=mpp),
-                       os.path.join(d, cascade.model_filename(s, lvl)))
+            torch.save(checkpoints.model_payload(p, s, lvl, net.cfg, net.state_dict(), mpp=mpp),
+                       os.path.join(d, checkpoints.model_filename(s, lvl)))
     return str(d)
 
 

@@ -12,6 +12,7 @@ import cascade
 import tiler
 import unet
 from conftest import oracle_net, small_preset
+from operations import checkpoints
 
 
 def test_stage_sizes_and_zoom():
@@ -123,7 +124,7 @@ def test_cdm_feather_keeps_known_pixels_away_from_the_new_ones():
 
 
 def _save(path, preset, stage, level, net):
-    torch.save(cascade.model_payload(preset, stage, level, net.cfg, net.state_dict()), path)
+    torch.save(checkpoints.model_payload(preset, stage, level, net.cfg, net.state_dict()), path)
 
 
 def test_checkpoint_round_trip_and_errors(tmp_path):
@@ -132,25 +133,25 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     for level in range(3):
         torch.manual_seed(level)
         nets[level] = unet.build(cascade.unet_config(p, 2, level))
-        _save(tmp_path / cascade.model_filename(2, level), p, 2, level, nets[level])
-    cdm = cascade.load_cdm(str(tmp_path), p, 2)
+        _save(tmp_path / checkpoints.model_filename(2, level), p, 2, level, nets[level])
+    cdm = checkpoints.load_cdm(str(tmp_path), p, 2)
     for level in range(3):
         for a, b in zip(cdm.nets[level].state_dict().values(), nets[level].state_dict().values()):
             assert torch.equal(a, b)
     with pytest.raises(FileNotFoundError, match="stage3_level0.pt: missing model file"):
-        cascade.load_cdm(str(tmp_path), p, 3)
+        checkpoints.load_cdm(str(tmp_path), p, 3)
     with pytest.raises(ValueError, match="trained for preset"):
-        cascade.load_cdm(str(tmp_path), small_preset(background=250), 2)
+        checkpoints.load_cdm(str(tmp_path), small_preset(background=250), 2)
     # sampling defaults may change
-    cascade.load_cdm(str(tmp_path), small_preset(sampling=cascade.Sampling(steps=(9, 9, 9))), 2)
+    checkpoints.load_cdm(str(tmp_path), small_preset(sampling=cascade.Sampling(steps=(9, 9, 9))), 2)
     # and so may the training recipe
-    cascade.load_cdm(str(tmp_path), small_preset(training=cascade.Training(crop=8)), 2)
+    checkpoints.load_cdm(str(tmp_path), small_preset(training=cascade.Training(crop=8)), 2)
     shutil.copy(tmp_path / "stage2_level1.pt", tmp_path / "stage2_level2.pt")
     with pytest.raises(ValueError, match="holds stage 2 level 1, expected stage 2 level 2"):
-        cascade.load_cdm(str(tmp_path), p, 2)
+        checkpoints.load_cdm(str(tmp_path), p, 2)
     (tmp_path / "stage2_level1.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable URCDM model file"):
-        cascade.load_cdm(str(tmp_path), p, 2)
+        checkpoints.load_cdm(str(tmp_path), p, 2)
 
 
 def test_steps_per_stage_and_level():
@@ -253,8 +254,8 @@ def test_cdm_samples_with_the_authors_unet(tmp_path, monkeypatch):
         net = unet.build(cascade.unet_config(p, 2, level))
         for prm in net.parameters():
             torch.nn.init.normal_(prm, std=0.05)
-        _save(tmp_path / cascade.model_filename(2, level), p, 2, level, net)
-    cdm = cascade.load_cdm(str(tmp_path), p, 2)
+        _save(tmp_path / checkpoints.model_filename(2, level), p, 2, level, net)
+    cdm = checkpoints.load_cdm(str(tmp_path), p, 2)
     assert all(isinstance(n, unet.ImagenUNet) for n in cdm.nets)
     context = torch.rand(1, 3, 32, 32) * 2 - 1
     known, mask = context.clone(), torch.zeros(1, 1, 32, 32, dtype=torch.bool)

@@ -12,6 +12,8 @@ from PIL import Image
 import cascade
 import data
 from conftest import ROOT, small_preset
+from operations import aperio, caches
+from operations import slides as slide_io
 
 SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
 
@@ -35,13 +37,13 @@ def synthetic_rgb(h=1200, w=1000, seed=0):
 
 def write_slide(path, img, kind="svs", compression="zlib"):
     if kind == "svs":
-        data.write_aperio(path, img, tile=128, mpp=0.5, compression=compression, min_side=200)
+        aperio.write_aperio(path, img, tile=128, mpp=0.5, compression=compression, min_side=200)
         return
     levels = [img]
     while max(levels[-1].shape[:2]) > 200:
         nxt = np.zeros(((levels[-1].shape[0] + 1) // 2,
                         (levels[-1].shape[1] + 1) // 2, 3), np.uint8)
-        data.halve(levels[-1], nxt)
+        aperio.halve(levels[-1], nxt)
         levels.append(nxt)
     kw = dict(tile=(128, 128), photometric="rgb", compression=compression)
     with tifffile.TiffWriter(path, bigtiff=True, ome=kind == "ome") as tif:
@@ -179,9 +181,8 @@ def test_dihedral_same_for_target_and_conditioning():
 def test_cache_built_once(slides, tmp_path, monkeypatch):
     _, paths = slides
     calls = []
-    real = data._build_stage_image
-    monkeypatch.setattr(data, "_build_stage_image", lambda *a,
-                        **k: (calls.append(a), real(*a, **k)))
+    real = caches.build_image
+    monkeypatch.setattr(caches, "build_image", lambda *a, **k: (calls.append(a), real(*a, **k)))
     p = small_preset()
     c1 = data.slide_cache(paths["svs", "zlib"], p, 400, cache_dir=str(tmp_path))
     c2 = data.slide_cache(paths["svs", "zlib"], p, 400, cache_dir=str(tmp_path))
@@ -261,7 +262,7 @@ def test_directory_with_a_bad_file(tmp_path, slides, capsys):
     _, paths = slides
     shutil.copy(paths["svs", "zlib"], tmp_path / "good.svs")
     (tmp_path / "bad.svs").write_text("garbage")
-    assert data.list_slides(str(tmp_path)) == [str(tmp_path / "good.svs")]
+    assert slide_io.list_slides(str(tmp_path)) == [str(tmp_path / "good.svs")]
     err = capsys.readouterr().err
     assert "bad.svs" in err and "1 of 2 slides usable, 1 skipped" in err
 
@@ -332,14 +333,14 @@ def test_cache_built_by_local_ranks_in_parallel(tmp_path, monkeypatch):
     (tmp_path / "slides").mkdir()
     for k in range(5):
         os.symlink(SLIDE, tmp_path / "slides" / f"s{k}.svs")
-    paths = data.list_slides(str(tmp_path / "slides"))
+    paths = slide_io.list_slides(str(tmp_path / "slides"))
     built, real = [], data.build_cache
     monkeypatch.setattr(data, "build_cache", lambda path, *a: (built.append(
         (threading.current_thread().name, os.path.basename(path))), real(path, *a)))
     p = small_preset()
     out = {}
     ranks = [threading.Thread(name=str(r), target=lambda r=r: out.__setitem__(
-        r, data.build_caches(paths, p, None, str(tmp_path / "cache"), rank=r, world=2)))
+        r, data.slide_caches(paths, p, None, str(tmp_path / "cache"), rank=r, world=2)))
         for r in (0, 1)]
     for t in ranks:
         t.start()
@@ -349,7 +350,7 @@ def test_cache_built_by_local_ranks_in_parallel(tmp_path, monkeypatch):
     assert sorted(n for r, n in built if r == "0") == ["s0.svs", "s2.svs", "s4.svs"]
     assert sorted(n for r, n in built if r == "1") == ["s1.svs", "s3.svs"]
     built.clear()
-    assert data.build_caches(paths, p, None, str(tmp_path / "cache")) == out[0] and not built
+    assert data.slide_caches(paths, p, None, str(tmp_path / "cache")) == out[0] and not built
 
 
 def test_grid_tissue_is_skimages_hsv_rule():

@@ -20,6 +20,7 @@ import metrics
 import sample
 import train
 from conftest import ROOT, save_tiny_models
+from operations import aperio, checkpoints, files, flags, journal, logs, runs, slides
 
 SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
 
@@ -48,10 +49,10 @@ def test_crash_between_round_write_and_journal_resumes_bit_identical(tmp_path,
                                                                      tiny_ckpt, monkeypatch):
     """With a feathered paste a patch rewrites its neighbours' edge band; regenerating a round
     from that half-applied image drew different patches. The saved round is re-applied instead."""
-    flags = ("--order", "raster", "--edge-margin", "1", "--feather", "2")
+    flags = ("--order", "raster", "--edge-margin", "1", "--feather", "2", "--stream")
     ref, out = tmp_path / "ref.tif", tmp_path / "crashed.tif"
     sample.main(_argv(ref, tiny_ckpt, *flags))
-    real_mark, calls = sample.Journal.mark, []
+    real_mark, calls = journal.Journal.mark, []
 
     def crash_after_apply(self, stage, results, *a):
         calls.append(stage)
@@ -59,13 +60,13 @@ def test_crash_between_round_write_and_journal_resumes_bit_identical(tmp_path,
         if stage == 3 and calls.count(3) == 6:
             raise KeyboardInterrupt("simulated kill")
         return real_mark(self, stage, results, *a)
-    monkeypatch.setattr(sample.Journal, "mark", crash_after_apply)
+    monkeypatch.setattr(journal.Journal, "mark", crash_after_apply)
     try:
         sample.main(_argv(out, tiny_ckpt, *flags))
     except KeyboardInterrupt:
         pass
     gc.collect()  # the crashed run's lock file closes, as when its process dies
-    monkeypatch.setattr(sample.Journal, "mark", real_mark)
+    monkeypatch.setattr(journal.Journal, "mark", real_mark)
     assert not out.exists() and os.path.exists(str(out) + ".work/round.npz")
     sample.main(_argv(out, tiny_ckpt, *flags, "--resume"))
     assert out.read_bytes() == ref.read_bytes()
@@ -75,20 +76,21 @@ def test_kill_during_a_background_write_resumes_bit_identical(tmp_path, tiny_ckp
     """A round is synced and marked done by a writer thread while the next round computes: the
     process killed (SIGKILL) inside that background write, with the next round under way, resumes
     to the same slide."""
-    flags = ("--order", "raster", "--edge-margin", "1", "--feather", "2")
+    flags = ("--order", "raster", "--edge-margin", "1", "--feather", "2", "--stream")
     ref, out = tmp_path / "ref.tif", tmp_path / "killed.tif"
     sample.main(_argv(ref, tiny_ckpt, *flags))
     killer = (
         "import os, signal, threading, torch, sample\n"
+        "from operations import journal\n"
         "torch.set_num_threads(2)  # as in this process (conftest): the same arithmetic\n"
-        "real, calls = sample.Journal.mark, []\n"
+        "real, calls = journal.Journal.mark, []\n"
         "def mark(self, stage, results, *a):\n"
         "    calls.append(stage)\n"
         "    if stage == 3 and calls.count(3) == 4:\n"
         "        assert threading.current_thread() is not threading.main_thread()\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return real(self, stage, results, *a)\n"
-        "sample.Journal.mark = mark\n"
+        "journal.Journal.mark = mark\n"
         f"sample.main({list(_argv(out, tiny_ckpt, *flags))!r})\n")
     res = _cli("-c", killer, cwd=ROOT)
     assert res.returncode == -9, res.stderr[-2000:]
@@ -128,7 +130,7 @@ def test_export_and_load_refuse_broken_weights(tmp_path):
     ck["ema"][key][0] = float("nan")
     torch.save(ck, d / "stage1_level0.pt")
     with pytest.raises(ValueError, match="is not finite"):
-        cascade.load_unet(str(d / "stage1_level0.pt"), cascade.get_preset("tiny"), 1, 0)
+        checkpoints.load_unet(str(d / "stage1_level0.pt"), cascade.get_preset("tiny"), 1, 0)
 
 
 def test_nonfinite_patch_stops_sampling_loudly(tmp_path):
@@ -185,7 +187,7 @@ def test_resume_refuses_models_changed_in_place_and_accepts_a_relative_path(tmp_
     (("--batch", "-1"), "--batch -1"), (("--white-threshold", "2"), "--white-threshold 2.0"),
     (("--mpp", "-1"), "--mpp -1.0"), (("--resample", "0"), "--resample 0"),
     (("--steps", "0", "1", "1"), "--steps"),
-    (("--steps", "5", "5"), "--steps [5, 5]: use a value list of 3"),
+    (("--steps", "5", "5"), "--steps [5, 5]: use 3 values (one per level) or 9"),
     (("--threshold", "1.5"), "--threshold 1.5"), (("--aug-level", "-0.1"), "--aug-level -0.1")])
 def test_bad_sampling_flags_refused_before_work(tmp_path, tiny_ckpt, flags, message):
     res = _cli(os.path.join(ROOT, "sample.py"), *_argv(tmp_path / "s.tif", tiny_ckpt, *flags))
@@ -234,7 +236,7 @@ def test_previews_are_not_slides(tmp_path, monkeypatch):
                  "loss_curves.png", ".hidden.png",
                  "x.tif.stage1.png", "x.tif.stage2.png"):
         Image.new("RGB", (8, 8)).save(d / name)
-    assert data.list_slides(str(d)) == [str(d / "a.svs")]
+    assert slides.list_slides(str(d)) == [str(d / "a.svs")]
     monkeypatch.chdir(tmp_path)
     data.main([str(d / "a.svs"), "--cache", str(tmp_path / "cache")])
     assert (tmp_path / "a.svs.datasets.png").exists()
@@ -244,7 +246,7 @@ def test_previews_are_not_slides(tmp_path, monkeypatch):
 # ---------------------------------------------------------- 8, 9. full disks and unwritable outputs
 
 def test_short_write_is_an_error(tmp_path, monkeypatch):
-    img = data.DiskArray(str(tmp_path / "a.npy"), (8, 8, 3))
+    img = aperio.DiskArray(str(tmp_path / "a.npy"), (8, 8, 3))
     monkeypatch.setattr(os, "pwrite", lambda fd, b, off: len(b) - 1)
     with pytest.raises(OSError, match="short write"):
         img.write(0, 0, np.zeros((8, 8, 3), np.uint8))
@@ -254,10 +256,10 @@ def test_disk_full_while_writing_the_slide(tmp_path, tiny_ckpt, monkeypatch, cap
     def full(path, *a, **k):
         open(path, "wb").write(b"partial")
         raise OSError(28, "No space left on device", path)
-    monkeypatch.setattr(data, "write_aperio", full)
+    monkeypatch.setattr(runs, "write_aperio", full)
     out = tmp_path / "s.tif"
     with pytest.raises(SystemExit, match="No space left on device; nothing written was lost"):
-        sample.one_line_errors(sample.main, _argv(out, tiny_ckpt, "--stages", "1"))
+        runs.one_line_errors(sample.main, _argv(out, tiny_ckpt, "--stages", "1"))
     gc.collect()
     # no slide, no temp file; the work is kept
     assert sorted(os.listdir(tmp_path)) == ["s.tif.work"]
@@ -278,7 +280,7 @@ def test_unwritable_out_refused_at_once(tmp_path, tiny_ckpt, where):
 def test_work_directory_without_finished_patches_does_not_block(tmp_path, tiny_ckpt):
     out = tmp_path / "s.tif"
     os.makedirs(str(out) + ".work")
-    data.write_json(str(out) + ".work/journal.json", {"settings": {}, "done": {}, "filled": {}})
+    files.write_json(str(out) + ".work/journal.json", {"settings": {}, "done": {}, "filled": {}})
     res = _cli(os.path.join(ROOT, "sample.py"), *_argv(out, tiny_ckpt, "--stages", "1"))
     assert res.returncode == 0, res.stderr[-1500:]
 
@@ -351,7 +353,7 @@ def test_metrics_bad_inputs_one_line(tmp_path):
     os.remove(patches / "4.png")
     with pytest.raises(SystemExit, match="--vgg .*bad_vgg.pt: neither a TorchScript file"):
         metrics.main(base + ["--inception", net, "--vgg", str(tmp_path / "bad_vgg.pt")])
-    with pytest.raises(SystemExit, match="--k 0: out of range"):
+    with pytest.raises(SystemExit, match="--k 0: use a value >= 1"):
         metrics.main(base + ["--inception", net, "--k", "0"])
 
 
@@ -372,16 +374,13 @@ def test_orphaned_checkpoint_temps_are_removed(tmp_path):
 
 # ------------------------------------------------------- 14. progress counts generated patches only
 
-def test_eta_ignores_filled_patches(tmp_path, capsys):
-    sp = cascade.get_preset("tiny").sampling
-    j = sample.Journal(str(tmp_path),
-                       sample.Settings("tiny", 0, 3, "raster", 1, 0.3, False, True, "fp32", sp,
-                                                      {}, ""))
-    meter = sample.Progress(3, j, 30, n_fill=16)
-    meter.t0 -= 4.0
+def test_eta_ignores_filled_patches(capsys):
+    """The time left counts the patches still to generate at the generation rate: filled (glass)
+    patches cost next to nothing."""
+    progress = logs.Progress(3, 30, n_fill=16)
+    progress.eta.t0 -= 4.0
     # 4 generated in ~4 s, 6 filled at once
-    j.mark(3, [((0, k), None, k < 6) for k in range(10)], 4.0)
-    meter.update([((0, k), None, k < 6) for k in range(10)])
+    progress.update([((0, k), None, k < 6) for k in range(10)])
     err = capsys.readouterr().err
     assert "10/30 patches (4 generated, 6 filled as glass)" in err
     assert "left: 10 to generate, 10 to fill" in err

@@ -11,6 +11,7 @@ import metrics
 from PIL import Image
 from conftest import small_preset
 from test_data import synthetic_rgb, write_slide
+from operations import evaluation
 
 
 def test_frechet_distance_closed_forms():
@@ -99,8 +100,8 @@ def test_transforms_replayed_identically(tmp_path):
     write_slide(path, synthetic_rgb(300, 300))
     net = metrics.FeatureNet(random_net(tmp_path / "net.pt"), "inception", "--inception",
                              inception_input="0-255")
-    f1 = metrics.patch_features(metrics.Source(path, p), 2, 6, net, min_tissue=0)
-    f2 = metrics.patch_features(metrics.Source(path, p), 2, 6, net, min_tissue=0)
+    f1 = metrics.patch_features(evaluation.Source(path, p), 2, 6, net, min_tissue=0)
+    f2 = metrics.patch_features(evaluation.Source(path, p), 2, 6, net, min_tissue=0)
     assert np.array_equal(f1, f2) and f1.shape == (6, 2048)
 
 
@@ -175,12 +176,12 @@ def test_consistency_is_zero_on_a_slide_made_by_downsampling_one_image(tmp_path)
     from PIL import Image
     for s, n in ((1, 32), (2, 88)):
         Image.fromarray(img).resize((n, n), Image.BOX).save(f"{path}.stage{s}.png")
-    c = metrics.consistency(metrics.Source(path, p), 0)
+    c = metrics.consistency(evaluation.Source(path, p), 0)
     # resampling only
     assert max(max(v["mae"]) for v in c.values()) < 2.0 and min(v["psnr"] for v in c.values()) > 35
     # inconsistent
     Image.fromarray(255 - np.asarray(Image.open(f"{path}.stage2.png"))).save(f"{path}.stage2.png")
-    c = metrics.consistency(metrics.Source(path, p), 0)
+    c = metrics.consistency(evaluation.Source(path, p), 0)
     assert min(c[2]["mae"]) > 20 and min(c[3]["mae"]) > 20
 
 
@@ -224,7 +225,7 @@ def test_glass_grey_is_the_90th_percentile_of_the_region(tmp_path):
     img[:, 58:] = 244  # half tissue, half glass
     path = str(tmp_path / "g.svs")
     write_slide(path, img)
-    assert metrics.glass_grey(metrics.Source(path, p), 0) == pytest.approx(244, abs=1)
+    assert metrics.glass_grey(evaluation.Source(path, p), 0) == pytest.approx(244, abs=1)
 
 
 def test_fid_small_sets_equals_full_formula():
@@ -270,8 +271,8 @@ def test_table1_average_warns_when_it_covers_fewer_than_three_magnifications():
     row = {"fid": 1.0, "fid_std": 0.1, "kid": 0.01, "kid_std": 0.001, "ip": 0.5, "ir": 0.5,
            "n_real": 5, "n_fake": 5}
     base = {"network": "x", "ip_ir_features": "y", "table1_ip_ir": [0.5, 0.5]}
-    full = metrics.format_table({**base, "mag0": row, "mag1": row, "mag2": row,
+    full = evaluation.format_table({**base, "mag0": row, "mag1": row, "mag2": row,
                                  "table1_mags": [0, 1, 2]})
     assert "magnifications 0, 1, 2" in full and "warning" not in full
-    short = metrics.format_table({**base, "mag2": row, "table1_mags": [2]})
+    short = evaluation.format_table({**base, "mag2": row, "table1_mags": [2]})
     assert "warning: the paper's Table 1 averages magnifications 0, 1 and 2" in short

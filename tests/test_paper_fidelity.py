@@ -18,6 +18,7 @@ import tiler
 import train
 import unet
 from conftest import ROOT, gaussian_oracle, oracle_net, small_preset
+from operations import checkpoints
 
 SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
 
@@ -175,7 +176,7 @@ def test_eps_objective_samples_the_gaussian():
 
 @pytest.mark.parametrize("name", ["paper", "paper_plus"])
 def test_white_fill_through_the_sampling_code(name):
-    """A stage below of pure glass: with sample.py's own rule (sample.white_test, what
+    """A stage below of pure glass: with sample.py's own rule (data.white_test, what
     sample_slide and generate call) `paper` fills its patches at stage 3 only [PAPER], paper_plus
     at stages 2 and 3; a filled patch is the region, not a sample."""
     p = cascade.get_preset(name)
@@ -183,7 +184,7 @@ def test_white_fill_through_the_sampling_code(name):
     grid = cascade.Grid(32, 2)
     filled = {}
     for stage in (2, 3):
-        white = sample.white_test(p.sampling, stage, data.MIN_TISSUE)
+        white = data.white_test(p.sampling, stage, data.MIN_TISSUE)
         inputs = tiler.batch_inputs(grid, tiler.MemoryCanvas(grid.size), [(0, 0)],
                                     order="raster", lower=glass, white=white)
         never = lambda *a, **k: pytest.fail("a mostly-white patch was generated")
@@ -308,7 +309,7 @@ def test_train_builds_all_nine_paper_models(tmp_path, monkeypatch):
                 "--region-size", "2048", "--crop", "64"])
     p = cascade.get_preset("paper")
     for s in (1, 2, 3):
-        cdm = cascade.load_cdm(str(tmp_path / "ck"), p, s)
+        cdm = checkpoints.load_cdm(str(tmp_path / "ck"), p, s)
         want = [cascade.cond_channels(p, s, lvl) for lvl in range(3)]
         assert [n.cfg.cond_ch for n in cdm.nets] == want
 

@@ -12,6 +12,7 @@ import tifffile
 import cascade
 import data
 from conftest import ROOT
+from operations import aperio, checkpoints
 
 
 def _cmd(out, ckpt, *extra):
@@ -50,7 +51,7 @@ def test_slide_pyramid_equals_canvas(tmp_path, tiny_ckpt):
 def test_writer_pyramid_and_openslide(tmp_path):
     img = np.random.default_rng(0).integers(0, 256, (2500, 2100, 3), dtype=np.uint8)
     path = str(tmp_path / "w.svs")
-    data.write_aperio(path, img, compression="zlib", mpp=0.5)
+    aperio.write_aperio(path, img, compression="zlib", mpp=0.5)
     with tifffile.TiffFile(path) as tif:
         assert tif.is_svs
         assert [lv.shape[-3:-1] for lv in tif.series[0].levels] == [(2500, 2100),
@@ -69,7 +70,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_ckpt):
     ref = tmp_path / "ref.tif"
     assert _run(_cmd(ref, tiny_ckpt, "--order", "raster")).returncode == 0
     out = tmp_path / "killed.tif"
-    proc = subprocess.Popen(_cmd(out, tiny_ckpt, "--order", "raster"), stderr=subprocess.PIPE,
+    proc = subprocess.Popen(_cmd(out, tiny_ckpt, "--order", "raster", "--stream"),
+                            stderr=subprocess.PIPE,
                             text=True, env=_env())
     for line in proc.stderr:
         if line.startswith("stage 3: 5/16"):
@@ -118,7 +120,7 @@ def test_bad_edge_margin(tmp_path, tiny_ckpt):
     assert res.returncode != 0 and "--edge-margin" in res.stderr
     assert "margin 3: use 0 to 2" in res.stderr and "Traceback" not in res.stderr
     res = _run(_cmd(tmp_path / "a.tif", tiny_ckpt, "--feather", "-1"))
-    assert res.returncode != 0 and "--feather -1: use a value in 0 .. 2 px" in res.stderr
+    assert res.returncode != 0 and "--feather -1: use a value in [0, 2] px" in res.stderr
     assert "Traceback" not in res.stderr
 
 
@@ -275,12 +277,12 @@ def test_sample_slide_equals_generate(tmp_path, monkeypatch):
             net = unet.build(cascade.unet_config(p, s, lvl))
             for prm in net.parameters():
                 torch.nn.init.normal_(prm, std=0.03)
-            torch.save(cascade.model_payload(p, s, lvl, net.cfg, net.state_dict()),
-                       tmp_path / cascade.model_filename(s, lvl))
+            torch.save(checkpoints.model_payload(p, s, lvl, net.cfg, net.state_dict()),
+                       tmp_path / checkpoints.model_filename(s, lvl))
     out = tmp_path / "slide.tif"
     sample.main(["--preset", p.name, "--ckpt", str(tmp_path), "--out", str(out), "--keep-work",
                  "--compression", "zlib", "--device", "cpu", "--precision", "fp32", "--seed", "3"])
-    cdms = {s: cascade.load_cdm(str(tmp_path), p, s) for s in (1, 2, 3)}
+    cdms = {s: checkpoints.load_cdm(str(tmp_path), p, s) for s in (1, 2, 3)}
     images = sample.sample_slide(cdms, p, p.sampling, seed=3)
     for s in (1, 2, 3):
         assert np.array_equal(images[s], np.load(str(out) + f".work/stage{s}.npy")), f"stage {s}"

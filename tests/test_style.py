@@ -10,9 +10,9 @@ LIMIT = 100  # characters per line, every Python file of the repository
 
 
 def python_files():
-    return sorted(
-        glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "tests", "*.py"))
-    )
+    return sorted(glob.glob(os.path.join(ROOT, "*.py"))
+                  + glob.glob(os.path.join(ROOT, "tests", "*.py"))
+                  + glob.glob(os.path.join(ROOT, "operations", "*.py")))
 
 
 def test_lines_within_the_limit():

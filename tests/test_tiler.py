@@ -9,6 +9,8 @@ import sde
 import tiler
 import unet
 from conftest import oracle_net, small_preset
+import metrics
+from operations import costs
 
 
 def _lower(size=88, seed=0):
@@ -243,7 +245,7 @@ def _seam(order, **kw):
         canvas = tiler.MemoryCanvas(grid.size)
         tiler.generate_stage(_grf_sampler(16, **kw), grid, canvas, stage=2, seed=seed,
                              order=order, batch=8)
-        scores.append(tiler.seam_score(canvas.array, grid))
+        scores.append(metrics.seam_score(canvas.array, grid))
     return float(np.mean(scores))
 
 
@@ -265,18 +267,18 @@ def test_seam_score_follows_the_margin():
         q = with_m.origin(0, j)[1] + with_m.overlap - with_m.margin
         img[:, q:] += 20
         img[q:, :] += 20
-    assert tiler.seam_score(img, with_m) > 3.0
-    assert tiler.seam_score(img, without) < 1.2
+    assert metrics.seam_score(img, with_m) > 3.0
+    assert metrics.seam_score(img, without) < 1.2
 
 
 def test_seam_lines_follow_the_order():
     """The later of two neighbours owns the switch: right / bottom later -> origin + o - m (known
     end) and origin (its write); left / top later -> origin + m and origin + o."""
     g = cascade.Grid(32, 4, margin=1)  # stride 28, overlap 4
-    raster = tiler.seam_lines(g, "raster")
+    raster = metrics.seam_lines(g, "raster")
     assert raster[:3] == [(31, 28, 0, 32), (59, 56, 0, 32), (87, 84, 0, 32)]
     for t in (False, True):  # checkerboard: odd columns (rows) come after even ones
-        chk = tiler.seam_lines(g, "checkerboard", transpose=t)
+        chk = metrics.seam_lines(g, "checkerboard", transpose=t)
         assert chk[:3] == [(31, 28, 0, 32), (57, 60, 0, 32), (87, 84, 0, 32)]
         assert chk[3][2:] == (28, 60)
 
@@ -285,9 +287,9 @@ def test_rank_loads_by_hand():
     """A round lasts as long as its busiest rank's patches (ranks take every world-th batch)."""
     sizes = [len(sum(r, [])) for r in tiler.plan("wavefront", 4, 1)]
     assert sizes == [1, 1, 2, 2, 2, 2, 2, 2, 1, 1]
-    assert tiler.rank_loads(tiler.plan("wavefront", 4, 1), 2) == [1] * 10  # 16 / 20 busy
-    assert tiler.rank_loads(tiler.plan("wavefront", 4, 2), 2) == sizes  # one batch a round
-    assert tiler.rank_loads(tiler.plan("checkerboard", 4, 1), 3) == [2, 2, 2, 2]
+    assert costs.rank_loads(tiler.plan("wavefront", 4, 1), 2) == [1] * 10  # 16 / 20 busy
+    assert costs.rank_loads(tiler.plan("wavefront", 4, 2), 2) == sizes  # one batch a round
+    assert costs.rank_loads(tiler.plan("checkerboard", 4, 1), 3) == [2, 2, 2, 2]
     # the paper's stage 3 (46 x 46 patches) on 8 ranks at batch 1: 84.8 % and 98.7 % busy
-    busy = lambda order: 46 ** 2 / (8 * sum(tiler.rank_loads(tiler.plan(order, 46, 1), 8)))
+    busy = lambda order: 46 ** 2 / (8 * sum(costs.rank_loads(tiler.plan(order, 46, 1), 8)))
     assert round(busy("wavefront"), 3) == 0.848 and round(busy("checkerboard"), 3) == 0.987

@@ -13,6 +13,7 @@ import torch
 
 import cascade
 import train
+from operations import checkpoints, distributed, logs
 from conftest import ROOT, oracle_net, torchrun_failure
 
 SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
@@ -28,14 +29,14 @@ def _args(tmp_path, *extra, out="ck"):
 def test_few_steps_each_kind(tmp_path, stage, level, capsys):
     train.main(_args(tmp_path, "--stage", str(stage), "--level", str(level), "--max-steps", "3",
                      "--sample-every", "3", "--sample-steps", "2"))
-    ck = torch.load(tmp_path / "ck" / cascade.model_filename(stage, level), weights_only=True)
+    ck = torch.load(tmp_path / "ck" / checkpoints.model_filename(stage, level), weights_only=True)
     assert ck["step"] == 3 and ck["data_position"] == 6 and ck["stage"] == stage
     assert ck["level"] == level
     assert any(not torch.equal(ck["ema"][k], ck["model"][k]) for k in ck["model"])
     assert os.listdir(tmp_path / "ck" / "samples")
     assert "loss" in capsys.readouterr().out
-    path = str(tmp_path / "ck" / cascade.model_filename(stage, level))
-    net, conditioned = cascade.load_unet(path, cascade.get_preset("tiny"), stage, level)
+    path = str(tmp_path / "ck" / checkpoints.model_filename(stage, level))
+    net, conditioned = checkpoints.load_unet(path, cascade.get_preset("tiny"), stage, level)
     assert conditioned
     assert net.cfg.cond_ch == cascade.cond_channels(cascade.get_preset("tiny"), stage, level)
 
@@ -71,7 +72,7 @@ def test_full_size_phase_after_crops(tmp_path, monkeypatch):
     train.main(_args(tmp_path, "--stage", "1", "--level", "2", "--max-steps", "1"))
     train.main(_args(tmp_path, "--stage", "1", "--level", "2", "--max-steps", "2", "--crop", "32"))
     assert sizes == [(16, 16)] * 2 + [(32, 32)] * 2
-    net, _ = cascade.load_unet(str(tmp_path / "ck" / "stage1_level2.pt"),
+    net, _ = checkpoints.load_unet(str(tmp_path / "ck" / "stage1_level2.pt"),
                                cascade.get_preset("tiny"), 1, 2)
     with pytest.raises(SystemExit, match="--crop 12: use a multiple of 8 from 8 to 32"):
         train.main(_args(tmp_path, "--stage", "1", "--level", "2", "--max-steps",
@@ -165,7 +166,7 @@ def test_bf16_training_step_close_to_fp32(tmp_path):
     assert abs(losses["bf16"] - losses["fp32"]) <= 0.05 * losses["fp32"], losses
     train.main(_args(tmp_path, "--stage", "2", "--level", "1", "--max-steps", "3",
                      "--precision", "bf16", out="bf16"))
-    recs = train.read_log(tmp_path / "bf16" / "stage2_level1.log.jsonl")
+    recs = logs.read_log(tmp_path / "bf16" / "stage2_level1.log.jsonl")
     assert all(np.isfinite(r["loss"]) for r in recs) and recs[-1]["nonfinite"] == 0
 
 
@@ -211,10 +212,10 @@ def test_log_survives_a_kill_and_a_resume(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train.main(args + ["--max-steps", "5"])
     log = tmp_path / "ck" / "stage1_level0.log.jsonl"
-    assert [r["step"] for r in train.read_log(log)] == [1, 2, 3]
+    assert [r["step"] for r in logs.read_log(log)] == [1, 2, 3]
     monkeypatch.setattr(train.Trainer, "losses", real)
     train.main(args + ["--max-steps", "5"])
-    recs = train.read_log(log)
+    recs = logs.read_log(log)
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]
     assert all(len(r["loss_t_quarters"]) == 4 and r["img_per_s"] > 0 and r["lr"] == 1e-4
                for r in recs)
@@ -245,12 +246,12 @@ def test_recipe_runs_its_phases_and_resumes(tmp_path, capsys):
     train.main(argv)
     out = capsys.readouterr().out
     assert "phase 1/2" in out and "phase 2/2" in out
-    load = lambda s, l: torch.load(tmp_path / "ck" / cascade.model_filename(s, l),
+    load = lambda s, l: torch.load(tmp_path / "ck" / checkpoints.model_filename(s, l),
                                    weights_only=True)
 
     steps = {(s, l): load(s, l)["step"] for s in (1, 2, 3) for l in (0, 1, 2)}
     assert steps == {k: 3 if k == (1, 2) else 2 for k in steps}
-    names = sorted(cascade.model_filename(s, l) for s, l in steps)
+    names = sorted(checkpoints.model_filename(s, l) for s, l in steps)
     assert sorted(os.listdir(tmp_path / "models")) == names
 
     train.main(argv)
@@ -268,7 +269,7 @@ def test_init_starts_from_another_runs_model_file(tmp_path, capsys):
     train.main(_args(tmp_path, "--stage", "2", "--level", "1", "--max-steps", "3", out="first"))
     train.main(_args(tmp_path, "--stage", "2", "--level", "1", "--export",
                      str(tmp_path / "models"), out="first"))
-    name = cascade.model_filename(2, 1)
+    name = checkpoints.model_filename(2, 1)
     exported = torch.load(tmp_path / "models" / name, weights_only=True)["ema"]
     train.main(_args(tmp_path, "--stage", "2", "--level", "1", "--max-steps", "3", "--init",
                      str(tmp_path / "models"),
@@ -322,7 +323,7 @@ def test_more_ranks_than_gpus_is_one_line(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "9")
     with pytest.raises(SystemExit, match="9 processes on a machine with 8 GPUs: pass "
                                          "--nproc_per_node 8 or fewer"):
-        cascade.init_distributed()
+        distributed.init_distributed()
 
 
 def test_ema_in_one_foreach_equals_the_per_parameter_update(tmp_path):

@@ -16,6 +16,7 @@ import metrics
 import tiler
 from conftest import ROOT
 from test_metrics import random_net
+from operations import windows
 
 
 def _run(*argv):
@@ -34,15 +35,15 @@ def test_closure_by_hand():
     """tiny's stage 3: 4 x 4 patches of 32 px, stride 28, interior of patch (1, 1): [32, 56)."""
     grid = cascade.Grid(32, 4)
     inside = [(33, 41, 33, 41)]  # (y0, y1, x0, x1), met by patch (1, 1) alone
-    assert tiler.cells_over(grid, inside[0]) == {(1, 1)}
+    assert windows.cells_over(grid, inside[0]) == {(1, 1)}
     # checkerboard: (1, 1) is of the last phase; its 8 neighbours are earlier, and of those
     # (1, 2) (phase 2) also needs (0, 3) and (2, 3) (phase 1)
-    assert tiler.closure(grid, "checkerboard", inside) == {
+    assert windows.closure(grid, "checkerboard", inside) == {
         (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2), (0, 3), (2, 3)}
     # wavefront (round 2i + j): (1, 1) is round 3; (0, 0), (0, 1), (0, 2), (1, 0) come before
-    assert tiler.closure(grid, "wavefront", inside) == {(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)}
+    assert windows.closure(grid, "wavefront", inside) == {(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)}
     # a window across the border of four patches meets all four
-    assert tiler.cells_over(grid, (27, 33, 27, 33)) == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    assert windows.cells_over(grid, (27, 33, 27, 33)) == {(0, 0), (0, 1), (1, 0), (1, 1)}
 
 
 @pytest.mark.parametrize("order", ["checkerboard", "wavefront"])

@@ -1,0 +1,232 @@
+"""Evaluation plumbing: what is compared (slides, patch directories, windows runs), feature
+caches, how many crops a run takes and how long (said before any work), and the printed table."""
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+import cascade
+import data
+from operations.logs import ETA
+from operations.slides import list_slides, open_slide
+
+PAPER_N = 10_000  # crops per set and magnification in the paper's evaluation [PAPER]
+OVERSAMPLE = 2    # crops by default: this many times the distinct crops (random crops overlap)
+
+
+class Source:
+    """Slides to evaluate (a file or a directory of them), each contributing its square region
+    of N3 level-0 px (a real slide's chosen as for training; a generated slide is its region),
+    or a directory of PNG / JPEG patches. A generated slide's lower stages are read from the
+    OUT.stage{s}.png files sample.py writes beside it (else from the slide, downsampled)."""
+
+    def __init__(self, path, preset):
+        self.path, self.preset, self.size = path, preset, cascade.stage_size(preset, 3)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file or directory")
+        files = sorted(os.listdir(path)) if os.path.isdir(path) else [os.path.basename(path)]
+        folder = path if os.path.isdir(path) else os.path.dirname(path)
+        images = [os.path.join(folder, f) for f in files
+                  if f.lower().endswith((".png", ".jpg", ".jpeg"))]
+        manifests = [os.path.join(folder, f) for f in files if f.endswith(".windows.json")]
+        self.is_windows = os.path.isdir(path) and bool(manifests)
+        if self.is_windows:
+            return self._windows(folder, manifests)
+        self.is_patches = os.path.isdir(path) and bool(images) and not any(
+            f.lower().endswith((".svs", ".tif", ".tiff")) for f in files)
+        self.files = images if self.is_patches else list_slides(path)
+        if not self.is_patches:
+            self.slides = [open_slide(f) for f in self.files]
+            self.origins = [data.choose_region(s, self.size,
+                                               preset.training.region_choice) for s in self.slides]
+            self.stages = [{s: f"{f}.stage{s}.png" for s in (1, 2)
+                            if os.path.exists(f"{f}.stage{s}.png")} for f in self.files]
+
+    def _windows(self, folder, manifests):
+        """The runs of `sample.py --window / --patches` in a directory: magnification 2 from
+        their stage-3 windows, magnifications 0-1 from the lower stages they made whole."""
+        self.is_patches, self.files, self.stages, self.windows = False, manifests, [], []
+        for path in manifests:
+            with open(path) as f:
+                m = json.load(f)
+            self.stages.append({int(s): os.path.join(folder, f) for s, f in m["stages"].items()})
+            self.windows += [os.path.join(folder, w["file"]) for w in m["windows"]
+                             if w["stage"] == 3]
+        self.slides = manifests  # one 'slide' per run (its lower stages)
+
+    def fingerprint(self):
+        stages = [] if self.is_patches else [p for st in self.stages for p in st.values()]
+        files = self.files + stages + (self.windows if self.is_windows else [])
+        return [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]
+
+    def stage_png(self, k, stage):
+        """The generated stage image (uint8 array) of slide k, or None (real, or not kept)."""
+        path = self.stages[k].get(stage)
+        return None if path is None else np.asarray(Image.open(path).convert("RGB"))
+
+    def crop(self, k, stage, s, u, v, out, png=None):
+        """Slide k: the square of side s (a fraction of the region) at (u, v) (fractions) of its
+        stage-`stage` image, area-resampled to out x out px. uint8 (out, out, 3)."""
+        if png is not None:
+            N = png.shape[0]
+            im = Image.fromarray(png)
+            return np.asarray(im.resize((out, out), Image.BOX,
+                                        box=(u * N, v * N, (u + s) * N, (v + s) * N)))
+        (x, y), size = self.origins[k], self.size
+        return self.slides[k].read_region(x + u * size, y + v * size, out, out, s * size / out)
+
+
+def n_crops(source, kind, n, crop):
+    """How many crops (network passes) patch_features takes of a source: n, or one whole region
+    per slide at magnification 0 without --crop, or the files of a patch directory."""
+    if source.is_patches or (source.is_windows and kind == 2):
+        return min(n, len(source.windows if source.is_windows else source.files))
+    return len(source.slides) if kind == 0 and not crop else n
+
+
+def distinct_crops(source, kind, crop):
+    """How many different crops a source holds at a magnification: the region's area over a
+    crop's (how many tile it), summed over the slides; one per slide at mag 0 without --crop
+    (whole regions); the files of a patch directory."""
+    if source.is_patches or (source.is_windows and kind == 2):
+        return len(source.windows if source.is_windows else source.files)
+    if kind == 0 and not crop:
+        return len(source.slides)
+    N = cascade.stage_size(source.preset, kind + 1)
+    return len(source.slides) * (N / min(crop or source.preset.patch, N)) ** 2
+
+
+def feature_cache(source, kind, n, net, *, min_tissue, crop, seed, cache_dir):
+    """The cache file of patch_features' result (None: no cache)."""
+    if not cache_dir:
+        return None
+    ident = [source.fingerprint(), str(kind), n, seed, min_tissue, crop, net.digest,
+             getattr(net, "input", None), source.preset.model_dict()]
+    return os.path.join(cache_dir, hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:20]
+                        + ".npy")
+
+
+def windows_give(source, kind):
+    """A one-line error when the windows runs of `source` cannot give magnification `kind`."""
+    if kind == "pfid":
+        raise ValueError(f"{source.path}: pFID needs whole slides, not windows; leave --n-pfid 0")
+    if kind in (0, 1) and any(kind + 1 not in st for st in source.stages):
+        raise ValueError(f"{source.path}: not every run made stage {kind + 1} whole (--window "
+                         "runs make only stage 1 whole); evaluate with --mag 2, or sample with "
+                         "--patches")
+
+
+def read_image(path):
+    """An image file as (h, w, 3) uint8; a one-line error if it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds
+        raise ValueError(f"{path}: not a readable image ({type(e).__name__}); "
+                         "remove or replace it") from None
+
+
+class RegionView:
+    """Slide k's region at level 0 as an array-like (shape, [y0:y1, x0:x1]) for tiler.seam_score."""
+
+    def __init__(self, source, k):
+        self.slide, (self.x, self.y), n = source.slides[k], source.origins[k], source.size
+        self.shape = (n, n, 3)
+
+    def __getitem__(self, idx):
+        ys, xs = idx
+        return self.slide.read_region(self.x + xs.start, self.y + ys.start,
+                                      xs.stop - xs.start, ys.stop - ys.start)
+
+
+def crop_counts(args, real, fake, nets, kw, kw_fake):
+    """Crops per magnification: --n, or OVERSAMPLE x the distinct crops the smaller side holds, at
+    most the paper's 10k. Prints, before any work, the crops per side with the reason, the network
+    passes still to run (cached features cost none) and the time they take at a rate timed here.
+    Returns ({kind: (n, crop)}, an ETA of the run's network passes)."""
+    p, todo, lines, passes = real.preset, {}, [], 0
+    for kind in list(args.mag) + (["pfid"] if args.n_pfid else []):
+        crop = None if kind == "pfid" else (args.crop[kind] if args.crop else None)
+        if kind == "pfid" or args.n:
+            n = args.n_pfid if kind == "pfid" else args.n
+            why = "--n-pfid" if kind == "pfid" else "--n"
+        else:
+            d = min(distinct_crops(real, kind, crop), distinct_crops(fake, kind, crop))
+            n = min(PAPER_N, max(2, math.ceil(OVERSAMPLE * d)))
+            why = (f"the smaller side holds {d:.1f} distinct crops; {OVERSAMPLE} x that, at most "
+                   f"the paper's {PAPER_N}; --n overrides")
+        todo[kind] = (n, crop)
+        counts = []
+        for src, k in ((real, kw), (fake, kw_fake)):
+            counts.append(n_crops(src, kind, n, crop))
+            for net in nets[:1 if kind == "pfid" else None]:
+                passes += 0 if os.path.exists(feature_cache(src, kind, n, net, crop=crop, **k)
+                                              or "") else counts[-1]
+        N = cascade.stage_size(p, 3 if kind == "pfid" else kind + 1)
+        what = ("crops of P to N3 px" if kind == "pfid" else f"whole {N} px regions"
+                if kind == 0 and not crop else f"{min(crop or p.patch, N)} px crops")
+        lines.append(f"  {'pFID' if kind == 'pfid' else f'mag {kind}'}: {counts[0]} real / "
+                     f"{counts[1]} generated {what} ({why})")
+    rate = time_network(nets[0], p.patch) if passes else float("inf")
+    print("plan:\n" + "\n".join(lines) + f"\n  {passes} network passes to run (cached features "
+          f"are reused), about {passes / rate / 60:.1f} min at {rate:.1f} crops/s (timed here)",
+          file=sys.stderr, flush=True)
+    return todo, ETA(passes)
+
+
+def time_network(net, size, batch=4):
+    """Crops per second through `net` (resize included), timed on one batch after a warm-up."""
+    imgs = np.full((batch, size, size, 3), 200, np.uint8)
+    net(imgs)
+    t0 = time.time()
+    net(imgs)
+    return batch / max(time.time() - t0, 1e-9)
+
+
+# ---------------------------------------------------------------------- the table
+
+def format_table(results):
+    fmt = lambda v, d: "n.a." if v is None else f"{v:.{d}f}"
+    pm = lambda v, sd, scale=1: ("n.a." if v is None else
+                                 f"{scale * v:.1f} +- {fmt(None if sd is None else scale * sd, 1)}")
+    lines = [f"features: {results['network']}; IP / IR on {results['ip_ir_features']}",
+             f"{'':6s} {'FID/pFID':>15s} {'KID x1e3':>15s} {'IP':>6s} {'IR':>6s} {'n real':>7s} "
+             f"{'n fake':>7s}"]
+    for name, r in results.items():
+        if name.startswith("mag") or name == "pfid":
+            lines.append(f"{name:6s} {pm(r.get('fid', r.get('pfid')), r.get('fid_std')):>15s} "
+                         f"{pm(r['kid'], r['kid_std'], 1e3):>15s} {fmt(r.get('ip'), 3):>6s} "
+                         f"{fmt(r.get('ir'), 3):>6s} {r['n_real']:7d} {r['n_fake']:7d}")
+    lines.append("+- : standard deviation over 10 bootstrap redraws of both sides' crops; two "
+                 "models differ\n     only by more than about twice it")
+
+
+    if results.get("table1_ip_ir"):
+        mags = results.get("table1_mags", [0, 1, 2])
+        lines.append(f"IP / IR averaged over magnifications {', '.join(map(str, mags))} (the "
+                     "paper's Table 1): " + " / ".join(f"{v:.3f}" for v in results["table1_ip_ir"]))
+        if len(mags) < 3:
+            lines.append(f"warning: the paper's Table 1 averages magnifications 0, 1 and 2; this "
+                         f"average has only {len(mags)} (too few crops, or --mag): not comparable")
+    for side in ("fake", "real"):
+        for k, c in enumerate(results.get("consistency", {}).get(side, [])):
+            lines.append(f"consistency {side} slide {k}: " + "; ".join(
+                f"stage {s} vs {int(s) - 1}: MAE {'/'.join(f'{v:.1f}' for v in c[s]['mae'])} "
+                f"(RGB), {c[s]['psnr']:.1f} dB"
+                for s in sorted(c)))
+    for side, values in results.get("grey_p90", {}).items():
+        lines.append(f"grey level, 90th percentile ({side}): "
+                     + ", ".join(f"{v:.0f}" for v in values))
+    if results.get("stage1_nearest_real"):
+        lines.append("stage 1, nearest real stage-1 image (correlation over 8 symmetries, 2 px "
+                     "blur; 1 = a copy): "
+                     + ", ".join(f"{v:.3f}" for v in results["stage1_nearest_real"]))
+    for k, sc in enumerate(results.get("seam", [])):
+        lines.append(f"seam score slide {k}: "
+                     + ", ".join(f"stage {s} {v:.3f}" for s, v in sorted(sc.items())))
+    return "\n".join(lines)
