@@ -70,10 +70,10 @@ class Training:
     aug_train: tuple = (0.0, 1.0)     # t_aug ~ U(lo, hi) in training [Imagen: U(0, 1)]
     aug_per_batch: bool = True        # one t_aug per batch [imagen-pytorch] or one per sample
     min_snr_gamma: object = 5.0       # min-SNR loss weight [MinSNR; imagen-pytorch]; None = off
-    region_choice: str = "centre"     # each slide's region: 'centre' [PAPER] or on the 'tissue'
+    area_choice: str = "centre"       # each slide's area: 'centre' [PAPER] or on the 'tissue'
     positions: str = "grid"           # where stage 2-3 examples are: the authors' tissue 'grid'
                                       #   over the whole slide [their patient_dataset.py] or
-                                      #   anywhere in the 'region' [PAPER] (data.py)
+                                      #   anywhere in the 'area' [PAPER] (data.py)
     crop_context: str = "whole"       # the top level's crops see the 'whole' context resized
                                       #   onto the crop [imagen-pytorch] or its 'window'
     ema_warmup: str = "ema-pytorch"   # the EMA's schedule (train.ema_decay): 'ema-pytorch' [the
@@ -126,7 +126,7 @@ PRESETS = {
                     sampling=Sampling(steps=(1024, 256, 256), threshold=0.95)),
     # deviation: the paper's geometry and sizes with our choices (README, "Departures"): leaner
     # U-Nets (unet.py, plus64 / plus256 / plus1024: 0.93 x the authors' slide FLOPs), stage 2-3
-    # examples anywhere in the region as the paper says (sampling sees nothing beyond it; a 1.7-3.5
+    # examples anywhere in the area as the paper says (sampling sees nothing beyond it; a 1.7-3.5
     # x faster loader than the authors' grid, tests/bench_data.py), top-level crops that see their
     # context's window (one scale in training and sampling), region conditioning, the inner-edge
     # margin and the feathered paste (overlap / 8 = 16 px), white fill at stage 2 too, the
@@ -138,14 +138,14 @@ PRESETS = {
     "paper_plus": Preset("paper_plus", **{**_PAPER_GEOMETRY, "unets": ("plus64", "plus256",
                                                                        "plus1024")},
                          objectives=("eps", "v", "v"), region=True,
-                         training=Training(positions="region", crop_context="window"),
+                         training=Training(positions="area", crop_context="window"),
                          sampling=Sampling(steps=(256, 64, 48), sampler="dpmpp2m", threshold=0.95,
                                            edge_margin=16, feather=16, fill_white=(2, 3),
                                            order="checkerboard")),
     # The shipped CPU demo (stages 256 / 704 / 2048, 16 -> 64 -> 256 px).
     # deviation: the settings its checkpoints were trained with, not the authors' (README,
     # "Departures"): v everywhere, cosine augmentation of every input over U(0, 0.5) per sample,
-    # region conditioning, no min-SNR, tissue-centred regions and examples inside them, the
+    # region conditioning, no min-SNR, tissue-centred areas and examples inside them, the
     # context's window on top-level crops, no
     # thresholding, the inner-edge margin and feather (overlap / 8 = 4 px), white fill at stages
     # 2 and 3, the ADM U-Net layout, an EMA updated every step with a fast warm-up (short CPU
@@ -155,8 +155,8 @@ PRESETS = {
                    **V1_MODEL_DEFAULTS,
                    training=Training(crop=64, aug_train=(0.0, 0.5), aug_per_batch=False,
                                      min_snr_gamma=None,
-                                     region_choice="tissue", ema_warmup="fast",
-                                     positions="region", crop_context="window"),
+                                     area_choice="tissue", ema_warmup="fast",
+                                     positions="area", crop_context="window"),
                    sampling=Sampling(steps=(50, 25, 10), edge_margin=4,
                                      feather=4, fill_white=(2, 3))),
     # For tests and smoke runs: stages 32 / 88 / 116, 8 -> 16 -> 32 px, a few steps.
@@ -165,8 +165,8 @@ PRESETS = {
                    schedules=("cosine", "cosine", "linear"), **V1_MODEL_DEFAULTS,
                    training=Training(crop=16, aug_train=(0.0, 0.5), aug_per_batch=False,
                                      min_snr_gamma=None,
-                                     region_choice="tissue", ema_warmup="fast",
-                                     positions="region", crop_context="window"),
+                                     area_choice="tissue", ema_warmup="fast",
+                                     positions="area", crop_context="window"),
                    sampling=Sampling(steps=(3, 3, 3), fill_white=(2, 3))),
 }
 
@@ -320,7 +320,7 @@ def feather_weight(mask, width):
     """(B, 1, L, L) bool known mask -> float weight of the known pixels in a patch's output:
     min(1, d / (width + 1)), d = Chebyshev distance (px) from a known pixel to the nearest
     pixel that is not known (1 next to it), 0 where not known; width 0 gives the mask itself.
-    Pixels outside the patch count as known, so only the new region's edge is feathered.
+    Pixels outside the patch count as known, so only the new pixels' edge is feathered.
     deviation: the paper pastes the known pixels exactly; a hard paste leaves a visible step
     where few-step inpainting did not quite meet them, so the last `width` known px fade into
     the model's own x0_hat of them (feathered compositing [Feather])."""
@@ -328,7 +328,7 @@ def feather_weight(mask, width):
     if width <= 0:
         return w
     unknown, d = 1 - w, torch.zeros_like(w)
-    for _ in range(width + 1):  # grow the unknown region 1 px per pass; d = passes a px stays known
+    for _ in range(width + 1):  # grow the unknown part 1 px per pass; d = passes a px stays known
         d += 1 - unknown
         unknown = F.max_pool2d(unknown, 3, stride=1, padding=1)  # -inf padding: outside is known
     return d / (width + 1)

@@ -2,10 +2,11 @@
 sampling.
 
 A training example of (stage, level) is a crop of one slide at that stage's scale. Each slide
-contributes a square *region* of N3 level-0 px (paper: ~40000, the centre crop): stage 1 = the
-region resized to N1; stages 2-3 = P x P fields at stage scale, either anywhere in the region
-(Training.positions 'region') or at the authors' tissue grid over the whole slide ('grid'), with
-the context (and region input) of the stage below; level l > 0 adds make_lowres(level l-1). The
+contributes a square *area* of N3 level-0 px (paper: ~40000, the centre crop) that stands for a
+whole generated slide: stage 1 = the area resized to N1; stages 2-3 = P x P fields at stage scale,
+either anywhere in the area (Training.positions 'area') or at the authors' tissue grid over the
+whole slide ('grid'), with the context (and region input: the field below) of the stage below;
+level l > 0 adds make_lowres(level l-1). The
 geometry is cascade.py's, so training sees exactly what sampling feeds. The stage images are
 built once per slide into a cache (operations/caches.py); slides are read with
 operations/slides.py.
@@ -35,7 +36,7 @@ from operations.slides import SlideError, open_slide
 TISSUE_MIN_SATURATION = 0.07
 TISSUE_MIN_VALUE = 0.10
 # [PAPER] "patches that are mostly white are ignored in both training and sampling": one rule for
-# both. Training redraws crops whose region is less tissue than this; sampling fills such patches
+# both. Training redraws crops whose field below is less tissue than this; sampling fills those
 # from the stage below (sample.py --white-threshold); metrics leave them out of patch features.
 MIN_TISSUE = 0.3  # deviation: the paper does not quantify "mostly white"
 # The authors' training grid (Training.positions 'grid') keeps a block whose mean colour has HSV
@@ -77,15 +78,15 @@ def white_test(sampling, stage, threshold):
     return tiler.WhiteTest(threshold, tissue_fraction) if stage in sampling.fill_white else None
 
 
-# ---------------------------------------------------------------------- regions and caches
+# ---------------------------------------------------------------------- areas and stage images
 
-def choose_region(slide, size, mode="tissue"):
-    """Level-0 top-left (x, y) of the size x size training region of a slide: centred on the
+def choose_area(slide, size, mode="tissue"):
+    """Level-0 top-left (x, y) of the size x size training area of a slide: centred on the
     tissue (centroid of the thumbnail's tissue mask) or on the slide, kept inside the slide
-    when it fits. A slide smaller than the region is padded with background (warned)."""
+    when it fits. A slide smaller than the area is padded with background (warned)."""
     W, H = slide.dimensions
     if W < size or H < size:
-        warnings.warn(f"{slide.path}: slide {W}x{H} is smaller than the {size} px region; padding "
+        warnings.warn(f"{slide.path}: slide {W}x{H} is smaller than the {size} px area; padding "
                       "with background")
     cx, cy = W / 2, H / 2
     if mode == "tissue":  # deviation: the paper takes the centre crop ('centre', the paper preset)
@@ -95,7 +96,7 @@ def choose_region(slide, size, mode="tissue"):
             ys, xs = np.nonzero(m)
             cy, cx = (ys.mean() + 0.5) * H / thumb.shape[0], (xs.mean() + 0.5) * W / thumb.shape[1]
     elif mode != "centre":
-        raise ValueError(f"unknown region mode {mode!r}; use 'tissue' or 'centre'")
+        raise ValueError(f"unknown area choice {mode!r}; use 'tissue' or 'centre'")
     clamp = lambda c, n: (int(round(min(max(c - size / 2, 0), n - size))) if n >= size
                           else int(round((n - size) / 2)))
     return clamp(cx, W), clamp(cy, H)
@@ -114,15 +115,15 @@ def tissue_grid(slide, block):
         * block
 
 
-def build_cache(slide_path, preset, base, region_size=None):
-    """What a slide's stage images are: its region (chosen by the preset's
-    training.region_choice) resized to N1 and N2; positions 'grid': also the whole slide at
+def build_cache(slide_path, preset, base, area_size=None):
+    """What a slide's stage images are: its area (chosen by the preset's
+    training.area_choice) resized to N1 and N2; positions 'grid': also the whole slide at
     stage-1 scale (`overview`, the stage-2 contexts) and the tissue grid (its block: a stage-3
     patch's field). Written atomically, the metadata (BASE.json) last."""
-    size, tag = region_size or cascade.stage_size(preset, 3), caches.machine_tag()
+    size, tag = area_size or cascade.stage_size(preset, 3), caches.machine_tag()
     meta = {"size": size, "slide": os.path.abspath(slide_path), "arrays": ["stage1", "stage2"]}
     with open_slide(slide_path) as slide:
-        x, y = choose_region(slide, size, preset.training.region_choice)
+        x, y = choose_area(slide, size, preset.training.area_choice)
         for s in (1, 2):
             n = cascade.stage_size(preset, s)
             caches.build_image(slide, x, y, n, n, size / n, f"{base}.stage{s}.npy", tag)
@@ -138,24 +139,24 @@ def build_cache(slide_path, preset, base, region_size=None):
     write_json(base + ".json", dict(meta, x=x, y=y), tag=tag)
 
 
-def slide_caches(paths, preset, region_size=None, cache_dir=None, rank=0, world=1):
+def slide_caches(paths, preset, area_size=None, cache_dir=None, rank=0, world=1):
     """Every slide's stage images (build_cache), built once into CACHE_DIR (default: .urcdm_cache
     beside each slide) by this machine's `world` local ranks. Returns their bases."""
-    size = region_size or cascade.stage_size(preset, 3)
-    ident = [size, preset.training.region_choice,
+    size = area_size or cascade.stage_size(preset, 3)
+    ident = [size, preset.training.area_choice,
              [cascade.stage_size(preset, s) for s in (1, 2, 3)]]
     if preset.training.positions == "grid":  # its own files (older keys unchanged)
         ident += ["grid", preset.patch]
     bases = [caches.cache_base(p, ident, cache_dir) for p in paths]
     nbytes = 3 * sum(cascade.stage_size(preset, s) ** 2 for s in (1, 2))
-    caches.build_missing(paths, bases, lambda p, b: build_cache(p, preset, b, region_size),
+    caches.build_missing(paths, bases, lambda p, b: build_cache(p, preset, b, area_size),
                          nbytes, rank, world)
     return bases
 
 
-def slide_cache(slide_path, preset, region_size=None, cache_dir=None):
+def slide_cache(slide_path, preset, area_size=None, cache_dir=None):
     """One slide's stage images (slide_caches), memory-mapped: caches.open_cache's dict."""
-    return caches.open_cache(slide_caches([slide_path], preset, region_size, cache_dir)[0])
+    return caches.open_cache(slide_caches([slide_path], preset, area_size, cache_dir)[0])
 
 
 # ---------------------------------------------------------------------- the nine datasets
@@ -227,23 +228,23 @@ class StageLevelDataset(torch.utils.data.Dataset):
     point reproduces the same samples. Returns dict(x0=(3, L, L), cond=(C, L, L)) in [-1, 1]
     (C = 0 for the unconditional stage-1 base model).
 
-    slides: list of slide paths. region_size: level-0 side of each slide's region (None:
+    slides: list of slide paths. area_size: level-0 side of each slide's area (None:
     N3, so stage 3 is at full resolution). Stage 2-3 positions (preset.training.positions):
-    'region': anywhere in the region; crops whose region has less tissue than min_tissue are
+    'area': anywhere in the area; crops whose field below has less tissue than min_tissue are
     redrawn (up to 10 times), as the paper ignores mostly white patches. 'grid': the authors'
     (_grid_crop), every tissue block of every slide equally likely.
     rank, world: this machine's local rank and rank count (the cache build's split).
     max_open: slides and cache maps kept open per process (least recently used closed first).
     """
 
-    def __init__(self, slides, preset, stage, level, *, region_size=None, cache_dir=None,
+    def __init__(self, slides, preset, stage, level, *, area_size=None, cache_dir=None,
                  seed=0, length=100_000, min_tissue=MIN_TISSUE, conditioned=True,
                  augment=True, rank=0, world=1, max_open=MAX_OPEN):
         self.preset, self.stage, self.level = preset, stage, level
         self.seed, self.length, self.min_tissue = seed, length, min_tissue
         self.conditioned, self.augment = conditioned, augment
         self.paths = list(slides)
-        bases = slide_caches(self.paths, preset, region_size, cache_dir, rank, world)
+        bases = slide_caches(self.paths, preset, area_size, cache_dir, rank, world)
         self.caches = LRU(max_open, lambda k: caches.open_cache(bases[k]))
         self.slides = LRU(max_open, lambda k: self._open(k), lambda s: s.close())
         self.blocks = None  # grid: cumulative tissue blocks over the slides
@@ -255,7 +256,7 @@ class StageLevelDataset(torch.utils.data.Dataset):
             if not sum(counts):
                 raise SlideError(f"{self.paths[0]}: no block of any of the {len(self.paths)} "
                                  "slide(s) passes the authors' tissue test (data.grid_tissue); "
-                                 "use --positions region")
+                                 "use --positions area")
             self.blocks = np.cumsum(counts)
 
     def _open(self, k):
@@ -366,8 +367,8 @@ def main(argv=None):
                                              "datasets.")
     ap.add_argument("slide", help="slide file (.svs, .tif, OME-TIFF, .png, .jpg)")
     ap.add_argument("--preset", default="demo", help="preset whose geometry to use (default: demo)")
-    ap.add_argument("--region-size", type=int, default=None,
-                    help="level-0 side of the region (default: N3)")
+    ap.add_argument("--area-size", type=int, default=None,
+                    help="level-0 side of the slide's area (default: N3)")
     ap.add_argument("--out", default=None,
                     help="preview PNG (default: SLIDE_NAME.datasets.png in the current directory, "
                          "not beside the slide)")
@@ -383,7 +384,7 @@ def main(argv=None):
             print(f"  level {k}: {dim[0]} x {dim[1]} (downsample {d:g})")
         print(f"  tissue fraction (thumbnail): {tissue_fraction(slide.thumbnail(1024)):.3f}")
         rows = [previews.dataset_row(StageLevelDataset(
-            [args.slide], preset, stage, level, region_size=args.region_size,
+            [args.slide], preset, stage, level, area_size=args.area_size,
             cache_dir=args.cache, length=1)[0]) for stage in (1, 2, 3) for level in range(3)]
     except (SlideError, ValueError) as e:
         sys.exit(f"error: {e}")

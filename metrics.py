@@ -3,9 +3,9 @@ the cross-scale consistency of a generated slide, in one command:
 
     python metrics.py --real tests/data/cmu_small_region.svs --fake slide.tif --preset demo
 
-Magnifications [PAPER Table 3]: mag m = crops of the stage-(m+1) image of each slide's region
-(mag 0: the region zoomed out to N1, the whole slide by default; mag 1: at N2; mag 2: at N3, full
-resolution). A real slide's region is chosen as for training; a generated slide is its region.
+Magnifications [PAPER Table 3]: mag m = crops of the stage-(m+1) image of each slide's area
+(mag 0: the area zoomed out to N1, the whole slide by default; mag 1: at N2; mag 2: at N3, full
+resolution). A real slide's area is chosen as for training; a generated slide is its area.
 The same list of crops (positions, and for pFID scales) is replayed on both sides.
 
 The feature network is the standard TF-ported FID Inception-v3 (pool3, 2048-d), as shipped in
@@ -296,7 +296,7 @@ class VGG16Features(nn.Module):
 
 def transforms(kind, n, preset, n_slides, crop=None, seed=0):
     """The crops, replayed identically on the real and the generated side: (slide index, scale s,
-    u, v), s and (u, v) fractions of the region. kind 0, 1, 2: the magnifications, crops of `crop`
+    u, v), s and (u, v) fractions of the area. kind 0, 1, 2: the magnifications, crops of `crop`
     stage-(kind+1) px (None: P); 'pfid': crop sides uniform in [P, N3] stage-3 px [pFID, Chai et
     al.'s law], positions uniform."""
     rng = np.random.default_rng([seed, {"pfid": 99}.get(kind, kind)])
@@ -332,7 +332,7 @@ def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, crop=Non
         stage = 3 if kind == "pfid" else kind + 1
         pngs = {k: source.stage_png(k, stage) if stage < 3 else None
                 for k in range(len(source.slides))}
-        count = ev.n_crops(source, kind, n, crop)  # mag 0 without --crop: one whole region a slide
+        count = ev.n_crops(source, kind, n, crop)  # mag 0 without --crop: one whole area a slide
         side = P if kind == "pfid" else min(crop or P, cascade.stage_size(source.preset, kind + 1))
         jobs = [lambda t=t: source.crop(t[0], stage, *t[1:], side, pngs[t[0]])
                 for t in transforms(kind, count, source.preset, len(source.slides), crop, seed)]
@@ -368,7 +368,7 @@ def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, crop=Non
 def consistency(source, k):
     """Cross-scale consistency of slide k: each stage s >= 2, area-downsampled to stage s-1's size,
     against stage s-1 [URCDM's claim: the magnifications agree]. Returns {s: {"mae": per-channel
-    mean |difference| in grey levels, "psnr": dB}}. On a real slide every stage is the region
+    mean |difference| in grey levels, "psnr": dB}}. On a real slide every stage is the area
     resampled, so this is the floor of the measure."""
     p, out = source.preset, {}
     pngs = {s: source.stage_png(k, s) for s in (1, 2)}
@@ -385,7 +385,7 @@ def consistency(source, k):
 
 
 def glass_grey(source, k):
-    """The 90th percentile of the grey level of slide k's region, read at stage-2 size: on a slide
+    """The 90th percentile of the grey level of slide k's area, read at stage-2 size: on a slide
     with some glass, the glass's brightness (white = 255; a scan's glass is about 240-250)."""
     N2 = cascade.stage_size(source.preset, 2)
     img = source.crop(k, 3, 1.0, 0, 0, N2)
@@ -408,7 +408,7 @@ def blurred_grey(img, radius=2):
 
 def nearest_real_correlation(fake, reals, radius=2):
     """Memorisation of stage 1: the largest correlation between a generated stage-1 image and any
-    real one (the training regions'), over the 8 flips / rotations, after a blur of `radius` px
+    real one (the training areas'), over the 8 flips / rotations, after a blur of `radius` px
     (so texture cannot hide a copied layout). About 1: the layout is a copy; unrelated tissue:
     far lower. Returns (correlation, index of the nearest real image)."""
     f = blurred_grey(fake, radius)
@@ -479,7 +479,7 @@ def seam_scores(source, k, order, margin):
     made in `order` with inner-edge margin `margin`."""
     p, out = source.preset, {}
     for s in (2, 3):
-        img = ev.RegionView(source, k) if s == 3 else source.stage_png(k, 2)
+        img = ev.AreaView(source, k) if s == 3 else source.stage_png(k, 2)
         if img is not None:
             out[s] = seam_score(img, cascade.stage_grid(p, s, margin), order)
     return out

@@ -142,8 +142,8 @@ def parse_args(argv=None):
                    help="stages whose mostly-white patches are filled from the stage below (none: "
                         "generate all)")
     ap.add_argument("--white-threshold", type=float, default=data.MIN_TISSUE,
-                    help="'mostly white': a region less tissue than this (default data.MIN_TISSUE, "
-                         "training's rule)")
+                    help="'mostly white': less tissue than this in the field below (default "
+                         "data.MIN_TISSUE, training's rule)")
     ap.add_argument("--order", default=None, choices=tiler.ORDERS,
                     help="raster (the paper); wavefront (136 rounds at paper size; the same slide "
                          "as raster at --batch 1, and with any batch up to float rounding); "

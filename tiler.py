@@ -171,7 +171,7 @@ class Lower:
 
 @dataclass(frozen=True)
 class WhiteTest:
-    """Which patches are filled from the stage below instead of generated: those whose region
+    """Which patches are filled from the stage below instead of generated: those whose field below
     is less tissue than `threshold` [PAPER: mostly white patches are ignored]."""
     threshold: float
     tissue_fraction: object  # callable(uint8 (h, w, 3)) -> float in [0, 1], e.g.

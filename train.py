@@ -233,7 +233,7 @@ def train_models(args):
 
     try:
         slides = list_slides(args.data)
-        mpp = slides_mpp(slides, args.region_size, cascade.stage_size(preset, 3))
+        mpp = slides_mpp(slides, args.area_size, cascade.stage_size(preset, 3))
     except SlideError as e:
         sys.exit(f"error: --data {e}")
     if rank == 0:
@@ -260,7 +260,7 @@ def train_models(args):
                 print("note: --max-steps is left at the paper's 200000 and this runs on a CPU: the "
                       "ETA after step 1 says how long that takes; pass --max-steps for a shorter "
                       "run", flush=True)
-            ds = data.StageLevelDataset(slides, preset, s, lvl, region_size=args.region_size,
+            ds = data.StageLevelDataset(slides, preset, s, lvl, area_size=args.area_size,
                                         cache_dir=args.cache, seed=args.seed, length=2 ** 62,
                                         conditioned=cfg.conditioned, max_open=args.max_open,
                                         rank=int(os.environ.get("LOCAL_RANK", 0)),  # the cache
@@ -322,9 +322,9 @@ def parse_args(argv=None):
                          "the level's full size trains on what sampling feeds (README, 'Training')")
     ap.add_argument("--min-snr-gamma", type=float, default=None,
                     help="min-SNR-gamma loss weight (default: the preset's; 0 = off)")
-    ap.add_argument("--positions", default=None, choices=["grid", "region"],
+    ap.add_argument("--positions", default=None, choices=["grid", "area"],
                     help="where stage 2-3 examples are (default: the preset's): the authors' "
-                         "tissue 'grid' over the whole slide, or anywhere in the 'region'")
+                         "tissue 'grid' over the whole slide, or anywhere in the slide's 'area'")
     ap.add_argument("--crop-context", default=None, choices=["whole", "window"],
                     help="what the top level's crops see of the context (default: the preset's): "
                          "the 'whole' context resized onto the crop (imagen-pytorch) or its "
@@ -332,8 +332,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--outpaint", action="store_true",
                     help="train the outpainting baseline (no lower-stage crops)")
-    ap.add_argument("--region-size", type=int, default=None,
-                    help="level-0 side of each slide's region (default N3)")
+    ap.add_argument("--area-size", type=int, default=None,
+                    help="level-0 side of each slide's area (default N3)")
     ap.add_argument("--cache", default=None,
                     help="cache directory of the slides' stage images (default: OUT/cache)")
     ap.add_argument("--workers", default="auto",

@@ -20,8 +20,8 @@ OVERSAMPLE = 2    # crops by default: this many times the distinct crops (random
 
 
 class Source:
-    """Slides to evaluate (a file or a directory of them), each contributing its square region
-    of N3 level-0 px (a real slide's chosen as for training; a generated slide is its region),
+    """Slides to evaluate (a file or a directory of them), each contributing its square area
+    of N3 level-0 px (a real slide's chosen as for training; a generated slide is its area),
     or a directory of PNG / JPEG patches. A generated slide's lower stages are read from the
     OUT.stage{s}.png files sample.py writes beside it (else from the slide, downsampled)."""
 
@@ -42,8 +42,8 @@ class Source:
         self.files = images if self.is_patches else list_slides(path)
         if not self.is_patches:
             self.slides = [open_slide(f) for f in self.files]
-            self.origins = [data.choose_region(s, self.size,
-                                               preset.training.region_choice) for s in self.slides]
+            self.origins = [data.choose_area(s, self.size,
+                                               preset.training.area_choice) for s in self.slides]
             self.stages = [{s: f"{f}.stage{s}.png" for s in (1, 2)
                             if os.path.exists(f"{f}.stage{s}.png")} for f in self.files]
 
@@ -70,7 +70,7 @@ class Source:
         return None if path is None else np.asarray(Image.open(path).convert("RGB"))
 
     def crop(self, k, stage, s, u, v, out, png=None):
-        """Slide k: the square of side s (a fraction of the region) at (u, v) (fractions) of its
+        """Slide k: the square of side s (a fraction of the area) at (u, v) (fractions) of its
         stage-`stage` image, area-resampled to out x out px. uint8 (out, out, 3)."""
         if png is not None:
             N = png.shape[0]
@@ -82,7 +82,7 @@ class Source:
 
 
 def n_crops(source, kind, n, crop):
-    """How many crops (network passes) patch_features takes of a source: n, or one whole region
+    """How many crops (network passes) patch_features takes of a source: n, or one whole area
     per slide at magnification 0 without --crop, or the files of a patch directory."""
     if source.is_patches or (source.is_windows and kind == 2):
         return min(n, len(source.windows if source.is_windows else source.files))
@@ -90,9 +90,9 @@ def n_crops(source, kind, n, crop):
 
 
 def distinct_crops(source, kind, crop):
-    """How many different crops a source holds at a magnification: the region's area over a
+    """How many different crops a source holds at a magnification: the area's size over a
     crop's (how many tile it), summed over the slides; one per slide at mag 0 without --crop
-    (whole regions); the files of a patch directory."""
+    (whole areas); the files of a patch directory."""
     if source.is_patches or (source.is_windows and kind == 2):
         return len(source.windows if source.is_windows else source.files)
     if kind == 0 and not crop:
@@ -131,8 +131,8 @@ def read_image(path):
                          "remove or replace it") from None
 
 
-class RegionView:
-    """Slide k's region at level 0 as an array-like (shape, [y0:y1, x0:x1]) for tiler.seam_score."""
+class AreaView:
+    """Slide k's area at level 0 as an array-like (shape, [y0:y1, x0:x1]) for metrics.seam_score."""
 
     def __init__(self, source, k):
         self.slide, (self.x, self.y), n = source.slides[k], source.origins[k], source.size
@@ -168,7 +168,7 @@ def crop_counts(args, real, fake, nets, kw, kw_fake):
                 passes += 0 if os.path.exists(feature_cache(src, kind, n, net, crop=crop, **k)
                                               or "") else counts[-1]
         N = cascade.stage_size(p, 3 if kind == "pfid" else kind + 1)
-        what = ("crops of P to N3 px" if kind == "pfid" else f"whole {N} px regions"
+        what = ("crops of P to N3 px" if kind == "pfid" else f"whole {N} px areas"
                 if kind == 0 and not crop else f"{min(crop or p.patch, N)} px crops")
         lines.append(f"  {'pFID' if kind == 'pfid' else f'mag {kind}'}: {counts[0]} real / "
                      f"{counts[1]} generated {what} ({why})")

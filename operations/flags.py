@@ -137,7 +137,7 @@ def check_window_flags(args, p, last):
 
 def check_from(args, p):
 
-    """--from SLIDE --start-stage S: a readable slide at least the region's size, S within --stages.
+    """--from SLIDE --start-stage S: a readable slide at least the area's size, S within --stages.
     Returns S."""
     start = args.start_stage or 2
     if args.outpaint:
@@ -151,7 +151,7 @@ def check_from(args, p):
     N3 = cascade.stage_size(p, 3)
     if min(W, H) < N3:
         fail(f"--from {args.from_slide}: {W} x {H} px is smaller than preset {p.name}'s {N3} px "
-             "region; use a larger slide or another preset")
+             "area; use a larger slide or another preset")
     return start
 
 

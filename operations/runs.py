@@ -191,8 +191,8 @@ def new_canvas(path, N, background, rank, fill=True):
 
 
 def real_lower_stage(settings, preset, journal, stage, path, rank, world):
-    """Stage `stage` of the real slide of --from: its region resized to N_stage exactly as
-    training builds it (data.slide_cache: same region choice, same resize)."""
+    """Stage `stage` of the real slide of --from: its area resized to N_stage exactly as
+    training builds it (data.slide_cache: same area choice, same resize)."""
     if not journal.done(stage) and rank == 0:
         t0, N = time.time(), cascade.stage_size(preset, stage)
         img = DiskArray(path, (N, N, 3))

@@ -266,11 +266,11 @@ def list_slides(path):
 
 
 
-def slides_mpp(paths, region_size, N3):
-    """Microns per stage-3 pixel of training slides: their level-0 MPP times the region's
+def slides_mpp(paths, area_size, N3):
+    """Microns per stage-3 pixel of training slides: their level-0 MPP times the area's
     downsample to N3 px (the median when slides differ; None when no slide says)."""
     mpps = []
     for path in paths:
         with open_slide(path) as slide:
             mpps += [slide.mpp] if slide.mpp else []
-    return float(np.median(mpps)) * (region_size or N3) / N3 if mpps else None
+    return float(np.median(mpps)) * (area_size or N3) / N3 if mpps else None

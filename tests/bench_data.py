@@ -5,11 +5,11 @@ tiles, smooth H&E-coloured waves; deleted at the end), then for each (stage, lev
 times the loader's samples on one core (one thread, as in a loader worker) and prints img/s per
 core beside the GPU's demand and the loader cores one GPU needs:
 
-    python tests/bench_data.py --preset paper [--size 8192] [--n 30] [--positions grid|region]
+    python tests/bench_data.py --preset paper [--size 8192] [--n 30] [--positions grid|area]
 
 The GPU's demand is arithmetic, not measured: an A100 at 40 % of 312 TFLOP/s (bf16) spends
 3 x the forward FLOPs (tests/bench_flops.py's count) on one training image. The stand-in slide is
-smaller than the paper's 41344 px region, so each slide's region is the whole stand-in (stages 1-2
+smaller than the paper's 41344 px area, so each slide's area is the whole stand-in (stages 1-2
 are built from it exactly as at paper scale), and a stage-3 target, which at paper scale is a
 1024 px window of level 0, is read as such a window of the stand-in's level 0 (the position
 wrapped into it): the same JPEG decoding, the same pipeline after it. With positions 'grid' the
@@ -90,7 +90,7 @@ def main():
     ap.add_argument("--size", type=int, default=8192, help="stand-in slide side (px)")
     ap.add_argument("--n", type=int, default=30, help="samples timed per model")
     ap.add_argument("--dir", default=None, help="where the stand-in slide and caches go (temp)")
-    ap.add_argument("--positions", default=None, choices=["grid", "region"],
+    ap.add_argument("--positions", default=None, choices=["grid", "area"],
                     help="stage 2-3 training positions (default: the preset's)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -114,7 +114,7 @@ def main():
         worst = 0.0
         for stage in (1, 2, 3):
             for level in range(3):
-                ds = data.StageLevelDataset([path], p, stage, level, region_size=args.size,
+                ds = data.StageLevelDataset([path], p, stage, level, area_size=args.size,
                                             cache_dir=os.path.join(work, "cache"), length=10 ** 6)
                 rate = time_model(ds, args.n)
                 L = p.level_sizes[level]

@@ -57,7 +57,7 @@ def training(p, level, args, device, slide, work):
     cfg = train.Config.from_args(a, device)
     trainer = train.Trainer(cfg, p, 3, level, 0, 1, False, device)
     trainer.save = lambda: None  # no multi-GB checkpoint in a benchmark
-    ds = data.StageLevelDataset([slide], p, 3, level, region_size=args.size,
+    ds = data.StageLevelDataset([slide], p, 3, level, area_size=args.size,
                                 cache_dir=os.path.join(work, "cache"), length=10 ** 6)
     trainer.max_steps = 2
     trainer.train(ds, [False])  # warm-up (and the loader's workers)

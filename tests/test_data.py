@@ -125,7 +125,7 @@ def test_nine_datasets_shapes_and_ranges(slides, tmp_path):
     p = small_preset()
     for stage in (1, 2, 3):
         for level in range(3):
-            ds = data.StageLevelDataset([paths["svs", "zlib"]], p, stage, level, region_size=400,
+            ds = data.StageLevelDataset([paths["svs", "zlib"]], p, stage, level, area_size=400,
                                         cache_dir=str(tmp_path), length=4)
             item = ds[1]
             L = p.level_sizes[level] if level < 2 else p.training.crop
@@ -142,7 +142,7 @@ def _corr(a, b):
     return float((a * b).sum() / (a.norm() * b.norm()))
 
 
-@pytest.mark.parametrize("positions", ["region", "grid"])
+@pytest.mark.parametrize("positions", ["area", "grid"])
 @pytest.mark.parametrize("stage", [2, 3])
 def test_conditioning_aligned_with_target(tmp_path, stage, positions):
     """On a slide of smooth waves (periods 150 / 170 px: resolved at every stage) the region
@@ -156,7 +156,7 @@ def test_conditioning_aligned_with_target(tmp_path, stage, positions):
     write_slide(path, img)
     p = small_preset()
     p = dataclasses.replace(p, training=dataclasses.replace(p.training, positions=positions))
-    ds = data.StageLevelDataset([path], p, stage, 1, region_size=600, cache_dir=str(tmp_path),
+    ds = data.StageLevelDataset([path], p, stage, 1, area_size=600, cache_dir=str(tmp_path),
                                 augment=False, min_tissue=0.9)
     for idx in range(3):
         item = ds[idx]
@@ -188,7 +188,7 @@ def test_cache_built_once(slides, tmp_path, monkeypatch):
     c2 = data.slide_cache(paths["svs", "zlib"], p, 400, cache_dir=str(tmp_path))
     assert len(calls) == 2  # stage 1 and stage 2, once
     assert c1["stage2"].shape == (88, 88, 3) and np.array_equal(c1["stage2"], c2["stage2"])
-    ds = data.StageLevelDataset([paths["svs", "zlib"]], p, 2, 0, region_size=400,
+    ds = data.StageLevelDataset([paths["svs", "zlib"]], p, 2, 0, area_size=400,
                                 cache_dir=str(tmp_path))
     monkeypatch.setattr(data, "open_slide",
                         lambda *a: pytest.fail("stage-2 samples must not re-read the slide"))
@@ -253,8 +253,8 @@ def test_colour_layouts_converted(tmp_path):
 def test_small_slide_padded_with_warning(tmp_path):
     Image.fromarray(synthetic_rgb(100, 120)).save(tmp_path / "small.png")
     slide = data.open_slide(str(tmp_path / "small.png"))
-    with pytest.warns(UserWarning, match="smaller than the 400 px region"):
-        x, y = data.choose_region(slide, 400)
+    with pytest.warns(UserWarning, match="smaller than the 400 px area"):
+        x, y = data.choose_area(slide, 400)
     assert (x, y) == (-140, -150)
 
 
@@ -275,9 +275,9 @@ def test_cli_prints_and_writes_preview(tmp_path, capsys):
     assert Image.open(out).size[1] > 9 * 128
 
 
-@pytest.mark.parametrize("region,resize,positions", [(False, "area", "region"),
-                                                     (True, "area", "region"),
-                                                     (False, "nearest", "region"),
+@pytest.mark.parametrize("region,resize,positions", [(False, "area", "area"),
+                                                     (True, "area", "area"),
+                                                     (False, "nearest", "area"),
                                                      (True, "nearest", "grid")])
 def test_training_inputs_are_what_sampling_feeds(tmp_path, region, resize, positions):
     """The loader's lean route (uint8 crops reduced to the level's size by box sums in integers,

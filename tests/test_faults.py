@@ -49,9 +49,9 @@ def test_crash_between_round_write_and_journal_resumes_bit_identical(tmp_path,
                                                                      tiny_ckpt, monkeypatch):
     """With a feathered paste a patch rewrites its neighbours' edge band; regenerating a round
     from that half-applied image drew different patches. The saved round is re-applied instead."""
-    flags = ("--order", "raster", "--edge-margin", "1", "--feather", "2", "--stream")
+    run = ("--order", "raster", "--edge-margin", "1", "--feather", "2", "--stream")
     ref, out = tmp_path / "ref.tif", tmp_path / "crashed.tif"
-    sample.main(_argv(ref, tiny_ckpt, *flags))
+    sample.main(_argv(ref, tiny_ckpt, *run))
     real_mark, calls = journal.Journal.mark, []
 
     def crash_after_apply(self, stage, results, *a):
@@ -62,13 +62,13 @@ def test_crash_between_round_write_and_journal_resumes_bit_identical(tmp_path,
         return real_mark(self, stage, results, *a)
     monkeypatch.setattr(journal.Journal, "mark", crash_after_apply)
     try:
-        sample.main(_argv(out, tiny_ckpt, *flags))
+        sample.main(_argv(out, tiny_ckpt, *run))
     except KeyboardInterrupt:
         pass
     gc.collect()  # the crashed run's lock file closes, as when its process dies
     monkeypatch.setattr(journal.Journal, "mark", real_mark)
     assert not out.exists() and os.path.exists(str(out) + ".work/round.npz")
-    sample.main(_argv(out, tiny_ckpt, *flags, "--resume"))
+    sample.main(_argv(out, tiny_ckpt, *run, "--resume"))
     assert out.read_bytes() == ref.read_bytes()
 
 
@@ -76,9 +76,9 @@ def test_kill_during_a_background_write_resumes_bit_identical(tmp_path, tiny_ckp
     """A round is synced and marked done by a writer thread while the next round computes: the
     process killed (SIGKILL) inside that background write, with the next round under way, resumes
     to the same slide."""
-    flags = ("--order", "raster", "--edge-margin", "1", "--feather", "2", "--stream")
+    run = ("--order", "raster", "--edge-margin", "1", "--feather", "2", "--stream")
     ref, out = tmp_path / "ref.tif", tmp_path / "killed.tif"
-    sample.main(_argv(ref, tiny_ckpt, *flags))
+    sample.main(_argv(ref, tiny_ckpt, *run))
     killer = (
         "import os, signal, threading, torch, sample\n"
         "from operations import journal\n"
@@ -91,11 +91,11 @@ def test_kill_during_a_background_write_resumes_bit_identical(tmp_path, tiny_ckp
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return real(self, stage, results, *a)\n"
         "journal.Journal.mark = mark\n"
-        f"sample.main({list(_argv(out, tiny_ckpt, *flags))!r})\n")
+        f"sample.main({list(_argv(out, tiny_ckpt, *run))!r})\n")
     res = _cli("-c", killer, cwd=ROOT)
     assert res.returncode == -9, res.stderr[-2000:]
     assert not out.exists() and os.path.exists(str(out) + ".work/round.npz")
-    sample.main(_argv(out, tiny_ckpt, *flags, "--resume"))
+    sample.main(_argv(out, tiny_ckpt, *run, "--resume"))
     assert out.read_bytes() == ref.read_bytes()
 
 
@@ -183,24 +183,24 @@ def test_resume_refuses_models_changed_in_place_and_accepts_a_relative_path(tmp_
 
 # ------------------------------------------------------------ 5. every flag checked before any work
 
-@pytest.mark.parametrize("flags,message", [
+@pytest.mark.parametrize("bad,message", [
     (("--batch", "-1"), "--batch -1"), (("--white-threshold", "2"), "--white-threshold 2.0"),
     (("--mpp", "-1"), "--mpp -1.0"), (("--resample", "0"), "--resample 0"),
     (("--steps", "0", "1", "1"), "--steps"),
     (("--steps", "5", "5"), "--steps [5, 5]: use 3 values (one per level) or 9"),
     (("--threshold", "1.5"), "--threshold 1.5"), (("--aug-level", "-0.1"), "--aug-level -0.1")])
-def test_bad_sampling_flags_refused_before_work(tmp_path, tiny_ckpt, flags, message):
-    res = _cli(os.path.join(ROOT, "sample.py"), *_argv(tmp_path / "s.tif", tiny_ckpt, *flags))
+def test_bad_sampling_flags_refused_before_work(tmp_path, tiny_ckpt, bad, message):
+    res = _cli(os.path.join(ROOT, "sample.py"), *_argv(tmp_path / "s.tif", tiny_ckpt, *bad))
     assert _one_line_error(res) and message in res.stderr, res.stderr
     assert not os.path.exists(tmp_path / "s.tif.work")
 
 
-@pytest.mark.parametrize("flags",
+@pytest.mark.parametrize("bad",
                          [("--batch", "0"), ("--lr", "-1"), ("--ema", "1.5"),
                           ("--max-steps", "1", "2")])
-def test_bad_training_flags_refused(tmp_path, flags):
-    with pytest.raises(SystemExit, match=f"error: {flags[0]}"):
-        train.parse_args(["--out", str(tmp_path), *flags])
+def test_bad_training_flags_refused(tmp_path, bad):
+    with pytest.raises(SystemExit, match=f"error: {bad[0]}"):
+        train.parse_args(["--out", str(tmp_path), *bad])
 
 
 # --------------------------------------------- 6. the physical scale comes from the training slides

@@ -49,7 +49,7 @@ AUTHORS = [
     ("training.aug_per_batch", True, "[IP] one random lowres noise time per batch"),
     ("training.min_snr_gamma", 5.0, "[IP] min_snr_loss_weight = True, min_snr_gamma = 5"),
     ("training.crop", 256, "[AUTH] random_crop_sizes: the 1024 px U-Net trains on 256 px crops"),
-    ("training.region_choice", "centre",
+    ("training.area_choice", "centre",
      "[PAPER] Sec. 3: a 40000 x 40000 centre crop of each slide"),
     ("training.positions", "grid",
      "[AUTH] patient_dataset.py: magnification 1-2 patches from a grid of 1024 px tissue blocks "
@@ -306,7 +306,7 @@ def test_train_builds_all_nine_paper_models(tmp_path, monkeypatch):
                 str(tmp_path / "ck"),
                 "--cache", str(tmp_path / "cache"), "--batch", "1", "--max-steps", "1", "--keep",
                 "0",
-                "--region-size", "2048", "--crop", "64"])
+                "--area-size", "2048", "--crop", "64"])
     p = cascade.get_preset("paper")
     for s in (1, 2, 3):
         cdm = checkpoints.load_cdm(str(tmp_path / "ck"), p, s)

@@ -213,7 +213,7 @@ def test_zoom_bad_inputs(tmp_path, tiny_ckpt):
     os.remove(partial / "stage3_level1.pt")
     for flags, message in ((("--from", str(tmp_path / "junk.svs")), "junk.svs: not"),
                            (("--from", str(tmp_path / "small.png")),
-                            "smaller than preset tiny's 116 px region"),
+                            "smaller than preset tiny's 116 px area"),
                            (("--from", SLIDE, "--start-stage", "3", "--stages", "2"),
                             "nothing to generate")):
         res = _run(_cmd(tmp_path / "a.tif", tiny_ckpt, *flags))
