@@ -132,7 +132,7 @@ PRESETS = {
     # margin and the feathered paste (overlap / 8 = 16 px), white fill at stage 2 too, the
     # checkerboard order (4 rounds a stage: every rank busy, windows cheap; on the demo within the
     # seeds' spread of wavefront, docs/notes.md), and DPM-Solver++(2M) at about 1/4-1/5 of the
-    # authors' steps: 1.37e18 FLOP a slide without glass against their 7.53e18
+    # authors' steps: 1.36e18 FLOP a slide without glass against their 7.53e18
     # (tests/bench_flops.py). At demo scale, stage 3 with this solver at 1/8 of a reference's
     # steps scored as the reference (docs/notes.md).
     "paper_plus": Preset("paper_plus", **{**_PAPER_GEOMETRY, "unets": ("plus64", "plus256",

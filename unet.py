@@ -6,10 +6,11 @@ network is conditioned on the noise level as a log-SNR `lam` (never on a step in
 the number of sampling steps can change after training) and, optionally, on the
 conditioning-augmentation level `aug_lam` through a second embedding.
 
-Two networks: `UNet` (ADM's layout and Imagen's plain and efficient ones: the demo and
-paper_plus) and `ImagenUNet`, imagen-pytorch's Unet piece by piece as the authors configured it
-(`paper`: their parameter count within 1 %, their FLOPs; tests/bench_flops.py). `build(cfg)`
-makes either.
+Two networks. `UNet` first: ADM's layout, or Imagen's Efficient U-Net (`efficient`); the demo's
+models and paper_plus's, and the one to read and to train on a CPU. Then, below a banner that a
+first reading skips, `ImagenUNet`: imagen-pytorch's Unet piece by piece as the authors configured
+it (`paper`: their parameters within 1 %, their FLOPs; tests/bench_flops.py). `build(cfg)` makes
+either.
 
 References
   [DDPM]    Ho et al., Denoising diffusion probabilistic models, 2020 (ResBlock U-Net).
@@ -40,19 +41,17 @@ class UNetConfig:
     img_ch: int = 3                       # channels of x_t and of the output v_hat
     cond_ch: int = 0                      # extra conditioning channels concatenated to x_t
     aug_emb: bool = False                 # second embedding for the cond. augmentation level
-    groups: int = 32                      # GroupNorm groups (capped by the channel count)
-    efficient: bool = False               # Imagen's Efficient U-Net (see UNet) [Imagen App. B.1]
-    late_widen: bool = False              # ADM layout: a level's encoder blocks keep the channels
-                                          #   of the level above; its down conv widens them, and the
-                                          #   decoder's up conv narrows them back (imagen-pytorch)
-    shared_kv: bool = False               # attention with one shared key / value head
-                                          #   (imagen-pytorch)
+    groups: int = 32                      # GroupNorm groups (capped by the channel count);
+                                          #   paper's: 8, imagen-pytorch's
+    efficient: bool = False               # Imagen's Efficient U-Net (see UNet) [Imagen App. B.1]:
+                                          #   the 256 and 1024 px models of paper_plus and paper
+    # The switches below serve `paper` alone: the authors' network, ImagenUNet.
     imagen: bool = False                  # imagen-pytorch's Unet block for block (ImagenUNet)
-    cross_attn: tuple = None              # imagen: per level, the first ResBlock also attends to
-                                          #   the noise-level tokens (no text: its cross-attention)
-    heads: int = 8                        # imagen: attention heads (of head_dim channels each)
-    init_residual: bool = False           # imagen: the input conv's output re-enters before the
-                                          #   last ResBlock (init_conv_to_final_conv_residual)
+    cross_attn: tuple = None              # per level, the first ResBlock also attends to the
+                                          #   noise-level tokens (no text: its cross-attention)
+    heads: int = 8                        # attention heads (of head_dim channels each)
+    init_residual: bool = False           # the input conv's output re-enters before the last
+                                          #   ResBlock (init_conv_to_final_conv_residual)
 
     def __post_init__(self):
         self.mults, self.attn = tuple(self.mults), tuple(bool(a) for a in self.attn)
@@ -63,7 +62,6 @@ class UNetConfig:
                                                    self.per_level_blocks())):
             raise ValueError("UNetConfig: mults, attn, cross_attn and blocks need one entry per "
                              "level")
-
 
     def per_level_blocks(self):
         return (self.blocks,) * len(self.mults) if isinstance(self.blocks, int) else self.blocks
@@ -87,13 +85,12 @@ CONFIGS = {
     "paper1024": UNetConfig(width=128, mults=(1, 2, 4, 8), blocks=(2, 4, 6, 8), attn=(False,) * 4,
                             cross_attn=(False, False, False, True), groups=8, efficient=True,
                             init_residual=True, imagen=True),
-    # deviation (paper_plus): leaner U-Nets of the same widths and depths in the ADM layout
-    # (GroupNorm 32, no cross-attention, feed-forward, global context or middle attention in the
-    # 1024 px model, one ResBlock fewer a level): 92 / 84 / 87 % of the authors' parameters at
-    # 100 / 90 / 93 % of their FLOPs (tests/bench_flops.py).
-    # 64 px: imagen's plain layout (encoder blocks at the level above's channels), multi-query.
-    "plus64": UNetConfig(width=256, mults=(1, 2, 3, 4), blocks=3, attn=(False, True, True, True),
-                         late_widen=True, shared_kv=True),
+    # deviation (paper_plus): leaner U-Nets of the same widths in UNet's layouts (GroupNorm 32, no
+    # cross-attention, feed-forward, global context or middle attention in the 1024 px model, one
+    # ResBlock fewer a level): 89 / 84 / 87 % of the authors' parameters at 93 / 90 / 93 % of their
+    # FLOPs (tests/bench_flops.py).
+    # 64 px: ADM, 2 ResBlocks a level, attention at the two lowest resolutions.
+    "plus64": UNetConfig(width=256, mults=(1, 2, 3, 4), blocks=2, attn=(False, False, True, True)),
     # 64 -> 256 px, memory-efficient.
     "plus256": UNetConfig(width=128, mults=(1, 2, 4, 8), blocks=2,
                           attn=(False, False, False, True), efficient=True),
@@ -172,30 +169,23 @@ class ResBlock(nn.Module):
         return self.skip(x) + h  # (B, cout, H, W)
 
 
-
 class Attention(nn.Module):
-    """Multi-head self-attention over the H*W positions, residual. shared_kv: one key / value
-    head shared by all query heads (multi-query attention, as imagen-pytorch's U-Net)."""
+    """Multi-head self-attention over the H*W positions, residual."""
 
-    def __init__(self, ch, head_dim, groups, shared_kv=False):
+    def __init__(self, ch, head_dim, groups):
         super().__init__()
         self.heads = max(1, ch // head_dim)
-        self.kv_heads = 1 if shared_kv else self.heads
-        d = ch // self.heads
         self.norm, self.out = norm(ch, groups), nn.Conv2d(ch, ch, 1)
-        self.qkv = nn.Conv2d(ch, ch + 2 * self.kv_heads * d, 1)  # q, then k, then v
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)  # q, then k, then v
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x):  # (B, C, H, W)
         B, C, H, W = x.shape
-        d = C // self.heads
-        qkv = self.qkv(self.norm(x))
-        q = qkv[:, :C].reshape(B, self.heads, d, H * W)                     # (B, heads, d, HW)
-        k, v = qkv[:, C:].reshape(B, 2, self.kv_heads, d, H * W).unbind(1)  # (B, kv_heads, d, HW)
-        k, v = k.expand(B, self.heads, d, H * W), v.expand(B, self.heads, d, H * W)
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads,
+                                                 H * W).unbind(1)  # each (B, heads, d, HW)
         h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2),
-                                           v.transpose(-1, -2))
+                                           v.transpose(-1, -2))      # (B, heads, HW, d)
         return x + self.out(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
@@ -225,7 +215,6 @@ def pixel_up(cin, cout):
 
 def conv_down(cin, cout):
     """ADM: halve the resolution, a stride-2 3x3 convolution. (B, C, H, W) -> (B, C', H/2, W/2)"""
-
     return nn.Conv2d(cin, cout, 3, stride=2, padding=1)
 
 
@@ -236,12 +225,9 @@ def conv_up(cin, cout):
 
 
 class UNet(nn.Module):
-    """Three layouts of the same blocks (encoder, middle, decoder; skips from every encoder output):
+    """Two layouts of the same blocks (encoder, middle, decoder; skips from every encoder output):
     ADM [DDPM, ADM] (the default): each level runs its Blocks at its resolution, then a stride-2
       conv halves it; the decoder upsamples (nearest + 3x3 conv) and runs its Blocks.
-    Imagen's plain U-Net (late_widen; the authors' 64 px base model): as ADM, but a level's
-      encoder Blocks keep the channels of the level above, its down conv widens them, and the
-      decoder's up conv narrows them back.
     Efficient U-Net [Imagen App. B.1] (efficient; the authors' 256 and 1024 px models): full
       resolution holds only the input conv, one ResBlock in and one out; every level first halves
       the resolution (pixel_down), then runs its Blocks, so it works one octave lower (about 1/4
@@ -262,12 +248,9 @@ class UNet(nn.Module):
         encoder = self.efficient_encoder if cfg.efficient else self.adm_encoder
         for lvl, cout in enumerate(chans):
             ch = encoder(lvl, ch, cout, skip_ch)
-        # Middle: ResBlock, attention (if the lowest level has it), ResBlock; late_widen first
-        # widens to the last level's channels (a 3x3 conv at the same resolution).
-        widen = [nn.Conv2d(ch, chans[-1], 3, padding=1)] if ch != chans[-1] else []
-        ch = chans[-1]
-        self.mid = nn.ModuleList(widen + [self.res(ch, ch),
-                                          self.attn(ch, len(chans) - 1), self.res(ch, ch)])
+        # Middle: ResBlock, attention (if the lowest level has it), ResBlock.
+        self.mid = nn.ModuleList([self.res(ch, ch), self.attn(ch, len(chans) - 1),
+                                  self.res(ch, ch)])
         # Decoder: per level one Block more than the encoder, each eating one skip.
         self.up = nn.ModuleList()
         decoder = self.efficient_decoder if cfg.efficient else self.adm_decoder
@@ -285,19 +268,17 @@ class UNet(nn.Module):
 
     def attn(self, ch, lvl):
         cfg = self.cfg
-        return Attention(ch, cfg.head_dim,
-                         cfg.groups, cfg.shared_kv) if cfg.attn[lvl] else nn.Identity()
+        return Attention(ch, cfg.head_dim, cfg.groups) if cfg.attn[lvl] else nn.Identity()
 
     def block(self, cin, cout, lvl):
         return Block([self.res(cin, cout), self.attn(cout, lvl)])
 
     def adm_encoder(self, lvl, ch, cout, skip_ch):
-        """ADM level: the Blocks at this resolution (late_widen: at the level above's channels),
-        then conv_down (not after the lowest level)."""
-        width = ch if self.cfg.late_widen else cout
+        """ADM level: the Blocks at this resolution, then conv_down (not after the lowest
+        level)."""
         for _ in range(self.cfg.per_level_blocks()[lvl]):
-            self.down.append(self.block(ch, width, lvl))
-            ch = width
+            self.down.append(self.block(ch, cout, lvl))
+            ch = cout
             skip_ch.append(ch)
         if lvl < len(self.cfg.mults) - 1:
             self.down.append(conv_down(ch, cout))
@@ -315,15 +296,12 @@ class UNet(nn.Module):
         return cout
 
     def adm_decoder(self, lvl, ch, chans, skip_ch):
-        """ADM level: Blocks eating skips, then conv_up (late_widen: narrowing to the level
-        above's channels, as imagen-pytorch)."""
+        """ADM level: Blocks eating skips, then conv_up (not after the top level)."""
         for _ in range(self.cfg.per_level_blocks()[lvl] + 1):
             self.up.append(self.block(ch + skip_ch.pop(), chans[lvl], lvl))
             ch = chans[lvl]
         if lvl > 0:
-            cout = chans[lvl - 1] if self.cfg.late_widen else ch
-            self.up.append(conv_up(ch, cout))
-            ch = cout
+            self.up.append(conv_up(ch, ch))
         return ch
 
     def efficient_decoder(self, lvl, ch, chans, skip_ch):
@@ -370,7 +348,16 @@ class UNet(nn.Module):
         return self.out(h)
 
 
-# ---------------------------------------------------------------------- imagen-pytorch's pieces
+def build(cfg: UNetConfig):
+    """The network of a config: UNet, or ImagenUNet (cfg.imagen, below)."""
+    return ImagenUNet(cfg) if cfg.imagen else UNet(cfg)
+
+
+# ==============================================================================================
+# The authors' network (`paper`): imagen-pytorch's Unet (1.26), piece by piece. A first reading
+# can stop here: UNet above is the same idea (a ResBlock U-Net on x_t and its conditioning,
+# embedding the noise level) with fewer pieces. ResBlock's `cross` and `gca` serve this part only.
+# ==============================================================================================
 
 class TokenAttention(nn.Module):
     """imagen-pytorch's attention over tokens (B, N, dim) [Imagen]: `heads` query heads of
@@ -616,8 +603,3 @@ class ImagenUNet(nn.Module):
             h = level["post"](attend(level["attn"], h))
         h = self.out_block(torch.cat([h, first], dim=1) if cfg.init_residual else h, emb)
         return self.out(torch.cat([h, cond[:, :3]], dim=1) if self.lowres else h)
-
-
-def build(cfg: UNetConfig):
-    """The network of a config: ImagenUNet (cfg.imagen) or UNet."""
-    return ImagenUNet(cfg) if cfg.imagen else UNet(cfg)

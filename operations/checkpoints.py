@@ -63,6 +63,17 @@ def weights_problem(state_dict):
     return None
 
 
+def saved_config(fields, path):
+    """The UNetConfig a model file records. A switch this version no longer has is dropped when it
+    is off (False: the layout it names was not used) and refused in one line when it is on."""
+    known = {f.name for f in dataclasses.fields(unet_mod.UNetConfig)}
+    gone = [k for k, v in fields.items() if k not in known and v]
+    if gone:
+        raise ValueError(f"{path}: a U-Net built with {', '.join(gone)}, which unet.py no longer "
+                         "has; retrain it, or sample it with the version that trained it")
+    return unet_mod.UNetConfig(**{k: v for k, v in fields.items() if k in known})
+
+
 def load_unet(path, preset, stage, level, device="cpu"):
     """Build the U-Net of (stage, level) from its file alone; a clear error if the file is
     missing, unreadable, or belongs to another stage, level or preset.
@@ -79,7 +90,7 @@ def load_unet(path, preset, stage, level, device="cpu"):
     why = checkpoint_mismatch(ck, preset, stage, level) or weights_problem(ck["ema"])
     if why:
         raise ValueError(f"{path}: {why}; pass the matching --preset or retrain")
-    net = unet_mod.build(unet_mod.UNetConfig(**ck["unet_config"]))
+    net = unet_mod.build(saved_config(ck["unet_config"], path))
     net.load_state_dict(ck["ema"])
     # channels_last: about 4x faster convolutions on CPU (tests/bench_unet.py), same on GPU
     return net.to(device, memory_format=torch.channels_last).eval(), ck.get("conditioned", True)
@@ -140,7 +151,7 @@ def resume(trainer):
     why = checkpoint_mismatch(ck, T.preset, T.stage, T.level, T.cfg.conditioned)
     if why is None and "model" not in ck:
         why = "EMA weights only (an exported model)"
-    if why is None and unet_mod.UNetConfig(**ck["unet_config"]) != T.unet_cfg:
+    if why is None and saved_config(ck["unet_config"], T.path) != T.unet_cfg:
         why = f"another U-Net ({ck['unet_config']}, now {T.unet_cfg.to_dict()})"
     if why is None and ck.get("seed") != T.cfg.seed:
         why = f"seed {ck.get('seed')}, now {T.cfg.seed}"
