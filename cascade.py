@@ -293,7 +293,6 @@ def region_span(shape, y0, x0, P, r):
 
 
 def to_float(u8):
-
     """(H, W, 3) or (B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
     t = torch.from_numpy(np.array(u8, dtype=np.uint8))  # a copy: memmaps are read-only
     t = t[None] if t.dim() == 3 else t
@@ -381,7 +380,6 @@ def level_inputs(preset, stage, level, target_or_lowres, context=None,
     if stage > 1 and conditioned:
         parts += [fit(context)] + ([fit(region)] if preset.region else [])
     return torch.cat(parts, dim=1) if parts else None
-
 
 
 def augmented_channels(preset, stage, level, conditioned=True):

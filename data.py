@@ -216,7 +216,6 @@ def _nearest_pyramid(u8, sizes, k, window):
     return out
 
 
-
 MAX_OPEN = 64  # slides, and slides' cache maps, a process keeps open (each: 1-2 descriptors)
 
 

@@ -102,8 +102,6 @@ def spread(score, real, fake, reps=10, seed=0):
     return float(np.std(draws))
 
 
-
-
 # ---------------------------------------------------------------------- precision / recall
 
 def _sq_dists(a, b):
@@ -463,11 +461,9 @@ def seam_score(img, grid, order="raster", block=8):
                 band = img[lo:hi, r0:r1] if transpose else img[r0:r1, lo:hi]
                 band = np.asarray(band, dtype=np.float64)
                 band = band[..., None] if band.ndim == 2 else band
-                band = band.transpose(1, 0, 2) if transpose else band  # rows along the line,
-                                                                       #   columns across it
-                # d[:, j] = |a[:, lo + j + 1] - a[:, lo + j]|
+                # rows along the line, columns across it: d[:, j] = |a[:, lo+j+1] - a[:, lo+j]|
+                band = band.transpose(1, 0, 2) if transpose else band
                 d = np.abs(np.diff(band, axis=1)).mean(-1)
-
                 seam[c].append(d[:, q - 1 - lo].mean())
                 ref[c].extend(d[:, q - 1 + e - lo].mean() for e in offsets
                               if 0 <= q - 1 + e - lo < d.shape[1])

@@ -27,7 +27,7 @@ import cascade
 import data
 import sde
 import tiler
-from operations import costs, flags, runs
+from operations import costs, flags, runs, settings
 from operations.distributed import PRECISION_HELP, init_distributed
 from operations.logs import Progress
 
@@ -79,16 +79,16 @@ def make_slide(args, device):
     """sample_slide with the models of --ckpt, then the slide file OUT, its lower stages and
     previews, and a summary on stderr."""
     t0 = time.time()
-    settings, preset = flags.resolve(args, device)  # every flag checked before any work
+    run, preset = settings.resolve(args, device)  # every flag checked before any work
     if os.path.exists(args.out) and not args.overwrite:
         flags.fail(f"--out {args.out} exists; pass --overwrite to replace it")
-    cdms = {s: runs.Checked(runs.stage_model(settings, preset, s, device)) for s in (1, 2, 3)}
-    images = sample_slide(cdms, preset, settings.sampling, seed=settings.seed,
-                          order=settings.order, batch=settings.batch,
-                          white_threshold=settings.white_threshold, progress=Progress.counting)
-    mpp = args.mpp or runs.model_mpp(settings, preset, 3)
+    cdms = {s: runs.Checked(runs.stage_model(run, preset, s, device)) for s in (1, 2, 3)}
+    images = sample_slide(cdms, preset, run.sampling, seed=run.seed, order=run.order,
+                          batch=run.batch, white_threshold=run.white_threshold,
+                          progress=Progress.counting)
+    mpp = args.mpp or runs.model_mpp(run, preset, 3)
     t_write = runs.write_slide(args.out, images, mpp=mpp, compression=args.compression)
-    runs.report(args.out, images, settings, preset, mpp, time.time() - t0, t_write)
+    runs.report(args.out, images, run, preset, mpp, time.time() - t0, t_write)
 
 
 def main(argv=None):

@@ -130,7 +130,6 @@ def rand(n, generator=None, device=None):
     return draw(torch.rand, (n,), generator, device, torch.float64)
 
 
-
 # ---------------------------------------------------------------------- what the network predicts
 
 OBJECTIVES = ("v", "eps")
@@ -274,7 +273,6 @@ def repaint_jump(x_s, lam_s, lam_t, generator=None):
 def sample(model_fn, shape, *, steps, sampler="ancestral", schedule="cosine", objective="v",
            eta=0.0, threshold=None, known=None, mask=None, blend=None, generator=None,
            resample=1, device="cpu", dtype=torch.float32):
-
     """Draw samples by integrating the reverse process from t = 1 to t = 0.
 
     model_fn:  callable(x_t (B, ...), t (B,) in [0, 1]) -> the network's output (v_hat or eps_hat).
@@ -311,8 +309,8 @@ def sample(model_fn, shape, *, steps, sampler="ancestral", schedule="cosine", ob
         # state x is at time s after the step, so known is noised with (alpha_s, sigma_s).
         if not inpaint:
             return x
-        if sigma == 0 and blend is not None:  # deviation: feathered final paste
-                                              #   (cascade.feather_weight)
+        # deviation: at the end, a feathered paste of the known pixels (cascade.feather_weight).
+        if sigma == 0 and blend is not None:
             return blend * known + (1 - blend) * x
         noised = alpha * known + sigma * noise() if sigma > 0 else known
         return torch.where(mask, noised, x)

@@ -174,8 +174,7 @@ class WhiteTest:
     """Which patches are filled from the stage below instead of generated: those whose field below
     is less tissue than `threshold` [PAPER: mostly white patches are ignored]."""
     threshold: float
-    tissue_fraction: object  # callable(uint8 (h, w, 3)) -> float in [0, 1], e.g.
-                             #   data.tissue_fraction
+    tissue_fraction: object  # callable(uint8 (h, w, 3)) -> float in [0, 1]: data.tissue_fraction
 
     def __call__(self, lower, y0, x0, P):
         return self.threshold > 0 and self.tissue_fraction(lower.field(y0, x0, P)) < self.threshold
@@ -269,8 +268,6 @@ def float_inputs(grid, raw, order):
 def batch_inputs(grid, canvas, cells, *, order, lower=None, white=None):
     """read_batch then float_inputs, in one process."""
     return float_inputs(grid, read_batch(grid, canvas, cells, lower=lower, white=white), order)
-
-
 
 
 def run_batch(sample_fn, inputs, *, stage, seed, feather=0, device="cpu"):

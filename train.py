@@ -24,7 +24,6 @@ import copy
 import dataclasses
 import os
 import signal
-import sys
 
 import torch
 import torch.distributed as dist
@@ -33,7 +32,7 @@ import cascade
 import data
 import sde
 import unet as unet_mod
-from operations import checkpoints, costs, flags, logs, previews
+from operations import checkpoints, costs, flags, logs, previews, settings
 from operations.distributed import PRECISION_HELP, init_distributed, use_bf16
 from operations.files import remove_orphans
 from operations.logs import StepSums, TrainLog
@@ -68,7 +67,7 @@ class Config:
     @classmethod
     def from_args(cls, args, device):
         steps = args.max_steps * 3 if len(args.max_steps) == 1 else args.max_steps
-        workers = flags.auto_workers(device) if args.workers == "auto" else int(args.workers)
+        workers = settings.auto_workers(device) if args.workers == "auto" else int(args.workers)
         # deviation: the authors trained in fp32; auto = bf16 autocast where native (README)
         return cls(out=args.out, batch=args.batch, lr=args.lr, max_steps=tuple(steps), ema=args.ema,
                    bf16=use_bf16(args.precision, device), seed=args.seed,
@@ -224,7 +223,7 @@ def train_models(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     ddp, rank, world, device = init_distributed(args.device)
-    preset, models = flags.train_preset(args), flags.models_to_train(args)
+    preset, models = settings.train_preset(args), settings.models_to_train(args)
     cfg = Config.from_args(args, device)
     os.makedirs(args.out, exist_ok=True)
     if rank == 0 and args.defaulted:
@@ -235,7 +234,7 @@ def train_models(args):
         slides = list_slides(args.data)
         mpp = slides_mpp(slides, args.area_size, cascade.stage_size(preset, 3))
     except SlideError as e:
-        sys.exit(f"error: --data {e}")
+        flags.fail(f"--data {e}")
     if rank == 0:
         remove_orphans(args.out)
     stop_flag = [False]
@@ -268,7 +267,7 @@ def train_models(args):
             if not trainer.train(ds, stop_flag):
                 break
     except (FloatingPointError, SlideError) as e:  # one line, no traceback
-        sys.exit(f"error: {e}")
+        flags.fail(str(e))
     if ddp:
         dist.destroy_process_group()
     return not stop_flag[0]  # False: stopped by SIGTERM (saved)
@@ -292,7 +291,7 @@ def parse_args(argv=None):
                     help="which level's model(s)")
     ap.add_argument("--data", default=None,
                     help=f"a slide file or a directory of slides (default: the bundled slide, "
-                         f"{flags.shown(BUNDLED_SLIDE)})")
+                         f"{settings.shown(BUNDLED_SLIDE)})")
     ap.add_argument("--out", default=None,
                     help="checkpoint directory, stage{s}_level{l}.pt (default: ckpt)")
     ap.add_argument("--batch", type=int, default=8,
@@ -377,15 +376,15 @@ def parse_args(argv=None):
         flags.fail(f"--max-steps {args.max_steps}: use 1 value, or 3 (one per level)")
     if args.recipe:
         extra = [k for k, v in vars(args).items()
-                 if k not in flags.RECIPE_FLAGS + ("recipe",) and v != ap.get_default(k)]
+                 if k not in settings.RECIPE_FLAGS + ("recipe",) and v != ap.get_default(k)]
         if extra:
             flags.fail(f"--recipe {args.recipe} sets its own flags; drop "
                      f"--{extra[0].replace('_', '-')} (only "
-                       f"--{', --'.join(f.replace('_', '-') for f in flags.RECIPE_FLAGS)} may be "
-                       "given with it)")
+                       f"--{', --'.join(f.replace('_', '-') for f in settings.RECIPE_FLAGS)} may "
+                       "be given with it)")
     # Defaults that serve the bare `train.py --stage 3 --level 0`, said at the start (defaulted).
     args.defaulted = [f"--{k} {v}" for k, v in (
-        ("data", flags.shown(BUNDLED_SLIDE) if args.data is None else None),
+        ("data", settings.shown(BUNDLED_SLIDE) if args.data is None else None),
         ("out", "ckpt" if args.out is None else None),
         ("cache", os.path.join(args.out or "ckpt", "cache") if args.cache is None else None)) if v]
     args.data = args.data or BUNDLED_SLIDE
@@ -397,13 +396,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.recipe:
-        return flags.run_recipe(args, parse_args, train_models)
+        return settings.run_recipe(args, parse_args, train_models, checkpoints.export)
     if args.plot:
         path = previews.plot_curves(args.plot)
         return print(f"wrote {path}") if path else flags.fail(
             f"--plot {args.plot}: no stage*_level*.log.jsonl files (train a model there first)")
     if args.export:
-        return checkpoints.export(args.out, args.export, flags.models_to_train(args))
+        return checkpoints.export(args.out, args.export, settings.models_to_train(args))
     if args.memory:
         return costs.print_memory(args)
     return train_models(args)

@@ -3,13 +3,13 @@ stage's CDM from files alone, and training checkpoints (save, resume, start from
 import dataclasses
 import glob
 import os
-import sys
 
 import torch
 
 import cascade
 import unet as unet_mod
-from operations.files import atomic_path
+from operations.files import atomic_path, file_digest
+from operations.flags import DEMO_CKPT, fail
 
 MODEL_FORMAT = "urcdm-model-v1"
 FP16_MAX = 65504.0
@@ -108,6 +108,29 @@ def load_cdm(ckpt_dir, preset, stage, device="cpu", bf16=False):
                        device=device, bf16=bf16)
 
 
+def check_models(args, p, stages):
+    """The model directory (resolved) and {file: sha256} of the files the stages need; each file's
+    identity is checked now, cheaply (mmap: no weights read), not after hours of work."""
+    ckpt = os.path.realpath(args.ckpt or DEMO_CKPT)
+    if not os.path.isdir(ckpt):
+        fail(f"--ckpt {ckpt}: no such directory. Train the nine models with train.py (README, "
+             "'Training') or pass --dry-run to try the pipeline without models")
+    names = [model_filename(s, lvl) for s in stages for lvl in range(3)]
+    for n in names:
+        path, (s, lvl) = os.path.join(ckpt, n), (int(n[5]), int(n[12]))
+        if not os.path.isfile(path):
+            fail(f"--ckpt {ckpt}: missing model file {n}; train it with `python train.py --preset "
+                 f"{p.name} --stage {s} --level {lvl}` or point --ckpt elsewhere")
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001
+            fail(f"--ckpt {path}: not a readable URCDM model file ({type(e).__name__})")
+        why = checkpoint_mismatch(ck, p, s, lvl, None if args.outpaint else True)
+        if why:
+            fail(f"--ckpt {path}: {why}")
+    return ckpt, {n: file_digest(os.path.join(ckpt, n)) for n in names}
+
+
 # ---------------------------------------------------------------------- training checkpoints
 
 def save(trainer):
@@ -146,7 +169,7 @@ def resume(trainer):
     try:
         ck = torch.load(T.path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        sys.exit(f"error: {T.path}: not a readable checkpoint ({type(e).__name__}); move it "
+        fail(f"{T.path}: not a readable checkpoint ({type(e).__name__}); move it "
                  "away to start afresh")
     why = checkpoint_mismatch(ck, T.preset, T.stage, T.level, T.cfg.conditioned)
     if why is None and "model" not in ck:
@@ -156,7 +179,7 @@ def resume(trainer):
     if why is None and ck.get("seed") != T.cfg.seed:
         why = f"seed {ck.get('seed')}, now {T.cfg.seed}"
     if why:
-        sys.exit(f"error: {T.path} cannot be resumed: {why}; use another --out or the "
+        fail(f"{T.path} cannot be resumed: {why}; use another --out or the "
                  "original settings")
     T.model.load_state_dict(ck["model"])
     T.ema.load_state_dict(ck["ema"])
@@ -176,9 +199,9 @@ def start_from(trainer, path):
     try:
         net, conditioned = load_unet(path, T.preset, T.stage, T.level)
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: --init {e}")
+        fail(f"--init {e}")
     if conditioned != T.cfg.conditioned or net.cfg != T.unet_cfg:
-        sys.exit(f"error: --init {path}: another U-Net or conditioning than --preset "
+        fail(f"--init {path}: another U-Net or conditioning than --preset "
                  f"{T.preset.name} trains; pass the preset it was trained with")
     T.model.load_state_dict(net.state_dict())
     T.ema.load_state_dict(net.state_dict())
@@ -196,13 +219,13 @@ def export(out, dest, models):
         try:
             ck = torch.load(src, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
-            sys.exit(f"error: {src}: not a readable checkpoint ({type(e).__name__})")
+            fail(f"{src}: not a readable checkpoint ({type(e).__name__})")
         keep = {k: ck[k] for k in ("format", "preset", "stage", "level", "conditioned",
                                    "unet_config", "step")}
         keep.update(mpp=ck.get("mpp"), args=ck.get("args"))
         why = weights_problem(ck["ema"])  # non-finite, or beyond fp16's range
         if why:
-            sys.exit(f"error: {src}: its EMA weights are broken ({why}); not exported")
+            fail(f"{src}: its EMA weights are broken ({why}); not exported")
         # fp16 halves the files (the demo's models ship in the repository); loading casts to fp32
         keep["ema"] = {k: v.half() if v.is_floating_point() else v for k, v in ck["ema"].items()}
         with atomic_path(os.path.join(dest, model_filename(s, lvl))) as tmp:

@@ -9,7 +9,7 @@ import cascade
 import sde
 import tiler
 import unet as unet_mod
-from operations import distributed, flags, windows
+from operations import distributed, flags, settings, windows
 
 # Rank 0's file work that a round waits for, per patch of the round (known pixels read and sent,
 # floats made, the round saved and written: tests/bench_sample.py --io, 1.15 s for a 23-patch paper
@@ -72,9 +72,10 @@ def estimate(args):
     With --window / --patches: what those windows cost (--patches: uniform random positions, as
     the tissue is not known before stage 2)."""
     p = flags.get_preset(args.preset)
-    sp, batch, W = flags.resolve_sampling(args, p), args.batch or flags.default_batch(p), args.gpus
+    sp, W = settings.resolve_sampling(args, p), args.gpus
+    batch = args.batch or settings.default_batch(p)
     rate = args.tflops * 1e12 * args.mfu  # FLOP/s of one GPU
-    wins, size = flags.check_window_flags(args, p, 3)
+    wins, size = settings.check_window_flags(args, p, 3)
     if args.patches:
         rng = np.random.default_rng(sde.derive_seed("windows", args.seed))
         xy = rng.integers(0, cascade.stage_size(p, 3) - size + 1, (args.patches, 2))
@@ -185,7 +186,7 @@ def memory_rows(preset, models, batch, bf16, gpu_gib, crop=None):
 def print_memory(args):
     """train.py --memory: each model's memory per GPU, one line each (auto precision: bf16, as on
     any GPU)."""
-    preset, models = flags.train_preset(args), flags.models_to_train(args)
+    preset, models = settings.train_preset(args), settings.models_to_train(args)
     bf16 = distributed.use_bf16(args.precision, torch.device("cuda"))
     print(f"memory per GPU, preset {preset.name}, batch {args.batch} per GPU, "
           f"{'bf16 autocast' if bf16 else 'fp32'}, {args.gpu_mem:g} GiB a GPU:")

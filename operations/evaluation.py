@@ -205,7 +205,6 @@ def format_table(results):
     lines.append("+- : standard deviation over 10 bootstrap redraws of both sides' crops; two "
                  "models differ\n     only by more than about twice it")
 
-
     if results.get("table1_ip_ir"):
         mags = results.get("table1_mags", [0, 1, 2])
         lines.append(f"IP / IR averaged over magnifications {', '.join(map(str, mags))} (the "

@@ -120,7 +120,6 @@ class Journal:
             os.remove(self.round_path)
 
 
-
 def open_work(args, settings, preset, rank, world):
     """OUT.work/ with its journal, locked for this run (rank 0 holds an exclusive lock; the lock
     file stays open with the journal). A run with finished patches is continued only with --resume

@@ -26,7 +26,8 @@ from operations import checkpoints, windows
 from operations.aperio import DiskArray, write_aperio
 from operations.distributed import barrier, gather, scatter_batches
 from operations.files import atomic_path, file_digest, write_json
-from operations.flags import fail, resolve
+from operations.flags import fail
+from operations.settings import resolve
 from operations.journal import open_work, write_round
 from operations.logs import Progress
 from operations.previews import slide_previews
@@ -351,8 +352,6 @@ def many_slides(args, device, rank, world):
         print(f"wrote {args.out}.manifest.json: {len(records)} slides on {len(hosts)} machine(s) "
               f"({', '.join(hosts)}); each slide stays on the machine that made "
               "it", file=sys.stderr)
-
-
 
 
 def one_line_errors(fn, *a):

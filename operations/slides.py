@@ -264,8 +264,6 @@ def list_slides(path):
     return good
 
 
-
-
 def slides_mpp(paths, area_size, N3):
     """Microns per stage-3 pixel of training slides: their level-0 MPP times the area's
     downsample to N3 px (the median when slides differ; None when no slide says)."""

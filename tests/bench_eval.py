@@ -98,7 +98,6 @@ def table(rows):
         lines.append(f"| {name} | {' / '.join(f(m['fid'], 0) for m in mags)} | "
                      f"{' / '.join(f(kid_e3(m), 0) for m in mags)} | "
 
-
                      f"{' / '.join(f(m['ip'], 2) for m in mags)} | "
                      f"{' / '.join(f(m['ir'], 2) for m in mags)} | "
                      f"{f(r['pfid']['pfid'], 0)} | {f(mae[0])} / {f(mae[1])} | {f(seam[0], 2)} / "

@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import cascade  # noqa: E402
 import tiler  # noqa: E402
-from operations import aperio, flags, journal  # noqa: E402
+from operations import aperio, journal, settings  # noqa: E402
 
 GPU_MS_PER_STEP = 96.8  # the paper1024 U-Net's forward at 1024 px on an A100 at 40 % of 312 TFLOP/s
 
@@ -133,9 +133,9 @@ def io_bench(args, n_round=23):
         lower = tiler.Lower(stage2, cascade.zoom(p, 3), p.background)
         white = tiler.WhiteTest(0.5, data.tissue_fraction)
         cells = [(i, n_round - 1 - i) for i in range(n_round)]  # one anti-diagonal: a round
-        settings, _ = flags.resolve(sample.parse_args(["--preset", p.name, "--dry-run", "--out",
-                                                        args.out]), torch.device("cpu"))
-        log = journal.Journal(work, settings)
+        run, _ = settings.resolve(sample.parse_args(["--preset", p.name, "--dry-run", "--out",
+                                                   args.out]), torch.device("cpu"))
+        log = journal.Journal(work, run)
         t = {}
         t0 = time.perf_counter()
         low = [tiler.lower_inputs(grid, [c], lower, white) for c in cells]

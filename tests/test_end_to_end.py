@@ -17,11 +17,9 @@ SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
 def test_train_sample_evaluate_demo(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     ckpt, out = tmp_path / "ckpt", tmp_path / "slide.tif"
-    train = [sys.executable, os.path.join(ROOT, "train.py"), "--preset", "demo", "--stage", "all",
-             "--level", "all",
-             "--data", SLIDE, "--out", str(ckpt), "--cache", str(tmp_path / "cache"), "--batch",
-             "2",
-             "--max-steps", "2", "--keep", "0"]
+    train = [sys.executable, os.path.join(ROOT, "train.py"), "--preset", "demo",
+             "--stage", "all", "--level", "all", "--data", SLIDE, "--out", str(ckpt),
+             "--cache", str(tmp_path / "cache"), "--batch", "2", "--max-steps", "2", "--keep", "0"]
     res = subprocess.run(train, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     export = train[:-4] + ["--export", str(tmp_path / "models")]

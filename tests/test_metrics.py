@@ -167,7 +167,6 @@ def test_resize_is_clean_fids_pil_bicubic_per_channel():
     assert np.allclose(flat, 77, atol=1e-3)
 
 
-
 def test_consistency_is_zero_on_a_slide_made_by_downsampling_one_image(tmp_path):
     p = small_preset()
     img = synthetic_rgb(116, 116)

@@ -1,0 +1,226 @@
+"""Settings: what a sampling or training run will do, resolved from its flags and preset before
+any work (sample.py's Settings, which the journal stores; train.py's preset and models; recipes)."""
+import dataclasses
+import os
+import shlex
+import shutil
+
+import cascade
+from operations import checkpoints
+from operations.distributed import use_bf16
+from operations.flags import (above, at_least, between, check_ranges, fail, get_preset)
+from operations.slides import SlideError, open_slide
+
+
+# ---------------------------------------------------------------------- sample.py's settings
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a sampling run's slide depends on, resolved once from the flags and the preset.
+    The journal stores it; --resume requires the same."""
+    preset: str
+    seed: int
+    stages: int                 # stop after this stage
+    order: str                  # tiler.ORDERS
+    batch: int                  # patches per U-Net batch
+    white_threshold: float      # 'mostly white': less tissue than this (stages in fill_white)
+    outpaint: bool              # stage 3 from its neighbours only (the paper's baseline)
+    dry_run: bool               # cheap stand-in models
+    precision: str              # fp32 or bf16 (resolved from auto)
+    sampling: cascade.Sampling  # the preset's, with the flags that override it
+    models: dict                # {file name: sha256} of the model files used ({} for --dry-run)
+    ckpt: str                   # the model directory, resolved
+    from_slide: str = ""        # --from: a real slide whose lower stage is used ("" = none)
+    start_stage: int = 1        # the first stage generated (1; 2-3 with --from; 3 for --outpaint)
+    windows: tuple = ()         # --window: ((x, y, w, h), ...) in final-stage px; () = the slide
+    patches: int = 0            # --patches: that many random windows on tissue (0 = none)
+    patch_size: int = 0         # their side, final-stage px
+
+
+def resolve(args, device, rank=0):
+    """Settings from the flags and the preset: every default and every check in one place,
+    before any work. Returns (Settings, preset)."""
+    preset = get_preset(args.preset)
+    start = check_from(args, preset) if args.from_slide else (3 if args.outpaint else 1)
+    stages = list(range(start, args.stages + 1))
+    sampling = resolve_sampling(args, preset)
+    ckpt, models = ("", {}) if args.dry_run else checkpoints.check_models(args, preset, stages)
+    if rank == 0:  # only rank 0 writes (other machines need no shared file system)
+        check_out(args, preset, stages)
+    windows, patch_size = check_window_flags(args, preset, max(stages))
+    return Settings(preset=preset.name, seed=args.seed, stages=max(stages), order=sampling.order,
+                    batch=args.batch or default_batch(preset), white_threshold=args.white_threshold,
+                    outpaint=args.outpaint, dry_run=args.dry_run,
+                    precision="bf16" if use_bf16(args.precision, device) else "fp32",
+                    sampling=sampling, models=models, ckpt=ckpt, start_stage=start,
+                    from_slide=os.path.realpath(args.from_slide) if args.from_slide else "",
+                    windows=windows, patches=args.patches, patch_size=patch_size), preset
+
+
+def default_batch(preset):
+    """Patches per U-Net batch when --batch is not given: 1 at GPU-filling sizes (1024 px), so
+    that a round's patches spread over every rank (batches are cut before ranks take their
+    share); 8 for small patches (the CPU demo)."""
+    return 1 if preset.patch >= 1024 else 8
+
+
+def check_window_flags(args, p, last):
+    """--window / --patches: windows inside the final stage. Returns (windows, patch size)."""
+    N, windows = cascade.stage_size(p, last), tuple(tuple(w) for w in args.window or ())
+    for x, y, w, h in windows:
+        if not (w >= 1 and h >= 1 and 0 <= x and x + w <= N and 0 <= y and y + h <= N):
+            fail(f"--window {x} {y} {w} {h}: must lie inside the {N} x {N} px stage {last} image")
+    size = args.patch_size or p.patch
+    if args.patches and (args.patches < 0 or windows or not 1 <= size <= N or last != 3):
+        fail(f"--patches {args.patches}: use N >= 1, without --window, with --patch-size 1 to {N} "
+             "and --stages 3")
+    return windows, size if args.patches else 0
+
+
+def check_from(args, p):
+    """--from SLIDE --start-stage S: a readable slide at least the area's size, S within --stages.
+    Returns S."""
+    start = args.start_stage or 2
+    if args.outpaint:
+        fail("--from and --outpaint: choose one (the outpainting baseline has no lower stage)")
+    if start > args.stages:
+        fail(f"--start-stage {start} with --stages {args.stages}: nothing to generate")
+    try:
+        W, H = open_slide(args.from_slide).dimensions
+    except SlideError as e:
+        fail(f"--from {e}")
+    N3 = cascade.stage_size(p, 3)
+    if min(W, H) < N3:
+        fail(f"--from {args.from_slide}: {W} x {H} px is smaller than preset {p.name}'s {N3} px "
+             "area; use a larger slide or another preset")
+    return start
+
+
+def resolve_sampling(args, p):
+    """The preset's Sampling with the flags that override it, each flag checked."""
+    sp, half = p.sampling, p.patch // 16  # half the overlap
+    check_ranges(args, {"--batch": at_least(1), "--resample": at_least(1), "--eta": at_least(0),
+                        "--threshold": between(0, 1), "--aug-level": between(0, 1),
+                        "--white-threshold": between(0, 1), "--mpp": above(0),
+                        "--steps": at_least(1),
+                        "--feather": (between(0, half)[0], f"a value in [0, {half}] px for preset "
+                                      f"{p.name} (half its {p.patch // 8} px overlap)")})
+    if args.steps is not None and len(args.steps) not in (3, 9):
+        fail(f"--steps {args.steps}: use 3 values (one per level) or 9 (per stage and level)")
+    margin = sp.edge_margin if args.edge_margin is None else args.edge_margin
+    try:  # checked by the rule the tiler applies
+        cascade.Grid(p.patch, 1, margin)
+    except ValueError as e:
+        fail(f"--edge-margin (preset {p.name}): {e}")
+    pick = lambda flag, default: default if flag is None else flag
+    return dataclasses.replace(
+        sp, steps=tuple(pick(args.steps, sp.steps)), sampler=pick(args.sampler, sp.sampler),
+        eta=pick(args.eta, sp.eta),
+        threshold=sp.threshold if args.threshold is None else (args.threshold or None),
+        resample=pick(args.resample, sp.resample), aug_level=pick(args.aug_level, sp.aug_level),
+        edge_margin=margin, feather=pick(args.feather, sp.feather),
+        fill_white=tuple(pick(args.fill_white, sp.fill_white)), order=pick(args.order, sp.order))
+
+
+def check_out(args, p, stages):
+    """--out names a file in a writable directory with room for the run."""
+    out = os.path.abspath(args.out)
+    if os.path.isdir(out):
+        fail(f"--out {args.out} is a directory; give a file name such as "
+             f"{os.path.join(args.out, 'slide.tif')}")
+    folder = os.path.dirname(out)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        fail(f"--out {args.out}: cannot write into {folder} (missing or read-only)")
+    # the stage images, the pyramid's temporary levels and the slide; windows: their closure
+    sizes = [3 * cascade.stage_size(p, s) ** 2 for s in stages]
+    if args.window or args.patches:
+        windows = max(len(args.window or ()), args.patches)
+        sizes[-1] = min(sizes[-1], 3 * p.patch ** 2 * 50 * windows)
+    need = sum(sizes) * 1.4
+    free = shutil.disk_usage(folder).free
+    if free < need and not args.resume:
+        fail(f"--out {args.out}: this run needs about {need / 1e9:.1f} GB in {folder}, "
+             f"{free / 1e9:.1f} GB are free")
+
+
+# ---------------------------------------------------------------------- train.py's settings
+
+def train_preset(args):
+    """The preset with the training flags that override its recipe (--crop, --min-snr-gamma,
+    --positions, --crop-context)."""
+    preset = get_preset(args.preset)
+    tr = preset.training
+    if args.crop is not None:
+        top = preset.level_sizes[-1]
+        if not (8 <= args.crop <= top and args.crop % 8 == 0):
+            fail(f"--crop {args.crop}: use a multiple of 8 from 8 to {top} (the top level's size) "
+                 f"for preset {preset.name}")
+        tr = dataclasses.replace(tr, crop=args.crop)
+    if args.min_snr_gamma is not None:
+        tr = dataclasses.replace(tr, min_snr_gamma=args.min_snr_gamma or None)
+    if args.positions is not None:
+        tr = dataclasses.replace(tr, positions=args.positions)
+    if args.crop_context is not None:
+        tr = dataclasses.replace(tr, crop_context=args.crop_context)
+    return dataclasses.replace(preset, training=tr)
+
+
+def models_to_train(args):
+    """[(stage, level), ...] from --stage / --level."""
+    stages = [1, 2, 3] if args.stage == "all" else [int(args.stage)]
+    levels = [0, 1, 2] if args.level == "all" else [int(args.level)]
+    return [(s, lvl) for s in stages for lvl in levels]
+
+
+def auto_workers(device):
+    """Loader workers of one rank: on CUDA its share of this machine's cores less one (the rank's
+    own process); on CPU none (the step itself uses the cores)."""
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
+
+
+def shown(path):
+    """A path as a user would type it here: relative below the working directory, else absolute."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+# A recipe is the list of train.py runs (phases) that made a set of models, in a text file: '#'
+# comments, one line `common: FLAGS` given to every phase, then one line of flags per phase. A phase
+# trains its models up to its --max-steps and resumes exactly, so re-running the command continues
+# where it stopped and a finished phase is skipped. Only these flags may be given beside --recipe;
+# everything else is the recipe's.
+RECIPE_FLAGS = ("data", "out", "cache", "threads", "device", "export")
+
+
+def read_recipe(path):
+    """(common flags, [flags of each phase]) of a recipe file."""
+    try:
+        with open(path) as f:
+            lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    except OSError as e:
+        fail(f"--recipe {path}: {e.strerror}; give a recipe file such as "
+             "checkpoints/demo/recipe.txt")
+    if not lines or not lines[0].startswith("common:") or len(lines) < 2:
+        fail(f"--recipe {path}: expected a line 'common: FLAGS', then one line of flags per phase")
+    return shlex.split(lines[0][len("common:"):]), [shlex.split(ln) for ln in lines[1:]]
+
+
+def run_recipe(args, parse_args, train_models, export):
+    """train.py --recipe: each phase of the recipe file as its own training run
+    (train_models(parse_args(flags))), then export(out, dest, models)."""
+    common, phases = read_recipe(args.recipe)
+    mine = [f for k in RECIPE_FLAGS if k != "export" and getattr(args, k) is not None
+            for f in (f"--{k}", str(getattr(args, k)))]
+    for i, phase in enumerate(phases):
+        argv = common + phase + mine
+        print(f"recipe {args.recipe}, phase {i + 1}/{len(phases)}: train.py {shlex.join(argv)}",
+              flush=True)
+        if train_models(parse_args(argv)) is False:
+            return print(f"recipe {args.recipe}: stopped in phase {i + 1}; the same command "
+                         "continues it")
+    if args.export:
+        every = parse_args(common + ["--stage", "all", "--level", "all", "--out", args.out])
+        export(every.out, args.export, models_to_train(every))
