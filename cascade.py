@@ -118,23 +118,27 @@ _PAPER_GEOMETRY = dict(patch=1024, n_patches=(1, 7, 46), level_sizes=(64, 256, 1
                        unets=("paper64", "paper256", "paper1024"),
                        schedules=("cosine", "cosine", "linear"),
                        background=(242, 243, 242))  # the authors' dataset pads with this grey
+
+
+def _small_training(crop):
+    """The demo's and tiny's training recipe (short CPU runs), top-level crops of `crop` px."""
+    return Training(crop=crop, aug_train=(0.0, 0.5), aug_per_batch=False, min_snr_gamma=None,
+                    area_choice="tissue", ema_warmup="fast", positions="area",
+                    crop_context="window")
+
+
 PRESETS = {
     # The authors' recipe: geometry and sizes [PAPER Sec. 2-3]; everything else the imagen-pytorch
-    # 1.25 defaults their training script leaves on (see docs/design.md, "The paper preset").
+    # 1.25 defaults their training script leaves on (docs/design.md, "The paper preset").
     "paper": Preset("paper", **_PAPER_GEOMETRY, resize="nearest",  # imagen-pytorch's resize
                     objectives=("eps", "v", "v"),  # their pred_objectives: eps for the base unet
                     sampling=Sampling(steps=(1024, 256, 256), threshold=0.95)),
-    # deviation: the paper's geometry and sizes with our choices (README, "Departures"): leaner
-    # U-Nets (unet.py, plus64 / plus256 / plus1024: 0.93 x the authors' slide FLOPs), stage 2-3
-    # examples anywhere in the area as the paper says (sampling sees nothing beyond it; a 1.7-3.5
-    # x faster loader than the authors' grid, tests/bench_data.py), top-level crops that see their
-    # context's window (one scale in training and sampling), region conditioning, the inner-edge
-    # margin and the feathered paste (overlap / 8 = 16 px), white fill at stage 2 too, the
-    # checkerboard order (4 rounds a stage: every rank busy, windows cheap; on the demo within the
-    # seeds' spread of wavefront, docs/notes.md), and DPM-Solver++(2M) at about 1/4-1/5 of the
-    # authors' steps: 1.36e18 FLOP a slide without glass against their 7.53e18
-    # (tests/bench_flops.py). At demo scale, stage 3 with this solver at 1/8 of a reference's
-    # steps scored as the reference (docs/notes.md).
+    # deviation: the paper's geometry and sizes with our choices, each with its measured effect in
+    # docs/departures.md: leaner U-Nets (0.93 x the authors' slide FLOPs), stage 2-3 examples
+    # anywhere in the area (as the paper says), top-level crops that see their context's window,
+    # region conditioning, the inner-edge margin and the feathered paste (overlap / 8 = 16 px),
+    # white fill at stage 2 too, the checkerboard order, and DPM-Solver++(2M) at about 1/4-1/5 of
+    # the authors' steps: 1.36e18 FLOP a slide without glass against their 7.53e18.
     "paper_plus": Preset("paper_plus", **{**_PAPER_GEOMETRY, "unets": ("plus64", "plus256",
                                                                        "plus1024")},
                          objectives=("eps", "v", "v"), region=True,
@@ -143,30 +147,20 @@ PRESETS = {
                                            edge_margin=16, feather=16, fill_white=(2, 3),
                                            order="checkerboard")),
     # The shipped CPU demo (stages 256 / 704 / 2048, 16 -> 64 -> 256 px).
-    # deviation: the settings its checkpoints were trained with, not the authors' (README,
-    # "Departures"): v everywhere, cosine augmentation of every input over U(0, 0.5) per sample,
-    # region conditioning, no min-SNR, tissue-centred areas and examples inside them, the
-    # context's window on top-level crops, no
-    # thresholding, the inner-edge margin and feather (overlap / 8 = 4 px), white fill at stages
-    # 2 and 3, the ADM U-Net layout, an EMA updated every step with a fast warm-up (short CPU
-    # runs).
+    # deviation: the settings its models were trained with (docs/departures.md): v everywhere,
+    # cosine augmentation of every input over U(0, 0.5) per sample, region conditioning, no
+    # min-SNR, tissue-centred areas and examples inside them, the context's window on top-level
+    # crops, no thresholding, the inner-edge margin and feather (4 px), white fill at stages 2-3,
+    # UNet's ADM layout, an EMA updated every step with a fast warm-up (short CPU runs).
     "demo": Preset("demo", patch=256, n_patches=(1, 3, 9), level_sizes=(16, 64, 256),
                    unets=("demo_base", "demo", "demo"), schedules=("cosine", "cosine", "linear"),
-                   **V1_MODEL_DEFAULTS,
-                   training=Training(crop=64, aug_train=(0.0, 0.5), aug_per_batch=False,
-                                     min_snr_gamma=None,
-                                     area_choice="tissue", ema_warmup="fast",
-                                     positions="area", crop_context="window"),
-                   sampling=Sampling(steps=(50, 25, 10), edge_margin=4,
-                                     feather=4, fill_white=(2, 3))),
+                   **V1_MODEL_DEFAULTS, training=_small_training(crop=64),
+                   sampling=Sampling(steps=(50, 25, 10), edge_margin=4, feather=4,
+                                     fill_white=(2, 3))),
     # For tests and smoke runs: stages 32 / 88 / 116, 8 -> 16 -> 32 px, a few steps.
     "tiny": Preset("tiny", patch=32, n_patches=(1, 3, 4), level_sizes=(8, 16, 32),
-                   unets=("tiny",) * 3,
-                   schedules=("cosine", "cosine", "linear"), **V1_MODEL_DEFAULTS,
-                   training=Training(crop=16, aug_train=(0.0, 0.5), aug_per_batch=False,
-                                     min_snr_gamma=None,
-                                     area_choice="tissue", ema_warmup="fast",
-                                     positions="area", crop_context="window"),
+                   unets=("tiny",) * 3, schedules=("cosine", "cosine", "linear"),
+                   **V1_MODEL_DEFAULTS, training=_small_training(crop=16),
                    sampling=Sampling(steps=(3, 3, 3), fill_white=(2, 3))),
 }
 

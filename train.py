@@ -33,10 +33,9 @@ import data
 import sde
 import unet as unet_mod
 from operations import checkpoints, costs, flags, logs, previews, settings
-from operations.distributed import PRECISION_HELP, init_distributed, use_bf16
-from operations.files import remove_orphans
+from operations.distributed import PRECISION_HELP, init_distributed
 from operations.logs import StepSums, TrainLog
-from operations.slides import SlideError, list_slides, slides_mpp
+from operations.slides import SlideError
 
 BUNDLED_SLIDE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data",
                              "cmu_small_region.svs")  # a small CC0 H&E slide, the demo's data
@@ -44,7 +43,7 @@ BUNDLED_SLIDE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """What training reads, resolved once from the flags (Config.from_args)."""
+    """What training reads, resolved once from the flags (operations.settings.train_fields)."""
     out: str                   # checkpoint directory
     batch: int                 # per process; the global batch is batch x ranks
     lr: float                  # Adam's learning rate [Imagen: 1e-4]
@@ -66,16 +65,7 @@ class Config:
 
     @classmethod
     def from_args(cls, args, device):
-        steps = args.max_steps * 3 if len(args.max_steps) == 1 else args.max_steps
-        workers = settings.auto_workers(device) if args.workers == "auto" else int(args.workers)
-        # deviation: the authors trained in fp32; auto = bf16 autocast where native (README)
-        return cls(out=args.out, batch=args.batch, lr=args.lr, max_steps=tuple(steps), ema=args.ema,
-                   bf16=use_bf16(args.precision, device), seed=args.seed,
-                   conditioned=not args.outpaint, init=args.init,
-                   compile=args.compile, workers=workers, log_every=args.log_every,
-                   save_every=args.save_every, keep=args.keep, sample_every=args.sample_every,
-                   sample_steps=args.sample_steps, max_nonfinite=args.max_nonfinite,
-                   check_replicas=args.check_replicas)
+        return cls(**settings.train_fields(args, device))
 
 
 def ema_decay(step, beta, warmup):
@@ -225,20 +215,8 @@ def train_models(args):
     ddp, rank, world, device = init_distributed(args.device)
     preset, models = settings.train_preset(args), settings.models_to_train(args)
     cfg = Config.from_args(args, device)
-    os.makedirs(args.out, exist_ok=True)
-    if rank == 0 and args.defaulted:
-        print("defaults: " + ", ".join(args.defaulted) + " (pass the flags to change them)",
-              flush=True)
-
-    try:
-        slides = list_slides(args.data)
-        mpp = slides_mpp(slides, args.area_size, cascade.stage_size(preset, 3))
-    except SlideError as e:
-        flags.fail(f"--data {e}")
-    if rank == 0:
-        remove_orphans(args.out)
-    stop_flag = [False]
-    # preemption: save, then exit
+    slides, mpp = settings.training_slides(args, preset, rank, device)
+    stop_flag = [False]  # preemption (SIGTERM): save, then exit
     signal.signal(signal.SIGTERM, lambda *_: stop_flag.__setitem__(0, True))
     if len(models) == 1:  # one model, data-parallel over all ranks
         jobs, sync = [(models[0], rank, world)], ddp
@@ -255,10 +233,6 @@ def train_models(args):
                     print(f"{trainer.path}: already at step {trainer.step} >= --max-steps; "
                           "nothing to do")
                 continue
-            if trainer.rank == 0 and args.max_steps == [200_000] and device.type == "cpu":
-                print("note: --max-steps is left at the paper's 200000 and this runs on a CPU: the "
-                      "ETA after step 1 says how long that takes; pass --max-steps for a shorter "
-                      "run", flush=True)
             ds = data.StageLevelDataset(slides, preset, s, lvl, area_size=args.area_size,
                                         cache_dir=args.cache, seed=args.seed, length=2 ** 62,
                                         conditioned=cfg.conditioned, max_open=args.max_open,

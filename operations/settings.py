@@ -9,7 +9,8 @@ import cascade
 from operations import checkpoints
 from operations.distributed import use_bf16
 from operations.flags import (above, at_least, between, check_ranges, fail, get_preset)
-from operations.slides import SlideError, open_slide
+from operations.files import remove_orphans
+from operations.slides import SlideError, list_slides, open_slide, slides_mpp
 
 
 # ---------------------------------------------------------------------- sample.py's settings
@@ -163,6 +164,40 @@ def train_preset(args):
     if args.crop_context is not None:
         tr = dataclasses.replace(tr, crop_context=args.crop_context)
     return dataclasses.replace(preset, training=tr)
+
+
+def train_fields(args, device):
+    """train.Config's fields from train.py's flags on `device`."""
+    steps = args.max_steps * 3 if len(args.max_steps) == 1 else args.max_steps
+    workers = auto_workers(device) if args.workers == "auto" else int(args.workers)
+    # deviation: the authors trained in fp32; auto = bf16 autocast where native (README)
+    return dict(out=args.out, batch=args.batch, lr=args.lr, max_steps=tuple(steps),
+                ema=args.ema, bf16=use_bf16(args.precision, device), seed=args.seed,
+                conditioned=not args.outpaint, init=args.init, compile=args.compile,
+                workers=workers, log_every=args.log_every, save_every=args.save_every,
+                keep=args.keep, sample_every=args.sample_every, sample_steps=args.sample_steps,
+                max_nonfinite=args.max_nonfinite, check_replicas=args.check_replicas)
+
+
+def training_slides(args, preset, rank, device):
+    """The slides of --data and their um/px (slides_mpp), with the start's notices (defaults
+    taken, the paper's 200k steps on a CPU) and the temp files of killed saves removed from
+    --out. A one-line error when --data holds no usable slide. Returns (paths, mpp or None)."""
+    os.makedirs(args.out, exist_ok=True)
+    if rank == 0:
+        remove_orphans(args.out)
+        if args.defaulted:
+            print("defaults: " + ", ".join(args.defaulted) + " (pass the flags to change them)",
+                  flush=True)
+        if args.max_steps == [200_000] and device.type == "cpu" and not args.memory:
+            print("note: --max-steps is left at the paper's 200000 and this runs on a CPU: the "
+                  "ETA after step 1 says how long that takes; pass --max-steps for a shorter run",
+                  flush=True)
+    try:
+        slides = list_slides(args.data)
+        return slides, slides_mpp(slides, args.area_size, cascade.stage_size(preset, 3))
+    except SlideError as e:
+        fail(f"--data {e}")
 
 
 def models_to_train(args):

@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 # The authors' U-Nets (their training script; docs/design.md, "The paper preset"), with the
 # cross-attention layers (to the time tokens, as no text is given) and the init-conv residual
-# their script sets: these reproduce issue 29's 412.9 / 300.5 / 690.3 M parameters and 0.259 /
+# their script sets: these reproduce their 412.9 / 300.5 / 690.3 M parameters and 0.259 /
 # 0.458 / 12.09 TFLOP exactly (an earlier version left both out and under-counted them).
 AUTHORS_UNETS = {
     "paper64": (64, None, dict(dim=256, dim_mults=(1, 2, 3, 4), num_resnet_blocks=3,

@@ -17,24 +17,25 @@ from operations import costs  # noqa: E402
 
 # The authors' models, counted the same way on lucidrains' imagen-pytorch U-Nets with their training
 # script's settings. Two sources:
-#   ISSUE: the figures of this project's issue 14 (imagen-pytorch 1.26, stage-3 conditioning);
+#   FIRST: our first count of their models (imagen-pytorch 1.26, stage-3 conditioning), rounded;
 #   MEASURED: tests/bench_authors.py on imagen-pytorch 1.26.0 with our stage-3 inputs (context
 #   3 channels; the low-resolution image as imagen's lowres_cond): params (M), forward TFLOP at the
 #   level's size, forward + backward TFLOP and saved bytes (GiB, fp32, by an older count that also
 #   took weights and tensors two ops share: not comparable with costs.saved_bytes) at training size.
-AUTHORS = {"paper64": (64, 0.259), "paper256": (256, 0.458), "paper1024": (1024, 12.09)}  # ISSUE
-AUTHORS_TRAIN_1024_ON_256 = 2.25  # TFLOP, forward + backward, one image (ISSUE)
-AUTHORS_SLIDE = 7.53e18           # FLOP, a 41344^2 slide at 1024 / 256 / 256 steps (ISSUE)
+AUTHORS = {"paper64": (64, 0.259), "paper256": (256, 0.458), "paper1024": (1024, 12.09)}  # FIRST
+AUTHORS_TRAIN_1024_ON_256 = 2.25  # TFLOP, forward + backward, one image (FIRST)
+AUTHORS_SLIDE = 7.53e18           # FLOP, a 41344^2 slide at 1024 / 256 / 256 steps (FIRST)
 # name: (params M, forward TFLOP, train px, fwd+bwd TFLOP, saved GiB)
 AUTHORS_MEASURED = {
     "paper64": (412.9, 0.259, 64, 0.776, 2.51),
     "paper256": (300.5, 0.458, 256, 1.375, 3.24),
     "paper1024": (690.3, 12.085, 256, 2.260, 5.12),
 }
-# Their forward FLOP exactly, for issue 29's goal (at or below theirs; params within 5 %).
+# Their forward FLOP exactly, for `paper`'s goal, the authors' size (at or below their FLOPs;
+# params within 5 %).
 AUTHORS_FORWARD = {"paper64": 258581170176, "paper256": 458476883968, "paper1024": 12085086130176}
-# Issue 14's goals: forward TFLOP at the level's size (and on the 256 px crop), params at least the
-# authors' minus 15 %, saved activations at or below imagen's.
+# paper_plus's goals, leaner than the authors': forward TFLOP at the level's size (and on the 256 px
+# crop) at or below these, params at least the authors' minus 15 %.
 GOALS = {"paper64": 0.26, "paper256": 0.46, "paper1024": 12.1}
 GOAL_1024_ON_256 = 0.75
 
@@ -59,8 +60,8 @@ def slide_flops(p, steps, white=0.0):
 
 def unet_rows(p, lvl, name, ok):
     """One U-Net's params, forward and training FLOPs and saved bytes against the authors', with
-    the goals: issue 29's for `paper` (the authors' size: params within 5 %, forward FLOPs at or
-    below theirs), issue 14's for paper_plus's leaner ones."""
+    the goals: the authors' size for `paper` (params within 5 %, forward FLOPs at or below
+    theirs), GOALS for paper_plus's leaner ones."""
     cfg, ref_name = cascade.unet_config(p, 3, lvl), f"paper{p.level_sizes[lvl]}"
     size, ref = AUTHORS[ref_name]
     a_params, a_fwd, a_px, a_fb, a_saved = AUTHORS_MEASURED[ref_name]
@@ -88,7 +89,7 @@ def unet_rows(p, lvl, name, ok):
         fc = flops(cfg, L)
         print(f"  {'':10s} on its {L} px training crop: forward {fc / 1e12:.3f} TFLOP (goal <= "
               f"{GOAL_1024_ON_256}: {ok(fc / 1e12 <= GOAL_1024_ON_256)}), fwd+bwd ratio to "
-              f"issue 14's {AUTHORS_TRAIN_1024_ON_256}: "
+              f"the authors' {AUTHORS_TRAIN_1024_ON_256}: "
               f"{fb / 1e12 / AUTHORS_TRAIN_1024_ON_256:.2f}")
 
 
@@ -103,7 +104,7 @@ def main():
     ok = lambda cond: "met" if cond else "NOT met"
     for preset in ("paper", "paper_plus"):
         p = cascade.get_preset(preset)
-        print(f"{preset}'s U-Nets (stage-3 conditioning); authors = issue 14's figure / "
+        print(f"{preset}'s U-Nets (stage-3 conditioning); authors = our first count / "
               "tests/bench_authors.py's measurement:")
         for lvl, name in enumerate(p.unets):
             unet_rows(p, lvl, name, ok)

@@ -8,7 +8,7 @@ runs on the 'meta' device, where tensors have shapes but no data: every op of th
 dispatched, none computes. Its time per step is what the host spends to issue a step: with the
 noise drawn on the device and no sync in the loop (tests/test_cascade.py checks both) the host runs
 ahead of the GPU, so this is the most the host can add to a step, and only if it were slower
-than the GPU. Printed beside it: ops per step and, for the route before issue 26, the time to draw
+than the GPU. Printed beside it: ops per step and, for the earlier host-side route, the time to draw
 one 1024 px patch's noise from a CPU generator (twice per step, then a blocking copy).
 
 --io: rank 0's file work per stage-3 round at paper geometry (a sparse 41344^2 canvas, a stand-in

@@ -27,7 +27,8 @@ def test_bench_gpu_runs_tiny_on_cpu(tmp_path, capsys):
 
 def test_plus_unets_cost_less_than_the_authors():
     """paper_plus's leaner U-Nets: 1024 px model at most 12.09 TFLOP per 1024 px forward and 2.25 a
-    256 px training step (issue 14); all three at or below issue 14's goals."""
+    256 px training step; all three at or below paper_plus's goals (bench_flops.GOALS: leaner
+    than the authors')."""
     p = cascade.get_preset("paper_plus")
     cfg = cascade.unet_config(p, 3, 2)
     assert bench_flops.flops(cfg, 1024) <= 12.1e12
@@ -39,7 +40,7 @@ def test_plus_unets_cost_less_than_the_authors():
 
 
 def test_every_paper_unet_within_issue_14s_flops():
-    """Forward FLOP at or below issue 14's goals (0.26 / 0.46 / 12.1 TFLOP)."""
+    """Forward FLOP at or below the authors' rounded figures (0.26 / 0.46 / 12.1 TFLOP)."""
     p = cascade.get_preset("paper")
     for lvl, name in enumerate(p.unets):
         cfg = cascade.unet_config(p, 3, lvl)
@@ -48,7 +49,7 @@ def test_every_paper_unet_within_issue_14s_flops():
 
 
 def test_every_paper_unet_has_the_authors_size():
-    """Issue 29's goal: parameters within 5 % of the authors' (412.9 / 300.5 / 690.3 M, counted
+    """The authors' size: parameters within 5 % of theirs (412.9 / 300.5 / 690.3 M, counted
     with their script's settings by bench_authors.py; ours are within 1 %: their text-pooling
     weights, unused without text, are the difference), forward FLOPs at or below theirs."""
     p = cascade.get_preset("paper")
@@ -73,8 +74,8 @@ def test_saved_bytes_count_each_storage_once():
 
 
 def test_memory_plan_says_what_fits():
-    """train.py --plan: paper's top model on 256 px crops at batch 8 fits 80 GiB; at its full
-    1024 px it does not, and the plan names the batch that does (<= 2)."""
+    """train.py --memory: paper's top model on 256 px crops at batch 8 fits 80 GiB; at its full
+    1024 px it does not, and the table names the batch that does (<= 2)."""
     p, run = cascade.get_preset("paper"), bench_flops.costs.memory_rows
     crops = run(p, [(3, 2)], 8, True, 80)[0]
     full = run(p, [(3, 2)], 8, False, 80, crop=1024)[0]
@@ -83,8 +84,8 @@ def test_memory_plan_says_what_fits():
 
 
 def test_paper_plus_slide_is_5x_below_the_authors():
-    """Issue 14's goal: a paper-geometry slide at paper_plus's sampling settings <= 1.5e18 FLOP (no
-    glass)."""
+    """paper_plus costs a fifth of the authors' slide: a paper-geometry slide at its sampling
+    settings <= 1.5e18 FLOP (no glass)."""
     p = cascade.get_preset("paper_plus")
     assert bench_flops.slide_flops(p, p.sampling.steps) <= 1.5e18 < bench_flops.AUTHORS_SLIDE / 5
 

@@ -299,3 +299,36 @@ def test_estimate_prints_every_stage_without_models():
     assert int(stage3[1]) == demo.n_patches[2] ** 2  # patches
     assert int(stage3[2]) == 3 * (demo.n_patches[2] - 1) + 1  # wavefront rounds
     assert any(r and r[0] == "slide" for r in rows)
+
+
+@pytest.mark.parametrize("extra,path", [((), "sample_slide"), (("--stream",), "generate")])
+def test_demo_command_runs_sample_slide(tmp_path, monkeypatch, extra, path):
+    """`python sample.py --out slide.tif`, the README's demo command, makes its slide with
+    sample_slide (the teaching path) and the shipped demo models; --stream (like every flag that
+    needs files, ranks or a paper-size slide) takes generate, the streamed path."""
+    import sample
+    from operations import flags, runs
+
+    class Taken(Exception):
+        pass
+    dirs, load = [], checkpoints.load_cdm
+
+    def load_cdm(ckpt_dir, *a, **k):
+        dirs.append(ckpt_dir)
+        return load(ckpt_dir, *a, **k)
+    monkeypatch.setattr(checkpoints, "load_cdm", load_cdm)
+
+    def spy(name):
+        def taken(*a, **k):
+            raise Taken(name, a)
+        return taken
+    monkeypatch.setattr(sample, "sample_slide", spy("sample_slide"))
+    monkeypatch.setattr(runs, "generate", spy("generate"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Taken) as e:
+        sample.main(["--out", "slide.tif", *extra])
+    assert e.value.args[0] == path
+    if path == "sample_slide":
+        cdms, preset = e.value.args[1][:2]
+        assert preset.name == "demo" and sorted(cdms) == [1, 2, 3]
+        assert set(dirs) == {os.path.realpath(flags.DEMO_CKPT)}

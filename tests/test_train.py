@@ -170,6 +170,7 @@ def test_bf16_training_step_close_to_fp32(tmp_path):
     assert all(np.isfinite(r["loss"]) for r in recs) and recs[-1]["nonfinite"] == 0
 
 
+@pytest.mark.slow  # about 70 s on 2 cores (inductor compiles the model): python -m pytest -m slow
 def test_compile_trains_a_tiny_model(tmp_path):
     """--compile (torch.compile, inductor) on a tiny model: a step runs and the saved model is
     the plain one. Needs a C++ compiler; said so where there is none."""
