@@ -11,15 +11,13 @@ geometry is cascade.py's, so training sees exactly what sampling feeds. The stag
 built once per slide into a cache (operations/caches.py); slides are read with
 operations/slides.py.
 
-Usage: python data.py SLIDE [--preset demo] [--out preview.png]
+Usage: python data.py SLIDE [--preset demo] [--out preview.png]  (what training sees of a slide)
 
 References
   [PAPER]     Cechnicka et al., URCDM, MICCAI 2024 ("Datasets and Preprocessing").
 """
-import argparse
 import json
 import os
-import sys
 import warnings
 
 import numpy as np
@@ -136,12 +134,14 @@ def build_cache(slide_path, preset, base, area_size=None):
             with atomic_path(f"{base}.grid.npy", tag) as tmp, open(tmp, "wb") as f:
                 np.save(f, grid)
             meta.update(block=block, grid_n=len(grid), arrays=meta["arrays"] + ["overview", "grid"])
-    write_json(base + ".json", dict(meta, x=x, y=y), tag=tag)
+    stage1 = np.load(f"{base}.stage1.npy", mmap_mode="r")  # the whole area zoomed out
+    write_json(base + ".json", dict(meta, x=x, y=y, tissue=tissue_fraction(stage1)), tag=tag)
 
 
 def slide_caches(paths, preset, area_size=None, cache_dir=None, rank=0, world=1):
     """Every slide's stage images (build_cache), built once into CACHE_DIR (default: .urcdm_cache
-    beside each slide) by this machine's `world` local ranks. Returns their bases."""
+    beside each slide) by this machine's `world` local ranks. Returns {path: base} of the slides
+    whose images could be built (caches.build_missing leaves the others out, saying so)."""
     size = area_size or cascade.stage_size(preset, 3)
     ident = [size, preset.training.area_choice,
              [cascade.stage_size(preset, s) for s in (1, 2, 3)]]
@@ -149,14 +149,24 @@ def slide_caches(paths, preset, area_size=None, cache_dir=None, rank=0, world=1)
         ident += ["grid", preset.patch]
     bases = [caches.cache_base(p, ident, cache_dir) for p in paths]
     nbytes = 3 * sum(cascade.stage_size(preset, s) ** 2 for s in (1, 2))
-    caches.build_missing(paths, bases, lambda p, b: build_cache(p, preset, b, area_size),
-                         nbytes, rank, world)
-    return bases
+    failed = caches.build_missing(paths, bases, lambda p, b: build_cache(p, preset, b, area_size),
+                                  nbytes, rank, world)
+    if failed and len(failed) == len(paths):
+        with open(bases[0] + ".failed") as f:
+            raise SlideError(f"none of the {len(paths)} slide(s) can be read; {f.read()}")
+    return {p: b for i, (p, b) in enumerate(zip(paths, bases)) if i not in failed}
 
 
 def slide_cache(slide_path, preset, area_size=None, cache_dir=None):
     """One slide's stage images (slide_caches), memory-mapped: caches.open_cache's dict."""
-    return caches.open_cache(slide_caches([slide_path], preset, area_size, cache_dir)[0])
+    return caches.open_cache(slide_caches([slide_path], preset, area_size, cache_dir)[slide_path])
+
+
+def area_tissue(base):
+    """The tissue fraction of a built slide's area (its stage-1 image); computed for caches built
+    before their metadata held it."""
+    cache = caches.open_cache(base)
+    return cache["tissue"] if "tissue" in cache else tissue_fraction(cache["stage1"])
 
 
 # ---------------------------------------------------------------------- the nine datasets
@@ -217,6 +227,7 @@ def _nearest_pyramid(u8, sizes, k, window):
 
 
 MAX_OPEN = 64  # slides, and slides' cache maps, a process keeps open (each: 1-2 descriptors)
+MAX_REDRAW = 10  # draws of one example before its unreadable slides stop training
 
 
 class StageLevelDataset(torch.utils.data.Dataset):
@@ -225,13 +236,16 @@ class StageLevelDataset(torch.utils.data.Dataset):
     Item idx is a pure function of (seed, idx): slide, crop position, symmetry and top-level
     crop all come from a generator seeded with them, so any rank/worker split and any resume
     point reproduces the same samples. Returns dict(x0=(3, L, L), cond=(C, L, L)) in [-1, 1]
-    (C = 0 for the unconditional stage-1 base model).
+    (C = 0 for the unconditional stage-1 base model) and `skipped`: why earlier draws of this
+    item were unreadable ('' if none; an unreadable example, a corrupt tile, is drawn again from
+    (seed, idx, attempt), so a run passes it, and a resumed run the same way).
 
     slides: list of slide paths. area_size: level-0 side of each slide's area (None:
     N3, so stage 3 is at full resolution). Stage 2-3 positions (preset.training.positions):
-    'area': anywhere in the area; crops whose field below has less tissue than min_tissue are
-    redrawn (up to 10 times), as the paper ignores mostly white patches. 'grid': the authors'
-    (_grid_crop), every tissue block of every slide equally likely.
+    'area': anywhere in the area (slides whose area is glass left out); crops whose field below
+    has less tissue than min_tissue are redrawn (up to 10 times), as the paper ignores mostly
+    white patches. 'grid': the authors' (_grid_crop), every tissue block of every slide equally
+    likely.
     rank, world: this machine's local rank and rank count (the cache build's split).
     max_open: slides and cache maps kept open per process (least recently used closed first).
     """
@@ -242,8 +256,13 @@ class StageLevelDataset(torch.utils.data.Dataset):
         self.preset, self.stage, self.level = preset, stage, level
         self.seed, self.length, self.min_tissue = seed, length, min_tissue
         self.conditioned, self.augment = conditioned, augment
-        self.paths = list(slides)
-        bases = slide_caches(self.paths, preset, area_size, cache_dir, rank, world)
+        bases = slide_caches(slides, preset, area_size, cache_dir, rank, world)
+        if stage > 1 and preset.training.positions == "area":  # glass-only areas teach nothing
+            bases = {p: b for p, b in bases.items() if area_tissue(b) >= 1e-3}
+        if not bases:
+            raise SlideError(f"{slides[0]}: none of the {len(slides)} slide(s) has tissue in its "
+                             "area; give slides with tissue (or --positions grid)")
+        self.paths, bases = list(bases), list(bases.values())
         self.caches = LRU(max_open, lambda k: caches.open_cache(bases[k]))
         self.slides = LRU(max_open, lambda k: self._open(k), lambda s: s.close())
         self.blocks = None  # grid: cumulative tissue blocks over the slides
@@ -321,7 +340,16 @@ class StageLevelDataset(torch.utils.data.Dataset):
         return target, context, region
 
     def __getitem__(self, idx):
-        rng = np.random.default_rng([self.seed, idx])
+        skipped = []
+        for attempt in range(MAX_REDRAW):
+            rng = np.random.default_rng([self.seed, idx] + ([attempt] if attempt else []))
+            try:
+                return dict(self._example(rng), skipped="\n".join(skipped))
+            except SlideError as e:  # a corrupt tile: this example is drawn again
+                skipped.append(str(e))
+        raise SlideError(f"{MAX_REDRAW} draws in a row unreadable; the last: {skipped[-1]}")
+
+    def _example(self, rng):
         j = None
         if self.blocks is not None:  # every tissue block of every slide equally likely
             n = int(rng.integers(self.blocks[-1]))
@@ -361,37 +389,6 @@ class StageLevelDataset(torch.utils.data.Dataset):
         return {"x0": x0[0].contiguous(), "cond": cond[0].contiguous()}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Inspect a slide and preview the nine URCDM training "
-                                             "datasets.")
-    ap.add_argument("slide", help="slide file (.svs, .tif, OME-TIFF, .png, .jpg)")
-    ap.add_argument("--preset", default="demo", help="preset whose geometry to use (default: demo)")
-    ap.add_argument("--area-size", type=int, default=None,
-                    help="level-0 side of the slide's area (default: N3)")
-    ap.add_argument("--out", default=None,
-                    help="preview PNG (default: SLIDE_NAME.datasets.png in the current directory, "
-                         "not beside the slide)")
-    ap.add_argument("--cache", default=".urcdm_cache",
-                    help="cache directory (default: .urcdm_cache here, never beside the slide)")
-    args = ap.parse_args(argv)
-    from operations import previews  # the picture: an operation, not the algorithm
-    try:
-        slide = open_slide(args.slide)
-        preset = cascade.get_preset(args.preset)
-        print(f"{args.slide}: {slide.dimensions[0]} x {slide.dimensions[1]} px, MPP {slide.mpp}")
-        for k, (dim, d) in enumerate(zip(slide.level_dimensions, slide.level_downsamples)):
-            print(f"  level {k}: {dim[0]} x {dim[1]} (downsample {d:g})")
-        print(f"  tissue fraction (thumbnail): {tissue_fraction(slide.thumbnail(1024)):.3f}")
-        rows = [previews.dataset_row(StageLevelDataset(
-            [args.slide], preset, stage, level, area_size=args.area_size,
-            cache_dir=args.cache, length=1)[0]) for stage in (1, 2, 3) for level in range(3)]
-    except (SlideError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    out = args.out or os.path.basename(args.slide) + ".datasets.png"
-    previews.save_png(out, previews.grid_image(rows, 128, gap=2))
-    print("preview of the nine datasets (rows: stage 1-3 x level 0-2; target, then lowres (levels "
-          f"1-2), context and region (stages 2-3)): {out}")
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python data.py SLIDE: the slide's levels and its nine datasets
+    from operations.previews import inspect_slide
+    inspect_slide()

@@ -35,10 +35,11 @@ from PIL import Image, ImageFilter
 
 import cascade
 import data
+import sde
 import tiler
 from operations import evaluation as ev
 from operations import flags
-from operations.files import atomic_path, file_digest, write_json
+from operations.files import atomic_path, file_digest, finite, write_json
 from operations.logs import ETA
 from operations.slides import SlideError
 
@@ -321,8 +322,9 @@ def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, crop=Non
         return np.load(path)
 
     P = source.preset.patch
+    side = P if kind == "pfid" else min(crop or P, cascade.stage_size(source.preset, kind + 1))
     if source.is_windows:
-        ev.windows_give(source, kind)
+        ev.windows_give(source, kind, side)
     if source.is_patches or (source.is_windows and kind == 2):
         files = source.windows if source.is_windows else source.files
         jobs = [lambda f=f: ev.read_image(f) for f in files[:n]]
@@ -331,7 +333,6 @@ def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, crop=Non
         pngs = {k: source.stage_png(k, stage) if stage < 3 else None
                 for k in range(len(source.slides))}
         count = ev.n_crops(source, kind, n, crop)  # mag 0 without --crop: one whole area a slide
-        side = P if kind == "pfid" else min(crop or P, cascade.stage_size(source.preset, kind + 1))
         jobs = [lambda t=t: source.crop(t[0], stage, *t[1:], side, pngs[t[0]])
                 for t in transforms(kind, count, source.preset, len(source.slides), crop, seed)]
     keep = (lambda img: True) if kind in (0, "pfid") or source.is_patches else \
@@ -340,9 +341,9 @@ def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, crop=Non
     for i, job in enumerate(jobs):
         img = job()
         if keep(img):
-            buf.append(img if img.shape[:2] == (P, P) or not (source.is_patches
-                                                              or source.is_windows) else
-                       np.asarray(Image.fromarray(img).resize((P, P), Image.BOX)))
+            # a patch directory's images at the crops' size (windows are checked to have it)
+            buf.append(img if img.shape[:2] == (side, side) or not source.is_patches else
+                       np.asarray(Image.fromarray(img).resize((side, side), Image.BOX)))
         if len(buf) == batch or (i == len(jobs) - 1 and buf):
             feats.append(net(np.stack(buf)))
             buf = []
@@ -378,7 +379,7 @@ def consistency(source, k):
         diff = down.astype(np.float64) - lower.astype(np.float64)
         mse = float((diff ** 2).mean())
         out[s] = {"mae": [round(float(v), 3) for v in np.abs(diff).mean((0, 1))],
-                  "psnr": 10 * math.log10(255 ** 2 / mse) if mse > 0 else float("inf")}
+                  "psnr": 10 * math.log10(255 ** 2 / mse) if mse > 0 else None}  # None: identical
     return out
 
 
@@ -492,7 +493,10 @@ def evaluate(args):
     vgg = FeatureNet(args.vgg, "vgg", "--vgg", args.device) if args.vgg else None
     real, fake = ev.Source(args.real, preset), ev.Source(args.fake, preset)
     kw = dict(min_tissue=args.min_tissue, seed=args.seed, cache_dir=args.cache)
-    kw_fake = dict(kw, seed=args.seed if args.fake_seed is None else args.fake_seed)
+    # The generated side's crops are drawn apart from the real side's (independent sets, as FID
+    # and the unbiased KID assume), unless --paired replays the real side's positions.
+    fake_seed = args.seed if args.paired else sde.derive_seed("generated side", args.seed)
+    kw_fake = dict(kw, seed=fake_seed if args.fake_seed is None else args.fake_seed)
     todo, eta = ev.crop_counts(args, real, fake, [inception] + ([vgg] if vgg else []), kw,
                                kw_fake)
     kw["eta"] = kw_fake["eta"] = eta
@@ -571,13 +575,16 @@ def main(argv=None):
                     help="generation order, for the seam score (default: the preset's)")
     ap.add_argument("--edge-margin", type=int, default=None,
                     help="the slides' inner-edge margin, for the seam score (default: preset's)")
-
     ap.add_argument("--seed", type=int, default=0,
                     help="seed of the crop positions and KID subsets")
     ap.add_argument("--fake-seed", type=int, default=None,
-                    help="another seed for the generated side's crops (default: the same crops "
-                         "replayed); e.g. a real slide against itself with another seed gives the "
-                         "floor")
+                    help="seed of the generated side's crop positions (default: one derived "
+                         "from --seed: crops drawn apart from the real side's)")
+    ap.add_argument("--paired", action="store_true",
+                    help="the generated side's crops at the real side's positions: for a slide "
+                         "made from the real one (sample.py --from REAL), how far each place "
+                         "moved; correlated sets bias KID low and FID too, so its figures compare "
+                         "only with other paired runs")
     ap.add_argument("--cache", default=".urcdm_cache/metrics",
                     help="feature cache directory ('' = off)")
     ap.add_argument("--json", default="metrics.json", help="where to write the results")
@@ -586,13 +593,14 @@ def main(argv=None):
     args.cache = args.cache or None
     flags.check_ranges(args, {"--k": flags.at_least(1), "--n": flags.at_least(2),
                               "--min-tissue": flags.between(0, 1), "--crop": flags.at_least(8),
+                              "--edge-margin": flags.at_least(0),
                               "--n-pfid": (lambda v: v == 0 or v >= 2, "0 (off) or a value >= 2")})
     try:
         results = evaluate(args)
     except (FileNotFoundError, ValueError, SlideError) as e:
         flags.fail(str(e))
     print(ev.format_table(results))
-    write_json(args.json, results, indent=1)
+    write_json(args.json, finite(results), indent=1)  # strict JSON: no NaN or Infinity
     print(f"wrote {args.json}")
     return results
 

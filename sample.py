@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=8 sample.py ...          # each round's patches split across ranks
     python sample.py --preset paper --dry-run --out x.tif   # full geometry, cheap stand-in models
     python sample.py --from REAL.svs --start-stage 3 --out twin.tif   # zoom into a real slide
-    python sample.py --seeds 0-99 --out synth/slide.tif   # 100 slides and a manifest
+    python sample.py --slides 100 --out synth/slide.tif   # 100 slides (seeds 0-99), a manifest
 
 Read `sample_slide`: the whole algorithm [PAPER Fig. 1] in one process and in memory. Stage 1
 generates the whole slide at N1 px; stages 2 and 3 each generate an overlapping grid of patches,
@@ -27,7 +27,7 @@ import cascade
 import data
 import sde
 import tiler
-from operations import costs, flags, runs, settings
+from operations import costs, flags, many, runs, settings
 from operations.distributed import PRECISION_HELP, init_distributed
 from operations.logs import Progress
 
@@ -62,8 +62,8 @@ def sample_slide(cdms, preset, sampling, *, seed=0, order="wavefront", batch=8,
 # The largest final stage made in memory (8192 px: 200 MB of stage images). Larger slides, and runs
 # with any of these flags, take the streamed path (operations/runs.py).
 IN_MEMORY_SIDE = 8192
-STREAMED_FLAGS = ("stream", "resume", "keep_work", "window", "patches", "n", "seeds", "from_slide",
-                  "dry_run", "outpaint")
+STREAMED_FLAGS = ("stream", "resume", "keep_work", "window", "patches", "slides", "seeds",
+                  "from_slide", "dry_run", "outpaint")
 
 
 def in_memory(args, preset, world):
@@ -80,6 +80,7 @@ def make_slide(args, device):
     previews, and a summary on stderr."""
     t0 = time.time()
     run, preset = settings.resolve(args, device)  # every flag checked before any work
+    runs.remove_own_orphans(args.out)
     if os.path.exists(args.out) and not args.overwrite:
         flags.fail(f"--out {args.out} exists; pass --overwrite to replace it")
     cdms = {s: runs.Checked(runs.stage_model(run, preset, s, device)) for s in (1, 2, 3)}
@@ -98,8 +99,8 @@ def main(argv=None):
     ddp, rank, world, device = init_distributed(args.device)
     if in_memory(args, flags.get_preset(args.preset), world):
         make_slide(args, device)
-    elif args.seeds or args.n:
-        runs.many_slides(args, device, rank, world)
+    elif args.seeds or args.slides:
+        many.many_slides(args, device, rank, world)
     else:
         runs.generate(args, device, rank, world)
     if ddp:
@@ -180,7 +181,9 @@ def parse_args(argv=None):
                          "image; 3: from its stage 2)")
     ap.add_argument("--seeds", default=None,
                     help="many slides: '0-99' or '0,4,7'; OUT gets _s<seed> before its suffix")
-    ap.add_argument("--n", type=int, default=None, help="many slides: N seeds from --seed on")
+    ap.add_argument("--slides", "--n", dest="slides", type=int, default=None,
+                    help="many slides: N, one a seed from --seed on (--n: its old spelling, which "
+                         "torchrun's own parser takes for --nnodes)")
     ap.add_argument("--dry-run", action="store_true",
                     help="cheap deterministic stand-in for the U-Nets (no checkpoints)")
     g = ap.add_argument_group("estimate (prints the cost of a slide, generates nothing)")
@@ -196,7 +199,7 @@ def parse_args(argv=None):
     g.add_argument("--window", type=int, nargs=4, action="append", default=None,
                    metavar=("X", "Y", "W", "H"),
                    help="a window in final-stage px (repeat for several): OUT_x<X>_y<Y>.png")
-    g.add_argument("--patches", type=int, default=0,
+    g.add_argument("--patches", type=int, default=None,
                    help="N windows at random positions on tissue (after stage 2, from the seed)")
     g.add_argument("--patch-size", type=int, default=None,
                    help="side of the --patches windows, px (default: the preset's patch)")

@@ -61,6 +61,7 @@ class Config:
     sample_every: int = 0      # preview PNGs (0: none)
     sample_steps: int = 25     # sampling steps of the previews
     max_nonfinite: int = 20    # stop after this many non-finite steps in a row
+    max_unreadable: float = 0.01  # stop when more of the draws than this share are unreadable
     check_replicas: bool = False
 
     @classmethod
@@ -106,6 +107,7 @@ class Trainer:
             checkpoints.start_from(self, os.path.join(cfg.init,
                                                       checkpoints.model_filename(stage, level)))
         self.log = TrainLog(self.path[:-3] + ".log.jsonl", self.step) if rank == 0 else None
+        self.unreadable = logs.Unreadable(rank, cfg.max_unreadable)
         self.net = self.model
         if ddp:
             self.net = torch.nn.parallel.DistributedDataParallel(
@@ -147,11 +149,11 @@ class Trainer:
     def train(self, ds, stop_flag):
         """Steps until max_steps; False if a SIGTERM stopped it (after saving)."""
         cfg, G = self.cfg, self.cfg.batch * self.world
-        loader, meter = self.loader(ds), StepSums(self.step, self.max_steps, self.device)
+        loader, meter = self.loader(ds), StepSums(self.step, self.max_steps, self.device, self.ddp)
         while self.step < self.max_steps:
             # Forward: the loss of this rank's part of the global batch (randomness drawn on the
             # device from a generator seeded by (seed, step, rank): no copy, no host sync).
-            batch = next(loader)
+            batch = self.next_batch(loader)  # examples with a corrupt tile drawn again, counted
             seed = sde.derive_seed(cfg.seed, self.stage, self.level, self.step, self.rank)
             torch.manual_seed(seed)  # dropout
             losses, t = self.losses(batch, torch.Generator(self.device).manual_seed(seed))
@@ -169,11 +171,13 @@ class Trainer:
             self.step += 1
             self.position += G
             # Log, preview, checkpoint: one collective, on check steps only.
-            stopping = logs.check_step(self, meter, stop_flag)
+            stopping, broken = logs.check_step(self, meter, stop_flag)
             if self.rank == 0 and cfg.sample_every and self.step % cfg.sample_every == 0:
                 previews.training_preview(self, ds)
-            if self.step % cfg.save_every == 0 or self.step == self.max_steps or stopping:
+            if self.step % cfg.save_every == 0 or self.step == self.max_steps or stopping or broken:
                 checkpoints.save(self)
+            if broken:  # too many unreadable examples: the data, not a tile
+                raise SlideError(self.unreadable.verdict(self.path, self.step))
             if stopping:
                 if self.rank == 0:
                     print(f"stopped by signal at step {self.step}; checkpoint saved to {self.path}",
@@ -181,6 +185,17 @@ class Trainer:
                 return False
         logs.replica_digest(self)
         return True
+
+    def next_batch(self, loader):
+        """The loader's next batch, its unreadable draws counted (logs.Unreadable). An example
+        unreadable draw after draw stops training, a checkpoint saved first."""
+        try:
+            batch = next(loader)
+        except SlideError as e:
+            checkpoints.save(self)
+            raise SlideError(f"{e}; {self.path} saved at step {self.step}") from None
+        self.unreadable.add(batch["skipped"])
+        return batch
 
     def count_nonfinite(self, finite):
         """Non-finite losses or gradients skip the step on every rank together (DDP needs all
@@ -195,12 +210,7 @@ class Trainer:
     def loader(self, ds):
         """This rank's batches from the saved data position on, and a line saying what runs."""
         cfg = self.cfg
-        if self.rank == 0:
-            print(f"stage {self.stage} level {self.level}: "
-                  f"{costs.count_params(self.unet_cfg) / 1e6:.2f} M params, batch {cfg.batch} x "
-                  f"{self.world} ranks = global batch {cfg.batch * self.world} at lr {cfg.lr:g}, "
-                  f"steps {self.step} -> {self.max_steps}, {'bf16' if cfg.bf16 else 'fp32'}, "
-                  f"{torch.get_num_threads()} threads, {cfg.workers} loader workers", flush=True)
+        logs.start_line(self, costs.count_params(self.unet_cfg))
         return iter(torch.utils.data.DataLoader(
             ds, batch_sampler=index_lists(self.position, cfg.batch, self.rank, self.world),
             num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
@@ -317,6 +327,10 @@ def parse_args(argv=None):
                          "about 4 per slide)")
     ap.add_argument("--max-nonfinite", type=int, default=20,
                     help="stop after this many non-finite losses in a row")
+    ap.add_argument("--max-unreadable", type=float, default=0.01,
+                    help="examples that cannot be read (a corrupt tile) are drawn again, said and "
+                         "counted; training saves and stops when more than this share of the "
+                         "draws is unreadable (after the first 100 examples)")
     ap.add_argument("--check-replicas", action="store_true",
                     help="print each rank's weight digest at the end (DDP)")
     ap.add_argument("--export", metavar="DIR", default=None,
@@ -343,28 +357,16 @@ def parse_args(argv=None):
         "--log-every": flags.at_least(1), "--keep": flags.at_least(0),
         "--sample-steps": flags.at_least(1), "--threads": flags.at_least(1),
         "--max-nonfinite": flags.at_least(1), "--max-open": flags.at_least(1),
-        "--gpu-mem": flags.above(0),
+        "--max-unreadable": flags.between(0, 1),
+        "--gpu-mem": flags.above(0), "--min-snr-gamma": flags.at_least(0),
+        "--area-size": flags.at_least(1), "--sample-every": flags.at_least(0),
         "--workers": (lambda v: v == "auto" or (v.isascii() and v.isdigit()),
                       "auto or a whole number >= 0")})
     if len(args.max_steps) not in (1, 3):
         flags.fail(f"--max-steps {args.max_steps}: use 1 value, or 3 (one per level)")
     if args.recipe:
-        extra = [k for k, v in vars(args).items()
-                 if k not in settings.RECIPE_FLAGS + ("recipe",) and v != ap.get_default(k)]
-        if extra:
-            flags.fail(f"--recipe {args.recipe} sets its own flags; drop "
-                     f"--{extra[0].replace('_', '-')} (only "
-                       f"--{', --'.join(f.replace('_', '-') for f in settings.RECIPE_FLAGS)} may "
-                       "be given with it)")
-    # Defaults that serve the bare `train.py --stage 3 --level 0`, said at the start (defaulted).
-    args.defaulted = [f"--{k} {v}" for k, v in (
-        ("data", settings.shown(BUNDLED_SLIDE) if args.data is None else None),
-        ("out", "ckpt" if args.out is None else None),
-        ("cache", os.path.join(args.out or "ckpt", "cache") if args.cache is None else None)) if v]
-    args.data = args.data or BUNDLED_SLIDE
-    args.out = args.out or "ckpt"
-    args.cache = args.cache or os.path.join(args.out, "cache")
-    return args
+        settings.check_recipe_flags(args, ap)
+    return settings.train_defaults(args, BUNDLED_SLIDE)
 
 
 def main(argv=None):

@@ -12,7 +12,7 @@ import numpy as np
 from operations.aperio import DiskArray
 from operations.files import atomic_path
 from operations.logs import ETA
-from operations.slides import MAX_READ_PIXELS
+from operations.slides import MAX_READ_PIXELS, SlideError
 
 
 def band_rows(slide, ds, w):
@@ -53,10 +53,23 @@ def cache_base(slide_path, ident, cache_dir=None):
 def build_missing(paths, bases, build, nbytes, rank=0, world=1, timeout=3600):
     """Every slide's cache, built once: build(path, base) writes one (its BASE.json last). This
     machine's `world` local ranks each build every world-th missing one, then wait for the others'
-    (safe when several machines share the directory). nbytes: a slide's bytes, for the notice."""
-    missing = [i for i, b in enumerate(bases) if not os.path.exists(b + ".json")]
-    if not missing:
-        return
+    (safe when several machines share the directory). nbytes: a slide's bytes, for the notice.
+    A slide that cannot be read (SlideError: a corrupt tile of a lower level) is left out, said on
+    stderr and recorded (BASE.failed) so that no rank waits for it and no rerun tries it again.
+    Returns the indices of the slides left out."""
+    done = lambda i: os.path.exists(bases[i] + ".json") or os.path.exists(bases[i] + ".failed")
+    missing = [i for i in range(len(bases)) if not done(i)]
+    if missing:
+        _build(paths, bases, build, nbytes, missing, rank, world, timeout)
+    failed = [i for i in range(len(bases)) if os.path.exists(bases[i] + ".failed")]
+    for i in failed if rank == 0 else ():
+        with open(bases[i] + ".failed") as f:
+            print(f"skipping slide: {f.read().strip()} (delete {bases[i]}.failed to try it "
+                  "again)", file=sys.stderr)
+    return failed
+
+
+def _build(paths, bases, build, nbytes, missing, rank, world, timeout):
     os.makedirs(os.path.dirname(bases[0]), exist_ok=True)
     if rank == 0:
         print(f"building the stage images of {len(missing)} slide(s) into "
@@ -66,13 +79,16 @@ def build_missing(paths, bases, build, nbytes, rank=0, world=1, timeout=3600):
     mine, t0 = missing[rank::world], time.time()
     eta = ETA(len(mine))
     for j, i in enumerate(mine):
-        if not os.path.exists(bases[i] + ".json"):
+        try:
             build(paths[i], bases[i])
+        except SlideError as e:
+            with atomic_path(bases[i] + ".failed") as tmp, open(tmp, "w") as f:
+                f.write(str(e))
         if rank == 0 and (j + 1) % max(1, len(mine) // 10) == 0:
             print(f"  {j + 1}/{len(mine)} of rank 0's share, {eta.text(j + 1)}",
                   file=sys.stderr, flush=True)
     for i in missing:  # the other ranks' shares
-        while not os.path.exists(bases[i] + ".json"):
+        while not (os.path.exists(bases[i] + ".json") or os.path.exists(bases[i] + ".failed")):
             if time.time() - t0 > timeout:
                 raise TimeoutError(f"{bases[i]}.json: not built within {timeout} s by the "
                                    "rank whose share it is")

@@ -72,6 +72,9 @@ def estimate(args):
     With --window / --patches: what those windows cost (--patches: uniform random positions, as
     the tissue is not known before stage 2)."""
     p = flags.get_preset(args.preset)
+    flags.check_ranges(args, {"--gpus": flags.at_least(1), "--tflops": flags.above(0),
+                              "--mfu": (lambda v: flags.between(0, 1)[0](v) and v > 0,
+                                        "a share of the peak in (0, 1]")})
     sp, W = settings.resolve_sampling(args, p), args.gpus
     batch = args.batch or settings.default_batch(p)
     rate = args.tflops * 1e12 * args.mfu  # FLOP/s of one GPU
@@ -80,7 +83,8 @@ def estimate(args):
         rng = np.random.default_rng(sde.derive_seed("windows", args.seed))
         xy = rng.integers(0, cascade.stage_size(p, 3) - size + 1, (args.patches, 2))
         wins = [(int(x), int(y), size, size) for x, y in xy]
-    need = windows.needed_cells(p, sp.order, sp.edge_margin, wins, below=2 if args.patches else 1)
+    need = windows.needed_cells(p, sp.order, sp.edge_margin, wins, below=2 if args.patches else 1,
+                                batch=batch)
     print(f"{p.name}: order {sp.order}, batch {batch}, {W} GPUs at {args.mfu:.0%} of "
           f"{args.tflops:g} TFLOP/s; every patch generated (glass filled instead only shortens it)"
           + (f"; {len(wins)} windows" if wins else ""))
@@ -195,5 +199,6 @@ def print_memory(args):
               f"{r['params'] / 1e6:.1f} M params, states {r['states'] / 2 ** 30:.1f} GiB, "
               f"activations {r['act'] / 2 ** 30:.2f} GiB an image -> peak "
               f"{r['peak'] / 2 ** 30:.1f} GiB: {'fits' if r['fits'] else 'does NOT fit'}"
-              + ("" if r["fits"] else f"; use --batch {r['max_batch']} or less")
+              + ("" if r["fits"] else f"; use --batch {r['max_batch']} or less" if r["max_batch"]
+                 else "; not even at batch 1: a GPU with more memory, or a smaller --crop")
               + f" (largest batch that fits: {r['max_batch']})")

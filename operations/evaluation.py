@@ -12,6 +12,7 @@ from PIL import Image
 
 import cascade
 import data
+from operations.files import is_temp
 from operations.logs import ETA
 from operations.slides import list_slides, open_slide
 
@@ -30,15 +31,20 @@ class Source:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such file or directory")
         files = sorted(os.listdir(path)) if os.path.isdir(path) else [os.path.basename(path)]
+        files = [f for f in files if not is_temp(f)]  # a killed write is never a result
         folder = path if os.path.isdir(path) else os.path.dirname(path)
         images = [os.path.join(folder, f) for f in files
                   if f.lower().endswith((".png", ".jpg", ".jpeg"))]
         manifests = [os.path.join(folder, f) for f in files if f.endswith(".windows.json")]
+        slides = [f for f in files if f.lower().endswith((".svs", ".tif", ".tiff"))]
         self.is_windows = os.path.isdir(path) and bool(manifests)
+        if self.is_windows and slides:
+            raise ValueError(f"{path}: holds {len(manifests)} windows run(s) and {len(slides)} "
+                             f"slide(s) ({slides[0]}, ...); evaluate each kind from its own "
+                             "directory")
         if self.is_windows:
             return self._windows(folder, manifests)
-        self.is_patches = os.path.isdir(path) and bool(images) and not any(
-            f.lower().endswith((".svs", ".tif", ".tiff")) for f in files)
+        self.is_patches = os.path.isdir(path) and bool(images) and not slides
         self.files = images if self.is_patches else list_slides(path)
         if not self.is_patches:
             self.slides = [open_slide(f) for f in self.files]
@@ -51,12 +57,26 @@ class Source:
         """The runs of `sample.py --window / --patches` in a directory: magnification 2 from
         their stage-3 windows, magnifications 0-1 from the lower stages they made whole."""
         self.is_patches, self.files, self.stages, self.windows = False, manifests, [], []
+        self.records = []  # (path of the window's PNG, its record, the run's manifest)
         for path in manifests:
-            with open(path) as f:
-                m = json.load(f)
-            self.stages.append({int(s): os.path.join(folder, f) for s, f in m["stages"].items()})
-            self.windows += [os.path.join(folder, w["file"]) for w in m["windows"]
-                             if w["stage"] == 3]
+            try:
+                with open(path) as f:
+                    m = json.load(f)
+                stages = {int(s): os.path.join(folder, f) for s, f in m["stages"].items()}
+                recs = [(os.path.join(folder, w["file"]), w, path) for w in m["windows"]
+                        if w["stage"] == 3]
+                made_with = m["settings"]["preset"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}: not a windows manifest of sample.py "
+                                 f"({type(e).__name__}: {e}); remove it or make the run "
+                                 "again") from None
+            if made_with != self.preset.name:
+                raise ValueError(f"{path}: windows made with preset {made_with}, evaluated as "
+                                 f"preset {self.preset.name}: another magnification; pass "
+                                 f"--preset {made_with} or evaluate them apart")
+            self.stages.append(stages)
+            self.records += recs
+        self.windows = [w for w, _, _ in self.records]
         self.slides = manifests  # one 'slide' per run (its lower stages)
 
     def fingerprint(self):
@@ -111,8 +131,18 @@ def feature_cache(source, kind, n, net, *, min_tissue, crop, seed, cache_dir):
                         + ".npy")
 
 
-def windows_give(source, kind):
-    """A one-line error when the windows runs of `source` cannot give magnification `kind`."""
+def windows_give(source, kind, side):
+    """A one-line error when the windows runs of `source` cannot give magnification `kind` with
+    crops of `side` px: a lower stage not made whole, or a window of another size (it would be
+    resized to `side`, at another magnification), naming the file."""
+    for png, rec, manifest in source.records if kind == 2 else ():
+        size = Image.open(png).size if os.path.exists(png) else None
+        if (rec["w"], rec["h"]) != (side, side) or size != (side, side):
+            raise ValueError(f"{png}: a {rec['w']} x {rec['h']} px window (file: "
+                             f"{'missing' if size is None else '%d x %d px' % size}; "
+                             f"{os.path.basename(manifest)}); magnification 2 compares "
+                             f"{side} px crops: sample windows of that size (--patch-size "
+                             f"{side}) or evaluate with --crop ... {rec['w']}")
     if kind == "pfid":
         raise ValueError(f"{source.path}: pFID needs whole slides, not windows; leave --n-pfid 0")
     if kind in (0, 1) and any(kind + 1 not in st for st in source.stages):
@@ -216,7 +246,7 @@ def format_table(results):
         for k, c in enumerate(results.get("consistency", {}).get(side, [])):
             lines.append(f"consistency {side} slide {k}: " + "; ".join(
                 f"stage {s} vs {int(s) - 1}: MAE {'/'.join(f'{v:.1f}' for v in c[s]['mae'])} "
-                f"(RGB), {c[s]['psnr']:.1f} dB"
+                f"(RGB), " + ("identical" if c[s]["psnr"] is None else f"{c[s]['psnr']:.1f} dB")
                 for s in sorted(c)))
     for side, values in results.get("grey_p90", {}).items():
         lines.append(f"grey level, 90th percentile ({side}): "

@@ -5,8 +5,19 @@ import contextlib
 import glob
 import hashlib
 import json
+import math
 import os
 import re
+
+
+# The temp names atomic_path writes: NAME.tmp<pid>[-<machine tag>][.EXT]. Never slides, results or
+# cache files: readers skip them, and a rerun removes those of a process that is gone.
+TEMP = re.compile(r"\.tmp(\d+)(-[0-9a-f]{8})?(\.|$)")
+
+
+def is_temp(name):
+    """Whether a file name is a temp name of atomic_path (or a file made beside one)."""
+    return TEMP.search(os.path.basename(name)) is not None
 
 
 @contextlib.contextmanager
@@ -41,16 +52,33 @@ def file_digest(path, algorithm="sha256"):
 
 
 def write_json(path, obj, indent=None, tag=""):
+    """obj as strict JSON (no NaN or Infinity: finite() first where they may occur), atomically."""
     with atomic_path(path, tag) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=indent)
+        json.dump(obj, f, indent=indent, allow_nan=False)
 
 
-def remove_orphans(folder, pattern="*.tmp*.pt"):
-    """Temp files of saves that a kill interrupted (their process is gone)."""
-    for path in glob.glob(os.path.join(glob.escape(folder), pattern)):
-        m = re.search(r"\.tmp(\d+)", path)
-        if m and not _alive(int(m.group(1))):
-            os.remove(path)
+def finite(obj):
+    """obj with every NaN or infinite float replaced by None (JSON's null), at any depth."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def remove_orphans(folder, patterns=("*.tmp*.pt",)):
+    """Remove the temp files (matching one of the glob `patterns` in `folder`) of saves that a
+    kill interrupted: those whose process is gone. Returns the names removed."""
+    gone = []
+    for pattern in patterns:
+        for path in glob.glob(os.path.join(glob.escape(folder), pattern)):
+            m = TEMP.search(os.path.basename(path))
+            if m and not _alive(int(m.group(1))) and os.path.isfile(path):
+                os.remove(path)
+                gone.append(os.path.basename(path))
+    return gone
 
 
 def _alive(pid):

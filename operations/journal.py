@@ -129,8 +129,11 @@ def open_work(args, settings, preset, rank, world):
     work = args.out + ".work"
     journal = Journal(work, settings)
     if rank == 0:
-        if os.path.exists(args.out) and not args.overwrite:
-            fail(f"--out {args.out} exists; pass --overwrite to replace it")
+        windows = args.window or args.patches
+        product = args.out + ".windows.json" if windows else args.out  # what a finished run made
+        if os.path.exists(product) and not args.overwrite:
+            fail(f"--out {product} exists; pass --overwrite to replace it (or choose another "
+                 "--out)")
         os.makedirs(work, exist_ok=True)
         journal.lock = lock_work(work)
         started = os.path.exists(journal.path)

@@ -69,8 +69,9 @@ class StepSums:
     """A training run's sums since the last log record, kept on the device (adding costs no host
     sync): the loss and the sample count per quarter of t, the gradient norm, the finite steps."""
 
-    def __init__(self, step0, max_steps, device="cpu"):
-        self.step0, self.t_start, self.device = step0, time.time(), device
+    def __init__(self, step0, max_steps, device="cpu", ddp=False):
+        # ddp: whether the sums are added up across the model's data-parallel ranks
+        self.step0, self.t_start, self.device, self.ddp = step0, time.time(), device, ddp
         self.eta = ETA(max_steps, step0)
         self._reset(step0)
 
@@ -85,12 +86,13 @@ class StepSums:
         self.sums[8] += grad_norm.double()
         self.sums[9] += 1
 
-    def gather(self, stop, ddp):
-        """The sums of every rank and their stop flags added up: one all_reduce (DDP), then on
-        the host. Returns a float64 numpy array (the last entry: ranks asked to stop)."""
-        packed = torch.cat([self.sums, torch.tensor([float(stop)], dtype=torch.float64,
-                                                    device=self.device)])
-        if ddp:
+    def gather(self, stop, broken=False):
+        """The sums of every rank and their flags added up: one all_reduce (DDP), then on the
+        host. Returns a float64 numpy array; its last two entries: the ranks asked to stop
+        (SIGTERM), the ranks whose data is broken (Unreadable.too_many)."""
+        packed = torch.cat([self.sums, torch.tensor([float(stop), float(broken)],
+                                                    dtype=torch.float64, device=self.device)])
+        if self.ddp:
             dist.all_reduce(packed)
         return packed.cpu().numpy()
 
@@ -140,15 +142,26 @@ def read_log(path):
         return [json.loads(line) for line in f if _json_step(line) is not None]
 
 
+def start_line(trainer, params):
+    """A training run's first line (rank 0): the model (params: its parameter count), the batch,
+    the steps, the arithmetic."""
+    T, cfg = trainer, trainer.cfg
+    if T.rank == 0:
+        print(f"stage {T.stage} level {T.level}: {params / 1e6:.2f} M params, "
+              f"batch {cfg.batch} x {T.world} ranks = global batch {cfg.batch * T.world} at lr "
+              f"{cfg.lr:g}, steps {T.step} -> {T.max_steps}, {'bf16' if cfg.bf16 else 'fp32'}, "
+              f"{torch.get_num_threads()} threads, {cfg.workers} loader workers", flush=True)
+
+
 def check_step(trainer, sums, stop_flag):
     """After a training step: on check steps (every min(log_every, 10) steps, the first and the
-    last) one collective that adds up the StepSums and the stop flags of all ranks; on log steps
-    a record in the log and a line. Returns whether a rank was asked to stop."""
+    last) one collective that adds up the StepSums and the flags of all ranks; on log steps a
+    record in the log and a line. Returns (a rank was asked to stop, a rank's data is broken)."""
     T, cfg = trainer, trainer.cfg
     last = T.step in (T.max_steps, sums.step0 + 1)
     if not (T.step % min(cfg.log_every, 10) == 0 or last):
-        return False
-    total = sums.gather(stop_flag[0], T.ddp)
+        return False, False
+    total = sums.gather(stop_flag[0], T.unreadable.too_many())
     if T.rank == 0 and (T.step % cfg.log_every == 0 or last):
         rec = sums.record(total, T.step, cfg.batch * T.world, T.opt.param_groups[0]["lr"],
                           T.nonfinite_total)
@@ -156,7 +169,43 @@ def check_step(trainer, sums, stop_flag):
         print(f"stage {T.stage} level {T.level} step {T.step}/{T.max_steps} loss "
               f"{rec['loss']:.4f} {rec['img_per_s']:.1f} img/s {rec['sec_per_step']:.2f} "
               f"s/step non-finite {T.nonfinite_total} {sums.eta.text(T.step)}", flush=True)
-    return bool(total[-1] > 0)
+    return bool(total[-2] > 0), bool(total[-1] > 0)
+
+
+class Unreadable:
+    """A training run's unreadable examples (a corrupt tile: the dataset draws such an example
+    again): each slide's first said on stderr, all counted by slide. Too many (more than `share`
+    of the draws, after the first AFTER examples) means broken data, not a bad tile: training saves
+    and stops."""
+    AFTER = 100
+
+    def __init__(self, rank, share=0.01):
+        self.rank, self.share, self.read, self.bad, self.slides = rank, share, 0, 0, {}
+
+    def add(self, whys):
+        """A batch's `skipped` texts (data.StageLevelDataset), one per example."""
+        self.read += len(whys)
+        for why in (line for text in whys for line in text.split("\n") if line):
+            self.bad += 1
+            slide = why.split(":")[0]
+            if slide not in self.slides:
+                print(f"rank {self.rank}: an unreadable example, drawn again: {why}; training "
+                      f"stops if more than {self.share:.1%} of the draws are unreadable",
+                      file=sys.stderr, flush=True)
+            self.slides[slide] = self.slides.get(slide, 0) + 1
+
+    def too_many(self):
+        return self.read >= self.AFTER and self.bad > self.share * (self.read + self.bad)
+
+    def verdict(self, path, step):
+        if not self.too_many():
+            return (f"another rank found too many unreadable examples (its line names the "
+                    f"slides); {path} saved at step {step}")
+        worst = sorted(self.slides, key=self.slides.get, reverse=True)
+        return (f"{self.bad} of {self.read + self.bad} draws unreadable (more than "
+                f"{self.share:.1%}), from {len(worst)} slide(s): {', '.join(worst[:3])}"
+                f"{', ...' if len(worst) > 3 else ''}; {path} saved at step {step}; repair or "
+                "remove those slides and run the same command again")
 
 
 def replica_digest(trainer):

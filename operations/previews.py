@@ -9,9 +9,12 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import cascade
+import data
 import sde
+from operations.flags import Parser, at_least, check_ranges, fail
 from operations.files import atomic_path
 from operations.logs import read_log
+from operations.slides import SlideError, open_slide
 
 
 def _label(draw, xy, text, fill=(0, 0, 0)):
@@ -148,3 +151,36 @@ def plot_curves(ckpt_dir, out=None, panel=(360, 240)):
         _label(draw, (box[0], box[3] + 4), f"step {int(steps[0])}")
         _label(draw, (box[2] - 70, box[3] + 4), f"step {int(steps[-1])}")
     return save_png(out or os.path.join(ckpt_dir, "loss_curves.png"), img)
+
+
+def inspect_slide(argv=None):
+    """python data.py SLIDE: a slide's levels, its tissue, and a picture of the nine training
+    datasets it gives (SLIDE_NAME.datasets.png in the working directory)."""
+    ap = Parser("Inspect a slide and preview the nine URCDM training datasets it gives.")
+    ap.add_argument("slide", help="slide file (.svs, .tif, OME-TIFF, .png, .jpg)")
+    ap.add_argument("--preset", default="demo", help="preset whose geometry to use (default: demo)")
+    ap.add_argument("--area-size", type=int, default=None,
+                    help="level-0 side of the slide's area (default: N3)")
+    ap.add_argument("--out", default=None,
+                    help="preview PNG (default: SLIDE_NAME.datasets.png in the current directory, "
+                         "not beside the slide)")
+    ap.add_argument("--cache", default=".urcdm_cache",
+                    help="cache directory (default: .urcdm_cache here, never beside the slide)")
+    args = ap.parse_args(argv)
+    check_ranges(args, {"--area-size": at_least(1)})
+    try:
+        slide = open_slide(args.slide)
+        preset = cascade.get_preset(args.preset)
+        print(f"{args.slide}: {slide.dimensions[0]} x {slide.dimensions[1]} px, MPP {slide.mpp}")
+        for k, (dim, d) in enumerate(zip(slide.level_dimensions, slide.level_downsamples)):
+            print(f"  level {k}: {dim[0]} x {dim[1]} (downsample {d:g})")
+        print(f"  tissue fraction (thumbnail): {data.tissue_fraction(slide.thumbnail(1024)):.3f}")
+        rows = [dataset_row(data.StageLevelDataset(
+            [args.slide], preset, stage, level, area_size=args.area_size,
+            cache_dir=args.cache, length=1)[0]) for stage in (1, 2, 3) for level in range(3)]
+    except (SlideError, ValueError) as e:
+        fail(str(e))
+    out = args.out or os.path.basename(args.slide) + ".datasets.png"
+    save_png(out, grid_image(rows, 128, gap=2))
+    print("preview of the nine datasets (rows: stage 1-3 x level 0-2; target, then lowres (levels "
+          f"1-2), context and region (stages 2-3)): {out}")

@@ -1,14 +1,12 @@
 """The streamed run behind sample.py: sample.sample_slide's algorithm with the same pixels, made
 to run for a day at paper size. Each stage image is a file under OUT.work/ (never whole in memory),
 a journal of finished rounds lets --resume continue a stopped run to the same slide, rounds are
-split across ranks (rank 0 alone reads and writes files), and windows, many slides and --from
-zooms into real slides are served here."""
-import argparse
+split across ranks (rank 0 alone reads and writes files); windows and --from (zooms into real
+slides) are served here, many slides in operations/many.py."""
 import functools
-import json
+import glob
 import os
 import shutil
-import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,12 +23,17 @@ import tiler
 from operations import checkpoints, windows
 from operations.aperio import DiskArray, write_aperio
 from operations.distributed import barrier, gather, scatter_batches
-from operations.files import atomic_path, file_digest, write_json
+from operations.files import atomic_path, remove_orphans
 from operations.flags import fail
 from operations.settings import resolve
 from operations.journal import open_work, write_round
 from operations.logs import Progress
 from operations.previews import slide_previews
+
+
+class SlideSkipped(Exception):
+    """A slide that cannot be made from its seed (e.g. --patches finds no window on tissue): one
+    line for it; with --slides / --seeds the other seeds go on."""
 
 
 def generate(args, device, rank=0, world=1):
@@ -39,6 +42,8 @@ def generate(args, device, rank=0, world=1):
     and writes files). Returns the Journal (its state is rank 0's)."""
     t_start = time.time()
     settings, preset = resolve(args, device, rank)
+    if rank == 0:
+        remove_own_orphans(args.out)
     work, journal = open_work(args, settings, preset, rank, world)  # replays a half-written round
     path = lambda s: os.path.join(work, f"stage{s}.npy")
     images = {}
@@ -51,7 +56,8 @@ def generate(args, device, rank=0, world=1):
     # Stages 2-3: patch grids, each conditioned on the stage below; with windows, only the
     # patches they depend on (needed_cells).
     cells = lambda wins, below=1: windows.needed_cells(
-        preset, settings.order, settings.sampling.edge_margin, wins, settings.stages, below)
+        preset, settings.order, settings.sampling.edge_margin, wins, settings.stages, below,
+        settings.batch)
     wins, need = settings.windows, cells(settings.windows)
     for s in need if rank == 0 else ():
         print(f"windows: stage {s}: {len(need[s])} of {cascade.stage_grid(preset, s).n ** 2} "
@@ -59,6 +65,10 @@ def generate(args, device, rank=0, world=1):
     for s in range(max(settings.start_stage, 2), settings.stages + 1):
         if settings.patches and s == 3:  # random windows on the tissue of the finished stage 2
             wins = windows.tissue_windows(images[2], settings, preset, rank, world)
+            if not wins:
+                raise SlideSkipped(f"--out {args.out}: no --patches window on tissue (at least "
+                                   f"--white-threshold {settings.white_threshold}) in the "
+                                   "generated stage 2; a slide with almost no tissue")
             need = cells(wins, below=2)
             if rank == 0:
                 print(f"--patches: {len(wins)} windows on tissue; stage 3: {len(need[3])} of "
@@ -86,6 +96,19 @@ def generate(args, device, rank=0, world=1):
         if not args.keep_work:
             shutil.rmtree(work, ignore_errors=True)
     return journal
+
+
+def remove_own_orphans(out):
+    """Remove the temp files that killed runs of OUT left beside it (the slide, its stage images,
+    windows, manifests, the pyramid's levels; tagged with their pid): those of a process that is
+    gone. They would otherwise be taken for slides or results, or fill the disk."""
+    folder, name = os.path.split(os.path.abspath(out))
+    root = glob.escape(os.path.splitext(name)[0])
+    gone = remove_orphans(folder, (f"{root}.tmp*", f"{glob.escape(name)}.*tmp*", f"{root}_*.tmp*",
+                                   f".{root}.tmp*"))
+    if gone:
+        print(f"removed {len(gone)} temp file(s) that an interrupted run left: {', '.join(gone)}",
+              file=sys.stderr)
 
 
 def first_stage(settings, preset, journal, path, device, rank, world):
@@ -298,62 +321,6 @@ def model_mpp(settings, preset, stage):
     return mpp3 * cascade.stage_size(preset, 3) / cascade.stage_size(preset, stage)
 
 
-# ----------------------------------------------------------------------------- many slides
-
-def parse_seeds(args):
-    if args.n:
-        return list(range(args.seed, args.seed + args.n))
-    try:
-        out = []
-        for part in args.seeds.split(","):
-            a, _, b = part.partition("-")
-            out += list(range(int(a), int(b or a) + 1))
-        return out
-    except ValueError:
-        fail(f"--seeds {args.seeds}: use a range such as 0-99 or a list such as 0,4,7")
-
-
-def many_slides(args, device, rank, world):
-    """One slide per seed, whole slides split across ranks (each rank alone on its slides, in its
-    own machine's file system). A slide with its record (OUT_s<seed>.tif.json) is skipped; an
-    unfinished one resumes. Rank 0 writes OUT.manifest.json, one record per slide: seed, host (the
-    machine that holds the slide), path, settings, seconds, patches generated / filled, sha256."""
-    seeds, (root, ext) = parse_seeds(args), os.path.splitext(args.out)
-    if args.n is not None and args.n < 1:
-        fail(f"--n {args.n}: use a value >= 1")
-    records = []
-    for seed in seeds[rank::world]:
-        out = f"{root}_s{seed}{ext}"
-        rec_path = out + ".json"
-        product = f"{out}.windows.json" if args.window or args.patches else out  # what is kept
-        if os.path.exists(rec_path) and os.path.exists(product):
-            with open(rec_path) as f:
-                records.append(json.load(f))
-            print(f"{out}: done already, skipped", file=sys.stderr)
-            continue
-        one = argparse.Namespace(**{**vars(args), "out": out, "seed": seed, "seeds": None,
-                                    "n": None, "resume": True})
-        t0 = time.time()
-        journal = generate(one, device)
-        stages = journal.stages()
-        rec = {"seed": seed, "host": socket.gethostname(), "rank": rank,
-               "path": os.path.abspath(product), "settings": journal.settings(),
-               "seconds": time.time() - t0,
-               "patches": {str(s): v[0] for s, v in stages.items()},
-               "filled": {str(s): v[1] for s, v in stages.items()},
-               "sha256": file_digest(product)}
-        write_json(rec_path, rec, indent=1)
-        records.append(rec)
-    records = gather(records, rank, world) if world > 1 else records
-    if rank == 0:
-        hosts = sorted({r["host"] for r in records})
-        write_json(args.out + ".manifest.json", sorted(records, key=lambda r: r["seed"]),
-                   indent=1)
-        print(f"wrote {args.out}.manifest.json: {len(records)} slides on {len(hosts)} machine(s) "
-              f"({', '.join(hosts)}); each slide stays on the machine that made "
-              "it", file=sys.stderr)
-
-
 def one_line_errors(fn, *a):
     """Run fn; faults of the machine or of the models end with one line, not a traceback."""
     try:
@@ -361,5 +328,5 @@ def one_line_errors(fn, *a):
     except OSError as e:  # disk full (28), read-only file system (30), a vanished directory ...
         fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}; nothing written was "
              "lost (resume with --resume once the cause is fixed)")
-    except FloatingPointError as e:
+    except (FloatingPointError, SlideSkipped) as e:
         fail(str(e))

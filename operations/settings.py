@@ -55,7 +55,7 @@ def resolve(args, device, rank=0):
                     precision="bf16" if use_bf16(args.precision, device) else "fp32",
                     sampling=sampling, models=models, ckpt=ckpt, start_stage=start,
                     from_slide=os.path.realpath(args.from_slide) if args.from_slide else "",
-                    windows=windows, patches=args.patches, patch_size=patch_size), preset
+                    windows=windows, patches=args.patches or 0, patch_size=patch_size), preset
 
 
 def default_batch(preset):
@@ -68,13 +68,21 @@ def default_batch(preset):
 def check_window_flags(args, p, last):
     """--window / --patches: windows inside the final stage. Returns (windows, patch size)."""
     N, windows = cascade.stage_size(p, last), tuple(tuple(w) for w in args.window or ())
-    for x, y, w, h in windows:
+    for k, (x, y, w, h) in enumerate(windows):
         if not (w >= 1 and h >= 1 and 0 <= x and x + w <= N and 0 <= y and y + h <= N):
             fail(f"--window {x} {y} {w} {h}: must lie inside the {N} x {N} px stage {last} image")
+        if (x, y, w, h) in windows[:k]:
+            fail(f"--window {x} {y} {w} {h}: given twice; give each window once")
     size = args.patch_size or p.patch
-    if args.patches and (args.patches < 0 or windows or not 1 <= size <= N or last != 3):
+    if args.patches is not None and (args.patches < 1 or windows or not 1 <= size <= N
+                                     or last != 3):
         fail(f"--patches {args.patches}: use N >= 1, without --window, with --patch-size 1 to {N} "
-             "and --stages 3")
+             "and --stages 3 (leave --patches out for the whole slide)")
+    if args.patch_size is not None and not args.patches:
+        fail(f"--patch-size {args.patch_size} sizes the --patches windows; add --patches N")
+    if getattr(args, "lower_windows", False) and not (windows or args.patches):
+        fail("--lower-windows writes the windows' fields in the lower stages; add --window X Y W H "
+             "or --patches N")
     return windows, size if args.patches else 0
 
 
@@ -103,7 +111,7 @@ def resolve_sampling(args, p):
     check_ranges(args, {"--batch": at_least(1), "--resample": at_least(1), "--eta": at_least(0),
                         "--threshold": between(0, 1), "--aug-level": between(0, 1),
                         "--white-threshold": between(0, 1), "--mpp": above(0),
-                        "--steps": at_least(1),
+                        "--steps": at_least(1), "--patch-size": at_least(1),
                         "--feather": (between(0, half)[0], f"a value in [0, {half}] px for preset "
                                       f"{p.name} (half its {p.patch // 8} px overlap)")})
     if args.steps is not None and len(args.steps) not in (3, 9):
@@ -135,7 +143,7 @@ def check_out(args, p, stages):
     # the stage images, the pyramid's temporary levels and the slide; windows: their closure
     sizes = [3 * cascade.stage_size(p, s) ** 2 for s in stages]
     if args.window or args.patches:
-        windows = max(len(args.window or ()), args.patches)
+        windows = max(len(args.window or ()), args.patches or 0)
         sizes[-1] = min(sizes[-1], 3 * p.patch ** 2 * 50 * windows)
     need = sum(sizes) * 1.4
     free = shutil.disk_usage(folder).free
@@ -176,7 +184,8 @@ def train_fields(args, device):
                 conditioned=not args.outpaint, init=args.init, compile=args.compile,
                 workers=workers, log_every=args.log_every, save_every=args.save_every,
                 keep=args.keep, sample_every=args.sample_every, sample_steps=args.sample_steps,
-                max_nonfinite=args.max_nonfinite, check_replicas=args.check_replicas)
+                max_nonfinite=args.max_nonfinite, max_unreadable=args.max_unreadable,
+                check_replicas=args.check_replicas)
 
 
 def training_slides(args, preset, rank, device):
@@ -185,7 +194,7 @@ def training_slides(args, preset, rank, device):
     --out. A one-line error when --data holds no usable slide. Returns (paths, mpp or None)."""
     os.makedirs(args.out, exist_ok=True)
     if rank == 0:
-        remove_orphans(args.out)
+        remove_orphans(args.out, ("*.tmp*.pt", "*.tmp*.jsonl"))
         if args.defaulted:
             print("defaults: " + ", ".join(args.defaulted) + " (pass the flags to change them)",
                   flush=True)
@@ -228,6 +237,30 @@ def shown(path):
 # where it stopped and a finished phase is skipped. Only these flags may be given beside --recipe;
 # everything else is the recipe's.
 RECIPE_FLAGS = ("data", "out", "cache", "threads", "device", "export")
+
+
+def check_recipe_flags(args, parser):
+    """--recipe sets its own flags: only RECIPE_FLAGS may be given beside it."""
+    extra = [k for k, v in vars(args).items()
+             if k not in RECIPE_FLAGS + ("recipe",) and v != parser.get_default(k)]
+    if extra:
+        fail(f"--recipe {args.recipe} sets its own flags; drop --{extra[0].replace('_', '-')} "
+             f"(only --{', --'.join(f.replace('_', '-') for f in RECIPE_FLAGS)} may be given "
+             "with it)")
+
+
+def train_defaults(args, slide):
+    """The defaults that serve the bare `train.py --stage 3 --level 0` (--data: the bundled
+    `slide`, --out ckpt, --cache OUT/cache) filled in, and listed in args.defaulted (said at the
+    start)."""
+    args.defaulted = [f"--{k} {v}" for k, v in (
+        ("data", shown(slide) if args.data is None else None),
+        ("out", "ckpt" if args.out is None else None),
+        ("cache", os.path.join(args.out or "ckpt", "cache") if args.cache is None else None)) if v]
+    args.data = args.data or slide
+    args.out = args.out or "ckpt"
+    args.cache = args.cache or os.path.join(args.out, "cache")
+    return args
 
 
 def read_recipe(path):

@@ -15,6 +15,7 @@ import tifffile
 from PIL import Image
 
 import cascade
+from operations.files import is_temp
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".jpg", ".jpeg")
 # what we write beside slides: never taken for slides
@@ -248,7 +249,7 @@ def list_slides(path):
         raise SlideError(f"{path}: no such file or directory")
     paths = [path] if os.path.isfile(path) else sorted(  # our own outputs are never slides
         os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(SLIDE_SUFFIXES)
-        and not f.lower().endswith(OUTPUT_SUFFIXES) and not f.startswith("."))
+        and not f.lower().endswith(OUTPUT_SUFFIXES) and not f.startswith(".") and not is_temp(f))
     good = []
     for p in paths:
         try:

@@ -24,14 +24,28 @@ def cells_over(grid, rect):
     return {(i, j) for i in span(y0, y1) for j in span(x0, x1)}
 
 
-def closure(grid, order, rects):
-    """Every patch that the final pixels of `rects` (stage px) depend on in `order`: the patches
-    that write into them and, recursively, each earlier-round neighbour of one of those (it wrote
-    pixels the later patch holds fixed, feathers or overwrites). With per-patch seeds, generating
+def closure(grid, order, rects, batch=1):
+    """Every patch that the final pixels of `rects` (stage px) depend on in `order`, generated
+    `batch` patches at a time: the patches that write into them and, recursively, each
+    earlier-round neighbour of one of those (it wrote pixels the later patch holds fixed, feathers
+    or overwrites) and each patch sharing a U-Net batch with one of those (batch mates change a
+    patch's floats: matrix products are blocked by the batch). With per-patch seeds, generating
     these alone, in plan order, gives the rects exactly the pixels of the whole stage. Small in
     checkerboard (4 phases: at most 3 steps back), the whole past in raster and wavefront."""
-    k = tiler.round_index(order, grid.n)
     need = set().union(*(cells_over(grid, r) for r in rects))
+    while True:
+        need = earlier_neighbours(grid, order, need)
+        mates = {c for rnd in tiler.plan(order, grid.n, batch) for b in rnd
+                 if need.intersection(b) for c in b}
+        if mates <= need:
+            return need
+        need |= mates
+
+
+def earlier_neighbours(grid, order, cells):
+    """`cells` and, recursively, each earlier-round neighbour of one of them."""
+    k = tiler.round_index(order, grid.n)
+    need = set(cells)
     todo = list(need)
     while todo:
         i, j = todo.pop()
@@ -61,14 +75,15 @@ def lower_rects(grid, cells, zoom, lower_size):
     return out
 
 
-def needed_cells(preset, order, margin, windows, last=3, below=1):
-    """{stage: the patches that `windows` (stage-`last` px) depend on} (closure), from the
-    last stage down to the stage above `below`; {} for the whole slide. Stage 1 is always whole."""
+def needed_cells(preset, order, margin, windows, last=3, below=1, batch=1):
+    """{stage: the patches that `windows` (stage-`last` px) depend on at `batch` patches a U-Net
+    batch} (closure), from the last stage down to the stage above `below`; {} for the whole
+    slide. Stage 1 is always whole."""
     need = {}
     rects = [(y, y + h, x, x + w) for x, y, w, h in windows]
     for s in range(last, below, -1) if windows else ():
         grid = cascade.stage_grid(preset, s, margin)
-        need[s] = closure(grid, order, rects)
+        need[s] = closure(grid, order, rects, batch)
         rects = lower_rects(grid, need[s], cascade.zoom(preset, s),
                             cascade.stage_size(preset, s - 1))
     return need
@@ -98,9 +113,10 @@ def tissue_windows(stage2, settings, preset, rank, world, tries=100):
     return tuple(broadcast(out, world))
 
 
-def window_files(out, x, y):
-    """The file of the window at (x, y) (final-stage px), beside OUT: OUT_x<X>_y<Y>.png."""
-    return f"{os.path.splitext(out)[0]}_x{x}_y{y}"
+def window_files(out, x, y, w, h):
+    """The name (without .png) of the w x h window at (x, y) (final-stage px), beside OUT:
+    OUT_x<X>_y<Y>_<W>x<H>, one name a window."""
+    return f"{os.path.splitext(out)[0]}_x{x}_y{y}_{w}x{h}"
 
 
 def write_windows(out, images, windows, settings, mpp, lower_windows, whole):
@@ -111,7 +127,7 @@ def write_windows(out, images, windows, settings, mpp, lower_windows, whole):
     last, records = max(images), []
     save = lambda arr, path: Image.fromarray(np.asarray(arr)).save(path, format="PNG")
     for x, y, w, h in windows:
-        root = window_files(out, x, y)
+        root = window_files(out, x, y, w, h)
         rec = {"file": os.path.basename(root) + ".png", "x": x, "y": y, "w": w, "h": h,
                "stage": last, "mpp": mpp, "lower": {}}
         with atomic_path(root + ".png") as tmp:

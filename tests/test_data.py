@@ -12,7 +12,7 @@ from PIL import Image
 import cascade
 import data
 from conftest import ROOT, small_preset
-from operations import aperio, caches
+from operations import aperio, caches, previews
 from operations import slides as slide_io
 
 SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
@@ -131,7 +131,8 @@ def test_nine_datasets_shapes_and_ranges(slides, tmp_path):
             L = p.level_sizes[level] if level < 2 else p.training.crop
             assert item["x0"].shape == (3, L, L)
             assert item["cond"].shape == (cascade.cond_channels(p, stage, level), L, L)
-            for t in item.values():
+            assert item["skipped"] == ""  # every draw readable
+            for t in (item["x0"], item["cond"]):
                 assert t.dtype == torch.float32
                 assert t.numel() == 0 or t.min() >= -1 and t.max() <= 1
             assert torch.equal(ds[1]["x0"], item["x0"])  # a pure function of (seed, idx)
@@ -269,7 +270,7 @@ def test_directory_with_a_bad_file(tmp_path, slides, capsys):
 
 def test_cli_prints_and_writes_preview(tmp_path, capsys):
     out = tmp_path / "preview.png"
-    data.main([CMU, "--out", str(out), "--cache", str(tmp_path / "cache")])
+    previews.inspect_slide([CMU, "--out", str(out), "--cache", str(tmp_path / "cache")])
     text = capsys.readouterr().out
     assert "2220 x 2967" in text and "MPP 0.499" in text and "tissue fraction" in text
     assert Image.open(out).size[1] > 9 * 128
@@ -346,7 +347,7 @@ def test_cache_built_by_local_ranks_in_parallel(tmp_path, monkeypatch):
         t.start()
     for t in ranks:
         t.join()
-    assert out[0] == out[1] and all(os.path.exists(b + ".json") for b in out[0])
+    assert out[0] == out[1] and all(os.path.exists(b + ".json") for b in out[0].values())
     assert sorted(n for r, n in built if r == "0") == ["s0.svs", "s2.svs", "s4.svs"]
     assert sorted(n for r, n in built if r == "1") == ["s1.svs", "s3.svs"]
     built.clear()

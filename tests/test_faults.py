@@ -20,7 +20,7 @@ import metrics
 import sample
 import train
 from conftest import ROOT, save_tiny_models
-from operations import aperio, checkpoints, files, flags, journal, logs, runs, slides
+from operations import aperio, checkpoints, files, flags, journal, logs, previews, runs, slides
 
 SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
 
@@ -239,7 +239,7 @@ def test_previews_are_not_slides(tmp_path, monkeypatch):
     assert slides.list_slides(str(d)) == [str(d / "a.svs")]
     before = sorted(os.listdir(d))
     monkeypatch.chdir(tmp_path)
-    data.main([str(d / "a.svs"), "--cache", str(tmp_path / "cache")])
+    previews.inspect_slide([str(d / "a.svs"), "--cache", str(tmp_path / "cache")])
     # the preview lands in the working directory, whole (no temp file left); nothing beside the
     # slides, which may be read-only or shared
     assert sorted(os.listdir(tmp_path)) == ["a.svs.datasets.png", "cache", "slides"]

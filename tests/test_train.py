@@ -344,9 +344,10 @@ def test_ema_in_one_foreach_equals_the_per_parameter_update(tmp_path):
 
 
 def test_one_collective_per_check_step_and_none_between(tmp_path, monkeypatch):
-    """DDP's step loop: the loss, grad norm and stop flags travel in one all_reduce on check steps
-    (every min(log_every, 10) steps, the first and the last), none on the others (DDP's own
-    gradient averaging aside). torch.distributed is mocked: one process plays a 2-rank group."""
+    """DDP's step loop: the loss, grad norm, stop and broken-data flags travel in one all_reduce on
+    check steps (every min(log_every, 10) steps, the first and the last), none on the others
+    (DDP's own gradient averaging aside). torch.distributed is mocked: one process plays a 2-rank
+    group."""
     calls = []
     monkeypatch.setattr(train.dist, "all_reduce", lambda t, *a, **k: calls.append(t.numel()))
     args = train.parse_args(_args(tmp_path, "--stage", "1", "--level", "0", "--log-every", "5",
@@ -359,7 +360,7 @@ def test_one_collective_per_check_step_and_none_between(tmp_path, monkeypatch):
     ds = train.data.StageLevelDataset([SLIDE], p, 1, 0, cache_dir=str(tmp_path / "cache"))
     assert t.train(ds, [False])
     checks = [s for s in range(1, 24) if s % 5 == 0 or s in (1, 23)]  # 1, 5, 10, 15, 20, 23
-    assert len(calls) == len(checks) and set(calls) == {11}
+    assert len(calls) == len(checks) and set(calls) == {12}
 
 
 def test_open_files_bounded_over_1500_slides(tmp_path):

@@ -77,12 +77,12 @@ def test_window_demo_geometry_with_stand_in_models(tmp_path):
     stage3 = np.load(tmp_path / "whole.tif.work" / "stage3.npy")
     res = _run(*common, "--out", tmp_path / "w.tif", "--window", 1000, 700, 256, 256)
     assert "windows: stage 3: 17 of 81 patches" in res.stderr
-    assert np.array_equal(_png(tmp_path / "w_x1000_y700.png"), stage3[700:956, 1000:1256])
+    assert np.array_equal(_png(tmp_path / "w_x1000_y700_256x256.png"), stage3[700:956, 1000:1256])
 
 
-def _patches_run(out):
+def _patches_run(out, size=128):
     return _run("--preset", "demo", "--dry-run", "--order", "checkerboard", "--out", out,
-                "--n", 2, "--patches", 3, "--patch-size", 128)
+                "--slides", 2, "--patches", 3, "--patch-size", size)
 
 
 def test_patches_on_tissue_with_a_manifest_and_resume(tmp_path):
@@ -115,7 +115,7 @@ def test_patches_on_tissue_with_a_manifest_and_resume(tmp_path):
 def test_metrics_from_windows(tmp_path):
     out = tmp_path / "set" / "s.tif"
     out.parent.mkdir()
-    _patches_run(out)
+    _patches_run(out, 256)  # the demo's crops at magnification 2
     net = random_net(tmp_path / "net.pt")
     slide = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
     args = ["--real", slide, "--fake", str(out.parent), "--preset", "demo", "--mag", "0", "1", "2",
