@@ -18,13 +18,25 @@ def fail(msg):
 
 class Parser(argparse.ArgumentParser):
     """argparse whose errors (an unknown flag, a bad choice, a value that is not a number) are one
-    line, like every other error of the project, instead of the usage and a line."""
+    line, like every other error of the project, instead of the usage and a line; its int and
+    float flags take ASCII digits only (Python's int() would read '١' as 1)."""
 
     def __init__(self, doc):
         super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        for kind in (int, float):
+            self.register("type", kind, _ascii(kind))
 
     def error(self, message):
         fail(f"{message.removeprefix('argument ')} (see --help)")
+
+
+def _ascii(kind):
+    def parse(text):
+        if not text.isascii():
+            raise ValueError(f"{text!r} is not written in ASCII digits")
+        return kind(text)
+    parse.__name__ = kind.__name__  # argparse's message: "invalid int value: ..."
+    return parse
 
 
 def _finite(v):

@@ -247,6 +247,7 @@ def test_training_passes_a_corrupt_tile_and_stops_on_broken_data(tmp_path, capsy
     (("--dry-run", "--out", "x.tif", "--lower-windows"), "--lower-windows"),
     (("--dry-run", "--out", "x.tif", "--eta", "inf"), "--eta inf"),
     (("--dry-run", "--out", "x.tif", "--batch", "²"), "invalid int value"),
+    (("--dry-run", "--out", "x.tif", "--batch", "١"), "invalid int value"),  # int() takes it
 ])
 def test_every_numeric_flag_of_sample_py_is_one_line(tmp_path, argv, needle):
     """--estimate --gpus 0 (and --tflops 0, --mfu 0) ended in tracebacks; --mfu -0.4 printed
