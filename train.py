@@ -71,9 +71,10 @@ class Config:
 
 def ema_decay(step, beta, warmup):
     """The EMA's decay at optimiser step `step` (0-based), or None: no update this step.
-    'ema-pytorch' [the authors: imagen-pytorch's trainer keeps ema-pytorch's defaults]: every 10th
-    step; a copy of the model (decay 0) up to step 100, then 1 - (1 + (step - 100))^(-2/3), at
-    most beta (0.99971 at 200k steps: the EMA then averages the last ~34k steps).
+    'ema-pytorch' [the authors: imagen-pytorch's trainer keeps ema-pytorch 0.3.2's defaults]: every
+    10th step; a copy of the model (decay 0) up to step 110 (its first update after step 100 copies
+    again), then 1 - (1 + (step - 100))^(-2/3), at most beta (0.99971 at 200k steps: the EMA then
+    averages the last ~34k steps).
     'fast': every step, min(beta, (1 + step) / (10 + step)) (about 10k steps at beta 0.9999)."""
     if warmup == "fast":  # deviation: the demo's short CPU runs (cascade.PRESETS["demo"])
         return min(beta, (1 + step) / (10 + step))
@@ -81,7 +82,7 @@ def ema_decay(step, beta, warmup):
         raise ValueError(f"unknown EMA warm-up {warmup!r}; use 'ema-pytorch' or 'fast'")
     if step % 10:
         return None
-    return 0.0 if step <= 100 else min(beta, 1 - (1 + step - 100) ** (-2 / 3))
+    return 0.0 if step <= 110 else min(beta, 1 - (1 + step - 100) ** (-2 / 3))
 
 
 class Trainer:

@@ -480,23 +480,42 @@ def shuffle_up(cin, cout):
     return nn.Sequential(conv, nn.SiLU(), nn.PixelShuffle(2))
 
 
+class LearnedFourier(nn.Module):
+    """imagen's LearnedSinusoidalPosEmb: the log-SNR and sin, cos of 2 pi w lam for `features / 2`
+    learned frequencies w [Imagen; Crowson's v-diffusion]. imagen-pytorch feeds it the log-SNR
+    (its get_condition), as we do. (B,) -> (B, features + 1)"""
+
+    def __init__(self, features=16):
+        super().__init__()
+        self.weights = nn.Parameter(torch.randn(features // 2))
+
+    def forward(self, lam):
+        lam = lam.float()[:, None]
+        freqs = lam * self.weights[None] * 2 * math.pi                       # (B, features / 2)
+        return torch.cat([lam, freqs.sin(), freqs.cos()], dim=1)
+
+
 class NoiseLevel(nn.Module):
-    """imagen's time conditioning, of the log-SNR: 16 features -> hidden (emb_dim) -> the
-    ResBlocks' embedding, and `n` tokens of `width` channels that attention layers attend to.
-    deviation: imagen embeds t in [0, 1] with 16 learned Fourier features (and t); we embed lam
-    with 16 fixed ones (see the module docstring), so a level's schedule and step count can change
-    after training."""
+    """imagen's time conditioning: the log-SNR's 16 learned Fourier features -> hidden (emb_dim)
+    -> the ResBlocks' embedding, and `n` tokens of `width` channels that attention layers attend
+    to. (UNet keeps ADM's fixed features: the shipped demo models were trained with them.)"""
 
     def __init__(self, width, emb_dim, n=2, features=16):
         super().__init__()
-        self.width, self.n, self.features = width, n, features
-        self.hidden = nn.Sequential(nn.Linear(features, emb_dim), nn.SiLU())
+        self.width, self.n = width, n
+        self.hidden = nn.Sequential(LearnedFourier(features), nn.Linear(features + 1, emb_dim),
+                                    nn.SiLU())
         self.to_emb = nn.Linear(emb_dim, emb_dim)
         self.to_tokens = nn.Linear(emb_dim, n * width)
 
     def forward(self, lam):  # (B,) -> (B, emb_dim), (B, n, width)
-        hidden = self.hidden(noise_embedding(lam, self.features))
+        hidden = self.hidden(lam)
         return self.to_emb(hidden), self.to_tokens(hidden).view(len(lam), self.n, self.width)
+
+
+# imagen's middle ResnetBlocks keep CrossAttention's 8 heads of 64 whatever the Unet's attn_heads
+# and attn_dim_head, which every other attention takes (cfg.heads, cfg.head_dim).
+MID_CROSS_HEADS = (8, 64)
 
 
 class ImagenUNet(nn.Module):
@@ -540,9 +559,9 @@ class ImagenUNet(nn.Module):
                 attn=self.transformer(ch, lvl), post=post)))
             skip_ch.append(ch)
         mid = dims[-1]
-        self.mid = nn.ModuleList([self.res(mid, mid, cross=True),
+        self.mid = nn.ModuleList([self.res(mid, mid, cross=True, heads=MID_CROSS_HEADS),
                                   TransformerBlock(mid, cfg.heads, cfg.head_dim),
-                                  self.res(mid, mid, cross=True)])
+                                  self.res(mid, mid, cross=True, heads=MID_CROSS_HEADS)])
         for lvl in reversed(range(len(blocks))):
             din, dout, s = dims[lvl], dims[lvl + 1], skip_ch.pop()
             up = shuffle_up(dout, din) if lvl or cfg.efficient else nn.Identity()
@@ -556,10 +575,12 @@ class ImagenUNet(nn.Module):
         nn.init.zeros_(self.out.weight)  # zero output at init [ADM; imagen's zero_init_]
         nn.init.zeros_(self.out.bias)
 
-    def res(self, cin, cout, cross=False, gca=False):
+    def res(self, cin, cout, cross=False, gca=False, heads=None):
+        # heads: the cross-attention's (heads, head_dim); default the config's
         cfg = self.cfg
         block = ResBlock(cin, cout, self.emb_dim, cfg.dropout, cfg.groups,
-                         (cfg.heads, cfg.head_dim, cfg.width) if cross else None, gca)
+                         (*(heads or (cfg.heads, cfg.head_dim)), cfg.width) if cross else None,
+                         gca)
         block.conv2.reset_parameters()  # imagen keeps the default init (ADM zeroes it)
         return block
 

@@ -5,13 +5,15 @@ tests/bench_flops.py counts ours (torch.utils.flop_counter on the meta device).
 Not a test, and imagen-pytorch is not a dependency of this project. To rerun it, put the package
 and the two libraries its U-Net module needs somewhere on their own:
     pip install --no-deps --target /tmp/imagen imagen-pytorch==1.26.0 einops beartype
-    python tests/bench_authors.py /tmp/imagen [--compare]
+    python tests/bench_authors.py /tmp/imagen [--compare | --fixture tests/data/imagen_unets.pt]
 Only `imagen_pytorch/imagen_pytorch.py` is loaded; what it imports for text encoding, video and
 data augmentation (transformers, torchvision, kornia, tqdm) is replaced by empty stand-ins, since
 the U-Net never calls them. The figures printed are the AUTHORS_MEASURED constants in
 bench_flops.py. `--compare` builds each of their U-Nets at width 32 beside our ImagenUNet, copies
-their weights into ours (all but the noise-level features, where ours embed the log-SNR) and prints
-how far the outputs differ: float rounding (< 1e-6) when the two are the same network.
+their weights into ours (every tensor of ours) and prints how far the outputs differ: float
+rounding (< 1e-6) when the two are the same network. `--fixture FILE` saves tiny versions of the
+three (their weights under our names, inputs, their outputs) for tests/test_unet.py, which checks
+ImagenUNet against them with no imagen-pytorch installed.
 
 Conditioning as ours at stage 3 (what bench_flops.py counts): the base model sees the 3-channel
 context image, the super-resolution models the low-resolution image (imagen's `lowres_cond`) and
@@ -138,7 +140,10 @@ def transformer_names(ours, theirs):
 
 def name_map(net):
     """(our module prefix, theirs) for every piece of an ImagenUNet."""
-    pairs = [("emb.to_emb", "to_time_cond.0"), ("emb.to_tokens", "to_time_tokens.0"),
+    pairs = [("emb.hidden.0", "to_time_hiddens.0"), ("emb.hidden.1", "to_time_hiddens.1"),
+             ("aug_emb.hidden.0", "to_lowres_time_hiddens.0"),
+             ("aug_emb.hidden.1", "to_lowres_time_hiddens.1"),
+             ("emb.to_emb", "to_time_cond.0"), ("emb.to_tokens", "to_time_tokens.0"),
              ("aug_emb.to_emb", "to_lowres_time_cond.0"),
              ("aug_emb.to_tokens", "to_lowres_time_tokens.0"), ("norm_tokens", "norm_cond"),
              ("out", "final_conv")] + [(f"conv_in.convs.{i}", f"init_conv.convs.{i}")
@@ -164,16 +169,10 @@ def name_map(net):
     return pairs
 
 
-def compare(Unet, kw, size=32):
-    """Our ImagenUNet at a small width given imagen-pytorch's weights (their noise-level features
-    replaced by ours, the one part we change): the largest output difference, and how many of
-    our parameters were copied from theirs out of all."""
+def ours_like(kw):
+    """Our ImagenUNet configured as imagen-pytorch's Unet(**kw) at stage 3."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import unet
-    torch.manual_seed(0)
-    theirs = Unet(**kw, cond_on_text=False, text_embed_dim=768, cond_images_channels=CONTEXT_CH)
-    with torch.no_grad():  # a non-zero output layer, so the output depends on everything
-        torch.nn.init.normal_(theirs.final_conv.weight, std=0.05)
     lowres = kw.get("lowres_cond", False)
     levels = lambda v: v if isinstance(v, tuple) else (v,) * len(kw["dim_mults"])
     cfg = unet.UNetConfig(width=kw["dim"], mults=kw["dim_mults"], blocks=kw["num_resnet_blocks"],
@@ -184,47 +183,135 @@ def compare(Unet, kw, size=32):
                           efficient=kw.get("memory_efficient", False), imagen=True,
                           init_residual=kw.get("init_conv_to_final_conv_residual", False),
                           cond_ch=CONTEXT_CH + 3 * lowres, aug_emb=lowres)
-    ours = unet.build(cfg).eval()
-    mine, got, copied = dict(ours.named_parameters()), dict(theirs.named_parameters()), set()
-    with torch.no_grad():
-        for a, b in name_map(ours):
-            for suffix in ("weight", "bias", ""):
-                ka, kb = (f"{a}.{suffix}", f"{b}.{suffix}") if suffix else (a, b)
-                kb = kb if kb in got else kb.replace(".weight", ".g")
-                if ka in mine and kb in got:
-                    w = got[kb]
-                    if ka.startswith("conv_in.") and ka.endswith("weight"):
-                        # their input channels: context, x, lowres; ours: x, lowres, context
-                        w = torch.cat([w[:, CONTEXT_CH:], w[:, :CONTEXT_CH]], dim=1)
-                    mine[ka].copy_(w)
-                    copied.add(ka)
-    class Hidden(torch.nn.Module):  # our noise-level features in place of theirs
-        def __init__(self, emb):
-            super().__init__()
-            self.emb = [emb]  # not registered: no parameters of ours inside theirs
+    return unet.build(cfg).eval()
 
-        def forward(self, t):
-            return self.emb[0].hidden(unet.noise_embedding(t, self.emb[0].features))
-    theirs.to_time_hiddens = Hidden(ours.emb)
-    if lowres:
-        theirs.to_lowres_time_hiddens = Hidden(ours.aug_emb)
-    g = torch.Generator().manual_seed(1)
-    x, ctx, low = (torch.randn(2, 3, size, size, generator=g) for _ in range(3))
+
+def theirs_weights(theirs, ours):
+    """{our parameter name: their tensor} for every parameter of ours that name_map pairs."""
+    got, out = dict(theirs.named_parameters()), {}
+    for a, b in name_pairs(theirs, ours):
+        w = got[b].detach()
+        if a.startswith("conv_in.") and a.endswith("weight"):
+            # their input channels: context, x, lowres; ours: x, lowres, context
+            w = torch.cat([w[:, CONTEXT_CH:], w[:, :CONTEXT_CH]], dim=1)
+        out[a] = w
+    return out
+
+
+def formula_weights(net):
+    """Weights for every parameter of `net` from its name and shape alone, by arithmetic (no random
+    generator: the same on any machine or version): waves in [-1, 1] scaled like an init, norm
+    gains and attention scales 1 + 0.1 wave. The fixture's weights, so that it stores no weights."""
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            k = torch.arange(p.numel(), dtype=torch.float64)
+            h = sum(ord(c) * (i + 1) for i, c in enumerate(name)) % 9973
+            wave = (torch.sin(k * 0.7531 + h * 1.3183) * torch.cos(k * 0.1127 + h)).view(p.shape)
+            gain = name.endswith(("q_scale", "k_scale")) or (p.dim() == 1 and "norm" in name
+                                                             and name.endswith("weight"))
+            if gain:
+                p.copy_(1 + 0.1 * wave)
+            elif p.dim() == 1 and not name.endswith("weights"):  # biases
+                p.copy_(0.05 * wave)
+            else:  # matrices, kernels, null key / values, learned frequencies
+                p.copy_(wave * (3 / max(p[0].numel() if p.dim() > 1 else 1, 1)) ** 0.5)
+
+
+def formula_inputs(size, lowres):
+    """The fixture's inputs, by arithmetic: x, the context, the low-res image (waves), lam."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    wave = lambda a, b: torch.stack([torch.sin(a * yy + b * xx + c) for c in range(3)])
+    x, ctx, low = (torch.stack([wave(a, b), wave(b, -a)]).float()
+                   for a, b in ((0.3, 0.5), (0.2, -0.7), (0.9, 0.1)))
     lam, aug_lam = torch.tensor([-3.0, 4.0]), torch.tensor([1.0, -2.0])
+    return dict(x=x, lam=lam, cond=torch.cat([low, ctx], dim=1) if lowres else ctx,
+                aug_lam=aug_lam if lowres else None), (x, ctx, low, lam, aug_lam)
+
+
+def run_both(Unet, kw, size, formula=False):
+    """Their Unet and ours with the same weights (theirs from their init, a non-zero output layer
+    so that the output depends on everything; or formula_weights), on the same inputs:
+    (ours, tensors copied, our inputs, their output)."""
+    torch.manual_seed(0)
+    theirs = Unet(**kw, cond_on_text=False, text_embed_dim=768, cond_images_channels=CONTEXT_CH)
+    with torch.no_grad():
+        torch.nn.init.normal_(theirs.final_conv.weight, std=0.05)
+    ours, lowres = ours_like(kw), kw.get("lowres_cond", False)
+    weights = theirs_weights(theirs, ours)
+    mine, got = dict(ours.named_parameters()), dict(theirs.named_parameters())
+    with torch.no_grad():
+        if formula:  # ours first, then theirs from ours through the same name map
+            formula_weights(ours)
+            for a, b in ((a, b) for a, b in name_pairs(theirs, ours)):
+                w = mine[a]
+                if a.startswith("conv_in.") and a.endswith("weight"):  # back to their order
+                    w = torch.cat([w[:, -CONTEXT_CH:], w[:, :-CONTEXT_CH]], dim=1)
+                got[b].copy_(w)
+        else:
+            for k, w in weights.items():
+                mine[k].copy_(w)
+    inputs, (x, ctx, low, lam, aug_lam) = formula_inputs(size, lowres)
     with torch.no_grad():
         extra = dict(lowres_cond_img=low, lowres_noise_times=aug_lam) if lowres else {}
         want = theirs.eval()(x, lam, cond_images=ctx, **extra)
-        cond = torch.cat([low, ctx], dim=1) if lowres else ctx
-        out = ours(x, lam, cond, aug_lam if lowres else None)
-    return float((out - want).abs().max()), float(want.abs().max()), len(copied), len(mine)
+    return ours, weights, inputs, want
+
+
+def name_pairs(theirs, ours):
+    """(our parameter name, theirs) of every parameter theirs_weights copies."""
+    got, mine, out = dict(theirs.named_parameters()), dict(ours.named_parameters()), []
+    for a, b in name_map(ours):
+        for suffix in ("weight", "bias", "weights", ""):
+            ka, kb = (f"{a}.{suffix}", f"{b}.{suffix}") if suffix else (a, b)
+            kb = kb if kb in got else kb.replace(".weight", ".g")
+            if ka in mine and kb in got:
+                out.append((ka, kb))
+    return out
+
+
+def compare(Unet, kw, size=32):
+    """Our ImagenUNet at a small width given imagen-pytorch's weights: the largest output
+    difference, the output's scale, and how many of our parameters were copied from theirs out
+    of all."""
+    ours, weights, inputs, want = run_both(Unet, kw, size)
+    with torch.no_grad():
+        out = ours(**inputs)
+    return (float((out - want).abs().max()), float(want.abs().max()), len(weights),
+            len(dict(ours.named_parameters())))
+
+
+# The tiny versions in the fixture: the authors' layouts (levels, blocks, attention, cross-
+# attention, efficient, init residual) at width 8 and levels of 8, 16, 16, 16 channels, attention
+# layers of 2 heads of 8 (the middle ResBlocks' cross-attention keeps 8 of 64 whatever these), on
+# 16 px inputs.
+FIXTURE = dict(dim=8, dim_mults=(1, 2, 2, 2), attn_heads=2, attn_dim_head=8)
+FIXTURE_SIZE = 16
+
+
+def fixture(Unet, path):
+    """tests/data/imagen_unets.pt: per layout our config and imagen-pytorch's output with
+    formula_weights on formula_inputs (the test makes both again; nothing else is stored)."""
+    out = {}
+    for name, (_, _, kw) in AUTHORS_UNETS.items():
+        ours, weights, inputs, want = run_both(Unet, dict(kw, **FIXTURE), FIXTURE_SIZE,
+                                               formula=True)
+        with torch.no_grad():
+            diff = float((ours(**inputs) - want).abs().max())
+        out[name] = dict(config=ours.cfg.to_dict(), output=want)
+        print(f"{name}: {len(weights)} parameter tensors, output scale "
+              f"{float(want.abs().max()):.2f}; ours differs by {diff:.2e}")
+    torch.save(out, path)
+    print(f"wrote {path}: {os.path.getsize(path) / 1e3:.1f} kB")
 
 
 def main():
-    if len(sys.argv) not in (2, 3) or not os.path.isfile(
+    if len(sys.argv) not in (2, 3, 4) or not os.path.isfile(
             os.path.join(sys.argv[1], "imagen_pytorch", "imagen_pytorch.py")):
-        sys.exit("usage: python tests/bench_authors.py SITE [--compare]  (SITE: where "
-                 "imagen-pytorch 1.26.0 was installed, see this file's docstring)")
+        sys.exit("usage: python tests/bench_authors.py SITE [--compare | --fixture FILE]  (SITE: "
+                 "where imagen-pytorch 1.26.0 was installed, see this file's docstring)")
     Unet = load_imagen_unet(sys.argv[1])
+    if sys.argv[2:3] == ["--fixture"]:
+        return fixture(Unet, sys.argv[3])
     if sys.argv[2:] == ["--compare"]:
         for name, (_, _, kw) in AUTHORS_UNETS.items():
             small = dict(kw, dim=32)  # 8 heads of 64, as theirs (the middle blocks' fixed)

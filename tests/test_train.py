@@ -417,14 +417,18 @@ def test_read_only_slide_directory(tmp_path, capsys):
 
 
 def _ema_pytorch_decays(n, beta):
-    """The decay of each of n calls of ema-pytorch's EMA.update() at its defaults (the authors'
-    trainer): None where it skips the call, 0 where it copies the model (its counter logic)."""
-    counter, out = 0, []
+    """The decay of each of n calls of ema-pytorch 0.3.2's EMA.update() at its defaults (the
+    authors' trainer): None where it skips the call, 0 where it copies the model (its counter
+    logic, and its first update after the copies, which copies again: `initted` is still False)."""
+    counter, out, initted = 0, [], False
     for _ in range(n):
         step, counter = counter, counter + 1
         if step % 10:
             out.append(None)
         elif step <= 100:
+            out.append(0.0)
+        elif not initted:  # a copy, then the moving average of two equal models: a copy
+            initted = True
             out.append(0.0)
         else:
             epoch = max(counter - 100 - 1, 0)
