@@ -38,16 +38,14 @@ import unet as unet_mod
 class Sampling:
     """How a preset samples by default; sample.py's flags override each field. Never part of a
     model's identity: a trained model can be sampled with any of these."""
-    steps: tuple                      # denoising steps per level (3 values: every stage alike),
-                                      #   or per stage and level (9: stage 1's 3 levels, stage 2's,
-                                      #   stage 3's)
+    steps: tuple                      # denoising steps per level (3 values), or per stage and
+                                      #   level (9: stage 1's 3 levels, stage 2's, stage 3's)
     sampler: str = "ancestral"        # sde.SAMPLERS
     eta: float = 0.0                  # DDIM's noise scale (0 = deterministic; others ignore it)
     aug_level: float = 0.2            # t_aug of the conditioning augmentation [Imagen: 0.2]
     threshold: object = None          # dynamic thresholding quantile p of x0_hat [Imagen: 0.95]
     edge_margin: int = 0              # px of a patch's inner edges the next patch redraws
     feather: int = 0                  # px over which known pixels fade into a new one (feather)
-
     fill_white: tuple = (3,)          # stages whose mostly-white patches are filled from below
     resample: int = 1                 # RePaint jumps per step (1 = off)
     order: str = "wavefront"          # tiler.ORDERS: wavefront = raster's slide, in fewer rounds
@@ -78,6 +76,9 @@ class Training:
                                       #   onto the crop [imagen-pytorch] or its 'window'
     ema_warmup: str = "ema-pytorch"   # the EMA's schedule (train.ema_decay): 'ema-pytorch' [the
                                       #   authors' trainer] or 'fast' (every step, (1+n)/(10+n))
+    fields: tuple = None              # level-0 px of a stage-1, 2, 3 field (data.training_fields);
+                                      #   None: sampling's geometry, (N3, P N3 / N2, P)
+    holdout: float = 0.025            # share of the examples held out for a validation loss
 
 
 @dataclass(frozen=True)
@@ -92,16 +93,14 @@ class Preset:
     schedules: tuple                  # noise schedule of x_t per level (sde.SCHEDULES)
     objectives: tuple = ("v", "v", "v")  # what each level's U-Net predicts: 'v' or 'eps'
     aug_schedule: str = "linear"      # log-SNR schedule of the conditioning augmentation [Imagen]
-    aug_inputs: str = "lowres"        # noised inputs: 'lowres' (level l-1's image) or 'all' (also
-                                      #   context, region)
+    aug_inputs: str = "lowres"        # noised: 'lowres' (level l-1's image) or 'all' inputs
     region: bool = False              # stages 2-3 also see the region crop (the pixels zoomed into)
     background: object = 255          # grey level or (R, G, B) padded outside an image (glass)
+    context_range: tuple = (-1.0, 1.0)  # the context's values for the U-Net: the image's [-1, 1]
+                                      #   or imagen's [0, 1] (`paper`: in_context_range)
     resize: str = "area"              # RESIZES: 'area' (box down, bilinear up) or 'nearest'
     training: Training = Training()
     sampling: Sampling = None
-
-    def to_dict(self):
-        return asdict(self)
 
     def model_dict(self):
         """The fields a trained model depends on: all but the name and the two sets of defaults."""
@@ -111,7 +110,7 @@ class Preset:
 # Model files written before a field existed (format urcdm-model-v1, e.g. the shipped demo) were
 # trained with these values.
 V1_MODEL_DEFAULTS = dict(objectives=("v", "v", "v"), aug_schedule="cosine",
-                         aug_inputs="all", region=True, resize="area")
+                         aug_inputs="all", region=True, resize="area", context_range=(-1.0, 1.0))
 
 
 _PAPER_GEOMETRY = dict(patch=1024, n_patches=(1, 7, 46), level_sizes=(64, 256, 1024),
@@ -131,7 +130,9 @@ PRESETS = {
     # The authors' recipe: geometry and sizes [PAPER Sec. 2-3]; everything else the imagen-pytorch
     # 1.25 defaults their training script leaves on (docs/design.md, "The paper preset").
     "paper": Preset("paper", **_PAPER_GEOMETRY, resize="nearest",  # imagen-pytorch's resize
+                    training=Training(fields=(40000, 6500, 1024)),  # their patient_dataset.py
                     objectives=("eps", "v", "v"),  # their pred_objectives: eps for the base unet
+                    context_range=(0.0, 1.0),  # their cond_images: the dataset's [0, 1] tensors
                     sampling=Sampling(steps=(1024, 256, 256), threshold=0.95)),
     # deviation: the paper's geometry and sizes with our choices, each with its measured effect in
     # docs/departures.md: leaner U-Nets (0.93 x the authors' slide FLOPs), stage 2-3 examples
@@ -372,8 +373,16 @@ def level_inputs(preset, stage, level, target_or_lowres, context=None,
         lowres = downsample(target_or_lowres, preset.level_sizes[level - 1], preset.resize)
         parts.append(make_lowres(lowres, L, window, preset.resize))
     if stage > 1 and conditioned:
-        parts += [fit(context)] + ([fit(region)] if preset.region else [])
+        parts += [in_context_range(fit(context), preset)] + ([fit(region)] if preset.region else [])
     return torch.cat(parts, dim=1) if parts else None
+
+
+def in_context_range(context, preset):
+    """A context crop in [-1, 1] as the preset's U-Nets see it (Preset.context_range): itself, or
+    imagen's [0, 1]. deviation ((-1, 1): paper_plus, demo): imagen-pytorch leaves cond_images as
+    the dataset gives them, in [0, 1]; ours are scaled like the image they condition."""
+    lo, hi = preset.context_range
+    return context if (lo, hi) == (-1.0, 1.0) else lo + (hi - lo) * (context + 1) / 2
 
 
 def augmented_channels(preset, stage, level, conditioned=True):

@@ -6,16 +6,17 @@ contributes a square *area* of N3 level-0 px (paper: ~40000, the centre crop) th
 whole generated slide: stage 1 = the area resized to N1; stages 2-3 = P x P fields at stage scale,
 either anywhere in the area (Training.positions 'area') or at the authors' tissue grid over the
 whole slide ('grid'), with the context (and region input: the field below) of the stage below;
-level l > 0 adds make_lowres(level l-1). The
-geometry is cascade.py's, so training sees exactly what sampling feeds. The stage images are
-built once per slide into a cache (operations/caches.py); slides are read with
-operations/slides.py.
+level l > 0 adds make_lowres(level l-1). The geometry is cascade.py's, so training sees exactly
+what sampling feeds. The stage images are built once per slide into a cache (operations/caches.py);
+slides are read with operations/slides.py; crops are resized by operations/pyramid.py, equal to
+cascade.downsample up to rounding, faster.
 
 Usage: python data.py SLIDE [--preset demo] [--out preview.png]  (what training sees of a slide)
 
 References
   [PAPER]     Cechnicka et al., URCDM, MICCAI 2024 ("Datasets and Preprocessing").
 """
+import copy
 import json
 import os
 import warnings
@@ -27,6 +28,7 @@ import cascade
 import tiler
 from operations import caches
 from operations.files import LRU, atomic_path, write_json
+from operations.pyramid import box_pyramid
 from operations.slides import SlideError, open_slide
 
 # Tissue = saturated and not black: H&E stains are coloured (HSV saturation >= 0.07), glass
@@ -41,6 +43,8 @@ MIN_TISSUE = 0.3  # deviation: the paper does not quantify "mostly white"
 # hue > 0.5 (purple to pink on skimage's 0-1 scale), saturation > 0.1, value < 0.9 [their
 # patient_dataset.py].
 GRID_HUE, GRID_SATURATION, GRID_VALUE = 0.5, 0.1, 0.9
+
+
 def tissue_mask(rgb):
     """(h, w, 3) uint8 -> (h, w) bool, True on tissue (HSV saturation / value thresholds)."""
     rgb = np.asarray(rgb, dtype=np.float32) / 255.0
@@ -77,6 +81,18 @@ def white_test(sampling, stage, threshold):
 
 
 # ---------------------------------------------------------------------- areas and stage images
+
+def training_fields(preset, area_size=None):
+    """Level-0 px of a training field at stages 1, 2 and 3 (stage 1's: the whole area): the
+    preset's (Training.fields; `paper`: the authors' 40000, 6500, 1024 [their patient_dataset.py],
+    1.8-3.4 % smaller than sampling's: docs/design.md), else sampling's geometry, an area of N3
+    (or area_size) cut into P px fields at N2 and N3. area_size replaces stage 1's. Stages 2-3
+    use theirs at grid positions; anywhere in the area, the area's stage images set the scale."""
+    N3, P = cascade.stage_size(preset, 3), preset.patch
+    f = preset.training.fields or (None,) * 3
+    area = area_size or f[0] or N3
+    return area, f[1] or P * area / cascade.stage_size(preset, 2), f[2] or P * area / N3
+
 
 def choose_area(slide, size, mode="tissue"):
     """Level-0 top-left (x, y) of the size x size training area of a slide: centred on the
@@ -118,9 +134,11 @@ def build_cache(slide_path, preset, base, area_size=None):
     training.area_choice) resized to N1 and N2; positions 'grid': also the whole slide at
     stage-1 scale (`overview`, the stage-2 contexts) and the tissue grid (its block: a stage-3
     patch's field). Written atomically, the metadata (BASE.json) last."""
-    size, tag = area_size or cascade.stage_size(preset, 3), caches.machine_tag()
+    fields, tag = training_fields(preset, area_size), caches.machine_tag()
+    size = fields[0]
     meta = {"size": size, "slide": os.path.abspath(slide_path), "arrays": ["stage1", "stage2"]}
     with open_slide(slide_path) as slide:
+        slide.background = preset.background  # beyond a slide smaller than its area
         x, y = choose_area(slide, size, preset.training.area_choice)
         for s in (1, 2):
             n = cascade.stage_size(preset, s)
@@ -129,7 +147,7 @@ def build_cache(slide_path, preset, base, area_size=None):
             ds1, (W, H) = size / cascade.stage_size(preset, 1), slide.dimensions
             caches.build_image(slide, 0, 0, max(1, round(W / ds1)), max(1, round(H / ds1)), ds1,
                                f"{base}.overview.npy", tag)
-            block = round(preset.patch * size / cascade.stage_size(preset, 3))
+            block = round(fields[2])  # the stage-3 field
             grid = tissue_grid(slide, block)
             with atomic_path(f"{base}.grid.npy", tag) as tmp, open(tmp, "wb") as f:
                 np.save(f, grid)
@@ -142,11 +160,15 @@ def slide_caches(paths, preset, area_size=None, cache_dir=None, rank=0, world=1)
     """Every slide's stage images (build_cache), built once into CACHE_DIR (default: .urcdm_cache
     beside each slide) by this machine's `world` local ranks. Returns {path: base} of the slides
     whose images could be built (caches.build_missing leaves the others out, saying so)."""
-    size = area_size or cascade.stage_size(preset, 3)
+    size = training_fields(preset, area_size)[0]
     ident = [size, preset.training.area_choice,
              [cascade.stage_size(preset, s) for s in (1, 2, 3)]]
     if preset.training.positions == "grid":  # its own files (older keys unchanged)
         ident += ["grid", preset.patch]
+    if preset.background != 255:  # pads with it (older caches padded with white)
+        ident += [preset.background]
+    if preset.training.fields:  # another grid block
+        ident += [list(training_fields(preset, area_size))]
     bases = [caches.cache_base(p, ident, cache_dir) for p in paths]
     nbytes = 3 * sum(cascade.stage_size(preset, s) ** 2 for s in (1, 2))
     failed = caches.build_missing(paths, bases, lambda p, b: build_cache(p, preset, b, area_size),
@@ -177,55 +199,6 @@ def dihedral(x, k):
     return x.flip(-1) if k >= 4 else x
 
 
-# Cache maps are read-only and only ever read here: torch's warning about wrapping them is noise.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-
-
-def box_pyramid(u8, sizes, k=0, window=None, mode="area"):
-    """(H, W, 3) uint8 -> {size: (1, 3, size, size) float in [-1, 1]} for each integer factor
-    f = H / size: the area resize as exact integer block sums (halving the image while f is even),
-    then symmetry k and, if given, the window (y, x, c), then one conversion to float. Equal to
-    cascade.downsample(dihedral(to_float(u8), k), size, mode) (windowed) up to float rounding
-    (~1e-7; tests/test_data.py) at a fraction of its cost; one pass serves several sizes.
-    mode 'nearest': the symmetry first (it does not commute with picking), then every f-th px."""
-    if mode == "nearest":
-        return _nearest_pyramid(u8, sizes, k, window)
-    x, f, out = torch.from_numpy(np.ascontiguousarray(u8)), 1, {}
-    for size in sorted(sizes, reverse=True):
-        if u8.shape[0] % size:  # not an integer factor: the float route
-            out[size] = dihedral(cascade.downsample(cascade.to_float(u8), size), k)
-            continue
-        while (u8.shape[0] // size) // f % 2 == 0:  # 2 x 2 block sums, in int32 (exact)
-            x, f = x[0::2].to(torch.int32) + x[1::2], 2 * f
-            x = x[:, 0::2] + x[:, 1::2]
-        g = u8.shape[0] // size // f
-        sums = x if g == 1 else x.to(torch.int32).view(size, g, size, g, 3).sum((1, 3))
-        sums = torch.rot90(sums, k % 4, dims=(0, 1))  # the symmetry, on the small array
-        sums = sums.flip(1) if k >= 4 else sums
-        if window:
-            sums = sums[window[0]:window[0] + window[2], window[1]:window[1] + window[2]]
-        out[size] = sums.permute(2, 0, 1)[None].float() / (127.5 * (f * g) ** 2) - 1
-    return out
-
-
-def _nearest_pyramid(u8, sizes, k, window):
-    """box_pyramid's 'nearest' route: pixel (i f, j f) of the symmetric image, as F.interpolate's
-    'nearest' picks it; non-integer factors through the float route."""
-    a = np.rot90(np.asarray(u8), k % 4, axes=(0, 1))  # views: nothing is copied at full size
-    a = a[:, ::-1] if k >= 4 else a
-    y, xx, c = window or (0, 0, None)
-    out = {}
-    for size in sizes:
-        if u8.shape[0] % size:
-            small = cascade.downsample(dihedral(cascade.to_float(u8), k), size, "nearest")
-            out[size] = small if window is None else small[..., y:y + c, xx:xx + c]
-            continue
-        f = u8.shape[0] // size
-        picked = a[::f, ::f] if window is None else a[::f, ::f][y:y + c, xx:xx + c]
-        out[size] = cascade.to_float(np.ascontiguousarray(picked))
-    return out
-
-
 MAX_OPEN = 64  # slides, and slides' cache maps, a process keeps open (each: 1-2 descriptors)
 MAX_REDRAW = 10  # draws of one example before its unreadable slides stop training
 
@@ -240,8 +213,10 @@ class StageLevelDataset(torch.utils.data.Dataset):
     item were unreadable ('' if none; an unreadable example, a corrupt tile, is drawn again from
     (seed, idx, attempt), so a run passes it, and a resumed run the same way).
 
-    slides: list of slide paths. area_size: level-0 side of each slide's area (None:
-    N3, so stage 3 is at full resolution). Stage 2-3 positions (preset.training.positions):
+    slides: list of slide paths. area_size: level-0 side of each slide's area (None: the
+    preset's training_fields). The examples held out for a validation loss (held_out;
+    Training.holdout [the authors' 2.5 %]: the last grid blocks, or the last slides, none where
+    that share rounds to 0) are never drawn. Stage 2-3 positions (preset.training.positions):
     'area': anywhere in the area (slides whose area is glass left out); crops whose field below
     has less tissue than min_tissue are redrawn (up to 10 times), as the paper ignores mostly
     white patches. 'grid': the authors' (_grid_crop), every tissue block of every slide equally
@@ -254,6 +229,9 @@ class StageLevelDataset(torch.utils.data.Dataset):
                  seed=0, length=100_000, min_tissue=MIN_TISSUE, conditioned=True,
                  augment=True, rank=0, world=1, max_open=MAX_OPEN):
         self.preset, self.stage, self.level = preset, stage, level
+        fields = training_fields(preset, area_size)
+        self.ds = {s: fields[s - 1] / (cascade.stage_size(preset, 1) if s == 1 else preset.patch)
+                   for s in (1, 2, 3)}  # level-0 px per stage-s px (grid positions)
         self.seed, self.length, self.min_tissue = seed, length, min_tissue
         self.conditioned, self.augment = conditioned, augment
         bases = slide_caches(slides, preset, area_size, cache_dir, rank, world)
@@ -276,6 +254,17 @@ class StageLevelDataset(torch.utils.data.Dataset):
                                  "slide(s) passes the authors' tissue test (data.grid_tissue); "
                                  "use --positions area")
             self.blocks = np.cumsum(counts)
+        n = int(self.blocks[-1]) if self.blocks is not None else len(self.paths)
+        self.n_val = round(preset.training.holdout * n)  # held out: the last blocks or slides
+        self.examples = range(n - self.n_val)  # the blocks (grid) or slides an example is of
+
+    def held_out(self):
+        """The same dataset over the held-out examples instead (None when there are none)."""
+        if not self.n_val:
+            return None
+        val, n = copy.copy(self), len(self.examples) + self.n_val
+        val.examples = range(n - self.n_val, n)
+        return val
 
     def _open(self, k):
         slide = open_slide(self.paths[k])
@@ -323,7 +312,7 @@ class StageLevelDataset(torch.utils.data.Dataset):
         contexts from the cached overview. Not re-tested for tissue."""
         p, cache, P, s = self.preset, self.caches[k], self.preset.patch, self.stage
         x, y = (int(v) for v in cache["grid"][j] + rng.integers(2, size=2) * (cache["block"] // 2))
-        ds, ds_low = (cache["size"] / cascade.stage_size(p, t) for t in (s, s - 1))
+        ds, ds_low = self.ds[s], self.ds[s - 1]
         target = self.slides[k].read_region(x, y, P, P, ds)
         if not self.conditioned:
             return target, None, None
@@ -334,7 +323,7 @@ class StageLevelDataset(torch.utils.data.Dataset):
         else:
             context = self.slides[k].read_region(cx - P * ds_low / 2, cy - P * ds_low / 2, P, P,
                                                   ds_low)
-        r = cascade.zoom(p, s)  # the target is the centre P / r px of its context
+        r = ds_low / ds  # the target is the centre P / r px of its context
         region = cascade.region_crop(context, P * (r - 1) / 2, P * (r - 1) / 2, P, r) \
             if p.region else None
         return target, context, region
@@ -350,13 +339,12 @@ class StageLevelDataset(torch.utils.data.Dataset):
         raise SlideError(f"{MAX_REDRAW} draws in a row unreadable; the last: {skipped[-1]}")
 
     def _example(self, rng):
-        j = None
+        j, n = None, self.examples[int(rng.integers(len(self.examples)))]  # one of this split's
         if self.blocks is not None:  # every tissue block of every slide equally likely
-            n = int(rng.integers(self.blocks[-1]))
             k = int(np.searchsorted(self.blocks, n, side="right"))
             j = n - (int(self.blocks[k - 1]) if k else 0)
         else:
-            k = int(rng.integers(len(self.paths)))
+            k = n
         target, context, region = self._crop(rng, k, j)
         sym = int(rng.integers(8)) if self.augment else 0  # one symmetry for every input
         p, L = self.preset, self.preset.level_sizes[self.level]

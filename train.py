@@ -116,8 +116,9 @@ class Trainer:
         if cfg.compile:
             self.net = torch.compile(self.net)
 
-    def losses(self, batch, g):
-        """Per-sample losses (B,) and their times t (B,) on one batch [SDE-v, MinSNR]."""
+    def losses(self, batch, g, net=None):
+        """Per-sample losses (B,) and their times t (B,) on one batch [SDE-v, MinSNR]; net: the
+        network (default: the one trained)."""
         to = dict(device=self.device, memory_format=torch.channels_last, non_blocking=True)
         x0, cond = batch["x0"].to(**to), batch["cond"].to(**to)  # (B, 3, L, L), (B, C, L, L)
         cond = None if cond.shape[1] == 0 else cond
@@ -128,7 +129,7 @@ class Trainer:
         cond, aug_lam = cascade.augment(self.preset, self.stage, self.level, cond,
                                         t_aug.expand(x0.shape[0]), g, self.cfg.conditioned)
         # The diffusion loss of the level's objective (v or eps), min-SNR weighted if set.
-        fn = cascade.denoiser(self.net, self.schedule, cond, aug_lam, self.cfg.bf16)
+        fn = cascade.denoiser(net or self.net, self.schedule, cond, aug_lam, self.cfg.bf16)
         return sde.loss_fn(fn, x0, schedule=self.schedule, objective=self.objective,
                            min_snr_gamma=tr.min_snr_gamma, generator=g)
 
@@ -150,6 +151,7 @@ class Trainer:
     def train(self, ds, stop_flag):
         """Steps until max_steps; False if a SIGTERM stopped it (after saving)."""
         cfg, G = self.cfg, self.cfg.batch * self.world
+        self.val = ds.held_out()  # a validation loss in the log (logs.check_step)
         loader, meter = self.loader(ds), StepSums(self.step, self.max_steps, self.device, self.ddp)
         while self.step < self.max_steps:
             # Forward: the loss of this rank's part of the global batch (randomness drawn on the
@@ -211,7 +213,7 @@ class Trainer:
     def loader(self, ds):
         """This rank's batches from the saved data position on, and a line saying what runs."""
         cfg = self.cfg
-        logs.start_line(self, costs.count_params(self.unet_cfg))
+        logs.start_line(self, costs.count_params(self.unet_cfg), ds)
         return iter(torch.utils.data.DataLoader(
             ds, batch_sampler=index_lists(self.position, cfg.batch, self.rank, self.world),
             num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
@@ -306,6 +308,9 @@ def parse_args(argv=None):
                          "the level's full size trains on what sampling feeds (README, 'Training')")
     ap.add_argument("--min-snr-gamma", type=float, default=None,
                     help="min-SNR-gamma loss weight (default: the preset's; 0 = off)")
+    ap.add_argument("--holdout", type=float, default=None,
+                    help="share of the examples (the last grid blocks or slides) held out for a "
+                         "validation loss, logged and plotted (default: the preset's, 0.025)")
     ap.add_argument("--positions", default=None, choices=["grid", "area"],
                     help="where stage 2-3 examples are (default: the preset's): the authors' "
                          "tissue 'grid' over the whole slide, or anywhere in the slide's 'area'")
@@ -358,7 +363,7 @@ def parse_args(argv=None):
         "--log-every": flags.at_least(1), "--keep": flags.at_least(0),
         "--sample-steps": flags.at_least(1), "--threads": flags.at_least(1),
         "--max-nonfinite": flags.at_least(1), "--max-open": flags.at_least(1),
-        "--max-unreadable": flags.between(0, 1),
+        "--max-unreadable": flags.between(0, 1), "--holdout": flags.between(0, 0.5),
         "--gpu-mem": flags.above(0), "--min-snr-gamma": flags.at_least(0),
         "--area-size": flags.at_least(1), "--sample-every": flags.at_least(0),
         "--workers": (lambda v: v == "auto" or (v.isascii() and v.isdigit()),

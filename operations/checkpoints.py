@@ -22,7 +22,8 @@ def model_filename(stage, level):
 def model_payload(preset, stage, level, cfg, state_dict, conditioned=True, **extra):
     """The dictionary saved as stage{s}_level{l}.pt (plain types only: weights_only=True loads it).
     It records the whole preset, training and sampling defaults included."""
-    return {"format": MODEL_FORMAT, "preset": preset.to_dict(), "stage": stage, "level": level,
+    return {"format": MODEL_FORMAT, "preset": dataclasses.asdict(preset), "stage": stage,
+            "level": level,
             "conditioned": conditioned, "unet_config": cfg.to_dict(), "ema": state_dict, **extra}
 
 

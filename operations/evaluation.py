@@ -48,6 +48,8 @@ class Source:
         self.files = images if self.is_patches else list_slides(path)
         if not self.is_patches:
             self.slides = [open_slide(f) for f in self.files]
+            for slide in self.slides:  # beyond a slide smaller than its area: as training pads
+                slide.background = preset.background
             self.origins = [data.choose_area(s, self.size,
                                                preset.training.area_choice) for s in self.slides]
             self.stages = [{s: f"{f}.stage{s}.png" for s in (1, 2)

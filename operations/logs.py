@@ -9,6 +9,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from sde import derive_seed
+
 from operations.files import atomic_path
 
 
@@ -142,15 +144,20 @@ def read_log(path):
         return [json.loads(line) for line in f if _json_step(line) is not None]
 
 
-def start_line(trainer, params):
+def start_line(trainer, params, ds):
     """A training run's first line (rank 0): the model (params: its parameter count), the batch,
-    the steps, the arithmetic."""
+    the steps, the arithmetic, the examples held out from `ds` for the validation loss."""
     T, cfg = trainer, trainer.cfg
+    kind = "grid blocks" if ds.blocks is not None else "slides"
+    held = (f"{ds.n_val} of {len(ds.examples) + ds.n_val} {kind} held out for a validation loss"
+            if ds.n_val else f"no validation loss ({T.preset.training.holdout:.1%} of "
+            f"{len(ds.examples)} {kind} rounds to none; --holdout)")
     if T.rank == 0:
         print(f"stage {T.stage} level {T.level}: {params / 1e6:.2f} M params, "
               f"batch {cfg.batch} x {T.world} ranks = global batch {cfg.batch * T.world} at lr "
               f"{cfg.lr:g}, steps {T.step} -> {T.max_steps}, {'bf16' if cfg.bf16 else 'fp32'}, "
-              f"{torch.get_num_threads()} threads, {cfg.workers} loader workers", flush=True)
+              f"{torch.get_num_threads()} threads, {cfg.workers} loader workers; {held}",
+              flush=True)
 
 
 def check_step(trainer, sums, stop_flag):
@@ -165,11 +172,30 @@ def check_step(trainer, sums, stop_flag):
     if T.rank == 0 and (T.step % cfg.log_every == 0 or last):
         rec = sums.record(total, T.step, cfg.batch * T.world, T.opt.param_groups[0]["lr"],
                           T.nonfinite_total)
+        if getattr(T, "val", None) is not None:
+            rec["val_loss"] = validation_loss(T)
         T.log.append(rec)
+        val = f" val {rec['val_loss']:.4f}" if "val_loss" in rec else ""
         print(f"stage {T.stage} level {T.level} step {T.step}/{T.max_steps} loss "
-              f"{rec['loss']:.4f} {rec['img_per_s']:.1f} img/s {rec['sec_per_step']:.2f} "
+              f"{rec['loss']:.4f}{val} {rec['img_per_s']:.1f} img/s {rec['sec_per_step']:.2f} "
               f"s/step non-finite {T.nonfinite_total} {sums.eta.text(T.step)}", flush=True)
     return bool(total[-2] > 0), bool(total[-1] > 0)
+
+
+@torch.no_grad()
+def validation_loss(trainer, n=16):
+    """The model's mean loss on n held-out examples (trainer.val: the first n, read once) at noise
+    fixed by the seed: the same examples and noise at every log step, so the curve shows the
+    model, not the draw; above the training loss, a model that memorises its slides."""
+    T = trainer
+    if getattr(T, "_val_batch", None) is None:
+        items = [T.val[k] for k in range(n)]
+        T._val_batch = {key: torch.stack([it[key] for it in items]) for key in ("x0", "cond")}
+    g = torch.Generator(T.device).manual_seed(derive_seed(T.cfg.seed, "validation"))
+    T.model.eval()  # no dropout
+    losses, _ = T.losses(T._val_batch, g, net=T.model)
+    T.model.train()
+    return float(losses.mean())
 
 
 class Unreadable:

@@ -116,8 +116,9 @@ def training_preview(trainer, ds, n=4):
 
 def plot_curves(ckpt_dir, out=None, panel=(360, 240)):
     """CKPT_DIR/loss_curves.png: each model's loss against its step, raw (light) and smoothed
-    (EMA over log records, dark), one panel per model, drawn with Pillow (no plotting library
-    needed for a few lines). Returns the path, or None when CKPT_DIR holds no log."""
+    (EMA over log records, dark), and the validation loss (orange) where examples were held out;
+    one panel per model, drawn with Pillow (no plotting library needed for a few lines).
+    Returns the path, or None when CKPT_DIR holds no log."""
     logs = sorted(glob.glob(os.path.join(glob.escape(ckpt_dir), "stage*_level*.log.jsonl")))
     if not logs:
         return None
@@ -127,6 +128,7 @@ def plot_curves(ckpt_dir, out=None, panel=(360, 240)):
     draw = ImageDraw.Draw(img)
     for k, path in enumerate(logs):
         recs = [r for r in read_log(path) if np.isfinite(r.get("loss", float("nan")))]
+        val = [(r["step"], r["val_loss"]) for r in recs if r.get("val_loss") is not None]
         ox, oy = (k % cols) * W, (k // cols) * H
         _label(draw, (ox + 6, oy + 4),
                os.path.basename(path).split(".")[0] + f" ({len(recs)} records)")
@@ -146,6 +148,9 @@ def plot_curves(ckpt_dir, out=None, panel=(360, 240)):
                            box[3] - (min(max(v, lo), hi) - lo) / (hi - lo) * (box[3] - box[1]))
         draw.line([px(s, v) for s, v in zip(steps, loss)], fill=(170, 190, 235), width=1)
         draw.line([px(s, v) for s, v in zip(steps, smooth)], fill=(20, 60, 160), width=2)
+        if len(val) > 1:  # the held-out examples' loss (logs.validation_loss)
+            draw.line([px(s, v) for s, v in val], fill=(220, 110, 20), width=2)
+            _label(draw, (box[2] - 110, box[1] + 2), "validation", fill=(220, 110, 20))
         _label(draw, (ox + 2, box[1]), f"{hi:.3g}")
         _label(draw, (ox + 2, box[3] - 10), f"{lo:.3g}")
         _label(draw, (box[0], box[3] + 4), f"step {int(steps[0])}")

@@ -220,8 +220,8 @@ def real_lower_stage(settings, preset, journal, stage, path, rank, world):
     if not journal.done(stage) and rank == 0:
         t0, N = time.time(), cascade.stage_size(preset, stage)
         img = DiskArray(path, (N, N, 3))
-        cache = data.slide_cache(settings.from_slide, preset,
-                                 cache_dir=os.path.join(journal.work, "from"))
+        cache = data.slide_cache(settings.from_slide, preset, cascade.stage_size(preset, 3),
+                                 cache_dir=os.path.join(journal.work, "from"))  # N3: sampling's
         for r0 in range(0, N, 256):
             img.write(r0, 0, np.asarray(cache[f"stage{stage}"][r0:r0 + 256]))
         img.flush()

@@ -171,6 +171,8 @@ def train_preset(args):
         tr = dataclasses.replace(tr, positions=args.positions)
     if args.crop_context is not None:
         tr = dataclasses.replace(tr, crop_context=args.crop_context)
+    if args.holdout is not None:
+        tr = dataclasses.replace(tr, holdout=args.holdout)
     return dataclasses.replace(preset, training=tr)
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 import cascade
 import data
 from conftest import ROOT, small_preset
-from operations import aperio, caches, previews
+from operations import aperio, caches, previews, pyramid
 from operations import slides as slide_io
 
 SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
@@ -320,10 +320,10 @@ def test_box_route_commutes_with_the_symmetries(mode):
     for k in range(8):
         for size in (96, 48, 32, 12, 40):  # factors 1, 2, 3 (no halving), 8; 2.4 (float route)
             ref = cascade.downsample(data.dihedral(cascade.to_float(u8), k), size, mode)
-            got = data.box_pyramid(u8, [size], k, mode=mode)[size]
+            got = pyramid.box_pyramid(u8, [size], k, mode=mode)[size]
             assert (got - ref).abs().max() < 1e-5, (k, size)
-        both = data.box_pyramid(u8, [48, 12], k, mode=mode)  # one pass, several sizes
-        assert all(torch.equal(both[s], data.box_pyramid(u8, [s], k, mode=mode)[s])
+        both = pyramid.box_pyramid(u8, [48, 12], k, mode=mode)  # one pass, several sizes
+        assert all(torch.equal(both[s], pyramid.box_pyramid(u8, [s], k, mode=mode)[s])
                    for s in (48, 12))
 
 

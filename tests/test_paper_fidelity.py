@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from PIL import Image
 
 import cascade
 import data
@@ -66,6 +67,13 @@ AUTHORS = [
     ("sampling.feather", 0, "[PAPER] known pixels are pasted as they are"),
     ("sampling.fill_white", (3,),
      "[PAPER] 'high-magnification patches ... mostly white are ignored'"),
+    ("context_range", (0.0, 1.0),
+     "[IP] imagen normalises the image and lowres_cond_img to [-1, 1], never cond_images: the "
+     "context stays the dataset's [0, 1]"),
+    ("training.fields", (40000, 6500, 1024),
+     "[AUTH] patient_dataset.py: a 40000 px region for stage 1, 6500 px fields for stage 2, "
+     "1024 px level-0 fields (the grid's blocks) for stage 3"),
+    ("training.holdout", 0.025, "[AUTH] the last 2.5 % of the examples are for validation"),
 ]
 
 
@@ -338,3 +346,106 @@ def test_paper_resizes_like_imagen():
     assert torch.equal(cond[:, :3], lowres) and torch.equal(cond[:, 3:], context[..., ::2, ::2])
     known = torch.rand(1, 3, 32, 32)
     assert torch.equal(cascade.downsample(known, 8, p.resize), known[..., ::4, ::4])
+
+
+def test_the_context_reaches_the_unet_in_the_presets_range(tmp_path):
+    """`paper`'s context in imagen's [0, 1], the others' in [-1, 1], from the one place both
+    training and sampling build inputs (cascade.level_inputs): a dataset item's context channels
+    are (those of the same item in [-1, 1] + 1) / 2, and the CDM's too."""
+    imagen = small_preset(region=False, context_range=(0.0, 1.0), aug_inputs="lowres")
+    ours = small_preset(region=False, aug_inputs="lowres")
+    items = [data.StageLevelDataset([SLIDE], p, 3, 1, cache_dir=str(tmp_path))[5]
+             for p in (imagen, ours)]
+    assert torch.equal(items[0]["cond"][3:], (items[1]["cond"][3:] + 1) / 2)
+    assert torch.equal(items[0]["cond"][:3], items[1]["cond"][:3])  # the low-res image: [-1, 1]
+    assert items[0]["cond"][3:].min() >= 0 and items[1]["cond"][3:].min() < 0
+    ctx = torch.linspace(-1, 1, 3 * 8 * 8).view(1, 3, 8, 8)
+    seen = []
+    net = lambda x, lam, cond, aug: (seen.append(cond), torch.zeros_like(x))[1]
+    cascade.CDM(imagen, 3, [net] * 3).sample([torch.Generator().manual_seed(0)],
+                                             context=cascade.downsample(ctx, 32))
+    assert seen[0].min() >= 0 and torch.allclose(seen[0], (cascade.downsample(ctx, 8) + 1) / 2)
+
+
+@pytest.mark.parametrize("background", [(242, 243, 242), 255])
+def test_a_slide_smaller_than_its_area_is_padded_with_the_presets_colour(tmp_path, background):
+    """The stage images (training's stage 1, sampling's --from) of a slide smaller than its area:
+    padded with the preset's colour. They were padded with white whatever the preset."""
+    from PIL import Image
+    slide = str(tmp_path / "small.png")
+    Image.new("RGB", (60, 50), (200, 90, 170)).save(slide)
+    p = small_preset(background=background)
+    with pytest.warns(UserWarning, match="smaller than the 116 px area"):
+        cache = data.slide_cache(slide, p, cache_dir=str(tmp_path / "c"))
+    want = np.array(background if isinstance(background, tuple) else (background,) * 3)
+    for s in (1, 2):
+        img = np.asarray(cache[f"stage{s}"])
+        for corner in (img[0, 0], img[-1, -1], img[0, -1], img[-1, 0]):
+            assert np.array_equal(corner, want), (s, corner)
+        assert (img == (200, 90, 170)).all(-1).any()  # the slide itself, in the middle
+
+
+def test_grid_fields_are_the_presets(tmp_path):
+    """Training.fields (the authors' 40000 / 6500 / 1024 level-0 px): a stage-2 target at grid
+    positions is the slide's field of fields[1] px from a block corner (or half a block on),
+    resized to P; its context the window of the slide at stage-1 scale (fields[0] / N1 level-0
+    px a px: the cached overview) around its centre."""
+    from test_data import grid_slide
+    path = str(tmp_path / "grid.svs")
+    img, corners = grid_slide(path)
+    p = small_preset(region=False)
+    p = dataclasses.replace(p, training=dataclasses.replace(
+        p.training, positions="grid", fields=(100, 40, 32), holdout=0.0, crop=32))
+    ds2 = data.StageLevelDataset([path], p, 2, 2, cache_dir=str(tmp_path), augment=False)
+    u8 = lambda t: ((t + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    with data.open_slide(path) as slide:
+        slide.background = p.background
+        fields = {(cx + sx, cy + sy): slide.read_region(cx + sx, cy + sy, 32, 32, 40 / 32)
+                  for cx, cy in corners for sx in (0, 16) for sy in (0, 16)}
+        for idx in range(8):
+            item = ds2[idx]
+            (x, y), = [xy for xy, f in fields.items() if np.array_equal(u8(item["x0"]), f)]
+            cx, cy, ds1 = x + 20, y + 20, 100 / 32  # the centre; stage-1 px in level-0 px
+            overview = data.slide_cache(path, p, cache_dir=str(tmp_path))["overview"]
+            assert overview.shape[:2] == (round(192 / ds1), round(256 / ds1))
+            context = cascade.window(overview, round(cy / ds1 - 16), round(cx / ds1 - 16), 32,
+                                     32, p.background)
+            assert np.array_equal(u8(item["cond"][3:6]), context)
+
+
+def test_held_out_examples_are_never_trained_on(tmp_path):
+    """Training.holdout [the authors' last 2.5 %]: at grid positions the last blocks, else the
+    last slides, drawn only by held_out(); none where the share rounds to 0 (one slide)."""
+    from test_data import grid_slide
+    path = str(tmp_path / "grid.svs")
+    grid_slide(path)
+    p = small_preset(region=False)
+    p = dataclasses.replace(p, training=dataclasses.replace(p.training, positions="grid",
+                                                            holdout=0.34))
+    ds = data.StageLevelDataset([path], p, 3, 0, cache_dir=str(tmp_path), augment=False)
+    assert (ds.n_val, list(ds.examples), list(ds.held_out().examples)) == (1, [0, 1], [2])
+    slides = []
+    for k in range(3):
+        os.symlink(SLIDE, tmp_path / f"s{k}.svs")
+        slides.append(str(tmp_path / f"s{k}.svs"))
+    p = small_preset(training=dataclasses.replace(small_preset().training, holdout=0.34))
+    ds = data.StageLevelDataset(slides, p, 1, 0, cache_dir=str(tmp_path))
+    assert list(ds.examples) == [0, 1] and list(ds.held_out().examples) == [2]
+    assert data.StageLevelDataset([SLIDE], p, 1, 0, cache_dir=str(tmp_path)).held_out() is None
+
+
+def test_validation_loss_logged_and_plotted(tmp_path):
+    """With examples held out, every log record carries the model's loss on them (the same
+    examples and noise each time), and --plot draws it beside the training loss."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for k in range(2):
+        os.symlink(SLIDE, slides / f"s{k}.svs")
+    train.main(["--preset", "tiny", "--stage", "1", "--level", "0", "--data", str(slides),
+                "--out", str(tmp_path / "ck"), "--cache", str(tmp_path / "c"), "--holdout",
+                "0.5", "--max-steps", "10", "--log-every", "5", "--batch", "2", "--keep", "0"])
+    from operations import logs, previews
+    recs = logs.read_log(tmp_path / "ck" / "stage1_level0.log.jsonl")
+    assert [r["step"] for r in recs] == [1, 5, 10] and all(r["val_loss"] > 0 for r in recs)
+    png = np.asarray(Image.open(previews.plot_curves(str(tmp_path / "ck"))).convert("RGB"))
+    assert ((png == (220, 110, 20)).all(-1)).sum() > 20  # the validation curve, orange
