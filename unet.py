@@ -1,16 +1,14 @@
 """The U-Net of every URCDM level: hand-written DDPM / Imagen style networks.
 
-Input channels are concatenated: x_t (img_ch), then the conditioning (cond_ch: the
-upsampled previous-level image, and for stages 2-3 the context and region crops). The
-network is conditioned on the noise level as a log-SNR `lam` (never on a step index, so
-the number of sampling steps can change after training) and, optionally, on the
-conditioning-augmentation level `aug_lam` through a second embedding.
+Inputs are concatenated on channels: x_t (img_ch), then the conditioning (cond_ch: the upsampled
+previous-level image; for stages 2-3 the context and region crops). The network sees the noise
+level as a log-SNR `lam` (never a step index: the step count can change after training) and,
+optionally, the conditioning augmentation's level `aug_lam` through a second embedding.
 
-Two networks. `UNet` first: ADM's layout, or Imagen's Efficient U-Net (`efficient`); the demo's
-models and paper_plus's, and the one to read and to train on a CPU. Then, below a banner that a
-first reading skips, `ImagenUNet`: imagen-pytorch's Unet piece by piece as the authors configured
-it (`paper`: their parameters within 1 %, their FLOPs; tests/bench_flops.py). `build(cfg)` makes
-either.
+Two networks. `UNet` first: ADM's layout or Imagen's Efficient U-Net, the demo's and paper_plus's,
+the one to read and to train on a CPU. Below a banner a first reading skips, `ImagenUNet`:
+imagen-pytorch's Unet as the authors configured it (`paper`; their outputs from their weights,
+tests/test_unet.py). `build(cfg)` makes either.
 
 References
   [DDPM]    Ho et al., Denoising diffusion probabilistic models, 2020 (ResBlock U-Net).
@@ -113,9 +111,8 @@ def get_config(name, **overrides):
 
 
 def noise_embedding(lam, dim):
-    """Sinusoidal features of the log-SNR. lam in [-LAM_CLAMP, LAM_CLAMP] = [-30, 30] is mapped to
-    [0, 1500] so the usual frequencies (periods 1 .. 10000) resolve it like a DDPM timestep.
-    (B,) -> (B, dim)"""
+    """Sinusoidal features of the log-SNR: lam in [-30, 30] (sde.LAM_CLAMP) mapped to [0, 1500],
+    so the usual periods (1 .. 10000) resolve it like a DDPM timestep. (B,) -> (B, dim)"""
     c = (lam.float() + sde.LAM_CLAMP) * 25.0
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=lam.device) / half)
@@ -124,9 +121,8 @@ def noise_embedding(lam, dim):
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the autocast, output float32: what CUDA's autocast
-    does by itself (group_norm is on its fp32 list) made explicit, so that CPU autocast, which
-    would run it in bf16, agrees [guided-diffusion's GroupNorm32]. Same weights as nn.GroupNorm."""
+    """GroupNorm in float32 whatever the autocast, output float32: CUDA's autocast policy (fp32
+    group_norm) made explicit, so that CPU autocast agrees [guided-diffusion's GroupNorm32]."""
 
     def forward(self, x):
         if not torch.amp.is_autocast_available(x.device.type):  # e.g. the meta device
@@ -140,10 +136,9 @@ def norm(ch, groups):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv, scale-shift from the embedding, GroupNorm-SiLU-dropout-conv. [ADM]
-    imagen-pytorch's ResnetBlock adds two optional pieces [Imagen]: `cross` (heads, head_dim,
-    token_dim): after the first conv every pixel attends to the noise-level tokens; `gca`: the
-    output is gated by a GlobalContext."""
+    """GroupNorm-SiLU-conv, scale-shift from the embedding, GroupNorm-SiLU-dropout-conv [ADM].
+    ImagenUNet's two more [Imagen]: `cross` (heads, head_dim, token_dim), every pixel attends to
+    the noise-level tokens after the first conv; `gca`, a GlobalContext gates the output."""
 
     def __init__(self, cin, cout, emb_dim, dropout, groups, cross=None, gca=False):
         super().__init__()
@@ -190,8 +185,7 @@ class Attention(nn.Module):
 
 
 class Block(nn.ModuleList):
-    """A ResBlock, then self-attention or nothing: block(h, emb). (A ModuleList, so the weights
-    keep the names [0] and [1] that saved models use.)"""
+    """A ResBlock, then self-attention or nothing: block(h, emb) (its weights named [0], [1])."""
 
     def forward(self, h, emb):
         return self[1](self[0](h, emb))
@@ -208,8 +202,7 @@ def pixel_down(cin, cout):
 
 def pixel_up(cin, cout):
     """Efficient layout: a 1x1 convolution to 4x the channels at the low resolution, then pixel
-    shuffle doubles it; no 3x3 convolution at the high resolution.
-    (B, C, H, W) -> (B, C', 2H, 2W)"""
+    shuffle doubles it; no 3x3 convolution at the high one. (B, C, H, W) -> (B, C', 2H, 2W)"""
     return nn.Sequential(nn.Conv2d(cin, 4 * cout, 1), nn.PixelShuffle(2))
 
 
@@ -360,12 +353,11 @@ def build(cfg: UNetConfig):
 # ==============================================================================================
 
 class TokenAttention(nn.Module):
-    """imagen-pytorch's attention over tokens (B, N, dim) [Imagen]: `heads` query heads of
-    head_dim channels. Self-attention (cross=False) has one key / value head shared by all
-    (multi-query) and may also attend to extra tokens of token_dim channels; cross-attention
-    (cross=True) takes keys and values from the tokens only, one head each. Both add a learned
-    null key / value and compare queries with keys by cosine similarity, with learned per-channel
-    scales, at temperature 8."""
+    """imagen-pytorch's attention over tokens (B, N, dim) [Imagen], `heads` query heads of head_dim
+    channels: self-attention, one key / value head for all (multi-query), also to extra tokens of
+    token_dim channels; or cross-attention (cross=True), keys and values of the tokens only, one
+    head each. Both: a learned null key / value, cosine similarity with learned per-channel
+    scales at temperature 8."""
 
     def __init__(self, dim, heads, head_dim, token_dim=None, cross=False):
         super().__init__()
@@ -480,50 +472,31 @@ def shuffle_up(cin, cout):
     return nn.Sequential(conv, nn.SiLU(), nn.PixelShuffle(2))
 
 
-class LearnedFourier(nn.Module):
-    """imagen's LearnedSinusoidalPosEmb: the log-SNR and sin, cos of 2 pi w lam for `features / 2`
-    learned frequencies w [Imagen; Crowson's v-diffusion]. imagen-pytorch feeds it the log-SNR
-    (its get_condition), as we do. (B,) -> (B, features + 1)"""
-
-    def __init__(self, features=16):
-        super().__init__()
-        self.weights = nn.Parameter(torch.randn(features // 2))
-
-    def forward(self, lam):
-        lam = lam.float()[:, None]
-        freqs = lam * self.weights[None] * 2 * math.pi                       # (B, features / 2)
-        return torch.cat([lam, freqs.sin(), freqs.cos()], dim=1)
-
-
 class NoiseLevel(nn.Module):
-    """imagen's time conditioning: the log-SNR's 16 learned Fourier features -> hidden (emb_dim)
-    -> the ResBlocks' embedding, and `n` tokens of `width` channels that attention layers attend
-    to. (UNet keeps ADM's fixed features: the shipped demo models were trained with them.)"""
+    """imagen's time conditioning: lam and sin, cos of 2 pi w lam for features / 2 learned
+    frequencies w (its LearnedSinusoidalPosEmb, fed the log-SNR as imagen's get_condition gives
+    it) -> hidden (emb_dim) -> the ResBlocks' embedding, and `n` tokens of `width` channels that
+    attention layers attend to. (UNet keeps ADM's fixed features: the demo was trained so.)"""
 
     def __init__(self, width, emb_dim, n=2, features=16):
         super().__init__()
         self.width, self.n = width, n
-        self.hidden = nn.Sequential(LearnedFourier(features), nn.Linear(features + 1, emb_dim),
-                                    nn.SiLU())
+        self.freqs = nn.Parameter(torch.randn(features // 2))                # w
+        self.hidden = nn.Sequential(nn.Linear(features + 1, emb_dim), nn.SiLU())
         self.to_emb = nn.Linear(emb_dim, emb_dim)
         self.to_tokens = nn.Linear(emb_dim, n * width)
 
     def forward(self, lam):  # (B,) -> (B, emb_dim), (B, n, width)
-        hidden = self.hidden(lam)
+        lam1 = lam.float()[:, None]
+        angles = 2 * math.pi * lam1 * self.freqs[None]                       # (B, features / 2)
+        hidden = self.hidden(torch.cat([lam1, angles.sin(), angles.cos()], dim=1))
         return self.to_emb(hidden), self.to_tokens(hidden).view(len(lam), self.n, self.width)
-
-
-# imagen's middle ResnetBlocks keep CrossAttention's 8 heads of 64 whatever the Unet's attn_heads
-# and attn_dim_head, which every other attention takes (cfg.heads, cfg.head_dim).
-MID_CROSS_HEADS = (8, 64)
 
 
 class ImagenUNet(nn.Module):
     """imagen-pytorch's Unet (1.26) as the authors configured it [Imagen]; `paper` trains these.
-    Imagen is a text-to-image model: its cross-attention layers read text tokens. The authors
-    give no text, so those layers read only the two noise-level tokens (and the augmentation
-    level's): a costlier way of conditioning on the noise level, kept because it is theirs.
-
+    Its cross-attention layers, made to read text, read only the noise-level tokens (no text is
+    given): a costlier way of conditioning on the noise level, kept because it is theirs.
     Per level, encoder: (efficient: pixel_down first) a first ResBlock (cross-attention to the
     tokens where cross_attn says), `blocks` ResBlocks with a global-context gate (global
     information at conv cost), an attention layer (TransformerBlock) where attn says, (plain:
@@ -559,9 +532,10 @@ class ImagenUNet(nn.Module):
                 attn=self.transformer(ch, lvl), post=post)))
             skip_ch.append(ch)
         mid = dims[-1]
-        self.mid = nn.ModuleList([self.res(mid, mid, cross=True, heads=MID_CROSS_HEADS),
+        # (imagen's middle ResnetBlocks keep CrossAttention's 8 heads of 64 whatever attn_heads)
+        self.mid = nn.ModuleList([self.res(mid, mid, cross=True, heads=(8, 64)),
                                   TransformerBlock(mid, cfg.heads, cfg.head_dim),
-                                  self.res(mid, mid, cross=True, heads=MID_CROSS_HEADS)])
+                                  self.res(mid, mid, cross=True, heads=(8, 64))])
         for lvl in reversed(range(len(blocks))):
             din, dout, s = dims[lvl], dims[lvl + 1], skip_ch.pop()
             up = shuffle_up(dout, din) if lvl or cfg.efficient else nn.Identity()
@@ -576,8 +550,7 @@ class ImagenUNet(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def res(self, cin, cout, cross=False, gca=False, heads=None):
-        # heads: the cross-attention's (heads, head_dim); default the config's
-        cfg = self.cfg
+        cfg = self.cfg  # heads: the cross-attention's (heads, head_dim); default the config's
         block = ResBlock(cin, cout, self.emb_dim, cfg.dropout, cfg.groups,
                          (*(heads or (cfg.heads, cfg.head_dim)), cfg.width) if cross else None,
                          gca)

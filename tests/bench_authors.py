@@ -140,9 +140,9 @@ def transformer_names(ours, theirs):
 
 def name_map(net):
     """(our module prefix, theirs) for every piece of an ImagenUNet."""
-    pairs = [("emb.hidden.0", "to_time_hiddens.0"), ("emb.hidden.1", "to_time_hiddens.1"),
-             ("aug_emb.hidden.0", "to_lowres_time_hiddens.0"),
-             ("aug_emb.hidden.1", "to_lowres_time_hiddens.1"),
+    pairs = [("emb.freqs", "to_time_hiddens.0.weights"), ("emb.hidden.0", "to_time_hiddens.1"),
+             ("aug_emb.freqs", "to_lowres_time_hiddens.0.weights"),
+             ("aug_emb.hidden.0", "to_lowres_time_hiddens.1"),
              ("emb.to_emb", "to_time_cond.0"), ("emb.to_tokens", "to_time_tokens.0"),
              ("aug_emb.to_emb", "to_lowres_time_cond.0"),
              ("aug_emb.to_tokens", "to_lowres_time_tokens.0"), ("norm_tokens", "norm_cond"),
@@ -211,7 +211,7 @@ def formula_weights(net):
                                                              and name.endswith("weight"))
             if gain:
                 p.copy_(1 + 0.1 * wave)
-            elif p.dim() == 1 and not name.endswith("weights"):  # biases
+            elif p.dim() == 1 and not name.endswith("freqs"):  # biases
                 p.copy_(0.05 * wave)
             else:  # matrices, kernels, null key / values, learned frequencies
                 p.copy_(wave * (3 / max(p[0].numel() if p.dim() > 1 else 1, 1)) ** 0.5)
