@@ -48,7 +48,7 @@ class Sampling:
     feather: int = 0                  # px over which known pixels fade into a new one (feather)
     fill_white: tuple = (3,)          # stages whose mostly-white patches are filled from below
     resample: int = 1                 # RePaint jumps per step (1 = off)
-    order: str = "wavefront"          # tiler.ORDERS: wavefront = raster's slide, in fewer rounds
+    order: str = "packed"             # tiler.ORDERS: packed = raster's slide, in full rounds
 
     def __post_init__(self):
         if len(self.steps) not in (3, 9) or min(self.steps) < 1:

@@ -129,21 +129,29 @@ def tissue_grid(slide, block):
         * block
 
 
-def build_cache(slide_path, preset, base, area_size=None):
-    """What a slide's stage images are: its area (chosen by the preset's
-    training.area_choice) resized to N1 and N2; positions 'grid': also the whole slide at
-    stage-1 scale (`overview`, the stage-2 contexts) and the tissue grid (its block: a stage-3
-    patch's field). Written atomically, the metadata (BASE.json) last."""
+def stage_images(preset):
+    """The stage images training reads: the area at stage 1 (stage 1's examples, stage 2's
+    contexts) and, anywhere in the area, at stage 2 (stage 2's targets, stage 3's contexts); at
+    grid positions stages 2-3 read the slide (and the overview, with the grid: build_cache)."""
+    return ("stage1",) if preset.training.positions == "grid" else ("stage1", "stage2")
+
+
+def build_cache(slide_path, preset, base, area_size=None, images=None):
+    """What a slide's stage images are: its area (chosen by the preset's training.area_choice)
+    resized to N_s for each stage image asked (images: ('stage1', 'stage2') or part of it); by
+    default what training reads (stage_images) and, at grid positions, the whole slide at stage-1
+    scale (`overview`, the stage-2 contexts) and the tissue grid (its block: a stage-3 patch's
+    field). Written atomically, the metadata (BASE.json) last."""
     fields, tag = training_fields(preset, area_size), caches.machine_tag()
-    size = fields[0]
-    meta = {"size": size, "slide": os.path.abspath(slide_path), "arrays": ["stage1", "stage2"]}
+    size, grid_too, images = fields[0], images is None, list(images or stage_images(preset))
+    meta = {"size": size, "slide": os.path.abspath(slide_path), "arrays": images}
     with open_slide(slide_path) as slide:
         slide.background = preset.background  # beyond a slide smaller than its area
         x, y = choose_area(slide, size, preset.training.area_choice)
-        for s in (1, 2):
+        for s in (int(name[-1]) for name in images):
             n = cascade.stage_size(preset, s)
             caches.build_image(slide, x, y, n, n, size / n, f"{base}.stage{s}.npy", tag)
-        if preset.training.positions == "grid":
+        if preset.training.positions == "grid" and grid_too:
             ds1, (W, H) = size / cascade.stage_size(preset, 1), slide.dimensions
             caches.build_image(slide, 0, 0, max(1, round(W / ds1)), max(1, round(H / ds1)), ds1,
                                f"{base}.overview.npy", tag)
@@ -152,14 +160,15 @@ def build_cache(slide_path, preset, base, area_size=None):
             with atomic_path(f"{base}.grid.npy", tag) as tmp, open(tmp, "wb") as f:
                 np.save(f, grid)
             meta.update(block=block, grid_n=len(grid), arrays=meta["arrays"] + ["overview", "grid"])
-    stage1 = np.load(f"{base}.stage1.npy", mmap_mode="r")  # the whole area zoomed out
-    write_json(base + ".json", dict(meta, x=x, y=y, tissue=tissue_fraction(stage1)), tag=tag)
+    stage = np.load(f"{base}.{images[0]}.npy", mmap_mode="r")  # the whole area zoomed out
+    write_json(base + ".json", dict(meta, x=x, y=y, tissue=tissue_fraction(stage)), tag=tag)
 
 
-def slide_caches(paths, preset, area_size=None, cache_dir=None, rank=0, world=1):
-    """Every slide's stage images (build_cache), built once into CACHE_DIR (default: .urcdm_cache
-    beside each slide) by this machine's `world` local ranks. Returns {path: base} of the slides
-    whose images could be built (caches.build_missing leaves the others out, saying so)."""
+def slide_caches(paths, preset, area_size=None, cache_dir=None, rank=0, world=1, images=None):
+    """Every slide's stage images (build_cache; images: those asked, default what training
+    reads), built once into CACHE_DIR (default: .urcdm_cache beside each slide) by this machine's
+    `world` local ranks. Returns {path: base} of the slides whose images could be built
+    (caches.build_missing leaves the others out, saying so)."""
     size = training_fields(preset, area_size)[0]
     ident = [size, preset.training.area_choice,
              [cascade.stage_size(preset, s) for s in (1, 2, 3)]]
@@ -169,26 +178,23 @@ def slide_caches(paths, preset, area_size=None, cache_dir=None, rank=0, world=1)
         ident += [preset.background]
     if preset.training.fields:  # another grid block
         ident += [list(training_fields(preset, area_size))]
+    if images:  # a part of them asked (sample.py --from): their own files
+        ident += [list(images)]
     bases = [caches.cache_base(p, ident, cache_dir) for p in paths]
-    nbytes = 3 * sum(cascade.stage_size(preset, s) ** 2 for s in (1, 2))
-    failed = caches.build_missing(paths, bases, lambda p, b: build_cache(p, preset, b, area_size),
-                                  nbytes, rank, world)
+    nbytes = 3 * sum(cascade.stage_size(preset, int(n[-1])) ** 2
+                     for n in images or stage_images(preset))
+    build = lambda path, base: build_cache(path, preset, base, area_size, images)
+    failed = caches.build_missing(paths, bases, build, nbytes, rank, world)
     if failed and len(failed) == len(paths):
         with open(bases[0] + ".failed") as f:
             raise SlideError(f"none of the {len(paths)} slide(s) can be read; {f.read()}")
     return {p: b for i, (p, b) in enumerate(zip(paths, bases)) if i not in failed}
 
 
-def slide_cache(slide_path, preset, area_size=None, cache_dir=None):
+def slide_cache(slide_path, preset, area_size=None, cache_dir=None, images=None):
     """One slide's stage images (slide_caches), memory-mapped: caches.open_cache's dict."""
-    return caches.open_cache(slide_caches([slide_path], preset, area_size, cache_dir)[slide_path])
-
-
-def area_tissue(base):
-    """The tissue fraction of a built slide's area (its stage-1 image); computed for caches built
-    before their metadata held it."""
-    cache = caches.open_cache(base)
-    return cache["tissue"] if "tissue" in cache else tissue_fraction(cache["stage1"])
+    built = slide_caches([slide_path], preset, area_size, cache_dir, images=images)
+    return caches.open_cache(built[slide_path])
 
 
 # ---------------------------------------------------------------------- the nine datasets
@@ -204,25 +210,21 @@ MAX_REDRAW = 10  # draws of one example before its unreadable slides stop traini
 
 
 class StageLevelDataset(torch.utils.data.Dataset):
-    """Training samples of one (stage, level) model.
-
-    Item idx is a pure function of (seed, idx): slide, crop position, symmetry and top-level
-    crop all come from a generator seeded with them, so any rank/worker split and any resume
-    point reproduces the same samples. Returns dict(x0=(3, L, L), cond=(C, L, L)) in [-1, 1]
-    (C = 0 for the unconditional stage-1 base model) and `skipped`: why earlier draws of this
-    item were unreadable ('' if none; an unreadable example, a corrupt tile, is drawn again from
+    """Training samples of one (stage, level) model. Item idx is a pure function of (seed, idx):
+    slide, crop position, symmetry and top-level crop all come from a generator seeded with them,
+    so any rank/worker split and any resume point reproduces the same samples. Returns
+    dict(x0=(3, L, L), cond=(C, L, L)) in [-1, 1] (C = 0 for stage 1's base model) and `skipped`:
+    why earlier draws were unreadable ('' if none: a corrupt tile's example is drawn again from
     (seed, idx, attempt), so a run passes it, and a resumed run the same way).
 
-    slides: list of slide paths. area_size: level-0 side of each slide's area (None: the
-    preset's training_fields). The examples held out for a validation loss (held_out;
-    Training.holdout [the authors' 2.5 %]: the last grid blocks, or the last slides, none where
-    that share rounds to 0) are never drawn. Stage 2-3 positions (preset.training.positions):
-    'area': anywhere in the area (slides whose area is glass left out); crops whose field below
-    has less tissue than min_tissue are redrawn (up to 10 times), as the paper ignores mostly
-    white patches. 'grid': the authors' (_grid_crop), every tissue block of every slide equally
-    likely.
-    rank, world: this machine's local rank and rank count (the cache build's split).
-    max_open: slides and cache maps kept open per process (least recently used closed first).
+    slides: slide paths. area_size: level-0 side of each slide's area (None: training_fields).
+    The examples held out for a validation loss (held_out; Training.holdout [the authors'
+    2.5 %]: the last grid blocks, or the last slides; none where the share rounds to 0) are never
+    drawn. Stage 2-3 positions (Training.positions): 'area': anywhere in the area (glass-only
+    areas left out), a crop redrawn (up to 10 times) while its field below has less tissue than
+    min_tissue (the paper ignores mostly white patches); 'grid': the authors' (_grid_crop), every
+    tissue block of every slide equally likely. rank, world: this machine's local ranks (the
+    cache build's split). max_open: slides and cache maps kept open (least recently used closed).
     """
 
     def __init__(self, slides, preset, stage, level, *, area_size=None, cache_dir=None,
@@ -236,7 +238,8 @@ class StageLevelDataset(torch.utils.data.Dataset):
         self.conditioned, self.augment = conditioned, augment
         bases = slide_caches(slides, preset, area_size, cache_dir, rank, world)
         if stage > 1 and preset.training.positions == "area":  # glass-only areas teach nothing
-            bases = {p: b for p, b in bases.items() if area_tissue(b) >= 1e-3}
+            bases = {p: b for p, b in bases.items()  # (caches older than their "tissue": kept)
+                     if caches.open_cache(b).get("tissue", 1.0) >= 1e-3}
         if not bases:
             raise SlideError(f"{slides[0]}: none of the {len(slides)} slide(s) has tissue in its "
                              "area; give slides with tissue (or --positions grid)")

@@ -8,15 +8,17 @@ neighbours are finished depends on the order:
                (i, j-1) are finished; n^2 sequential rounds.
   wavefront    round k = 2i + j. A round's patches are independent and see exactly the
                neighbours raster gives them, so with per-patch seeds the slide is
-               bit-identical to raster, in 3(n-1) + 1 rounds.
+               bit-identical to raster, in 3(n-1) + 1 rounds (1 to n/2 patches each).
+  packed       wavefront's patches (its batches) regrouped into rounds of as many as the ranks
+               take, each of those whose earlier neighbours are finished (pack): raster's slide
+               in about n^2 / ranks rounds, every rank busy while enough is ready.
   checkerboard the 4 parity phases (i % 2, j % 2); later phases see neighbours on all
                sides. 4 rounds, a different (not identical) result.
 
 The caller runs the loop: plan() gives the rounds of batches, batch_inputs() reads one batch's
 inputs (read_batch from the files on rank 0, float_inputs on the rank that generates it),
 run_batch() generates it; a round is written to the canvas after all its batches.
-generate_stage() is that loop in one process. closure() is what a window of a stage's final image
-depends on: with per-patch seeds, those patches alone give the window's exact pixels.
+generate_stage() is that loop in one process (operations/runs.py shares it across ranks).
 
 References
   [PAPER]    Cechnicka et al., URCDM, MICCAI 2024 (overlap 12.5 %, inpainting, white skip).
@@ -31,7 +33,7 @@ import torch
 import cascade
 import sde
 
-ORDERS = ("raster", "wavefront", "checkerboard")
+ORDERS = ("raster", "wavefront", "packed", "checkerboard")
 
 
 # ---------------------------------------------------------------------- orders
@@ -43,7 +45,7 @@ def rounds(order, n):
     cells = [(i, j) for i in range(n) for j in range(n)]
     if order == "raster":
         return [[c] for c in cells]
-    if order == "wavefront":
+    if order in ("wavefront", "packed"):  # packed: these are its patches' dependencies
         return [[(i, k - 2 * i) for i in range(n) if 0 <= k - 2 * i < n]
                 for k in range(3 * (n - 1) + 1)]
     if order == "checkerboard":
@@ -116,18 +118,40 @@ class MemoryCanvas:
         self.array[y0:y0 + patch.shape[0], x0:x0 + patch.shape[1]] = patch
 
 
-def plan(order, n, batch, done=()):
-    """The work of a stage: its rounds (tiler.rounds), each cut into batches of up to `batch`
-    patches, leaving out the patches in `done` (resume) and rounds with nothing left.
-    Batches are cut from a whole round before ranks take their share, so a batch's content
-    (and with it every floating-point result) does not depend on the number of ranks.
-    Returns a list of rounds, each a list of batches, each a list of (i, j)."""
+def plan(order, n, batch, done=(), world=1):
+    """The work of a stage: rounds, each a list of batches (lists of (i, j)) that the ranks share
+    (each takes every world-th batch), leaving out the patches in `done` (resume, windows).
+    Batches are cut from a whole round of rounds() first, so a batch's content, and with it every
+    floating-point result, depends on neither the ranks nor what is left out. 'packed': those
+    batches regrouped into rounds of up to `world` (pack)."""
     done = set(map(tuple, done))
-    out = []
-    for rnd in rounds(order, n):
-        todo = [c for c in rnd if c not in done]
-        if todo:
-            out.append([todo[a:a + batch] for a in range(0, len(todo), batch)])
+    cut = [[rnd[a:a + batch] for a in range(0, len(rnd), batch)] for rnd in rounds(order, n)]
+    if order == "packed":
+        return pack([b for rnd in cut for b in rnd], world, done)
+    out = [[[c for c in b if c not in done] for b in rnd if not set(b) <= done] for rnd in cut]
+    return [rnd for rnd in out if rnd]
+
+
+def pack(batches, world, done=frozenset()):
+    """Rounds of up to `world` batches (wavefront's, in its order): each round takes, of the
+    batches not done, those whose patches' earlier neighbours in raster order ((i-1, j-1),
+    (i-1, j), (i-1, j+1), (i, j-1)) are all finished, longest chain of batches waiting on it
+    first. A patch runs after exactly the neighbours raster has finished before it and before
+    any other (each of those waits on it), so it sees raster's known pixels: raster's slide."""
+    owner = {c: u for u, b in enumerate(batches) for c in b}
+    before = lambda i, j: ((i - 1, j - 1), (i - 1, j), (i - 1, j + 1), (i, j - 1))
+    waits = [{owner[c] for i, j in b for c in before(i, j) if c in owner} for b in batches]
+    chain = [1] * len(batches)  # the longest chain of batches that waits on u, u included
+    for u in reversed(range(len(batches))):  # a batch's dependents come after it
+        for d in waits[u]:
+            chain[d] = max(chain[d], chain[u] + 1)
+    finished = {u for u, b in enumerate(batches) if set(b) <= done}
+    left, out = [u for u in range(len(batches)) if u not in finished], []
+    while left:
+        ready = sorted((u for u in left if waits[u] <= finished), key=lambda u: (-chain[u], u))
+        out.append([[c for c in batches[u] if c not in done] for u in ready[:world]])
+        finished |= set(ready[:world])
+        left = [u for u in left if u not in finished]
     return out
 
 
@@ -156,13 +180,6 @@ class Lower:
     zoom: float
     background: int = 255
 
-    def read(self, y0, x0, P):
-        """What a patch at (y0, x0) needs of the stage below, uint8: its context (P, P, 3) (the
-        P x P lower px around it) and the Cutout its region is upsampled from (float_inputs)."""
-        ya, yb, xa, xb = cascade.region_span(self.image.shape, y0, x0, P, self.zoom)
-        cut = Cutout(np.asarray(self.image[ya:yb, xa:xb]), ya, xa, tuple(self.image.shape))
-        return cascade.context_crop(self.image, y0, x0, P, self.zoom, self.background), cut
-
     def field(self, y0, x0, P):
         """The stage-below px under the patch (cascade.field_under), uint8, not resampled."""
         ya, yb, xa, xb = cascade.field_under(y0, x0, P, P, self.zoom, self.image.shape[0])
@@ -180,34 +197,6 @@ class WhiteTest:
         return self.threshold > 0 and self.tissue_fraction(lower.field(y0, x0, P)) < self.threshold
 
 
-@dataclass(frozen=True)
-class Cutout:
-    """image[ya:yb, xa:xb] of an image of `shape`, sliced in the image's coordinates: the part of
-    the stage below that cascade.region_crop reads for one patch, sent in place of the image."""
-    pixels: np.ndarray
-    ya: int
-    xa: int
-    shape: tuple
-
-    def __getitem__(self, idx):
-        ys, xs = idx
-        y, x = self.ya, self.xa
-        return self.pixels[ys.start - y:ys.stop - y, xs.start - x:xs.stop - x]
-
-
-@dataclass
-class RawBatch:
-    """A batch's inputs as the files give them, uint8 (what rank 0 sends a rank: a quarter of
-    the floats' bytes, and numpy pickles fast): known (B, P, P, 3); context (B, P, P, 3) and
-    cutouts (list of Cutout), None for outpainting; white: list of bool; zoom: r_s."""
-    cells: list
-    known: np.ndarray
-    context: object
-    cutouts: object
-    white: list
-    zoom: object
-
-
 @dataclass
 class BatchInputs:
     """Everything a batch of independent patches needs, read from the canvas and the stage below:
@@ -221,53 +210,26 @@ class BatchInputs:
     white: list
 
 
-def lower_inputs(grid, cells, lower=None, white=None):
-    """What a batch reads from the stage below: (context (B, P, P, 3) uint8, cutouts, white
-    flags); None, None, flags for outpainting. It does not depend on the stage being generated,
-    so it can be read ahead, while earlier rounds compute."""
-    P, contexts, cutouts, white_flags = grid.patch, [], [], []
-    for i, j in cells:
-        y0, x0 = grid.origin(i, j)
-        if lower is not None:
-            context, cut = lower.read(y0, x0, P)
-            contexts.append(context), cutouts.append(cut)
-        white_flags.append(lower is not None and white is not None and white(lower, y0, x0, P))
-    return (np.stack(contexts) if contexts else None), (cutouts or None), white_flags
-
-
-def read_batch(grid, canvas, cells, *, lower=None, white=None, below=None):
-    """A batch's inputs from the files, as a RawBatch. cells: independent patches of one round;
-    canvas: the stage image (read(y0, x0, h, w) -> uint8), holding every earlier round; lower: a
-    Lower, None for the outpainting baseline; white: a WhiteTest or None (generate every
-    patch); below: lower_inputs(grid, cells, lower, white) when already read, else None."""
-    P = grid.patch
-    known = np.stack([canvas.read(*grid.origin(i, j), P, P) for i, j in cells])
-    context, cutouts, white_flags = below or lower_inputs(grid, cells, lower, white)
-    return RawBatch(list(cells), known, context, cutouts, white_flags,
-                    lower.zoom if lower is not None else None)
-
-
-def float_inputs(grid, raw, order):
-    """A RawBatch as the model takes it (on the rank that generates it): floats in [-1, 1], the
-    known masks from the geometry, each region upsampled from its cutout."""
-    P, finished_round = grid.patch, round_index(order, grid.n)
-    masks = []
-    for i, j in raw.cells:
-        k = finished_round[(i, j)]
-        masks.append(rects_mask(known_rects(grid, i, j,
-                                            lambda a, b: finished_round[(a, b)] < k), P))
-    region = context = None
-    if raw.cutouts is not None:
-        context = cascade.to_float(raw.context)
-        region = torch.cat([cascade.region_crop(cut, *grid.origin(i, j), P, raw.zoom)
-                            for (i, j), cut in zip(raw.cells, raw.cutouts)])
-    return BatchInputs(raw.cells, cascade.to_float(raw.known), torch.stack(masks), context,
-                       region, raw.white)
-
-
 def batch_inputs(grid, canvas, cells, *, order, lower=None, white=None):
-    """read_batch then float_inputs, in one process."""
-    return float_inputs(grid, read_batch(grid, canvas, cells, lower=lower, white=white), order)
+    """Everything a batch of independent patches needs: the pixels their finished neighbours
+    fixed (read from the canvas, masked by the geometry: known_rects), the context and region
+    crops of the stage below (None for the outpainting baseline), and which patches are glass
+    (white: a WhiteTest, or None to generate every patch). operations/transfer.py gets the same
+    floats for many ranks: rank 0 reads uint8, each rank makes its batch's floats."""
+    P, k = grid.patch, round_index(order, grid.n)
+    origins = [grid.origin(i, j) for i, j in cells]
+    known = cascade.to_float(np.stack([canvas.read(y0, x0, P, P) for y0, x0 in origins]))
+    mask = torch.stack([rects_mask(known_rects(grid, i, j, lambda a, b: k[(a, b)] < k[(i, j)]),
+                                   P) for i, j in cells])
+    context = region = None
+    if lower is not None:  # the stage below: around the patch (context), under it (region)
+        context = cascade.to_float(np.stack([cascade.context_crop(
+            lower.image, y0, x0, P, lower.zoom, lower.background) for y0, x0 in origins]))
+        region = torch.cat([cascade.region_crop(lower.image, y0, x0, P, lower.zoom)
+                            for y0, x0 in origins])
+    glass = [lower is not None and white is not None and white(lower, y0, x0, P)
+             for y0, x0 in origins]
+    return BatchInputs(list(cells), known, mask, context, region, glass)
 
 
 def run_batch(sample_fn, inputs, *, stage, seed, feather=0, device="cpu"):

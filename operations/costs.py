@@ -60,7 +60,7 @@ def stage_costs(preset, sampling, order, batch, world, need=None):
         n, cells = preset.n_patches[s - 1], (need or {}).get(s)
         skip = [] if cells is None else [(i, j) for i in range(n) for j in range(n)
                                          if (i, j) not in cells]
-        loads = rank_loads(tiler.plan(order, n, batch, skip), world) if s > 1 else [1]
+        loads = rank_loads(tiler.plan(order, n, batch, skip, world), world) if s > 1 else [1]
         k, flop = n * n - len(skip), patch_flops(preset, sampling, s)
         rows.append((k, len(loads), k / (world * max(sum(loads), 1)), k * flop, flop, sum(loads)))
     return rows

@@ -60,7 +60,7 @@ def broadcast(obj, world):
 
 
 def scatter_batches(rnd, lows, read, rank, world):
-    """This rank's batches of a round as tiler.RawBatch: every world-th batch, read by rank 0
+    """This rank's batches of a round as transfer.RawBatch: every world-th batch, read by rank 0
     (read(cells, low), low: the batch's inputs from the stage below, already read) and scattered
     (read lazily in one process)."""
     if world == 1:

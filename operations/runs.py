@@ -20,7 +20,7 @@ import data
 import metrics
 import sde
 import tiler
-from operations import checkpoints, windows
+from operations import checkpoints, transfer, windows
 from operations.aperio import DiskArray, write_aperio
 from operations.distributed import barrier, gather, scatter_batches
 from operations.files import atomic_path, remove_orphans
@@ -147,13 +147,13 @@ def grid_stage(stage, *, lower_img, canvas, journal, settings, preset, device, r
     journal.share(world)
     skip = [] if cells is None else [(i, j) for i in range(grid.n) for j in range(grid.n)
                                      if (i, j) not in cells]
-    todo = tiler.plan(S.order, grid.n, S.batch, journal.done(stage) + skip)
+    todo = tiler.plan(S.order, grid.n, S.batch, journal.done(stage) + skip, world)
     left = [c for rnd in todo for b in rnd for c in b]
     n_fill = sum(white(lower, *grid.origin(*c), grid.patch) for c in left) if white else 0
     progress = Progress(stage, grid.n ** 2 - len(skip), n_fill, len(journal.done(stage)),
                         len(journal.filled(stage)))
-    below = lambda rnd: [tiler.lower_inputs(grid, batch, lower, white) for batch in rnd]
-    read = lambda batch, low: tiler.read_batch(grid, canvas, batch, lower=lower, below=low)
+    below = lambda rnd: [transfer.lower_inputs(grid, batch, lower, white) for batch in rnd]
+    read = lambda batch, low: transfer.read_batch(grid, canvas, batch, lower=lower, below=low)
 
     def finish(results, seconds, model_seconds):  # in the writer: on disk, then in the journal
         canvas.flush()
@@ -170,10 +170,11 @@ def grid_stage(stage, *, lower_img, canvas, journal, settings, preset, device, r
             if rank == 0 and k + 1 < len(todo):
                 ahead = reader.submit(below, todo[k + 1])
             # Generate: this rank's batches of the round.
-            results = [r for raw in scatter_batches(rnd, lows, read, rank, world)
-                       for r in tiler.run_batch(sample_fn, tiler.float_inputs(grid, raw, S.order),
-                                                stage=stage, seed=S.seed, feather=sp.feather,
-                                                device=device)]
+            floats = (transfer.float_inputs(grid, raw, S.order)
+                      for raw in scatter_batches(rnd, lows, read, rank, world))
+            results = [r for inputs in floats
+                       for r in tiler.run_batch(sample_fn, inputs, stage=stage, seed=S.seed,
+                                                feather=sp.feather, device=device)]
             results = gather(results, rank, world)
             # Write: rank 0 saves the round whole, writes it into the stage image (the next
             # round's known pixels), then syncs and marks it done in the background.
@@ -221,7 +222,8 @@ def real_lower_stage(settings, preset, journal, stage, path, rank, world):
         t0, N = time.time(), cascade.stage_size(preset, stage)
         img = DiskArray(path, (N, N, 3))
         cache = data.slide_cache(settings.from_slide, preset, cascade.stage_size(preset, 3),
-                                 cache_dir=os.path.join(journal.work, "from"))  # N3: sampling's
+                                 os.path.join(journal.work, "from"),  # N3: sampling's geometry
+                                 images=(f"stage{stage}",))  # the one stage image it needs
         for r0 in range(0, N, 256):
             img.write(r0, 0, np.asarray(cache[f"stage{stage}"][r0:r0 + 256]))
         img.flush()

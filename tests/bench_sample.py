@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import cascade  # noqa: E402
 import tiler  # noqa: E402
-from operations import aperio, journal, settings  # noqa: E402
+from operations import aperio, journal, settings, transfer  # noqa: E402
 
 GPU_MS_PER_STEP = 96.8  # the paper1024 U-Net's forward at 1024 px on an A100 at 40 % of 312 TFLOP/s
 
@@ -138,17 +138,17 @@ def io_bench(args, n_round=23):
         log = journal.Journal(work, run)
         t = {}
         t0 = time.perf_counter()
-        low = [tiler.lower_inputs(grid, [c], lower, white) for c in cells]
+        low = [transfer.lower_inputs(grid, [c], lower, white) for c in cells]
         t["lower stage: context, region, white test"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        raws = [tiler.read_batch(grid, canvas, [c], lower=lower, below=lo)
+        raws = [transfer.read_batch(grid, canvas, [c], lower=lower, below=lo)
                 for c, lo in zip(cells, low)]
         t["known pixels from the canvas"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         sent = len(pickle.dumps(raws))  # what scatter_object_list does to them
         t["inputs pickled for the ranks"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        tiler.float_inputs(grid, raws[0], "wavefront")
+        transfer.float_inputs(grid, raws[0], "wavefront")
         t["one patch's floats, on its rank (x ranks' share)"] = (
             (time.perf_counter() - t0) * math.ceil(n_round / args.gpus))
         results = [(c, rng.integers(0, 255, (p.patch, p.patch, 3), dtype=np.uint8), False)

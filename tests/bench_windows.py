@@ -3,7 +3,9 @@
 Not a test. Pure geometry and FLOP counts (windows.closure; costs.flops on the meta device): for
 each preset and order, the patches of each stage that one window of P px depends on (over random
 positions), and the share of a whole slide's FLOPs that one window, and k windows of one slide,
-cost; 10k magnification-2 patches from 800 slides is the paper's evaluation set (12.5 a slide).
+cost, at the preset's default --batch (a window runs its patches in the whole slide's batches:
+exact pixels); 10k magnification-2 patches from 800 slides is the paper's evaluation set (12.5 a
+slide).
     python tests/bench_windows.py [--presets demo paper] [--positions 200] [--k 1 13 100]
 """
 import argparse
@@ -14,15 +16,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cascade  # noqa: E402
-import sample  # noqa: E402
-from operations import costs, windows  # noqa: E402
+from operations import costs, settings, windows  # noqa: E402
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["demo", "paper"])
-    ap.add_argument("--orders", nargs="+", default=["checkerboard", "wavefront"])
+    ap.add_argument("--orders", nargs="+", default=["checkerboard", "packed"])
     ap.add_argument("--positions", type=int, default=200, help="random draws per figure")
     ap.add_argument("--k", type=int, nargs="+", default=[1, 13, 100], help="windows a slide")
     args = ap.parse_args()
@@ -43,6 +44,7 @@ def main():
                     wins = [(int(x), int(y), P, P) for x, y in xy]
                     # k > 1: --patches (stage 2 whole); one window: --window (stage 2's closure)
                     need = windows.needed_cells(p, order, sp.edge_margin, wins,
+                                                batch=settings.default_batch(p),
                                                below=2 if k > 1 else 1)
                     c = [len(need.get(s, range(p.n_patches[s - 1] ** 2))) for s in (1, 2, 3)]
                     c[0] = 1

@@ -1,5 +1,6 @@
 """data.py: region reads against the source array, tissue, the nine datasets, cache, bad input."""
 import dataclasses
+import json
 import os
 import shutil
 
@@ -453,3 +454,26 @@ def test_top_level_crops_see_the_whole_context_resized(tmp_path, resize):
         else:
             want = full[3:, y:y + c, x:x + c]
         assert (item["cond"][3:] - want).abs().max() < 1e-5, mode
+
+
+def test_caches_hold_only_the_stage_images_training_reads(tmp_path):
+    """Grid positions read stages 2-3 from the slide: no stage-2 image (6400^2 px, 123 MB a slide
+    at paper size, read by no training run) is built; anywhere in the area it is. A cache built
+    before (stage 2 included, no list of its arrays in the metadata) still opens; --from builds
+    the one stage image it needs."""
+    grid = small_preset(training=dataclasses.replace(small_preset().training, positions="grid"))
+    data.StageLevelDataset([SLIDE], grid, 2, 0, cache_dir=str(tmp_path / "g"))
+    kinds = lambda d: {".".join(f.split(".")[3:]) for f in os.listdir(d)}  # after the key
+    names = kinds(tmp_path / "g")
+    assert names == {"stage1.npy", "overview.npy", "grid.npy", "json"}
+    data.StageLevelDataset([SLIDE], small_preset(), 2, 0, cache_dir=str(tmp_path / "a"))
+    assert kinds(tmp_path / "a") == {"stage1.npy", "stage2.npy", "json"}
+    base = str(tmp_path / "g" / [f for f in os.listdir(tmp_path / "g") if f.endswith("json")][0])
+    meta = json.load(open(base))
+    np.save(base[:-4] + "stage2.npy", np.zeros((88, 88, 3), np.uint8))  # as caches were
+    data.write_json(base, {k: v for k, v in meta.items() if k not in ("arrays", "tissue")})
+    cache = data.caches.open_cache(base[:-5])
+    assert cache["stage2"].shape == (88, 88, 3) and cache["grid"].shape[1] == 2
+    assert len(data.StageLevelDataset([SLIDE], grid, 2, 0, cache_dir=str(tmp_path / "g"))[0])
+    one = data.slide_cache(SLIDE, grid, cache_dir=str(tmp_path / "f"), images=("stage2",))
+    assert one["arrays"] == ["stage2"] and "stage1" not in one

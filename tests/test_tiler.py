@@ -42,7 +42,8 @@ def _run(order="raster", batch=1, nets=None, lower="default", seed=0, canvas=Non
 
 
 def test_critical_path_lengths():
-    assert [len(tiler.rounds(o, 46)) for o in tiler.ORDERS] == [2116, 136, 4]
+    # packed's rounds() are its dependency levels, wavefront's (plan() packs them)
+    assert [len(tiler.rounds(o, 46)) for o in tiler.ORDERS] == [2116, 136, 136, 4]
     g = cascade.Grid(1024, 46)
     for order in tiler.ORDERS:
         rnds = tiler.rounds(order, 46)
@@ -290,6 +291,28 @@ def test_rank_loads_by_hand():
     assert costs.rank_loads(tiler.plan("wavefront", 4, 1), 2) == [1] * 10  # 16 / 20 busy
     assert costs.rank_loads(tiler.plan("wavefront", 4, 2), 2) == sizes  # one batch a round
     assert costs.rank_loads(tiler.plan("checkerboard", 4, 1), 3) == [2, 2, 2, 2]
-    # the paper's stage 3 (46 x 46 patches) on 8 ranks at batch 1: 84.8 % and 98.7 % busy
-    busy = lambda order: 46 ** 2 / (8 * sum(costs.rank_loads(tiler.plan(order, 46, 1), 8)))
+    # the paper's stage 3 (46 x 46 patches) on 8 ranks at batch 1: 84.8 %, 94.8 % and 98.7 % busy
+    busy = lambda order: 46 ** 2 / (8 * sum(costs.rank_loads(tiler.plan(order, 46, 1, world=8),
+                                                             8)))
     assert round(busy("wavefront"), 3) == 0.848 and round(busy("checkerboard"), 3) == 0.987
+    assert round(busy("packed"), 3) == 0.948 and len(tiler.plan("packed", 46, 1, world=8)) == 279
+
+
+@pytest.mark.parametrize("n,batch,world", [(46, 1, 8), (9, 3, 2), (4, 2, 3), (7, 1, 1)])
+def test_packed_rounds_wait_for_exactly_rasters_neighbours(n, batch, world):
+    """plan('packed'): every patch once; a round holds at most `world` batches, each one of
+    wavefront's (so its content, and its floats, are the same at any number of ranks); a patch
+    runs after each of its raster-earlier neighbours and before each raster-later one."""
+    rounds = tiler.plan("packed", n, batch, world=world)
+    when = {c: k for k, rnd in enumerate(rounds) for b in rnd for c in b}
+    assert sorted(when) == [(i, j) for i in range(n) for j in range(n)]
+    assert all(len(rnd) <= world for rnd in rounds)
+    wave = [b for rnd in tiler.plan("wavefront", n, batch) for b in rnd]
+    assert sorted(b for rnd in rounds for b in rnd) == sorted(wave)
+    for (i, j), k in when.items():
+        for a, b in ((i - 1, j - 1), (i - 1, j), (i - 1, j + 1), (i, j - 1)):
+            if (a, b) in when:
+                assert when[(a, b)] < k  # finished before, in raster too
+    # resumed after its first rounds (the journal's done patches), the rest is the same plan
+    done = [c for rnd in rounds[:3] for b in rnd for c in b]
+    assert tiler.plan("packed", n, batch, done, world) == rounds[3:]
