@@ -32,7 +32,7 @@ from operations.distributed import PRECISION_HELP, init_distributed
 from operations.logs import Progress
 
 
-def sample_slide(cdms, preset, sampling, *, seed=0, order="wavefront", batch=8,
+def sample_slide(cdms, preset, sampling, *, seed=0, order="packed", batch=8,
                  white_threshold=data.MIN_TISSUE, progress=None):
     """A whole slide [PAPER Fig. 1], in one process and in memory (the demo's 2048 px; not paper
     size, which operations/runs.py streams to disk). cdms: {stage: cascade.CDM}; sampling: a
@@ -146,10 +146,12 @@ def parse_args(argv=None):
                     help="'mostly white': less tissue than this in the field below (default "
                          "data.MIN_TISSUE, training's rule)")
     ap.add_argument("--order", default=None, choices=tiler.ORDERS,
-                    help="raster (the paper); wavefront (136 rounds at paper size; the same slide "
-                         "as raster at --batch 1, and with any batch up to float rounding); "
-                         "checkerboard (4 rounds, another slide; cheap windows). Default: the "
-                         "preset's (paper_plus: checkerboard; others: wavefront)")
+                    help="raster (the paper, one patch a round); wavefront (raster's slide in "
+                         "136 rounds at paper size: exactly at --batch 1, up to float rounding at "
+                         "any batch); packed (wavefront's batches in rounds as full as the ranks "
+                         "allow: its slide in 279 rounds on 8 ranks); checkerboard (4 rounds, "
+                         "another slide; cheap windows). Default: the preset's (paper_plus: "
+                         "checkerboard; others: packed)")
     ap.add_argument("--batch", type=int, default=None,
                     help="patches per U-Net batch (default: 1 at 1024 px patches, where one patch "
                          "fills a GPU and every rank of a round gets work; 8 below); a run's slide "

@@ -15,10 +15,10 @@ neighbours are finished depends on the order:
   checkerboard the 4 parity phases (i % 2, j % 2); later phases see neighbours on all
                sides. 4 rounds, a different (not identical) result.
 
-The caller runs the loop: plan() gives the rounds of batches, batch_inputs() reads one batch's
-inputs (read_batch from the files on rank 0, float_inputs on the rank that generates it),
-run_batch() generates it; a round is written to the canvas after all its batches.
-generate_stage() is that loop in one process (operations/runs.py shares it across ranks).
+The loop: plan() gives the rounds of batches, batch_inputs() reads one batch's inputs from the
+canvas and the stage below, run_batch() generates it; a round is written to the canvas after
+all its batches. generate_stage() is that loop in one process (operations/runs.py shares it
+across ranks).
 
 References
   [PAPER]    Cechnicka et al., URCDM, MICCAI 2024 (overlap 12.5 %, inpainting, white skip).

@@ -31,7 +31,7 @@ def closure(grid, order, rects, batch=1):
     or overwrites) and each patch sharing a U-Net batch with one of those (batch mates change a
     patch's floats: matrix products are blocked by the batch). With per-patch seeds, generating
     these alone, in plan order, gives the rects exactly the pixels of the whole stage. Small in
-    checkerboard (4 phases: at most 3 steps back), the whole past in raster and wavefront."""
+    checkerboard (4 phases: at most 3 steps back), the whole past in raster, wavefront, packed."""
     need = set().union(*(cells_over(grid, r) for r in rects))
     while True:
         need = earlier_neighbours(grid, order, need)

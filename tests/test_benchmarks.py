@@ -3,8 +3,6 @@ import json
 import os
 import sys
 
-import pytest
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_flops  # noqa: E402
 import bench_gpu  # noqa: E402
@@ -57,7 +55,7 @@ def test_every_paper_unet_has_the_authors_size():
         cfg = cascade.unet_config(p, 3, lvl)
         a_params = bench_flops.AUTHORS_MEASURED[name][0]
         assert bench_flops.flops(cfg, p.level_sizes[lvl]) <= bench_flops.AUTHORS_FORWARD[name], name
-        assert abs(bench_flops.costs.count_params(cfg) / (a_params * 1e6) - 1) <= 0.01, name
+        assert abs(costs.count_params(cfg) / (a_params * 1e6) - 1) <= 0.01, name
 
 
 def test_saved_bytes_count_each_storage_once():
@@ -65,18 +63,18 @@ def test_saved_bytes_count_each_storage_once():
     a U-Net without attention), the weights are counted apart, once (at most the parameters'
     bytes), and CUDA's bf16 policy saves less than fp32."""
     cfg = bench_flops.unet.get_config("tiny", attn=(False, False), cond_ch=6, aug_emb=True)
-    act32, w32 = bench_flops.costs.saved_bytes(cfg, 32)
-    act64, w64 = bench_flops.costs.saved_bytes(cfg, 64)
-    act16, _ = bench_flops.costs.saved_bytes(cfg, 64, bf16=True)
+    act32, w32 = costs.saved_bytes(cfg, 32)
+    act64, w64 = costs.saved_bytes(cfg, 64)
+    act16, _ = costs.saved_bytes(cfg, 64, bf16=True)
     assert 3.6 <= act64 / act32 <= 4.4 and w32 == w64
-    assert 0 < w32 <= 4 * bench_flops.costs.count_params(cfg)
+    assert 0 < w32 <= 4 * costs.count_params(cfg)
     assert act16 < act64
 
 
 def test_memory_plan_says_what_fits():
     """train.py --memory: paper's top model on 256 px crops at batch 8 fits 80 GiB; at its full
     1024 px it does not, and the table names the batch that does (<= 2)."""
-    p, run = cascade.get_preset("paper"), bench_flops.costs.memory_rows
+    p, run = cascade.get_preset("paper"), costs.memory_rows
     crops = run(p, [(3, 2)], 8, True, 80)[0]
     full = run(p, [(3, 2)], 8, False, 80, crop=1024)[0]
     assert crops["fits"] and crops["size"] == 256 and crops["peak"] < 40 * 2 ** 30

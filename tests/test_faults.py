@@ -20,7 +20,7 @@ import metrics
 import sample
 import train
 from conftest import ROOT, save_tiny_models
-from operations import aperio, checkpoints, files, flags, journal, logs, previews, runs, slides
+from operations import aperio, checkpoints, files, journal, logs, previews, runs, slides
 
 SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
 

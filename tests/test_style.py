@@ -1,19 +1,143 @@
-"""The code's shape: the line limit, and the README's promise of the algorithm's size."""
+"""The code's shape: line limit, line budgets, the import rule, and the README's size promises.
+
+    python tests/test_style.py      # prints the budgets, the import rule and the reading path
+
+The components (the design card's files) hold the algorithm; operations/ holds what only serves
+running it. The README states the algorithm's size and the first reading's; these tests hold it
+to them within 10 %.
+"""
 import ast
 import glob
 import os
 import re
+import sys
 
-from conftest import ROOT
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # noqa: E402
 
 LIMIT = 100  # characters per line, every Python file of the repository
+# Whole lines a file may have: short enough to read in a sitting.
+BUDGETS = {"sample.py": 350, "train.py": 400, "data.py": 400, "cascade.py": 480,
+           "tiler.py": 330, "unet.py": 600, "metrics.py": 700, "sde.py": 360}
+SUPPORT_BUDGET = 400  # each module of operations/
+CORE = ("sde.py", "unet.py", "cascade.py", "tiler.py")  # import nothing from operations/
+# The algorithm: the models and the sampler (CORE), training's data and loop, and sample_slide.
+# The commands' flags (parse_args), entry points (main) and operations are not.
+ALGORITHM = CORE + ("data.py", "train.py", "sample.py")
+COMMAND = ("parse_args", "main", "in_memory", "make_slide", "train_models", "index_lists")
+# The first reading, in call order: a slide sampled, then a model trained.
+FIRST_READING = [
+    ("sample.py", "sample_slide"), ("tiler.py", "generate_stage"), ("tiler.py", "plan"),
+    ("tiler.py", "batch_inputs"), ("tiler.py", "run_batch"), ("cascade.py", "CDM.sample"),
+    ("cascade.py", "level_inputs"), ("cascade.py", "augment"), ("cascade.py", "denoiser"),
+    ("sde.py", "sample"), ("sde.py", "ancestral_step"), ("unet.py", "UNet.forward"),
+    ("data.py", "StageLevelDataset.__getitem__"), ("data.py", "StageLevelDataset._example"),
+    ("train.py", "Trainer.losses"), ("sde.py", "loss_fn"), ("train.py", "Trainer.train"),
+]
+
+
+def path(name):
+    return os.path.join(ROOT, name)
 
 
 def python_files():
-    return sorted(glob.glob(os.path.join(ROOT, "*.py"))
-                  + glob.glob(os.path.join(ROOT, "tests", "*.py"))
-                  + glob.glob(os.path.join(ROOT, "operations", "*.py")))
+    return sorted(glob.glob(path("*.py")) + glob.glob(path("tests/*.py"))
+                  + glob.glob(path("operations/*.py")))
 
+
+def support_modules():
+    return sorted(glob.glob(path("operations/*.py")))
+
+
+def n_lines(p):
+    return len(open(p).read().splitlines())
+
+
+def docstring_lines(tree):
+    doc = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and body \
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            doc.update(range(body[0].lineno, body[0].end_lineno + 1))
+    return doc
+
+
+def code_lines(p, spans=None):
+    """Lines that are neither blank, nor comments, nor docstrings (within spans, if given)."""
+    src = open(p).read()
+    doc = docstring_lines(ast.parse(src))
+    inside = (lambda n: True) if spans is None else (lambda n: any(a <= n <= b for a, b in spans))
+    return sum(1 for n, line in enumerate(src.splitlines(), 1)
+               if line.strip() and not line.strip().startswith("#") and n not in doc
+               and inside(n))
+
+
+def definitions(p):
+    """{qualified name: (first line, last line)} of the functions and classes in a file."""
+    out = {}
+
+    def walk(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.ClassDef)):
+                name = prefix + child.name
+                first = min([child.lineno] + [d.lineno for d in child.decorator_list])
+                out[name] = (first, child.end_lineno)
+                walk(child, name + ".")
+    walk(ast.parse(open(p).read()), "")
+    return out
+
+
+def algorithm_size():
+    """(whole lines, code lines) of ALGORITHM without its COMMAND functions."""
+    total = code = 0
+    for f in ALGORITHM:
+        n = n_lines(path(f))
+        spans = [(a, b) for name, (a, b) in definitions(path(f)).items() if name in COMMAND]
+        keep = [(1, n)] if not spans else complement(spans, n)
+        total += sum(b - a + 1 for a, b in keep)
+        code += code_lines(path(f), keep)
+    return total, code
+
+
+def complement(spans, n):
+    out, at = [], 1
+    for a, b in sorted(spans):
+        if a > at:
+            out.append((at, a - 1))
+        at = max(at, b + 1)
+    return out + ([(at, n)] if at <= n else [])
+
+
+def reading_size():
+    """(whole lines, code lines) of FIRST_READING."""
+    total = code = 0
+    for f, name in FIRST_READING:
+        a, b = definitions(path(f))[name]
+        total += b - a + 1
+        code += code_lines(path(f), [(a, b)])
+    return total, code
+
+
+def operations_imports(p):
+    """The modules of operations/ a file imports."""
+    out = []
+    for node in ast.walk(ast.parse(open(p).read())):
+        if isinstance(node, ast.ImportFrom) and node.module \
+                and node.module.split(".")[0] == "operations":
+            out.append(node.module)
+        elif isinstance(node, ast.Import):
+            out += [a.name for a in node.names if a.name.split(".")[0] == "operations"]
+    return out
+
+
+def first_sentence(p):
+    doc = ast.get_docstring(ast.parse(open(p).read())) or ""
+    return doc.split("\n\n")[0].strip()
+
+
+# ---------------------------------------------------------------------- tests
 
 def test_lines_within_the_limit():
     long = [f"{os.path.relpath(p, ROOT)}:{n}: {len(line)} characters"
@@ -22,30 +146,100 @@ def test_lines_within_the_limit():
     assert not long, f"{len(long)} lines over {LIMIT} characters:\n" + "\n".join(long[:20])
 
 
-def code_lines(path):
-    """Lines that are neither blank, nor comments, nor docstrings."""
-    src = open(path).read()
-    doc = set()
-    for node in ast.walk(ast.parse(src)):
-        body = getattr(node, "body", None)
-        if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and body \
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                and isinstance(body[0].value.value, str):
-            doc.update(range(body[0].lineno, body[0].end_lineno + 1))
-    return sum(1 for n, line in enumerate(src.splitlines(), 1)
-               if line.strip() and not line.strip().startswith("#") and n not in doc)
+def test_files_within_their_budgets():
+    over = [f"{f}: {n_lines(path(f))} lines > {b}" for f, b in BUDGETS.items()
+            if n_lines(path(f)) > b]
+    over += [f"{os.path.relpath(p, ROOT)}: {n_lines(p)} lines > {SUPPORT_BUDGET}"
+             for p in support_modules() if n_lines(p) > SUPPORT_BUDGET]
+    assert not over, "\n".join(over)
+
+
+def test_core_files_import_nothing_from_operations():
+    bad = {f: operations_imports(path(f)) for f in CORE if operations_imports(path(f))}
+    assert not bad, bad
+
+
+def test_only_the_design_cards_modules_at_the_top():
+    top = sorted(os.path.basename(p) for p in glob.glob(path("*.py")))
+    assert top == sorted(BUDGETS), top
+    packages = sorted(d for d in os.listdir(ROOT) if os.path.isfile(path(f"{d}/__init__.py")))
+    assert packages == ["operations"], packages
+
+
+def test_each_support_module_says_what_it_holds():
+    bad = [os.path.relpath(p, ROOT) for p in support_modules()
+           if not first_sentence(p) or "." not in first_sentence(p)]
+    assert not bad, f"no opening sentence: {bad}"
+
+
+def readme_number(pattern):
+    readme = open(path("README.md")).read()
+    m = re.search(pattern, readme)
+    assert m, f"the README's promise is missing: {pattern}"
+    return [int(g.replace(",", "")) for g in m.groups()]
 
 
 def test_readme_states_the_algorithms_size():
-    """'The algorithm is about N lines in four files (M of them code ...)': true within 10 %."""
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    m = re.search(
-        r"algorithm is about ([\d,]+) lines in four files\*\* \(([\d,]+) of them code", readme
-    )
-    assert m, "the README's size promise is missing"
-    files = [os.path.join(ROOT, f) for f in ("sde.py", "unet.py", "cascade.py", "tiler.py")]
-    total = sum(len(open(f).read().splitlines()) for f in files)
-    code = sum(code_lines(f) for f in files)
-    said_total, said_code = (int(g.replace(",", "")) for g in m.groups())
+    """'The algorithm is about N lines (M of them code)' in the README: true within 10 %."""
+    said_total, said_code = readme_number(
+        r"algorithm is about ([\d,]+) lines \(([\d,]+) of them code")
+    total, code = algorithm_size()
     assert abs(total - said_total) <= 0.1 * said_total, (total, said_total)
     assert abs(code - said_code) <= 0.1 * said_code, (code, said_code)
+
+
+def test_readme_states_the_first_readings_size():
+    said_total, said_code = readme_number(r"first reading is ([\d,]+) lines \(([\d,]+) of code")
+    total, code = reading_size()
+    assert abs(total - said_total) <= 0.1 * said_total, (total, said_total)
+    assert abs(code - said_code) <= 0.1 * said_code, (code, said_code)
+
+
+def test_the_readmes_first_reading_is_first_reading():
+    """The README's first reading names FIRST_READING's functions, each one that exists, in call
+    order: `module.name` steps, each followed by the (`name`, ...) it calls in that module."""
+    readme = open(path("README.md")).read()
+    start = readme.index("first reading is")
+    para = readme[start:readme.index("\n\n", start)]
+    named, module = [], None
+    for tok in re.findall(r"`([\w.]+)`", para):
+        if "." in tok and os.path.exists(path(tok.split(".")[0] + ".py")):
+            module, name = tok.split(".", 1)
+        else:
+            name = tok
+        named.append((module + ".py", name))
+    resolved = []
+    for f, name in named:  # a short name is a method of the class last named, or a function
+        defs = definitions(path(f))
+        classes = [q.rsplit(".", 1)[0] for q, g in resolved[::-1] if g == f and "." in q]
+        full = next((q for q in [name] + [c + "." + name for c in classes] if q in defs), None)
+        assert full, f"the README's first reading names {name!r}, which {f} does not define"
+        resolved.append((full, f))
+    assert [(f, q) for q, f in resolved] == FIRST_READING, resolved
+
+
+def test_readme_within_110_lines():
+    n = n_lines(path("README.md"))
+    assert n <= 110, f"README.md has {n} lines; keep it to 110 and move detail to docs/"
+
+
+if __name__ == "__main__":
+    print(f"{'file':<28}{'lines':>7}{'budget':>8}")
+    for f, b in BUDGETS.items():
+        print(f"{f:<28}{n_lines(path(f)):>7}{b:>8}{'  OVER' if n_lines(path(f)) > b else ''}")
+    for p in support_modules():
+        n = n_lines(p)
+        print(f"{os.path.relpath(p, ROOT):<28}{n:>7}{SUPPORT_BUDGET:>8}"
+              f"{'  OVER' if n > SUPPORT_BUDGET else ''}")
+    for f in CORE:
+        print(f"{f} imports from operations/: {operations_imports(path(f)) or 'nothing'}")
+    ops = sum(n_lines(p) for p in support_modules())
+    total, code = algorithm_size()
+    print(f"the algorithm ({', '.join(ALGORITHM)}; without {', '.join(COMMAND)}): "
+          f"{total} lines, {code} code")
+    print(f"operations/: {ops} lines, {sum(code_lines(p) for p in support_modules())} code")
+    total, code = reading_size()
+    print(f"first reading: {total} lines, {code} code")
+    for f, name in FIRST_READING:
+        a, b = definitions(path(f))[name]
+        print(f"  {f}:{a} {name} ({b - a + 1} lines)")

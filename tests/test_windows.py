@@ -13,7 +13,6 @@ from PIL import Image
 import cascade
 import data
 import metrics
-import tiler
 from conftest import ROOT
 from test_metrics import random_net
 from operations import windows
