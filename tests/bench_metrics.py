@@ -1,9 +1,9 @@
 """Benchmark: embedding speed and precision/recall memory of metrics.py.
 
-Not a test (pytest does not collect it). Embeds N crops of the bundled slide with a small
-random TorchScript network (the kind the tests use) and runs improved precision/recall on
-M x M random 4096-d features, reporting time and peak RSS growth, with a linear (time:
-quadratic) extrapolation to 50k x 50k.
+Not a test (pytest does not collect it). Embeds N crops of the bundled slide with the installed
+FID Inception (else a small random TorchScript stand-in with 2048-d output, and says so) and
+runs improved precision/recall on M x M random 4096-d features, reporting time and peak RSS
+growth, with a linear (time: quadratic) extrapolation to 50k x 50k.
     python tests/bench_metrics.py --crops 1000 --pr 5000
 """
 import argparse
@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cascade  # noqa: E402
 import metrics  # noqa: E402
-from operations import evaluation  # noqa: E402
+from operations import evaluation, features  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,13 +35,18 @@ def main():
     ap.add_argument("--pr", type=int, default=5000,
                     help="features per set for the precision/recall run")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 5, stride=4), torch.nn.ReLU(),
-                              torch.nn.Conv2d(16, 32, 3, stride=2),
-                              torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-    path = os.path.join(tempfile.mkdtemp(), "net.pt")
-    torch.jit.script(net).save(path)
-    fnet = metrics.FeatureNet(path, "inception", "--inception")
+    path = features.installed_inception()
+    if path:
+        fnet = metrics.FeatureNet(path, "inception", "--inception")
+    else:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 5, stride=4), torch.nn.ReLU(),
+                                  torch.nn.Conv2d(16, 2048, 3, stride=2), torch.nn.ReLU(),
+                                  torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        path = os.path.join(tempfile.mkdtemp(), "net.pt")
+        torch.jit.script(net).save(path)
+        fnet = metrics.FeatureNet(path, "inception", "--inception", inception_input="0-255")
+    print(f"network: {fnet.label()}")
     src = evaluation.Source(os.path.join(ROOT, "tests", "data", "cmu_small_region.svs"),
                          cascade.get_preset("demo"))
     t0 = time.time()

