@@ -40,13 +40,6 @@ GOALS = {"paper64": 0.26, "paper256": 0.46, "paper1024": 12.1}
 GOAL_1024_ON_256 = 0.75
 
 
-def human(f):
-    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
-        if f >= scale:
-            return f"{f / scale:.3g} {unit}"
-    return f"{f / 1e6:.3g} MFLOP"
-
-
 def slide_flops(p, steps, white=0.0):
     """FLOP of one slide of preset p at `steps` per level (3) or per stage and level (9); `white` =
     share of stage-3 patches filled."""
