@@ -103,6 +103,13 @@ def rects_mask(rects, P):
     return m
 
 
+def known_masks(grid, cells, order):
+    """(B, 1, P, P) bool: each patch's pixels that its neighbours of earlier rounds fixed."""
+    k = round_index(order, grid.n)
+    return torch.stack([rects_mask(known_rects(grid, i, j, lambda a, b: k[(a, b)] < k[(i, j)]),
+                                   grid.patch) for i, j in cells])
+
+
 class MemoryCanvas:
     """An (N, N, 3) uint8 stage image in RAM, for tests and small stages. data.DiskArray is the
     disk-backed canvas with the same two methods, read and write."""
@@ -216,11 +223,9 @@ def batch_inputs(grid, canvas, cells, *, order, lower=None, white=None):
     crops of the stage below (None for the outpainting baseline), and which patches are glass
     (white: a WhiteTest, or None to generate every patch). operations/transfer.py gets the same
     floats for many ranks: rank 0 reads uint8, each rank makes its batch's floats."""
-    P, k = grid.patch, round_index(order, grid.n)
-    origins = [grid.origin(i, j) for i, j in cells]
+    P, origins = grid.patch, [grid.origin(i, j) for i, j in cells]
     known = cascade.to_float(np.stack([canvas.read(y0, x0, P, P) for y0, x0 in origins]))
-    mask = torch.stack([rects_mask(known_rects(grid, i, j, lambda a, b: k[(a, b)] < k[(i, j)]),
-                                   P) for i, j in cells])
+    mask = known_masks(grid, cells, order)
     context = region = None
     if lower is not None:  # the stage below: around the patch (context), under it (region)
         context = cascade.to_float(np.stack([cascade.context_crop(

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 import cascade
-from tiler import BatchInputs, known_rects, rects_mask, round_index
+from tiler import BatchInputs, known_masks
 
 
 @dataclass(frozen=True)
@@ -75,16 +75,10 @@ def read_batch(grid, canvas, cells, *, lower=None, white=None, below=None):
 def float_inputs(grid, raw, order):
     """A RawBatch as the model takes it (on the rank that generates it): floats in [-1, 1], the
     known masks from the geometry, each region upsampled from its cutout."""
-    P, finished_round = grid.patch, round_index(order, grid.n)
-    masks = []
-    for i, j in raw.cells:
-        k = finished_round[(i, j)]
-        masks.append(rects_mask(known_rects(grid, i, j,
-                                            lambda a, b: finished_round[(a, b)] < k), P))
     region = context = None
     if raw.cutouts is not None:
         context = cascade.to_float(raw.context)
-        region = torch.cat([cascade.region_crop(cut, *grid.origin(i, j), P, raw.zoom)
+        region = torch.cat([cascade.region_crop(cut, *grid.origin(i, j), grid.patch, raw.zoom)
                             for (i, j), cut in zip(raw.cells, raw.cutouts)])
-    return BatchInputs(raw.cells, cascade.to_float(raw.known), torch.stack(masks), context,
-                       region, raw.white)
+    return BatchInputs(raw.cells, cascade.to_float(raw.known), known_masks(grid, raw.cells, order),
+                       context, region, raw.white)
