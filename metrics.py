@@ -403,7 +403,7 @@ def seam_score(img, grid, order="raster", block=8):
 
 
 def seam_scores(source, k, order, margin):
-    """tiler.seam_score of stages 2 (its PNG, if kept) and 3 (the slide file) of generated slide k,
+    """seam_score of stages 2 (its PNG, if kept) and 3 (the slide file) of generated slide k,
     made in `order` with inner-edge margin `margin`."""
     p, out = source.preset, {}
     for s in (2, 3):
