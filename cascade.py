@@ -37,10 +37,13 @@ import unet as unet_mod
 @dataclass(frozen=True)
 class Sampling:
     """How a preset samples by default; sample.py's flags override each field. Never part of a
-    model's identity: a trained model can be sampled with any of these."""
+    model's identity: a trained model can be sampled with any of these (distilled models record
+    the steps and sampler they were distilled for, which sampling then takes: settings.py)."""
     steps: tuple                      # denoising steps per level (3 values), or per stage and
                                       #   level (9: stage 1's 3 levels, stage 2's, stage 3's)
-    sampler: str = "ancestral"        # sde.SAMPLERS
+    sampler: object = "ancestral"     # sde.SAMPLERS: one for all, or 3 / 9 as `steps`;
+                                      #   'ancestral' is the paper's loop (sde.sample), the
+                                      #   others and resample > 1 run sde.sample_general
     eta: float = 0.0                  # DDIM's noise scale (0 = deterministic; others ignore it)
     aug_level: float = 0.2            # t_aug of the conditioning augmentation [Imagen: 0.2]
     threshold: object = None          # dynamic thresholding quantile p of x0_hat [Imagen: 0.95]
@@ -49,15 +52,26 @@ class Sampling:
     fill_white: tuple = (3,)          # stages whose mostly-white patches are filled from below
     resample: int = 1                 # RePaint jumps per step (1 = off)
     order: str = "packed"             # tiler.ORDERS: packed = raster's slide, in full rounds
+    ends: str = "clamped"             # sde.ENDS: the schedule at t = 1 and t = 0 ('imagen':
+                                      #   the authors' library; 'clamped': ours, sde.log_snr)
 
     def __post_init__(self):
         if len(self.steps) not in (3, 9) or min(self.steps) < 1:
             raise ValueError(f"steps {self.steps}: give 3 values (one per level) or 9 (per stage "
                              "and level), each >= 1")
+        if not isinstance(self.sampler, str) and len(self.sampler) not in (3, 9):
+            raise ValueError(f"sampler {self.sampler}: give 1, 3 or 9 names")
 
     def level_steps(self, stage, level):
         """Denoising steps of (stage, level)."""
         return self.steps[level] if len(self.steps) == 3 else self.steps[3 * (stage - 1) + level]
+
+    def level_sampler(self, stage, level):
+        """The step rule of (stage, level)."""
+        if isinstance(self.sampler, str):
+            return self.sampler
+        return self.sampler[level] if len(self.sampler) == 3 else \
+            self.sampler[3 * (stage - 1) + level]
 
 
 @dataclass(frozen=True)
@@ -133,7 +147,7 @@ PRESETS = {
                     training=Training(fields=(40000, 6500, 1024)),  # their patient_dataset.py
                     objectives=("eps", "v", "v"),  # their pred_objectives: eps for the base unet
                     context_range=(0.0, 1.0),  # their cond_images: the dataset's [0, 1] tensors
-                    sampling=Sampling(steps=(1024, 256, 256), threshold=0.95)),
+                    sampling=Sampling(steps=(1024, 256, 256), threshold=0.95, ends="imagen")),
     # deviation: the paper's geometry and sizes with our choices, each with its measured effect in
     # docs/departures.md: leaner U-Nets (0.93 x the authors' slide FLOPs), stage 2-3 examples
     # anywhere in the area (as the paper says), top-level crops that see their context's window,
@@ -414,12 +428,12 @@ def unet_config(preset, stage, level, conditioned=True):
                                aug_emb=augmented_channels(preset, stage, level, conditioned) > 0)
 
 
-def denoiser(net, schedule, cond=None, aug_lam=None, bf16=False):
-    """model_fn(x_t, t) for sde.sample and sde.loss_fn: t -> lam(t) of the level's schedule ->
-    net(x_t, lam, cond, aug_lam), optionally under bf16 autocast. The one wrapper that training
-    and sampling share."""
+def denoiser(net, schedule, cond=None, aug_lam=None, bf16=False, ends="clamped"):
+    """model_fn(x_t, t) for sde.sample and sde.loss_fn: t -> lam(t) of the level's schedule (with
+    the sampler's ends, sde.log_snr) -> net(x_t, lam, cond, aug_lam), optionally under bf16
+    autocast. The one wrapper that training and sampling share."""
     def model_fn(x_t, t):
-        lam = sde.log_snr(t, schedule).float().to(x_t.device)  # no copy when t is there
+        lam = sde.log_snr(t, schedule, ends).float().to(x_t.device)  # no copy when t is there
         amp = torch.autocast(x_t.device.type, torch.bfloat16) if bf16 else contextlib.nullcontext()
         with amp:
             return net(x_t, lam, cond, aug_lam).float()
@@ -450,7 +464,7 @@ class CDM:
           fixed by finished neighbours; None for no inpainting. Held at every level,
           downsampled to its size (a level pixel is known when its whole block is).
         context, region: (B, 3, P, P) float crops of the stage below (stages 2-3).
-        sampling: a Sampling (steps, sampler, eta, aug_level, threshold, feather, resample);
+        sampling: a Sampling (steps, sampler, eta, aug_level, threshold, feather, resample, ends);
           None = the preset's. feather is in px at P, scaled to each level's size.
         Returns (B, 3, P, P) float in [-1, 1] on the CDM's device (no host sync in here); known
         pixels are exact except the last `feather` px next to the new ones."""
@@ -468,11 +482,21 @@ class CDM:
                 k = downsample(known, L, p.resize)
                 m = downsample(mask.float(), L) > 0.999
                 w = feather_weight(m, sp.feather * L // p.patch)
-            fn = denoiser(self.nets[level], p.schedules[level], cond, aug_lam, self.bf16)
-            x = sde.sample(fn, (B, 3, L, L), steps=sp.level_steps(self.stage, level),
-                           sampler=sp.sampler,
-                           schedule=p.schedules[level], objective=p.objectives[level], eta=sp.eta,
-                           threshold=sp.threshold, known=k, mask=m, blend=w, generator=generators,
-                           resample=sp.resample, device=dev)
+            fn = denoiser(self.nets[level], p.schedules[level], cond, aug_lam, self.bf16, sp.ends)
+            x = sample_level(fn, (B, 3, L, L), sp, self.stage, level, p, known=k, mask=m,
+                             blend=w, generator=generators, device=dev)
             x = x.clamp(-1, 1)
         return x
+
+
+def sample_level(model_fn, shape, sp, stage, level, preset, **inputs):
+    """One level's samples with the Sampling `sp`: the paper's loop (sde.sample) when the level's
+    rule is 'ancestral' without resampling, else the general one (sde.sample_general: DDIM,
+    DPM-Solver++, RePaint). inputs: known, mask, blend, generator, device."""
+    kw = dict(steps=sp.level_steps(stage, level), schedule=preset.schedules[level],
+              objective=preset.objectives[level], threshold=sp.threshold, ends=sp.ends, **inputs)
+    sampler = sp.level_sampler(stage, level)
+    if sampler == "ancestral" and sp.resample == 1:
+        return sde.sample(model_fn, shape, **kw)
+    return sde.sample_general(model_fn, shape, sampler=sampler, eta=sp.eta, resample=sp.resample,
+                              **kw)

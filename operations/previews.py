@@ -99,9 +99,10 @@ def training_preview(trainer, ds, n=4):
     cond_in = None if cond is None else cond.cpu().clamp(-1, 1)
     cond, aug_lam = cascade.augment(p, T.stage, T.level, cond, p.sampling.aug_level,
                                     g, T.cfg.conditioned)
-    fn = cascade.denoiser(T.ema, T.schedule, cond, aug_lam, T.cfg.bf16)
+    fn = cascade.denoiser(T.ema, T.schedule, cond, aug_lam, T.cfg.bf16, p.sampling.ends)
     x = sde.sample(fn, tuple(x0.shape), steps=T.cfg.sample_steps, schedule=T.schedule,
-                   objective=T.objective, generator=g, device=T.device).clamp(-1, 1).cpu()
+                   objective=T.objective, threshold=p.sampling.threshold, ends=p.sampling.ends,
+                   generator=g, device=T.device).clamp(-1, 1).cpu()
     n_lower = 0 if cond_in is None else cond_in.shape[1] // 3 - (T.level > 0)
     names = (["lowres"] if T.level > 0 else []) + ["context", "region"][:n_lower]
     cols = (list(cond_in.split(3, dim=1)) if cond_in is not None else []) + [x, x0]

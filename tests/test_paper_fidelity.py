@@ -138,7 +138,8 @@ def test_paper_augments_only_the_lowres_input():
 
 def test_ddim_eta0_is_deterministic_and_differs_from_ancestral():
     fn = gaussian_oracle(0.2, 0.7)
-    run = lambda sampler, g: sde.sample(fn, (256,), steps=10, sampler=sampler, eta=0.0, generator=g)
+    run = lambda sampler, g: sde.sample_general(fn, (256,), steps=10, sampler=sampler, eta=0.0,
+                                                generator=g)
     g = torch.Generator().manual_seed(1)
     a = run("ddim", g)
     # The initial noise x_T is the only draw: the generator moved on by exactly one (256,) draw.
@@ -206,14 +207,14 @@ def test_white_fill_through_the_sampling_code(name):
 
 def test_eta_and_threshold_reach_the_sampler_from_the_command_line(tmp_path, tiny_ckpt,
                                                                    monkeypatch):
-    """Real (tiny) models: every sde.sample call of a run gets the flags' sampler, eta and
-    threshold (a stand-in model would ignore them)."""
-    calls, real = [], sde.sample
+    """Real (tiny) models: every sampler call of a run gets the flags' sampler, eta and threshold
+    (a stand-in model would ignore them); a sampler other than the paper's runs sample_general."""
+    calls, real = [], sde.sample_general
 
     def spy(fn, shape, **kw):
         calls.append((kw["sampler"], kw["eta"], kw["threshold"]))
         return real(fn, shape, **kw)
-    monkeypatch.setattr(sde, "sample", spy)
+    monkeypatch.setattr(sde, "sample_general", spy)
     sample.main(["--preset", "tiny", "--ckpt", tiny_ckpt, "--out", str(tmp_path / "s.tif"),
                  "--device", "cpu", "--stages", "2", "--sampler", "ddim", "--eta", "0.5",
                  "--threshold", "0.9", "--compression", "zlib"])

@@ -76,7 +76,7 @@ def test_sampler_reproduces_gaussian(sampler, schedule):
     """x0 ~ N(mu, s^2) with the exact denoiser: the samples have mean mu and std s within
     5 standard errors plus a 1 % discretisation allowance (docs/design.md, "Diffusion")."""
     mu, s = 0.3, 0.5
-    x = sde.sample(gaussian_oracle(mu, s, schedule), (N,), steps=CONVERGED_STEPS[sampler],
+    x = sde.sample_general(gaussian_oracle(mu, s, schedule), (N,), steps=CONVERGED_STEPS[sampler],
                    sampler=sampler,
                    schedule=schedule, generator=torch.Generator().manual_seed(3), eta=0.0)
     assert abs(float(x.mean()) - mu) < 5 * s / N ** 0.5 + 0.01 * s
@@ -88,7 +88,7 @@ def test_sampler_converges_with_steps(sampler):
     mu, s = 0.3, 0.5
     err = []
     for steps in (4, 16, 64):
-        x = sde.sample(gaussian_oracle(mu, s), (N,), steps=steps, sampler=sampler,
+        x = sde.sample_general(gaussian_oracle(mu, s), (N,), steps=steps, sampler=sampler,
                        generator=torch.Generator().manual_seed(4), eta=0.0)
         err.append(abs(float(x.std()) - s))
     assert err[0] > err[1] > err[2], err
@@ -97,9 +97,9 @@ def test_sampler_converges_with_steps(sampler):
 
 def test_ddim_eta1_equals_ancestral():
     fn = gaussian_oracle(0.1, 0.8)
-    a = sde.sample(fn, (64,), steps=10, sampler="ancestral",
+    a = sde.sample(fn, (64,), steps=10,
                    generator=torch.Generator().manual_seed(5))
-    b = sde.sample(fn, (64,), steps=10, sampler="ddim", eta=1.0,
+    b = sde.sample_general(fn, (64,), steps=10, sampler="ddim", eta=1.0,
                    generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
@@ -127,7 +127,8 @@ def test_inpainting_known_exact_and_conditional(sampler):
     mask = torch.tensor([True, False]).expand(n, 2)
     out = {}
     for resample in (1, 10):
-        x = sde.sample(_bivariate(rho), (n, 2), steps=50, sampler=sampler, known=known, mask=mask,
+        x = sde.sample_general(_bivariate(rho), (n, 2), steps=50, sampler=sampler, known=known,
+                               mask=mask,
                        resample=resample, generator=torch.Generator().manual_seed(6))
         assert torch.equal(x[:, 0], known[:, 0])
         out[resample] = (float(x[:, 1].mean()), float(x[:, 1].std()))

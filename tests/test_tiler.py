@@ -232,7 +232,7 @@ def _grf_sampler(P, inpaint=True, resample=1, steps=40, ell=3.0, scale=0.3):
         return ((alpha * xf - x0_hat) / sigma).reshape(x.shape).float()
 
     def sample_fn(generators, known, mask, context=None, region=None):
-        x = sde.sample(v_fn, (len(generators), 3, P, P), steps=steps,
+        x = sde.sample_general(v_fn, (len(generators), 3, P, P), steps=steps, sampler="ancestral",
                        known=known / scale if inpaint else None,
                        mask=mask if inpaint else None, generator=generators, resample=resample)
         return (x * scale).clamp(-1, 1)
