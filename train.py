@@ -32,9 +32,9 @@ import cascade
 import data
 import sde
 import unet as unet_mod
-from operations import checkpoints, costs, flags, logs, previews, settings
+from operations import checkpoints, costs, flags, previews, settings, training
 from operations.distributed import PRECISION_HELP, init_distributed
-from operations.logs import StepSums, TrainLog
+from operations.logs import TrainLog
 from operations.slides import SlideError
 
 BUNDLED_SLIDE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data",
@@ -63,6 +63,9 @@ class Config:
     max_nonfinite: int = 20    # stop after this many non-finite steps in a row
     max_unreadable: float = 0.01  # stop when more of the draws than this share are unreadable
     check_replicas: bool = False
+    distill: str = None        # progressive distillation [PD]: the teachers' model directory
+    distill_steps: int = None  # the first round's student steps (the teacher takes twice as many)
+    rounds: int = 1            # distillation rounds, each halving the steps
 
     @classmethod
     def from_args(cls, args, device):
@@ -85,12 +88,30 @@ def ema_decay(step, beta, warmup):
     return 0.0 if step <= 110 else min(beta, 1 - (1 + step - 100) ** (-2 / 3))
 
 
+@dataclasses.dataclass(frozen=True)
+class Distill:
+    """One round of progressive distillation [PD]: the teacher's model file, the student's
+    denoising steps (the teacher takes twice as many) and the round's number (1 = from the
+    undistilled model). The student's model file records it (`record`): sampling then runs the
+    student with DDIM at `steps` (operations/settings.py)."""
+    teacher: str
+    steps: int
+    round: int = 1
+
+    def record(self, teacher_sha256=None):
+        return {"steps": self.steps, "sampler": "ddim", "teacher_steps": 2 * self.steps,
+                "round": self.round, "teacher": os.path.basename(self.teacher),
+                "teacher_sha256": teacher_sha256}
+
+
 class Trainer:
     """One model: its weights, EMA, optimiser, data position and log.
     rank / world: this process's place in the model's data-parallel group (a group of one when
-    each rank trains its own model); ddp: whether gradients are averaged across the group."""
+    each rank trains its own model); ddp: whether gradients are averaged across the group;
+    distill: None, or a Distill round (the model is then a student, starting as its teacher)."""
 
-    def __init__(self, cfg, preset, stage, level, rank, world, ddp, device, mpp=None):
+    def __init__(self, cfg, preset, stage, level, rank, world, ddp, device, mpp=None,
+                 distill=None):
         self.cfg, self.preset, self.stage, self.level, self.mpp = cfg, preset, stage, level, mpp
         self.rank, self.world, self.ddp, self.device = rank, world, ddp, device
         self.unet_cfg = cascade.unet_config(preset, stage, level, cfg.conditioned)
@@ -100,15 +121,17 @@ class Trainer:
         self.model = unet_mod.build(self.unet_cfg).to(device, memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))  # Imagen
-        self.step, self.position, self.nonfinite_total, self.bad_in_a_row = 0, 0, 0, 0
+        self.step, self.position, self.nonfinite_total = 0, 0, 0
         self.max_steps = cfg.max_steps[level]
+        self.distill, self.teacher = distill, None
+        if distill:  # the frozen teacher; a new student starts as a copy of it [PD]
+            self.teacher = checkpoints.load_teacher(self, distill)
         if os.path.exists(self.path):
             checkpoints.resume(self)
-        elif cfg.init:
-            checkpoints.start_from(self, os.path.join(cfg.init,
-                                                      checkpoints.model_filename(stage, level)))
+        elif distill or cfg.init:
+            checkpoints.start_from(self, distill.teacher if distill else os.path.join(
+                cfg.init, checkpoints.model_filename(stage, level)), fresh=bool(distill))
         self.log = TrainLog(self.path[:-3] + ".log.jsonl", self.step) if rank == 0 else None
-        self.unreadable = logs.Unreadable(rank, cfg.max_unreadable)
         self.net = self.model
         if ddp:
             self.net = torch.nn.parallel.DistributedDataParallel(
@@ -117,21 +140,33 @@ class Trainer:
             self.net = torch.compile(self.net)
 
     def losses(self, batch, g, net=None):
-        """Per-sample losses (B,) and their times t (B,) on one batch [SDE-v, MinSNR]; net: the
-        network (default: the one trained)."""
+        """Per-sample losses (B,) and their times t (B,) on one batch: the diffusion loss [SDE-v,
+        MinSNR], or a student's distillation loss [PD]. net: default the network trained."""
         to = dict(device=self.device, memory_format=torch.channels_last, non_blocking=True)
         x0, cond = batch["x0"].to(**to), batch["cond"].to(**to)  # (B, 3, L, L), (B, C, L, L)
         cond = None if cond.shape[1] == 0 else cond
-        # Conditioning augmentation: t_aug ~ U(lo, hi), per sample or one per batch [CDM, Imagen].
-        tr = self.preset.training
-        t_aug = tr.aug_train[0] + (tr.aug_train[1] - tr.aug_train[0]) * sde.rand(
-            1 if tr.aug_per_batch else x0.shape[0], g)
-        cond, aug_lam = cascade.augment(self.preset, self.stage, self.level, cond,
-                                        t_aug.expand(x0.shape[0]), g, self.cfg.conditioned)
-        # The diffusion loss of the level's objective (v or eps), min-SNR weighted if set.
-        fn = cascade.denoiser(net or self.net, self.schedule, cond, aug_lam, self.cfg.bf16)
-        return sde.loss_fn(fn, x0, schedule=self.schedule, objective=self.objective,
-                           min_snr_gamma=tr.min_snr_gamma, generator=g)
+        tr, sp = self.preset.training, self.preset.sampling
+        if self.teacher is None:
+            # Conditioning augmentation: t_aug ~ U(lo, hi), per sample or one a batch [CDM, Imagen].
+            t_aug = tr.aug_train[0] + (tr.aug_train[1] - tr.aug_train[0]) * sde.rand(
+                1 if tr.aug_per_batch else x0.shape[0], g)
+            t_aug = t_aug.expand(x0.shape[0])
+        else:  # a student learns the level as it will sample it: at sampling's augmentation
+            t_aug = sp.aug_level
+        cond, aug_lam = cascade.augment(self.preset, self.stage, self.level, cond, t_aug, g,
+                                        self.cfg.conditioned)
+        model = lambda net, ends="clamped": cascade.denoiser(net, self.schedule, cond, aug_lam,
+                                                             self.cfg.bf16, ends)
+        if self.teacher is None:
+            # The diffusion loss of the level's objective (v or eps), min-SNR weighted if set.
+            return sde.loss_fn(model(net or self.net), x0, schedule=self.schedule,
+                               objective=self.objective, min_snr_gamma=tr.min_snr_gamma,
+                               generator=g)
+        # One student DDIM step where two of the teacher's land [PD Alg. 2], at sampling's ends.
+        return sde.distill_loss(model(net or self.net, sp.ends), model(self.teacher, sp.ends), x0,
+                                steps=self.distill.steps, schedule=self.schedule,
+                                objective=self.objective, threshold=sp.threshold, ends=sp.ends,
+                                generator=g)
 
     def update_ema(self):
         """ema <- decay ema + (1 - decay) model at the preset's schedule (ema_decay); all
@@ -150,79 +185,57 @@ class Trainer:
 
     def train(self, ds, stop_flag):
         """Steps until max_steps; False if a SIGTERM stopped it (after saving)."""
-        cfg, G = self.cfg, self.cfg.batch * self.world
-        self.val = ds.held_out()  # a validation loss in the log (logs.check_step)
-        loader, meter = self.loader(ds), StepSums(self.step, self.max_steps, self.device, self.ddp)
+        upkeep = training.Upkeep(self, ds, stop_flag)  # logs, validation, saving, stops
+        batches = upkeep.batches(self.loader(ds))  # a corrupt tile's example is drawn again
         while self.step < self.max_steps:
-            # Forward: the loss of this rank's part of the global batch (randomness drawn on the
-            # device from a generator seeded by (seed, step, rank): no copy, no host sync).
-            batch = self.next_batch(loader)  # examples with a corrupt tile drawn again, counted
-            seed = sde.derive_seed(cfg.seed, self.stage, self.level, self.step, self.rank)
+            # Batch: this rank's share of the global batch; its randomness drawn on the device
+            # from a generator seeded by (seed, step, rank): no copy, no host sync.
+            batch = next(batches)
+            seed = sde.derive_seed(self.cfg.seed, self.stage, self.level, self.step, self.rank)
             torch.manual_seed(seed)  # dropout
             losses, t = self.losses(batch, torch.Generator(self.device).manual_seed(seed))
-            # Backward, then the update unless the gradients are not finite (DDP averaged them,
-            # so every rank skips alike). The norm's check is the step's one host sync.
+            # Backward (DDP averages the gradients), clipped at norm 1 [PAPER].
             self.opt.zero_grad(set_to_none=True)
             losses.mean().backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)  # [PAPER]
-            finite = bool(torch.isfinite(grad_norm))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            # Update weights and EMA, unless the gradients are not finite (every rank alike).
+            finite = bool(torch.isfinite(grad_norm))  # the step's one host sync
             if finite:
                 self.opt.step()
                 self.update_ema()
-                meter.add(losses.detach(), t, grad_norm)  # sums on the device
-            self.count_nonfinite(finite)
             self.step += 1
-            self.position += G
-            # Log, preview, checkpoint: one collective, on check steps only.
-            stopping, broken = logs.check_step(self, meter, stop_flag)
-            if self.rank == 0 and cfg.sample_every and self.step % cfg.sample_every == 0:
-                previews.training_preview(self, ds)
-            if self.step % cfg.save_every == 0 or self.step == self.max_steps or stopping or broken:
-                checkpoints.save(self)
-            if broken:  # too many unreadable examples: the data, not a tile
-                raise SlideError(self.unreadable.verdict(self.path, self.step))
-            if stopping:
-                if self.rank == 0:
-                    print(f"stopped by signal at step {self.step}; checkpoint saved to {self.path}",
-                          flush=True)
+            # Log, validate, preview, save, stop (operations/training.py).
+            if not upkeep.after_step(losses.detach(), t, grad_norm, finite):
                 return False
-        logs.replica_digest(self)
-        return True
-
-    def next_batch(self, loader):
-        """The loader's next batch, its unreadable draws counted (logs.Unreadable). An example
-        unreadable draw after draw stops training, a checkpoint saved first."""
-        try:
-            batch = next(loader)
-        except SlideError as e:
-            checkpoints.save(self)
-            raise SlideError(f"{e}; {self.path} saved at step {self.step}") from None
-        self.unreadable.add(batch["skipped"])
-        return batch
-
-    def count_nonfinite(self, finite):
-        """Non-finite losses or gradients skip the step on every rank together (DDP needs all
-        ranks to step alike); too many in a row stop training with the last good checkpoint kept."""
-        self.bad_in_a_row = 0 if finite else self.bad_in_a_row + 1
-        self.nonfinite_total += not finite
-        if self.bad_in_a_row >= self.cfg.max_nonfinite:
-            raise FloatingPointError(f"{self.bad_in_a_row} non-finite losses in a row at step "
-                                     f"{self.step}; stopped ({self.path} keeps the last good "
-                                     "checkpoint); lower --lr or check the data")
+        return upkeep.finish()
 
     def loader(self, ds):
         """This rank's batches from the saved data position on, and a line saying what runs."""
         cfg = self.cfg
-        logs.start_line(self, costs.count_params(self.unet_cfg), ds)
+        training.start_line(self, costs.count_params(self.unet_cfg), ds)
         return iter(torch.utils.data.DataLoader(
             ds, batch_sampler=index_lists(self.position, cfg.batch, self.rank, self.world),
             num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
             pin_memory=self.device.type == "cuda"))
 
 
+def distill_rounds(cfg, stage, level):
+    """The Distill rounds of (stage, level) asked by --distill, --distill-steps, --rounds: round r's
+    student has steps / 2^(r-1) steps and lives in OUT/steps{K}/; its teacher is the model file in
+    --distill, then the round before's student."""
+    name = checkpoints.model_filename(stage, level)
+    rounds, teacher = [], os.path.join(cfg.distill, name)
+    steps = cfg.distill_steps or settings.half_the_teachers_steps(teacher)
+    for r in range(1, cfg.rounds + 1):
+        rounds.append(Distill(teacher, steps, r))
+        teacher, steps = os.path.join(cfg.out, f"steps{steps}", name), steps // 2
+    return rounds
+
+
 def train_models(args):
     """Train the models --stage / --level name on --data: one model data-parallel over all ranks,
-    or (several models) the paper's way, one model per rank. False if a SIGTERM stopped it."""
+    or (several models) the paper's way, one model per rank; with --distill, each model's rounds
+    in turn. False if a SIGTERM stopped it."""
     if args.threads:
         torch.set_num_threads(args.threads)
     ddp, rank, world, device = init_distributed(args.device)
@@ -240,19 +253,26 @@ def train_models(args):
             print(f"{len(models)} models on {world} process(es): " + "; ".join(shares), flush=True)
     try:
         for (s, lvl), group_rank, group_size in jobs:
-            trainer = Trainer(cfg, preset, s, lvl, group_rank, group_size, sync, device, mpp)
-            if trainer.step >= trainer.max_steps:
-                if trainer.rank == 0:
-                    print(f"{trainer.path}: already at step {trainer.step} >= --max-steps; "
-                          "nothing to do")
-                continue
-            ds = data.StageLevelDataset(slides, preset, s, lvl, area_size=args.area_size,
-                                        cache_dir=args.cache, seed=args.seed, length=2 ** 62,
-                                        conditioned=cfg.conditioned, max_open=args.max_open,
-                                        rank=int(os.environ.get("LOCAL_RANK", 0)),  # the cache
-                                        world=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # build
-            if not trainer.train(ds, stop_flag):
-                break
+            for distill in distill_rounds(cfg, s, lvl) if cfg.distill else [None]:
+                run = dataclasses.replace(cfg, out=os.path.dirname(settings.round_path(
+                    cfg, distill, s, lvl)))
+                os.makedirs(run.out, exist_ok=True)
+                trainer = Trainer(run, preset, s, lvl, group_rank, group_size, sync, device, mpp,
+                                  distill)
+                if trainer.step >= trainer.max_steps:
+                    if trainer.rank == 0:
+                        print(f"{trainer.path}: already at step {trainer.step} >= --max-steps; "
+                              "nothing to do")
+                    continue
+                ds = data.StageLevelDataset(slides, preset, s, lvl, area_size=args.area_size,
+                                            cache_dir=args.cache, seed=args.seed, length=2 ** 62,
+                                            conditioned=cfg.conditioned, max_open=args.max_open,
+                                            rank=int(os.environ.get("LOCAL_RANK", 0)),  # the
+                                            world=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+                if not trainer.train(ds, stop_flag):
+                    raise StopIteration
+    except StopIteration:  # stopped by SIGTERM, saved
+        pass
     except (FloatingPointError, SlideError) as e:  # one line, no traceback
         flags.fail(str(e))
     if ddp:
@@ -356,6 +376,17 @@ def parse_args(argv=None):
                     help="run a recipe file's phases in order, then --export if given (the shipped "
                          "demo's: checkpoints/demo/recipe.txt)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    g = ap.add_argument_group("progressive distillation [Salimans & Ho 2022] (docs/distillation.md)")
+    g.add_argument("--distill", metavar="TEACHER_DIR", default=None,
+                   help="train students of TEACHER_DIR's models: each starts as its teacher and "
+                        "learns to take in one DDIM step the teacher's two; students go to "
+                        "OUT/steps{K}/ and record K and their sampler (sample.py uses them)")
+    g.add_argument("--distill-steps", type=int, default=None, metavar="K",
+                   help="the first round's student steps (its teacher takes 2K; default: half "
+                        "those a distilled teacher records)")
+    g.add_argument("--rounds", type=int, default=1,
+                   help="rounds, each halving the steps (K, K/2, ...), each resumable; --export "
+                        "then writes the last round's students")
     args = ap.parse_args(argv)
     flags.check_ranges(args, {
         "--batch": flags.at_least(1), "--lr": flags.above(0), "--max-steps": flags.at_least(0),
@@ -367,7 +398,9 @@ def parse_args(argv=None):
         "--gpu-mem": flags.above(0), "--min-snr-gamma": flags.at_least(0),
         "--area-size": flags.at_least(1), "--sample-every": flags.at_least(0),
         "--workers": (lambda v: v == "auto" or (v.isascii() and v.isdigit()),
-                      "auto or a whole number >= 0")})
+                      "auto or a whole number >= 0"),
+        "--distill-steps": flags.at_least(1), "--rounds": flags.between(1, 20)})
+    settings.check_distill_flags(args)
     if len(args.max_steps) not in (1, 3):
         flags.fail(f"--max-steps {args.max_steps}: use 1 value, or 3 (one per level)")
     if args.recipe:
@@ -384,7 +417,7 @@ def main(argv=None):
         return print(f"wrote {path}") if path else flags.fail(
             f"--plot {args.plot}: no stage*_level*.log.jsonl files (train a model there first)")
     if args.export:
-        return checkpoints.export(args.out, args.export, settings.models_to_train(args))
+        return checkpoints.export(settings.export_sources(args), args.export)
     if args.memory:
         return costs.print_memory(args)
     return train_models(args)

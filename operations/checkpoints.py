@@ -110,26 +110,32 @@ def load_cdm(ckpt_dir, preset, stage, device="cpu", bf16=False):
 
 
 def check_models(args, p, stages):
-    """The model directory (resolved) and {file: sha256} of the files the stages need; each file's
+    """The model directory (resolved), {file: sha256} of the files the stages need and
+    {(stage, level): distillation record} of those that are distilled students; each file's
     identity is checked now, cheaply (mmap: no weights read), not after hours of work."""
     ckpt = os.path.realpath(args.ckpt or DEMO_CKPT)
     if not os.path.isdir(ckpt):
         fail(f"--ckpt {ckpt}: no such directory. Train the nine models with train.py (README, "
              "'Training') or pass --dry-run to try the pipeline without models")
+    records = {}
+    for s in stages:
+        for lvl in range(3):
+            n = model_filename(s, lvl)
+            path = os.path.join(ckpt, n)
+            if not os.path.isfile(path):
+                fail(f"--ckpt {ckpt}: missing model file {n}; train it with `python train.py "
+                     f"--preset {p.name} --stage {s} --level {lvl}` or point --ckpt elsewhere")
+            try:
+                ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001
+                fail(f"--ckpt {path}: not a readable URCDM model file ({type(e).__name__})")
+            why = checkpoint_mismatch(ck, p, s, lvl, None if args.outpaint else True)
+            if why:
+                fail(f"--ckpt {path}: {why}")
+            if ck.get("distilled"):
+                records[(s, lvl)] = ck["distilled"]
     names = [model_filename(s, lvl) for s in stages for lvl in range(3)]
-    for n in names:
-        path, (s, lvl) = os.path.join(ckpt, n), (int(n[5]), int(n[12]))
-        if not os.path.isfile(path):
-            fail(f"--ckpt {ckpt}: missing model file {n}; train it with `python train.py --preset "
-                 f"{p.name} --stage {s} --level {lvl}` or point --ckpt elsewhere")
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # noqa: BLE001
-            fail(f"--ckpt {path}: not a readable URCDM model file ({type(e).__name__})")
-        why = checkpoint_mismatch(ck, p, s, lvl, None if args.outpaint else True)
-        if why:
-            fail(f"--ckpt {path}: {why}")
-    return ckpt, {n: file_digest(os.path.join(ckpt, n)) for n in names}
+    return ckpt, {n: file_digest(os.path.join(ckpt, n)) for n in names}, records
 
 
 # ---------------------------------------------------------------------- training checkpoints
@@ -151,6 +157,7 @@ def save(trainer):
         conditioned=T.cfg.conditioned, model=T.model.state_dict(),
         optimizer=T.opt.state_dict(), step=T.step, mpp=T.mpp,
         data_position=T.position, nonfinite_total=T.nonfinite_total, seed=T.cfg.seed,
+        distilled=T.distill.record(file_digest(T.distill.teacher)) if T.distill else None,
         args={k: list(v) if isinstance(v, tuple) else v
               for k, v in dataclasses.asdict(T.cfg).items()})
     with atomic_path(T.path) as tmp:
@@ -179,6 +186,10 @@ def resume(trainer):
         why = f"another U-Net ({ck['unet_config']}, now {T.unet_cfg.to_dict()})"
     if why is None and ck.get("seed") != T.cfg.seed:
         why = f"seed {ck.get('seed')}, now {T.cfg.seed}"
+    was = (ck.get("distilled") or {}).get("steps")
+    if why is None and was != (T.distill.steps if T.distill else None):
+        why = (f"a student of {was} steps" if was else "not a distillation student") + \
+            (f", now {T.distill.steps}" if T.distill else "")
     if why:
         fail(f"{T.path} cannot be resumed: {why}; use another --out or the "
                  "original settings")
@@ -193,37 +204,66 @@ def resume(trainer):
         print(f"resuming {T.path} at step {T.step}", flush=True)
 
 
-def start_from(trainer, path):
-    """Model and EMA from another run's model file (exported or not) and its step; the
-    optimiser and the data position start afresh."""
+def start_from(trainer, path, fresh=False):
+    """Model and EMA from another run's model file (exported or not) and its step (fresh: step 0,
+    a distillation student's start); the optimiser and the data position start afresh."""
     T = trainer
+    flag = "--distill" if fresh else "--init"
     try:
         net, conditioned = load_unet(path, T.preset, T.stage, T.level)
     except (FileNotFoundError, ValueError) as e:
-        fail(f"--init {e}")
+        fail(f"{flag} {e}")
     if conditioned != T.cfg.conditioned or net.cfg != T.unet_cfg:
-        fail(f"--init {path}: another U-Net or conditioning than --preset "
-                 f"{T.preset.name} trains; pass the preset it was trained with")
+        fail(f"{flag} {path}: another U-Net or conditioning than --preset "
+             f"{T.preset.name} trains; pass the preset it was trained with")
     T.model.load_state_dict(net.state_dict())
     T.ema.load_state_dict(net.state_dict())
-    T.step = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    T.step = 0 if fresh else int(torch.load(path, map_location="cpu", weights_only=True,
+                                            mmap=True)["step"])
     if T.rank == 0:
         print(f"starting from {path} (step {T.step}, its EMA weights; a fresh optimiser)",
               flush=True)
 
 
-def export(out, dest, models):
-    """Write EMA-only model files (what sample.py loads) of the checkpoints in `out` into `dest`."""
+def distilled(path):
+    """The distillation record of a model file ({'steps', 'sampler', ...}), or None."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("distilled")
+
+
+def load_teacher(trainer, distill):
+    """The frozen teacher of a distillation round (its EMA weights, eval mode, no gradients): the
+    model file distill.teacher, checked to be (preset, stage, level)'s and, when it is itself a
+    student, distilled for the 2K steps it now takes (K = distill.steps)."""
+    T = trainer
+    try:
+        net, conditioned = load_unet(distill.teacher, T.preset, T.stage, T.level, T.device)
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"--distill {e}")
+    if conditioned != T.cfg.conditioned:
+        fail(f"--distill {distill.teacher}: a teacher with other conditioning than this run's")
+    had = distilled(distill.teacher)
+    if had and had["steps"] != 2 * distill.steps:
+        fail(f"--distill-steps {distill.steps}: the teacher {distill.teacher} was distilled for "
+             f"{had['steps']} steps, so its student takes {had['steps'] // 2}")
+    return net.requires_grad_(False)
+
+
+def export(sources, dest):
+    """Write EMA-only model files (what sample.py loads) into `dest`, each from the checkpoint in
+    its directory: sources {(stage, level): directory} (settings.export_sources)."""
     os.makedirs(dest, exist_ok=True)
-    for s, lvl in models:
+    for (s, lvl), out in sources.items():
         src = os.path.join(out, model_filename(s, lvl))
         try:
             ck = torch.load(src, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
             fail(f"{src}: not a readable checkpoint ({type(e).__name__})")
-        keep = {k: ck[k] for k in ("format", "preset", "stage", "level", "conditioned",
-                                   "unet_config", "step")}
-        keep.update(mpp=ck.get("mpp"), args=ck.get("args"))
+        if not isinstance(ck, dict) or ck.get("format") != MODEL_FORMAT or \
+                (ck.get("stage"), ck.get("level")) != (s, lvl):
+            fail(f"{src}: not a URCDM model file of stage {s} level {lvl}")
+        keep = {k: ck[k] for k in ("format", "preset", "stage", "level", "unet_config")}
+        keep.update(conditioned=ck.get("conditioned", True), step=ck.get("step", 0),
+                    mpp=ck.get("mpp"), args=ck.get("args"), distilled=ck.get("distilled"))
         why = weights_problem(ck["ema"])  # non-finite, or beyond fp16's range
         if why:
             fail(f"{src}: its EMA weights are broken ({why}); not exported")
@@ -231,4 +271,4 @@ def export(out, dest, models):
         keep["ema"] = {k: v.half() if v.is_floating_point() else v for k, v in ck["ema"].items()}
         with atomic_path(os.path.join(dest, model_filename(s, lvl))) as tmp:
             torch.save(keep, tmp)
-        print(f"exported {src} (step {ck['step']}) -> {dest}")
+        print(f"exported {src} (step {keep['step']}) -> {dest}")

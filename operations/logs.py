@@ -1,6 +1,5 @@
-"""Progress and logs: the one time-left estimate (ETA), a sampling run's line per round, and a
-training run's loss sums, its JSON-lines log and its log lines."""
-import hashlib
+"""Progress and logs: the one time-left estimate (ETA), a sampling run's line per round, a
+training run's loss sums and its JSON-lines log."""
 import json
 import os
 import sys
@@ -8,8 +7,6 @@ import time
 
 import torch
 import torch.distributed as dist
-
-from sde import derive_seed
 
 from operations.files import atomic_path
 
@@ -142,102 +139,3 @@ def _json_step(line):
 def read_log(path):
     with open(path) as f:
         return [json.loads(line) for line in f if _json_step(line) is not None]
-
-
-def start_line(trainer, params, ds):
-    """A training run's first line (rank 0): the model (params: its parameter count), the batch,
-    the steps, the arithmetic, the examples held out from `ds` for the validation loss."""
-    T, cfg = trainer, trainer.cfg
-    kind = "grid blocks" if ds.blocks is not None else "slides"
-    held = (f"{ds.n_val} of {len(ds.examples) + ds.n_val} {kind} held out for a validation loss"
-            if ds.n_val else f"no validation loss ({T.preset.training.holdout:.1%} of "
-            f"{len(ds.examples)} {kind} rounds to none; --holdout)")
-    if T.rank == 0:
-        print(f"stage {T.stage} level {T.level}: {params / 1e6:.2f} M params, "
-              f"batch {cfg.batch} x {T.world} ranks = global batch {cfg.batch * T.world} at lr "
-              f"{cfg.lr:g}, steps {T.step} -> {T.max_steps}, {'bf16' if cfg.bf16 else 'fp32'}, "
-              f"{torch.get_num_threads()} threads, {cfg.workers} loader workers; {held}",
-              flush=True)
-
-
-def check_step(trainer, sums, stop_flag):
-    """After a training step: on check steps (every min(log_every, 10) steps, the first and the
-    last) one collective that adds up the StepSums and the flags of all ranks; on log steps a
-    record in the log and a line. Returns (a rank was asked to stop, a rank's data is broken)."""
-    T, cfg = trainer, trainer.cfg
-    last = T.step in (T.max_steps, sums.step0 + 1)
-    if not (T.step % min(cfg.log_every, 10) == 0 or last):
-        return False, False
-    total = sums.gather(stop_flag[0], T.unreadable.too_many())
-    if T.rank == 0 and (T.step % cfg.log_every == 0 or last):
-        rec = sums.record(total, T.step, cfg.batch * T.world, T.opt.param_groups[0]["lr"],
-                          T.nonfinite_total)
-        if getattr(T, "val", None) is not None:
-            rec["val_loss"] = validation_loss(T)
-        T.log.append(rec)
-        val = f" val {rec['val_loss']:.4f}" if "val_loss" in rec else ""
-        print(f"stage {T.stage} level {T.level} step {T.step}/{T.max_steps} loss "
-              f"{rec['loss']:.4f}{val} {rec['img_per_s']:.1f} img/s {rec['sec_per_step']:.2f} "
-              f"s/step non-finite {T.nonfinite_total} {sums.eta.text(T.step)}", flush=True)
-    return bool(total[-2] > 0), bool(total[-1] > 0)
-
-
-@torch.no_grad()
-def validation_loss(trainer, n=16):
-    """The model's mean loss on n held-out examples (trainer.val: the first n, read once) at noise
-    fixed by the seed: the same examples and noise at every log step, so the curve shows the
-    model, not the draw; above the training loss, a model that memorises its slides."""
-    T = trainer
-    if getattr(T, "_val_batch", None) is None:
-        items = [T.val[k] for k in range(n)]
-        T._val_batch = {key: torch.stack([it[key] for it in items]) for key in ("x0", "cond")}
-    g = torch.Generator(T.device).manual_seed(derive_seed(T.cfg.seed, "validation"))
-    T.model.eval()  # no dropout
-    losses, _ = T.losses(T._val_batch, g, net=T.model)
-    T.model.train()
-    return float(losses.mean())
-
-
-class Unreadable:
-    """A training run's unreadable examples (a corrupt tile: the dataset draws such an example
-    again): each slide's first said on stderr, all counted by slide. Too many (more than `share`
-    of the draws, after the first AFTER examples) means broken data, not a bad tile: training saves
-    and stops."""
-    AFTER = 100
-
-    def __init__(self, rank, share=0.01):
-        self.rank, self.share, self.read, self.bad, self.slides = rank, share, 0, 0, {}
-
-    def add(self, whys):
-        """A batch's `skipped` texts (data.StageLevelDataset), one per example."""
-        self.read += len(whys)
-        for why in (line for text in whys for line in text.split("\n") if line):
-            self.bad += 1
-            slide = why.split(":")[0]
-            if slide not in self.slides:
-                print(f"rank {self.rank}: an unreadable example, drawn again: {why}; training "
-                      f"stops if more than {self.share:.1%} of the draws are unreadable",
-                      file=sys.stderr, flush=True)
-            self.slides[slide] = self.slides.get(slide, 0) + 1
-
-    def too_many(self):
-        return self.read >= self.AFTER and self.bad > self.share * (self.read + self.bad)
-
-    def verdict(self, path, step):
-        if not self.too_many():
-            return (f"another rank found too many unreadable examples (its line names the "
-                    f"slides); {path} saved at step {step}")
-        worst = sorted(self.slides, key=self.slides.get, reverse=True)
-        return (f"{self.bad} of {self.read + self.bad} draws unreadable (more than "
-                f"{self.share:.1%}), from {len(worst)} slide(s): {', '.join(worst[:3])}"
-                f"{', ...' if len(worst) > 3 else ''}; {path} saved at step {step}; repair or "
-                "remove those slides and run the same command again")
-
-
-def replica_digest(trainer):
-    """--check-replicas: each rank's weight digest, the proof that DDP kept replicas equal."""
-    T = trainer
-    if T.ddp and T.cfg.check_replicas:
-        digest = hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes()
-                                       for p in T.model.parameters()))
-        print(f"rank {T.rank}: weights sha1 {digest.hexdigest()}", flush=True)

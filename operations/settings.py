@@ -1,6 +1,7 @@
 """Settings: what a sampling or training run will do, resolved from its flags and preset before
 any work (sample.py's Settings, which the journal stores; train.py's preset and models; recipes)."""
 import dataclasses
+import glob
 import os
 import shlex
 import shutil
@@ -44,8 +45,9 @@ def resolve(args, device, rank=0):
     preset = get_preset(args.preset)
     start = check_from(args, preset) if args.from_slide else (3 if args.outpaint else 1)
     stages = list(range(start, args.stages + 1))
-    sampling = resolve_sampling(args, preset)
-    ckpt, models = ("", {}) if args.dry_run else checkpoints.check_models(args, preset, stages)
+    ckpt, models, distilled = ("", {}, {}) if args.dry_run else checkpoints.check_models(
+        args, preset, stages)
+    sampling = resolve_sampling(args, preset, distilled)
     if rank == 0:  # only rank 0 writes (other machines need no shared file system)
         check_out(args, preset, stages)
     windows, patch_size = check_window_flags(args, preset, max(stages))
@@ -105,8 +107,10 @@ def check_from(args, p):
     return start
 
 
-def resolve_sampling(args, p):
-    """The preset's Sampling with the flags that override it, each flag checked."""
+def resolve_sampling(args, p, distilled=None):
+    """The preset's Sampling with the flags that override it, each flag checked. distilled:
+    {(stage, level): record} of distilled students (checkpoints.check_models): their steps and
+    sampler, unless --steps or --sampler say otherwise."""
     sp, half = p.sampling, p.patch // 16  # half the overlap
     check_ranges(args, {"--batch": at_least(1), "--resample": at_least(1), "--eta": at_least(0),
                         "--threshold": between(0, 1), "--aug-level": between(0, 1),
@@ -122,6 +126,8 @@ def resolve_sampling(args, p):
     except ValueError as e:
         fail(f"--edge-margin (preset {p.name}): {e}")
     pick = lambda flag, default: default if flag is None else flag
+    if distilled and args.steps is None and args.sampler is None:
+        sp = students_sampling(sp, distilled)
     return dataclasses.replace(
         sp, steps=tuple(pick(args.steps, sp.steps)), sampler=pick(args.sampler, sp.sampler),
         eta=pick(args.eta, sp.eta),
@@ -129,6 +135,15 @@ def resolve_sampling(args, p):
         resample=pick(args.resample, sp.resample), aug_level=pick(args.aug_level, sp.aug_level),
         edge_margin=margin, feather=pick(args.feather, sp.feather),
         fill_white=tuple(pick(args.fill_white, sp.fill_white)), order=pick(args.order, sp.order))
+
+
+def students_sampling(sp, distilled):
+    """Sampling `sp` with, for each distilled (stage, level), the steps and sampler its model file
+    records (nine values each)."""
+    cells = [(s, lvl) for s in (1, 2, 3) for lvl in range(3)]
+    pick = lambda key, own: tuple(distilled[c][key] if c in distilled else own(*c) for c in cells)
+    return dataclasses.replace(sp, steps=pick("steps", sp.level_steps),
+                               sampler=pick("sampler", sp.level_sampler))
 
 
 def check_out(args, p, stages):
@@ -187,7 +202,16 @@ def train_fields(args, device):
                 workers=workers, log_every=args.log_every, save_every=args.save_every,
                 keep=args.keep, sample_every=args.sample_every, sample_steps=args.sample_steps,
                 max_nonfinite=args.max_nonfinite, max_unreadable=args.max_unreadable,
-                check_replicas=args.check_replicas)
+                check_replicas=args.check_replicas, distill=args.distill,
+                distill_steps=args.distill_steps, rounds=args.rounds)
+
+
+def round_path(cfg, distill, stage, level):
+    """Where a model's checkpoint is: OUT/stage{s}_level{l}.pt, or for a distillation round's
+    student OUT/steps{K}/stage{s}_level{l}.pt (K: its steps; the next round's teacher)."""
+    name = checkpoints.model_filename(stage, level)
+    return os.path.join(cfg.out, f"steps{distill.steps}", name) if distill else \
+        os.path.join(cfg.out, name)
 
 
 def training_slides(args, preset, rank, device):
@@ -209,6 +233,47 @@ def training_slides(args, preset, rank, device):
         return slides, slides_mpp(slides, args.area_size, cascade.stage_size(preset, 3))
     except SlideError as e:
         fail(f"--data {e}")
+
+
+def check_distill_flags(args):
+    """--distill-steps K and --rounds R: K / 2^(R-1) whole and >= 1; both only with --distill."""
+    if not args.distill:
+        if args.distill_steps is not None or args.rounds != 1:
+            fail("--distill-steps and --rounds set a distillation; add --distill TEACHER_DIR")
+        return
+    if not os.path.isdir(args.distill):
+        fail(f"--distill {args.distill}: no such directory of teacher model files")
+    k, r = args.distill_steps, args.rounds
+    if k is not None and (k % 2 ** (r - 1) or k < 2 ** (r - 1)):
+        fail(f"--rounds {r} halves --distill-steps {k} {r - 1} time(s): give steps divisible by "
+             f"{2 ** (r - 1)}")
+
+
+def half_the_teachers_steps(teacher):
+    """The default student steps: half those a distilled teacher model file records."""
+    try:
+        had = checkpoints.distilled(teacher)
+    except (OSError, RuntimeError):
+        had = None
+    if not had:
+        fail(f"--distill {teacher}: not a distilled model; give --distill-steps K (its student's "
+             "steps; the teacher takes 2K)")
+    return had["steps"] // 2
+
+
+def export_sources(args):
+    """{(stage, level): the checkpoint directory --export writes it from}: --out; with --distill
+    the model's last round (OUT/steps{K}/ of the smallest K holding it) or, for a model not
+    distilled, its teacher's directory (a complete set of model files either way)."""
+    sources = {}
+    for s, lvl in models_to_train(args):
+        name, src = checkpoints.model_filename(s, lvl), args.out
+        if args.distill:
+            rounds = sorted(glob.glob(os.path.join(glob.escape(args.out), "steps*", name)),
+                            key=lambda p: int(os.path.basename(os.path.dirname(p))[5:]))
+            src = os.path.dirname(rounds[0]) if rounds else args.distill
+        sources[(s, lvl)] = src
+    return sources
 
 
 def models_to_train(args):
@@ -280,7 +345,7 @@ def read_recipe(path):
 
 def run_recipe(args, parse_args, train_models, export):
     """train.py --recipe: each phase of the recipe file as its own training run
-    (train_models(parse_args(flags))), then export(out, dest, models)."""
+    (train_models(parse_args(flags))), then export({model: directory}, dest) of all nine."""
     common, phases = read_recipe(args.recipe)
     mine = [f for k in RECIPE_FLAGS if k != "export" and getattr(args, k) is not None
             for f in (f"--{k}", str(getattr(args, k)))]
@@ -293,4 +358,4 @@ def run_recipe(args, parse_args, train_models, export):
                          "continues it")
     if args.export:
         every = parse_args(common + ["--stage", "all", "--level", "all", "--out", args.out])
-        export(every.out, args.export, models_to_train(every))
+        export(export_sources(every), args.export)
