@@ -457,7 +457,8 @@ class CDM:
     @torch.no_grad()
     def sample(self, generators, *, known=None, mask=None, context=None,
                region=None, sampling=None):
-        """Generate one patch per generator.
+        """Generate one patch per generator: level 0 from noise, then each level from the one
+        below [PAPER Eq. 3].
 
         generators: list of torch.Generator, one per patch (its only randomness).
         known, mask: (B, 3, P, P) float and (B, 1, P, P) bool, True where pixels are already
@@ -468,25 +469,32 @@ class CDM:
           None = the preset's. feather is in px at P, scaled to each level's size.
         Returns (B, 3, P, P) float in [-1, 1] on the CDM's device (no host sync in here); known
         pixels are exact except the last `feather` px next to the new ones."""
-        p, B, dev = self.preset, len(generators), self.device
-        sp = sampling or p.sampling
-        to = lambda t: None if t is None else t.to(dev)
-        known, mask, context, region = to(known), to(mask), to(context), to(region)
-        x = None
-        for level, L in enumerate(p.level_sizes):
-            cond = level_inputs(p, self.stage, level, x, context, region, self.conditioned)
-            cond, aug_lam = augment(p, self.stage, level, cond, sp.aug_level,
-                                    generators, self.conditioned)
-            k = m = w = None
-            if known is not None:
-                k = downsample(known, L, p.resize)
-                m = downsample(mask.float(), L) > 0.999
-                w = feather_weight(m, sp.feather * L // p.patch)
-            fn = denoiser(self.nets[level], p.schedules[level], cond, aug_lam, self.bf16, sp.ends)
-            x = sample_level(fn, (B, 3, L, L), sp, self.stage, level, p, known=k, mask=m,
-                             blend=w, generator=generators, device=dev)
-            x = x.clamp(-1, 1)
+        to = lambda t: None if t is None else t.to(self.device)
+        x = None  # I_(l-1): level l-1's images
+        for level in range(len(self.preset.level_sizes)):
+            x = self.sample_level(level, x, generators, to(known), to(mask), to(context),
+                                  to(region), sampling or self.preset.sampling)
         return x
+
+    def sample_level(self, level, lower, generators, known, mask, context, region, sp):
+        """Level `level`'s images (B, 3, L, L) in [-1, 1], given the level below's (`lower`; None
+        at level 0) and the patch's known pixels, context and region (CDM.sample's arguments)."""
+        p, B, L = self.preset, len(generators), self.preset.level_sizes[level]
+        # The conditioning channels [CDM], noised at sampling's augmentation level [Imagen].
+        cond = level_inputs(p, self.stage, level, lower, context, region, self.conditioned)
+        cond, aug_lam = augment(p, self.stage, level, cond, sp.aug_level, generators,
+                                self.conditioned)
+        # The known pixels at this level's size (a level pixel is known when its block is).
+        k = m = w = None
+        if known is not None:
+            k = downsample(known, L, p.resize)
+            m = downsample(mask.float(), L) > 0.999
+            w = feather_weight(m, sp.feather * L // p.patch)
+        # The level's sampler on its U-Net.
+        fn = denoiser(self.nets[level], p.schedules[level], cond, aug_lam, self.bf16, sp.ends)
+        x = sample_level(fn, (B, 3, L, L), sp, self.stage, level, p, known=k, mask=m, blend=w,
+                         generator=generators, device=self.device)
+        return x.clamp(-1, 1)
 
 
 def sample_level(model_fn, shape, sp, stage, level, preset, **inputs):

@@ -52,6 +52,12 @@ CONTEXT_CH = 3
 def load_imagen_unet(site):
     """imagen_pytorch.imagen_pytorch.Unet from `site`, with stand-ins for what the U-Net never
     uses."""
+    return load_imagen(site).Unet
+
+
+def load_imagen(site):
+    """The module imagen_pytorch.imagen_pytorch from `site` (Unet, Imagen), with stand-ins for
+    what neither uses here (text encoding, video, data augmentation)."""
     sys.path.insert(0, site)
 
     class Unused:
@@ -72,7 +78,7 @@ def load_imagen_unet(site):
     stub("kornia")
     stub("kornia.augmentation", RandomCrop=Unused)
     stub("imagen_pytorch").__path__ = []
-    stub("imagen_pytorch.t5", t5_encode_text=None, get_encoded_dim=lambda name: 768,
+    stub("imagen_pytorch.t5", t5_encode_text=lambda *a, **k: None, get_encoded_dim=lambda name: 768,
          DEFAULT_T5_NAME="t5")
     stub("imagen_pytorch.imagen_video", Unet3D=Unused, resize_video_to=None, scale_video_time=None)
     path = os.path.join(site, "imagen_pytorch", "imagen_pytorch.py")
@@ -80,7 +86,7 @@ def load_imagen_unet(site):
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    return module.Unet
+    return module
 
 
 def inputs(kw, size, grad=False):
@@ -169,8 +175,9 @@ def name_map(net):
     return pairs
 
 
-def ours_like(kw):
-    """Our ImagenUNet configured as imagen-pytorch's Unet(**kw) at stage 3."""
+def ours_like(kw, context_ch=CONTEXT_CH):
+    """Our ImagenUNet configured as imagen-pytorch's Unet(**kw) at stage 3 (context_ch 3; stage 1:
+    0, no context)."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import unet
     lowres = kw.get("lowres_cond", False)
@@ -182,7 +189,7 @@ def ours_like(kw):
                           groups=8,
                           efficient=kw.get("memory_efficient", False), imagen=True,
                           init_residual=kw.get("init_conv_to_final_conv_residual", False),
-                          cond_ch=CONTEXT_CH + 3 * lowres, aug_emb=lowres)
+                          cond_ch=context_ch + 3 * lowres, aug_emb=lowres)
     return unet.build(cfg).eval()
 
 
@@ -304,12 +311,121 @@ def fixture(Unet, path):
     print(f"wrote {path}: {os.path.getsize(path) / 1e3:.1f} kB")
 
 
+# ---------------------------------------------------------------- the sampling loop, against theirs
+
+# The sampler fixture: one level of `paper`'s cascade sampled by imagen-pytorch's Imagen.sample
+# (p_sample_loop: ancestral steps, dynamic thresholding 0.95, inpainting, the low-res input and its
+# noise at 0.2, the context in [0, 1]) with the fixture's tiny U-Nets at levels of 8, 16, 32 px,
+# 4 steps, 2 samples: at stage 1 (no context, no known pixels) and at stage 3 (a context and
+# known pixels: the top and left quarter, as finished neighbours leave them).
+SAMPLER_SIZES, SAMPLER_STEPS, SAMPLER_BATCH = (8, 16, 32), 4, 2
+
+
+def sampler_inputs(stage, level):
+    """The sampler fixture's inputs by arithmetic, in [-1, 1]: the level below's images (None at
+    level 0), the context, the known pixels and their mask (None at stage 1)."""
+    L, B = SAMPLER_SIZES[level], SAMPLER_BATCH
+
+    def waves(size, a, b):
+        yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        return torch.stack([torch.stack([0.9 * torch.sin(a * (k + 1) * yy + b * xx + c)
+                                         for c in range(3)]) for k in range(B)]).float()
+    lower = waves(SAMPLER_SIZES[level - 1], 0.7, 0.4) if level else None
+    if stage == 1:
+        return lower, None, None, None
+    mask = torch.zeros(B, 1, L, L, dtype=torch.bool)
+    mask[..., :L // 4, :] = mask[..., :, :L // 4] = True
+    return lower, waves(L, 0.3, -0.5), waves(L, -0.2, 0.6), mask
+
+
+def sampler_nets(Unet, stage):
+    """The three levels' tiny U-Nets of a stage, ours (formula_weights) and theirs (the same
+    weights through the name map), as (ours, their Unet kwargs)."""
+    context_ch = CONTEXT_CH if stage > 1 else 0
+    ours, kws = [], []
+    for name in ("paper64", "paper256", "paper1024"):
+        kw = dict(AUTHORS_UNETS[name][2], **FIXTURE)
+        net = ours_like(kw, context_ch)
+        formula_weights(net)
+        ours.append(net)
+        kws.append(dict(kw, cond_on_text=False, cond_images_channels=context_ch))
+    return ours, kws
+
+
+def copy_into_theirs(ours, theirs, context_ch):
+    """Our weights into their Unet (their input channels: context, x, low-res; ours: x, low-res,
+    context)."""
+    got, mine = dict(theirs.named_parameters()), dict(ours.named_parameters())
+    with torch.no_grad():
+        for a, b in name_pairs(theirs, ours):
+            w = mine[a]
+            if a.startswith("conv_in.") and a.endswith("weight") and context_ch:
+                w = torch.cat([w[:, -context_ch:], w[:, :-context_ch]], dim=1)
+            got[b].copy_(w)
+
+
+def imagen_level(module, stage, level, seed):
+    """imagen-pytorch's Imagen.sample of one level (start and stop at its U-Net) on
+    sampler_inputs, every Gaussian draw taken from one generator seeded `seed`. Returns (their
+    output in [-1, 1], the shapes of the draws in the order they were made, our three nets)."""
+    ours, kws = sampler_nets(module.Unet, stage)
+    imagen = module.Imagen(
+        [module.Unet(**kw) for kw in kws], image_sizes=SAMPLER_SIZES, timesteps=SAMPLER_STEPS,
+        condition_on_text=False, pred_objectives=("noise", "v", "v"),
+        noise_schedules=("cosine", "cosine", "linear"), cond_drop_prob=0.0,
+        lowres_sample_noise_level=0.2, dynamic_thresholding=True,
+        dynamic_thresholding_percentile=0.95).eval()
+    for net, theirs in zip(ours, imagen.unets):
+        copy_into_theirs(net, theirs, CONTEXT_CH if stage > 1 else 0)
+    lower, context, known, mask = sampler_inputs(stage, level)
+    g, shapes, (randn, randn_like) = torch.Generator().manual_seed(seed), [], (torch.randn,
+                                                                              torch.randn_like)
+
+    def draw(shape, dtype=None):
+        shapes.append(tuple(shape))
+        return randn(tuple(shape), generator=g, dtype=dtype or torch.float32)
+    to01 = lambda t: None if t is None else (t + 1) / 2  # imagen's images are in [0, 1]
+    torch.randn = lambda *shape, **kw: draw(shape[0] if len(shape) == 1 else shape)
+    torch.randn_like = lambda x, **kw: draw(x.shape, x.dtype)
+    try:
+        with torch.no_grad():
+            out = imagen.sample(batch_size=SAMPLER_BATCH, cond_images=to01(context),
+                                inpaint_images=to01(known),
+                                inpaint_masks=None if mask is None else mask[:, 0],
+                                inpaint_resample_times=1, start_at_unet_number=level + 1,
+                                start_image_or_video=to01(lower), stop_at_unet_number=level + 1,
+                                use_tqdm=False)
+    finally:
+        torch.randn, torch.randn_like = randn, randn_like
+    return out * 2 - 1, shapes, ours
+
+
+def sampler_fixture(module, path):
+    """tests/data/imagen_sampler.pt: per (stage, level) the seed, the shapes of imagen's draws,
+    its output and our configs (the test makes the inputs and weights again)."""
+    out = {}
+    for stage in (1, 3):
+        for level in range(3):
+            seed = 100 * stage + level
+            want, shapes, ours = imagen_level(module, stage, level, seed)
+            out[f"stage{stage}_level{level}"] = dict(seed=seed, shapes=shapes, output=want,
+                                                     configs=[n.cfg.to_dict() for n in ours])
+            print(f"stage {stage} level {level}: {len(shapes)} draws, output scale "
+                  f"{float(want.abs().max()):.2f}")
+    torch.save(out, path)
+    print(f"wrote {path}: {os.path.getsize(path) / 1e3:.1f} kB")
+
+
 def main():
     if len(sys.argv) not in (2, 3, 4) or not os.path.isfile(
             os.path.join(sys.argv[1], "imagen_pytorch", "imagen_pytorch.py")):
-        sys.exit("usage: python tests/bench_authors.py SITE [--compare | --fixture FILE]  (SITE: "
-                 "where imagen-pytorch 1.26.0 was installed, see this file's docstring)")
-    Unet = load_imagen_unet(sys.argv[1])
+        sys.exit("usage: python tests/bench_authors.py SITE [--compare | --fixture FILE | "
+                 "--sampler-fixture FILE]  (SITE: where imagen-pytorch 1.26.0 was installed, see "
+                 "this file's docstring)")
+    module = load_imagen(sys.argv[1])
+    Unet = module.Unet
+    if sys.argv[2:3] == ["--sampler-fixture"]:
+        return sampler_fixture(module, sys.argv[3])
     if sys.argv[2:3] == ["--fixture"]:
         return fixture(Unet, sys.argv[3])
     if sys.argv[2:] == ["--compare"]:

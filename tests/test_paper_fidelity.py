@@ -450,3 +450,44 @@ def test_validation_loss_logged_and_plotted(tmp_path):
     assert [r["step"] for r in recs] == [1, 5, 10] and all(r["val_loss"] > 0 for r in recs)
     png = np.asarray(Image.open(previews.plot_curves(str(tmp_path / "ck"))).convert("RGB"))
     assert ((png == (220, 110, 20)).all(-1)).sum() > 20  # the validation curve, orange
+
+
+@pytest.mark.parametrize("case", [f"stage{s}_level{lvl}" for s in (1, 3) for lvl in range(3)])
+def test_the_papers_sampler_gives_imagens_pixels(case, monkeypatch):
+    """One level of `paper`'s cascade (cascade.CDM.sample_level: the low-res input and its noise,
+    the context in [0, 1], sde.sample's ancestral steps, thresholding, paste, both ends) against
+    imagen-pytorch 1.26.0's own Imagen.sample with the same tiny U-Nets and the same Gaussian
+    draws, at 4 steps: stage 1 (plain) and stage 3 (a context and known pixels), levels 0-2
+    (eps / v / v, cosine / cosine / linear). tests/data/imagen_sampler.pt was made once with
+        pip install --no-deps --target /tmp/imagen imagen-pytorch==1.26.0 einops beartype
+        python tests/bench_authors.py /tmp/imagen --sampler-fixture tests/data/imagen_sampler.pt
+    It holds the seed and the shapes of the draws imagen made (in order), its output and our
+    configs; inputs and weights are made again by arithmetic (bench_authors). Ours replays the
+    draws in its own order. Seen failing with the -30 clamp at t = 1, with the last step returning
+    x0_hat, without thresholding, and with the paste after the step (before the first call)."""
+    import bench_authors as ba
+    from conftest import ROOT
+    fx = torch.load(os.path.join(ROOT, "tests", "data", "imagen_sampler.pt"),
+                    weights_only=True)[case]
+    stage, level = int(case[5]), int(case[-1])
+    nets = []
+    for cfg in fx["configs"]:
+        nets.append(unet.build(unet.UNetConfig(**cfg)).eval())
+        ba.formula_weights(nets[-1])
+    paper = cascade.get_preset("paper")
+    p = dataclasses.replace(paper, patch=ba.SAMPLER_SIZES[-1], level_sizes=ba.SAMPLER_SIZES,
+                            sampling=dataclasses.replace(paper.sampling,
+                                                         steps=(ba.SAMPLER_STEPS,) * 3))
+    g = torch.Generator().manual_seed(fx["seed"])
+    draws = [torch.randn(shape, generator=g) for shape in fx["shapes"]]
+
+    def replay(shape, *args, **kwargs):  # imagen's draws, in the order ours asks for them
+        assert tuple(shape) == tuple(draws[0].shape), (shape, draws[0].shape)
+        return draws.pop(0)
+    monkeypatch.setattr(sde, "randn", replay)
+    lower, context, known, mask = ba.sampler_inputs(stage, level)
+    with torch.no_grad():
+        out = cascade.CDM(p, stage, nets).sample_level(level, lower, [None] * ba.SAMPLER_BATCH,
+                                                       known, mask, context, None, p.sampling)
+    assert float((out - fx["output"]).abs().max()) <= 1e-4
+    assert len(draws) <= 1  # all of imagen's draws but its last step's, which it multiplies by 0
