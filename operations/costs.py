@@ -40,10 +40,16 @@ def flops(cfg, size, backward=False):
 
 # ---------------------------------------------------------------------- sampling: --estimate
 
+def level_calls(sampling, stage, level):
+    """U-Net calls of one level's sampling: its steps, each but the last run `resample` times
+    (RePaint, sde.sample_general)."""
+    return (sampling.level_steps(stage, level) - 1) * sampling.resample + 1
+
+
 def patch_flops(preset, sampling, stage):
-    """FLOP of one patch of `stage`: its three levels at their sizes and steps."""
-    return sum(flops(cascade.unet_config(preset, stage, lvl), L)
-               * sampling.level_steps(stage, lvl) for lvl, L in enumerate(preset.level_sizes))
+    """FLOP of one patch of `stage`: its three levels at their sizes and U-Net calls."""
+    return sum(flops(cascade.unet_config(preset, stage, lvl), L) * level_calls(sampling, stage, lvl)
+               for lvl, L in enumerate(preset.level_sizes))
 
 
 def rank_loads(work, world):

@@ -463,8 +463,10 @@ def test_the_papers_sampler_gives_imagens_pixels(case, monkeypatch):
         python tests/bench_authors.py /tmp/imagen --sampler-fixture tests/data/imagen_sampler.pt
     It holds the seed and the shapes of the draws imagen made (in order), its output and our
     configs; inputs and weights are made again by arithmetic (bench_authors). Ours replays the
-    draws in its own order. Seen failing with the -30 clamp at t = 1, with the last step returning
-    x0_hat, without thresholding, and with the paste after the step (before the first call)."""
+    draws in its own order. Seen failing (of the 6 cases) with 'clamped' ends (6), lam(1) alone
+    clamped to -30 (4: the linear schedule's lam(1) is -10), the last step returning x0_hat (6), no
+    thresholding (6), the known pixels noised to s instead of t (3: the stage-3 cases) and pasted
+    after the network call (3)."""
     import bench_authors as ba
     from conftest import ROOT
     fx = torch.load(os.path.join(ROOT, "tests", "data", "imagen_sampler.pt"),
