@@ -121,10 +121,10 @@ class Preset:
         return {k: v for k, v in asdict(self).items() if k not in ("name", "training", "sampling")}
 
 
-# Model files written before a field existed (format urcdm-model-v1, e.g. the shipped demo) were
-# trained with these values.
-V1_MODEL_DEFAULTS = dict(objectives=("v", "v", "v"), aug_schedule="cosine",
-                         aug_inputs="all", region=True, resize="area", context_range=(-1.0, 1.0))
+# deviation (demo, tiny): the small presets' models predict v at every level, noise every
+# conditioning input with the cosine schedule and see the region crop (docs/departures.md).
+_SMALL_MODELS = dict(objectives=("v", "v", "v"), aug_schedule="cosine", aug_inputs="all",
+                     region=True, resize="area", context_range=(-1.0, 1.0))
 
 
 _PAPER_GEOMETRY = dict(patch=1024, n_patches=(1, 7, 46), level_sizes=(64, 256, 1024),
@@ -169,13 +169,13 @@ PRESETS = {
     # UNet's ADM layout, an EMA updated every step with a fast warm-up (short CPU runs).
     "demo": Preset("demo", patch=256, n_patches=(1, 3, 9), level_sizes=(16, 64, 256),
                    unets=("demo_base", "demo", "demo"), schedules=("cosine", "cosine", "linear"),
-                   **V1_MODEL_DEFAULTS, training=_small_training(crop=64),
+                   **_SMALL_MODELS, training=_small_training(crop=64),
                    sampling=Sampling(steps=(50, 25, 10), edge_margin=4, feather=4,
                                      fill_white=(2, 3))),
     # For tests and smoke runs: stages 32 / 88 / 116, 8 -> 16 -> 32 px, a few steps.
     "tiny": Preset("tiny", patch=32, n_patches=(1, 3, 4), level_sizes=(8, 16, 32),
                    unets=("tiny",) * 3, schedules=("cosine", "cosine", "linear"),
-                   **V1_MODEL_DEFAULTS, training=_small_training(crop=16),
+                   **_SMALL_MODELS, training=_small_training(crop=16),
                    sampling=Sampling(steps=(3, 3, 3), fill_white=(2, 3))),
 }
 

@@ -8,10 +8,8 @@ either anywhere in the area (Training.positions 'area') or at the authors' tissu
 whole slide ('grid'), with the context (and region input: the field below) of the stage below;
 level l > 0 adds make_lowres(level l-1). The geometry is cascade.py's, so training sees exactly
 what sampling feeds. The stage images are built once per slide into a cache (operations/caches.py);
-slides are read with operations/slides.py; crops are resized by operations/pyramid.py, equal to
-cascade.downsample up to rounding, faster.
-
-Usage: python data.py SLIDE [--preset demo] [--out preview.png]  (what training sees of a slide)
+slides are read with operations/slides.py. What training sees of a slide, as a picture:
+python -m operations.previews SLIDE.
 
 References
   [PAPER]     Cechnicka et al., URCDM, MICCAI 2024 ("Datasets and Preprocessing").
@@ -29,7 +27,7 @@ import tiler
 from operations import caches
 from operations.files import LRU, atomic_path, write_json
 from operations.pyramid import box_pyramid
-from operations.slides import SlideError, open_slide
+from operations.slides import SlideError, open_slide, redraw_unreadable
 
 # Tissue = saturated and not black: H&E stains are coloured (HSV saturation >= 0.07), glass
 # background is white/grey (low saturation), pen marks and dust can be black (value < 0.1).
@@ -169,17 +167,9 @@ def slide_caches(paths, preset, area_size=None, cache_dir=None, rank=0, world=1,
     reads), built once into CACHE_DIR (default: .urcdm_cache beside each slide) by this machine's
     `world` local ranks. Returns {path: base} of the slides whose images could be built
     (caches.build_missing leaves the others out, saying so)."""
-    size = training_fields(preset, area_size)[0]
-    ident = [size, preset.training.area_choice,
-             [cascade.stage_size(preset, s) for s in (1, 2, 3)]]
-    if preset.training.positions == "grid":  # its own files (older keys unchanged)
-        ident += ["grid", preset.patch]
-    if preset.background != 255:  # pads with it (older caches padded with white)
-        ident += [preset.background]
-    if preset.training.fields:  # another grid block
-        ident += [list(training_fields(preset, area_size))]
-    if images:  # a part of them asked (sample.py --from): their own files
-        ident += [list(images)]
+    ident = [list(training_fields(preset, area_size)), preset.training.area_choice,
+             preset.training.positions, preset.patch, preset.background, list(images or ()),
+             [cascade.stage_size(preset, s) for s in (1, 2, 3)]]  # what the files depend on
     bases = [caches.cache_base(p, ident, cache_dir) for p in paths]
     nbytes = 3 * sum(cascade.stage_size(preset, int(n[-1])) ** 2
                      for n in images or stage_images(preset))
@@ -203,6 +193,21 @@ def dihedral(x, k):
     """The k-th of the 8 symmetries of the square (k in 0..7) on the last two dims."""
     x = torch.rot90(x, k % 4, dims=(-2, -1))
     return x.flip(-1) if k >= 4 else x
+
+
+FAST_RESIZE = True  # resized's integer factors by operations/pyramid.py (same values, faster)
+
+
+def resized(u8, size, k=0, mode="area", window=None):
+    """A uint8 (H, W, 3) crop as a level's U-Net sees it: float (1, 3, size, size) in [-1, 1], the
+    symmetry k, resized the way sampling resizes (cascade.downsample), then the window (y, x, c)
+    if given (the top level's training crop). With FAST_RESIZE, integer factors take
+    operations/pyramid.py's exact integer block sums, equal up to float rounding (tested)."""
+    if FAST_RESIZE and u8.shape[0] % size == 0:
+        return box_pyramid(u8, [size], k, window, mode)[size]
+    x = cascade.downsample(dihedral(cascade.to_float(u8), k), size, mode)
+    return x if window is None else x[..., window[0]:window[0] + window[2],
+                                      window[1]:window[1] + window[2]]
 
 
 MAX_OPEN = 64  # slides, and slides' cache maps, a process keeps open (each: 1-2 descriptors)
@@ -232,14 +237,13 @@ class StageLevelDataset(torch.utils.data.Dataset):
                  augment=True, rank=0, world=1, max_open=MAX_OPEN):
         self.preset, self.stage, self.level = preset, stage, level
         fields = training_fields(preset, area_size)
-        self.ds = {s: fields[s - 1] / (cascade.stage_size(preset, 1) if s == 1 else preset.patch)
+        self.px = {s: fields[s - 1] / (cascade.stage_size(preset, 1) if s == 1 else preset.patch)
                    for s in (1, 2, 3)}  # level-0 px per stage-s px (grid positions)
         self.seed, self.length, self.min_tissue = seed, length, min_tissue
         self.conditioned, self.augment = conditioned, augment
         bases = slide_caches(slides, preset, area_size, cache_dir, rank, world)
         if stage > 1 and preset.training.positions == "area":  # glass-only areas teach nothing
-            bases = {p: b for p, b in bases.items()  # (caches older than their "tissue": kept)
-                     if caches.open_cache(b).get("tissue", 1.0) >= 1e-3}
+            bases = {p: b for p, b in bases.items() if caches.open_cache(b)["tissue"] >= 1e-3}
         if not bases:
             raise SlideError(f"{slides[0]}: none of the {len(slides)} slide(s) has tissue in its "
                              "area; give slides with tissue (or --positions grid)")
@@ -287,23 +291,23 @@ class StageLevelDataset(torch.utils.data.Dataset):
             return np.asarray(cache["stage1"]), None, None
         if j is not None:
             return self._grid_crop(rng, k, j)
-        lower = cache[f"stage{self.stage - 1}"]
+        stage_below = cache[f"stage{self.stage - 1}"]  # the area at the stage below's scale
         r = cascade.zoom(p, self.stage)
-        for _ in range(10):
+        for _ in range(10):  # a field mostly on tissue [PAPER: mostly white patches are ignored]
             y0, x0 = (int(v) for v in rng.integers(0, N - P + 1, size=2))
-            ya, yb, xa, xb = cascade.field_under(y0, x0, P, P, r, lower.shape[0])
-            if tissue_fraction(lower[ya:yb, xa:xb]) >= self.min_tissue:
+            ya, yb, xa, xb = cascade.field_under(y0, x0, P, P, r, stage_below.shape[0])
+            if tissue_fraction(stage_below[ya:yb, xa:xb]) >= self.min_tissue:
                 break
         if self.stage == 2:
             target = np.asarray(cache["stage2"][y0:y0 + P, x0:x0 + P])
         else:
-            ds = cache["size"] / N
-            target = self.slides[k].read_region(cache["x"] + x0 * ds,
-                                                cache["y"] + y0 * ds, P, P, ds)
+            px = cache["size"] / N  # level-0 px per stage-3 px
+            target = self.slides[k].read_region(cache["x"] + x0 * px,
+                                                cache["y"] + y0 * px, P, P, px)
         if not self.conditioned:
             return target, None, None
-        context = cascade.context_crop(lower, y0, x0, P, r, p.background)
-        region = cascade.region_crop(lower, y0, x0, P, r) if p.region else None
+        context = cascade.context_crop(stage_below, y0, x0, P, r, p.background)
+        region = cascade.region_crop(stage_below, y0, x0, P, r) if p.region else None
         return target, context, region
 
     def _grid_crop(self, rng, k, j):
@@ -315,33 +319,32 @@ class StageLevelDataset(torch.utils.data.Dataset):
         contexts from the cached overview. Not re-tested for tissue."""
         p, cache, P, s = self.preset, self.caches[k], self.preset.patch, self.stage
         x, y = (int(v) for v in cache["grid"][j] + rng.integers(2, size=2) * (cache["block"] // 2))
-        ds, ds_low = self.ds[s], self.ds[s - 1]
-        target = self.slides[k].read_region(x, y, P, P, ds)
+        px, px_below = self.px[s], self.px[s - 1]  # level-0 px per px of stage s, of stage s-1
+        target = self.slides[k].read_region(x, y, P, P, px)
         if not self.conditioned:
             return target, None, None
-        cx, cy = x + P * ds / 2, y + P * ds / 2  # the target's centre, level-0 px
+        cx, cy = x + P * px / 2, y + P * px / 2  # the target's centre, level-0 px
         if s == 2:  # the overview is the whole slide at stage-1 scale: context_crop's rounding
-            context = cascade.window(cache["overview"], round(cy / ds_low - P / 2),
-                                     round(cx / ds_low - P / 2), P, P, p.background)
+            context = cascade.window(cache["overview"], round(cy / px_below - P / 2),
+                                     round(cx / px_below - P / 2), P, P, p.background)
         else:
-            context = self.slides[k].read_region(cx - P * ds_low / 2, cy - P * ds_low / 2, P, P,
-                                                  ds_low)
-        r = ds_low / ds  # the target is the centre P / r px of its context
+            context = self.slides[k].read_region(cx - P * px_below / 2, cy - P * px_below / 2,
+                                                  P, P, px_below)
+        r = px_below / px  # the target is the centre P / r px of its context
         region = cascade.region_crop(context, P * (r - 1) / 2, P * (r - 1) / 2, P, r) \
             if p.region else None
         return target, context, region
 
     def __getitem__(self, idx):
-        skipped = []
-        for attempt in range(MAX_REDRAW):
-            rng = np.random.default_rng([self.seed, idx] + ([attempt] if attempt else []))
-            try:
-                return dict(self._example(rng), skipped="\n".join(skipped))
-            except SlideError as e:  # a corrupt tile: this example is drawn again
-                skipped.append(str(e))
-        raise SlideError(f"{MAX_REDRAW} draws in a row unreadable; the last: {skipped[-1]}")
+        """Example idx, a pure function of (seed, idx); a corrupt tile's example is drawn again
+        from (seed, idx, attempt), so every run passes it the same way (`skipped` says why)."""
+        return redraw_unreadable(self.example, [self.seed, idx], MAX_REDRAW)
 
-    def _example(self, rng):
+    def example(self, rng):
+        """One training example of (stage, level) from the generator rng: which slide (grid: which
+        tissue block), the crops of _crop, one of the 8 symmetries for all of them, each resized to
+        the size the U-Net sees it, and the conditioning channels as sampling builds them
+        (cascade.level_inputs). Returns dict(x0=(3, L, L) or (3, c, c), cond=(C, ...))."""
         j, n = None, self.examples[int(rng.integers(len(self.examples)))]  # one of this split's
         if self.blocks is not None:  # every tissue block of every slide equally likely
             k = int(np.searchsorted(self.blocks, n, side="right"))
@@ -351,35 +354,24 @@ class StageLevelDataset(torch.utils.data.Dataset):
         target, context, region = self._crop(rng, k, j)
         sym = int(rng.integers(8)) if self.augment else 0  # one symmetry for every input
         p, L = self.preset, self.preset.level_sizes[self.level]
-        # Each input reduced to the size it is used at while still uint8 (box sums in integers),
-        # the symmetry on the small array, one conversion to float [same as sampling's float
-        # route up to rounding]; then the conditioning channels of (stage, level) [cascade].
-        # Top level: a random crop, the same window of target and low-res input; the context
-        # (and region) whole, resized onto the crop, as imagen-pytorch does (`paper`), so the
-        # authors' 1024 px model sees its context at 1/4 scale in training, full scale at sampling.
-        # deviation (training.crop_context 'window': paper_plus, demo): the same window of them
-        # too, one scale in training and sampling (the U-Net is fully convolutional).
-        c = p.training.crop
+        # The top level trains on a random c x c window of its size [Imagen]; its low-res input is
+        # cut to the same window (level_inputs), its context (and region) is the whole crop
+        # resized onto the window as imagen-pytorch does (`paper`: the authors' 1024 px model
+        # sees its context at 1/4 scale in training, full scale at sampling).
+        # deviation (training.crop_context 'window': paper_plus, demo): the context's same window,
+        # one scale in training and sampling (the U-Net is fully convolutional).
+        c, mode = p.training.crop, p.resize
         top = self.level == len(p.level_sizes) - 1 and c < L
         window = (*(int(v) for v in rng.integers(0, L - c + 1, size=2)), c) if top else None
-        below = p.level_sizes[self.level - 1] if self.level else None  # the lowres input's size
-        m = p.resize
-        if window:  # the target's window apart (its full size is never converted)
-            small = {**box_pyramid(target, [L], sym, window, m), below: None}
-            small.update(box_pyramid(target, [below], sym, mode=m))
-        else:
-            small = box_pyramid(target, [L] + ([below] if below else []), sym, mode=m)
-        cs = c if window and p.training.crop_context == "whole" else L  # the context's size
-        ctx = None if context is None else box_pyramid(context, [cs], sym, mode=m)[cs]
-        reg = None if region is None else cascade.downsample(dihedral(region, sym), cs, m)
-
-        x0 = small[L]
-        cond = cascade.level_inputs(p, self.stage, self.level, small.get(below), ctx, reg,
+        context_side = c if window and p.training.crop_context == "whole" else L
+        x0 = resized(target, L, sym, mode, window)
+        lower_level = resized(target, p.level_sizes[self.level - 1], sym, mode) \
+            if self.level else None  # level l-1's image, the low-res input's source
+        if context is not None:
+            context = resized(context, context_side, sym, mode)
+        if region is not None:
+            region = cascade.downsample(dihedral(region, sym), context_side, mode)
+        cond = cascade.level_inputs(p, self.stage, self.level, lower_level, context, region,
                                     self.conditioned, window)
         cond = torch.zeros(1, 0, *x0.shape[-2:]) if cond is None else cond
         return {"x0": x0[0].contiguous(), "cond": cond[0].contiguous()}
-
-
-if __name__ == "__main__":  # python data.py SLIDE: the slide's levels and its nine datasets
-    from operations.previews import inspect_slide
-    inspect_slide()

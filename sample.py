@@ -97,7 +97,7 @@ def main(argv=None):
     if args.estimate:  # the cost of a slide, arithmetic: no models needed
         return costs.estimate(args)
     ddp, rank, world, device = init_distributed(args.device)
-    if in_memory(args, flags.get_preset(args.preset), world):
+    if in_memory(args, settings.get_preset(args.preset), world):
         make_slide(args, device)
     elif args.seeds or args.slides:
         many.many_slides(args, device, rank, world)

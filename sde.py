@@ -235,7 +235,7 @@ def augment_cond(cond, t_aug, generator=None, schedule="cosine"):
     return noised, log_snr(t_aug, schedule).float()
 
 
-# ---------------------------------------------------------------------- sampling: the paper's sampler
+# ---------------------------------------------------------------------- the paper's sampler
 # A sampling loop moves the state x from t = 1 (noise) to t = 0 (data) on a uniform grid. Its pieces
 # are shared with the general sampler below: `coeffs` (the schedule at a grid time), `predict_x0`
 # (the network's clean image), `paste` (inpainting by replacement), `ancestral_step` (Eq. 2).
@@ -292,7 +292,7 @@ def paste(x, known, mask, alpha, sigma, noise):
 
 def final_paste(x, known, mask, blend):
     """The known pixels exact in the output; or, with `blend`, blend known + (1 - blend) x.
-    deviation (blend, the demo's feather): a feathered paste of the last px (cascade.feather_weight)."""
+    deviation (blend, the demo's feather): the last px feathered in (cascade.feather_weight)."""
     if mask is None:
         return x
     return torch.where(mask, known, x) if blend is None else blend * known + (1 - blend) * x
@@ -342,7 +342,7 @@ def sample(model_fn, shape, *, steps, schedule="cosine", objective="v", threshol
     return final_paste(x, known, mask, blend)
 
 
-# ---------------------------------------------------------------------- sampling: the general one
+# ---------------------------------------------------------------------- the general sampler
 # Faster step rules and RePaint's resampling, which no preset's default uses but `paper_plus`'s
 # DPM-Solver++ and the distilled models' DDIM (cascade.CDM picks this loop only when asked).
 

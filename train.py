@@ -117,6 +117,7 @@ class Trainer:
         self.unet_cfg = cascade.unet_config(preset, stage, level, cfg.conditioned)
         self.schedule, self.objective = preset.schedules[level], preset.objectives[level]
         self.path = os.path.join(cfg.out, checkpoints.model_filename(stage, level))
+        os.makedirs(cfg.out, exist_ok=True)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = unet_mod.build(self.unet_cfg).to(device, memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -256,28 +257,30 @@ def train_models(args):
             for distill in distill_rounds(cfg, s, lvl) if cfg.distill else [None]:
                 run = dataclasses.replace(cfg, out=os.path.dirname(settings.round_path(
                     cfg, distill, s, lvl)))
-                os.makedirs(run.out, exist_ok=True)
                 trainer = Trainer(run, preset, s, lvl, group_rank, group_size, sync, device, mpp,
                                   distill)
-                if trainer.step >= trainer.max_steps:
-                    if trainer.rank == 0:
-                        print(f"{trainer.path}: already at step {trainer.step} >= --max-steps; "
-                              "nothing to do")
-                    continue
-                ds = data.StageLevelDataset(slides, preset, s, lvl, area_size=args.area_size,
-                                            cache_dir=args.cache, seed=args.seed, length=2 ** 62,
-                                            conditioned=cfg.conditioned, max_open=args.max_open,
-                                            rank=int(os.environ.get("LOCAL_RANK", 0)),  # the
-                                            world=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-                if not trainer.train(ds, stop_flag):
-                    raise StopIteration
-    except StopIteration:  # stopped by SIGTERM, saved
-        pass
+                if not train_one(trainer, args, slides, stop_flag):
+                    break  # stopped by SIGTERM, saved
     except (FloatingPointError, SlideError) as e:  # one line, no traceback
         flags.fail(str(e))
     if ddp:
         dist.destroy_process_group()
     return not stop_flag[0]  # False: stopped by SIGTERM (saved)
+
+
+def train_one(trainer, args, slides, stop_flag):
+    """One model up to --max-steps on its dataset; False if a SIGTERM stopped it."""
+    T = trainer
+    if T.step >= T.max_steps:
+        if T.rank == 0:
+            print(f"{T.path}: already at step {T.step} >= --max-steps; nothing to do")
+        return True
+    ds = data.StageLevelDataset(slides, T.preset, T.stage, T.level, area_size=args.area_size,
+                                cache_dir=args.cache, seed=args.seed, length=2 ** 62,
+                                conditioned=T.cfg.conditioned, max_open=args.max_open,
+                                rank=int(os.environ.get("LOCAL_RANK", 0)),  # the cache build's
+                                world=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # split
+    return T.train(ds, stop_flag)
 
 
 def index_lists(position, batch, rank, world):
@@ -376,7 +379,7 @@ def parse_args(argv=None):
                     help="run a recipe file's phases in order, then --export if given (the shipped "
                          "demo's: checkpoints/demo/recipe.txt)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    g = ap.add_argument_group("progressive distillation [Salimans & Ho 2022] (docs/distillation.md)")
+    g = ap.add_argument_group("progressive distillation [Salimans & Ho 2022; docs/distillation.md]")
     g.add_argument("--distill", metavar="TEACHER_DIR", default=None,
                    help="train students of TEACHER_DIR's models: each starts as its teacher and "
                         "learns to take in one DDIM step the teacher's two; students go to "

@@ -184,14 +184,16 @@ class Attention(nn.Module):
         return x + self.out(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
-class Block(nn.ModuleList):
-    """A ResBlock, then self-attention or nothing: block(h, emb) (its weights named [0], [1])."""
+class Block(nn.Module):
+    """A ResBlock, then self-attention where the level has it [ADM]: block(h, emb)."""
+
+    def __init__(self, res, attn=None):
+        super().__init__()
+        self.res, self.attn = res, attn
 
     def forward(self, h, emb):
-        return self[1](self[0](h, emb))
-
-
-TAKES_EMB = (ResBlock, Block)  # the layers called as layer(h, emb); every other one as layer(h)
+        h = self.res(h, emb)
+        return h if self.attn is None else self.attn(h)
 
 
 def pixel_down(cin, cout):
@@ -218,13 +220,21 @@ def conv_up(cin, cout):
 
 
 class UNet(nn.Module):
-    """Two layouts of the same blocks (encoder, middle, decoder; skips from every encoder output):
-    ADM [DDPM, ADM] (the default): each level runs its Blocks at its resolution, then a stride-2
-      conv halves it; the decoder upsamples (nearest + 3x3 conv) and runs its Blocks.
-    Efficient U-Net [Imagen App. B.1] (efficient; the authors' 256 and 1024 px models): full
-      resolution holds only the input conv, one ResBlock in and one out; every level first halves
-      the resolution (pixel_down), then runs its Blocks, so it works one octave lower (about 1/4
-      of the FLOPs at the same channels); the decoder upsamples with pixel_up at low resolution."""
+    """The demo's and paper_plus's U-Net: an encoder of resolution levels, a middle, a decoder that
+    mirrors the encoder, with a skip from every encoder output to the decoder [DDPM, ADM].
+
+    Level l of the encoder: `down` (halves the resolution; its output is a skip), then its Blocks
+    at that resolution (each output a skip). Level l of the decoder (deepest first): one Block more
+    than the encoder's, each eating the skip pushed last, then `up` (doubles the resolution).
+    Two layouts of the same pieces:
+      ADM [DDPM, ADM] (the default): level 0 has no `down` (the input conv's output is its first
+        skip); a level's `down` is a stride-2 conv of the level above's channels (conv_down);
+        the decoder's `up` is nearest + 3x3 conv (conv_up), none after level 0.
+      Efficient U-Net [Imagen App. B.1] (efficient; the authors' 256 and 1024 px models): every
+        level halves first, by pixel_down, so it works one octave lower (about 1/4 of the FLOPs at
+        the same channels); the decoder's `up` is pixel_up, level 0's back to full resolution,
+        where one ResBlock in (in_block) and one out (out_block, eating the input conv's skip)
+        are all the network does."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -234,28 +244,38 @@ class UNet(nn.Module):
         self.emb = mlp()  # of the noise level lam
         self.aug_emb = mlp() if cfg.aug_emb else None  # of the augmentation level aug_lam
         self.conv_in = nn.Conv2d(cfg.img_ch + cfg.cond_ch, w, 3, padding=1)
-        chans, ch = [w * m for m in cfg.mults], w
-        # Encoder: every output is kept for a skip (and the input conv's).
-        self.down, skip_ch = nn.ModuleList(), [w]
-        self.in_block = self.res(w, w) if cfg.efficient else None
-        encoder = self.efficient_encoder if cfg.efficient else self.adm_encoder
+        chans, blocks, eff = [w * m for m in cfg.mults], cfg.per_level_blocks(), cfg.efficient
+        # Encoder: per level, `down`, then its Blocks; skip_ch: the channels of each skip.
+        self.encoder, skip_ch, ch = nn.ModuleList(), [w], w
         for lvl, cout in enumerate(chans):
-            ch = encoder(lvl, ch, cout, skip_ch)
+            down = pixel_down(ch, cout) if eff else (conv_down(ch, ch) if lvl else None)
+            ch = cout if eff else ch
+            skip_ch += [ch] if down is not None else []
+            level = [self.block(ch if j == 0 else cout, cout, lvl) for j in range(blocks[lvl])]
+            skip_ch += [cout] * blocks[lvl]
+            self.encoder.append(Level(down, level, None))
+            ch = cout
+        self.in_block = self.res(w, w) if eff else None  # efficient: full resolution's ResBlock
         # Middle: ResBlock, attention (if the lowest level has it), ResBlock.
         self.mid = nn.ModuleList([self.res(ch, ch), self.attn(ch, len(chans) - 1),
                                   self.res(ch, ch)])
-        # Decoder: per level one Block more than the encoder, each eating one skip.
-        self.up = nn.ModuleList()
-        decoder = self.efficient_decoder if cfg.efficient else self.adm_decoder
+        # Decoder, deepest level first: Blocks eating the skips in reverse, then `up`.
+        self.decoder = nn.ModuleList()
         for lvl in reversed(range(len(chans))):
-            ch = decoder(lvl, ch, chans, skip_ch)
-        self.out_block = self.res(ch + skip_ch.pop(), w) if cfg.efficient else None
-        self.out = nn.Sequential(norm(w if cfg.efficient else ch, g), nn.SiLU(),
-                                 nn.Conv2d(w if cfg.efficient else ch, cfg.img_ch, 3, padding=1))
+            level = []
+            for _ in range(blocks[lvl] + 1):
+                level.append(self.block(ch + skip_ch.pop(), chans[lvl], lvl))
+                ch = chans[lvl]
+            cout = (chans[lvl - 1] if lvl else w) if eff else ch
+            up = pixel_up(ch, cout) if eff else (conv_up(ch, ch) if lvl else None)
+            self.decoder.append(Level(None, level, up))
+            ch = cout
+        self.out_block = self.res(ch + skip_ch.pop(), w) if eff else None
+        self.out = nn.Sequential(norm(w if eff else ch, g), nn.SiLU(),
+                                 nn.Conv2d(w if eff else ch, cfg.img_ch, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)  # zero output at init [ADM]
         nn.init.zeros_(self.out[-1].bias)
 
-    # The pieces each layout is built of. `ch` is the running channel count; each returns it.
     def res(self, cin, cout):
         return ResBlock(cin, cout, 4 * self.cfg.width, self.cfg.dropout, self.cfg.groups)
 
@@ -264,47 +284,9 @@ class UNet(nn.Module):
         return Attention(ch, cfg.head_dim, cfg.groups) if cfg.attn[lvl] else nn.Identity()
 
     def block(self, cin, cout, lvl):
-        return Block([self.res(cin, cout), self.attn(cout, lvl)])
-
-    def adm_encoder(self, lvl, ch, cout, skip_ch):
-        """ADM level: the Blocks at this resolution, then conv_down (not after the lowest
-        level)."""
-        for _ in range(self.cfg.per_level_blocks()[lvl]):
-            self.down.append(self.block(ch, cout, lvl))
-            ch = cout
-            skip_ch.append(ch)
-        if lvl < len(self.cfg.mults) - 1:
-            self.down.append(conv_down(ch, cout))
-            ch = cout
-            skip_ch.append(ch)
-        return ch
-
-    def efficient_encoder(self, lvl, ch, cout, skip_ch):
-        """Efficient level: pixel_down first, then the Blocks one octave lower."""
-        self.down.append(pixel_down(ch, cout))
-        skip_ch.append(cout)
-        for _ in range(self.cfg.per_level_blocks()[lvl]):
-            self.down.append(self.block(cout, cout, lvl))
-            skip_ch.append(cout)
-        return cout
-
-    def adm_decoder(self, lvl, ch, chans, skip_ch):
-        """ADM level: Blocks eating skips, then conv_up (not after the top level)."""
-        for _ in range(self.cfg.per_level_blocks()[lvl] + 1):
-            self.up.append(self.block(ch + skip_ch.pop(), chans[lvl], lvl))
-            ch = chans[lvl]
-        if lvl > 0:
-            self.up.append(conv_up(ch, ch))
-        return ch
-
-    def efficient_decoder(self, lvl, ch, chans, skip_ch):
-        """Efficient level: Blocks eating skips, then pixel_up to the level above's channels."""
-        for _ in range(self.cfg.per_level_blocks()[lvl] + 1):
-            self.up.append(self.block(ch + skip_ch.pop(), chans[lvl], lvl))
-            ch = chans[lvl]
-        cout = chans[lvl - 1] if lvl > 0 else self.cfg.width
-        self.up.append(pixel_up(ch, cout))
-        return cout
+        cfg = self.cfg
+        return Block(self.res(cin, cout),
+                     Attention(cout, cfg.head_dim, cfg.groups) if cfg.attn[lvl] else None)
 
     def forward(self, x, lam, cond=None, aug_lam=None):
         """x: (B, img_ch, H, W) noisy image, H and W divisible by 2^(levels-1) (efficient:
@@ -315,30 +297,43 @@ class UNet(nn.Module):
         f = 2 ** (len(cfg.mults) - (0 if cfg.efficient else 1))
         if x.shape[-1] % f or x.shape[-2] % f:
             raise ValueError(f"U-Net input {tuple(x.shape[-2:])} is not divisible by {f}")
-        run = lambda layer, h: layer(h, emb) if isinstance(layer, TAKES_EMB) else layer(h)
         # Embedding of the noise level (and of the augmentation level; clean when not given).
         emb = self.emb(noise_embedding(lam, cfg.width))
         if self.aug_emb is not None:
             aug_lam = torch.full_like(lam, sde.LAM_CLAMP) if aug_lam is None else aug_lam
             emb = emb + self.aug_emb(noise_embedding(aug_lam, cfg.width))
         emb = emb.to(x.dtype)
-        # Encoder.
+        # Encoder: every output is kept for the decoder.
         h = self.conv_in(torch.cat([x, cond.to(x.dtype)], dim=1) if cfg.cond_ch else x)
         skips = [h]
         if self.in_block is not None:  # efficient: the one full-resolution ResBlock in
             h = self.in_block(h, emb)
-        for layer in self.down:
-            h = run(layer, h)
-            skips.append(h)
+        for level in self.encoder:
+            if level.down is not None:
+                h = level.down(h)
+                skips.append(h)
+            for block in level.blocks:
+                h = block(h, emb)
+                skips.append(h)
         # Middle.
-        for layer in self.mid:
-            h = run(layer, h)
-        # Decoder.
-        for layer in self.up:
-            h = run(layer, torch.cat([h, skips.pop()], dim=1) if isinstance(layer, Block) else h)
+        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
+        # Decoder: each Block eats the skip pushed last.
+        for level in self.decoder:
+            for block in level.blocks:
+                h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            if level.up is not None:
+                h = level.up(h)
         if self.out_block is not None:  # efficient: the one full-resolution ResBlock out
             h = self.out_block(torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h)
+
+
+class Level(nn.Module):
+    """One resolution level of UNet: `down` (or None), its Blocks, `up` (or None)."""
+
+    def __init__(self, down, blocks, up):
+        super().__init__()
+        self.down, self.blocks, self.up = down, nn.ModuleList(blocks), up
 
 
 def build(cfg: UNetConfig):

@@ -11,7 +11,7 @@ import unet as unet_mod
 from operations.files import atomic_path, file_digest
 from operations.flags import DEMO_CKPT, fail
 
-MODEL_FORMAT = "urcdm-model-v1"
+MODEL_FORMAT = "urcdm-model-v2"  # v2: UNet by levels (encoder / decoder), the whole preset
 FP16_MAX = 65504.0
 
 
@@ -35,13 +35,16 @@ def _as_lists(v):
 def checkpoint_mismatch(ck, preset, stage, level, conditioned=None):
     """Why a loaded model file is not (preset, stage, level)'s, or None if it is: the one check
     for sampling (load_unet) and resuming (train.py). conditioned: None = either kind."""
-    if not isinstance(ck, dict) or ck.get("format") != MODEL_FORMAT:
+    if not isinstance(ck, dict) or not str(ck.get("format", "")).startswith("urcdm-model-"):
         return f"not a URCDM model file (format {MODEL_FORMAT} expected)"
+    if ck["format"] != MODEL_FORMAT:
+        return (f"format {ck['format']}, written by an earlier version of this code (this one "
+                f"reads {MODEL_FORMAT}); retrain it, or sample it with the version that wrote it")
     if (ck["stage"], ck["level"]) != (stage, level):
         return (f"holds stage {ck['stage']} level {ck['level']}, "
                 f"expected stage {stage} level {level}")
     mine = preset.model_dict()
-    saved = {k: ck["preset"].get(k, cascade.V1_MODEL_DEFAULTS.get(k)) for k in mine}
+    saved = {k: ck["preset"].get(k) for k in mine}
     diff = [k for k in mine if _as_lists(saved[k]) != _as_lists(mine[k])]
     if diff:
         return (f"trained for preset {ck['preset'].get('name')!r} with other settings than preset "
@@ -64,17 +67,6 @@ def weights_problem(state_dict):
     return None
 
 
-def saved_config(fields, path):
-    """The UNetConfig a model file records. A switch this version no longer has is dropped when it
-    is off (False: the layout it names was not used) and refused in one line when it is on."""
-    known = {f.name for f in dataclasses.fields(unet_mod.UNetConfig)}
-    gone = [k for k, v in fields.items() if k not in known and v]
-    if gone:
-        raise ValueError(f"{path}: a U-Net built with {', '.join(gone)}, which unet.py no longer "
-                         "has; retrain it, or sample it with the version that trained it")
-    return unet_mod.UNetConfig(**{k: v for k, v in fields.items() if k in known})
-
-
 def load_unet(path, preset, stage, level, device="cpu"):
     """Build the U-Net of (stage, level) from its file alone; a clear error if the file is
     missing, unreadable, or belongs to another stage, level or preset.
@@ -91,7 +83,7 @@ def load_unet(path, preset, stage, level, device="cpu"):
     why = checkpoint_mismatch(ck, preset, stage, level) or weights_problem(ck["ema"])
     if why:
         raise ValueError(f"{path}: {why}; pass the matching --preset or retrain")
-    net = unet_mod.build(saved_config(ck["unet_config"], path))
+    net = unet_mod.build(unet_mod.UNetConfig(**ck["unet_config"]))
     net.load_state_dict(ck["ema"])
     # channels_last: about 4x faster convolutions on CPU (tests/bench_unet.py), same on GPU
     return net.to(device, memory_format=torch.channels_last).eval(), ck.get("conditioned", True)
@@ -182,7 +174,7 @@ def resume(trainer):
     why = checkpoint_mismatch(ck, T.preset, T.stage, T.level, T.cfg.conditioned)
     if why is None and "model" not in ck:
         why = "EMA weights only (an exported model)"
-    if why is None and saved_config(ck["unet_config"], T.path) != T.unet_cfg:
+    if why is None and unet_mod.UNetConfig(**ck["unet_config"]) != T.unet_cfg:
         why = f"another U-Net ({ck['unet_config']}, now {T.unet_cfg.to_dict()})"
     if why is None and ck.get("seed") != T.cfg.seed:
         why = f"seed {ck.get('seed')}, now {T.cfg.seed}"

@@ -77,7 +77,7 @@ def estimate(args):
     GPUs at --mfu of --tflops, with rank 0's measured file work; arithmetic, no model loaded.
     With --window / --patches: what those windows cost (--patches: uniform random positions, as
     the tissue is not known before stage 2)."""
-    p = flags.get_preset(args.preset)
+    p = settings.get_preset(args.preset)
     flags.check_ranges(args, {"--gpus": flags.at_least(1), "--tflops": flags.above(0),
                               "--mfu": (lambda v: flags.between(0, 1)[0](v) and v > 0,
                                         "a share of the peak in (0, 1]")})

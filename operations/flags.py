@@ -5,8 +5,6 @@ import math
 import os
 import sys
 
-import cascade
-
 DEMO_CKPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "checkpoints", "demo")
 
@@ -65,9 +63,3 @@ def check_ranges(args, rules):
         if value is not None and not all(ok(v) for v in values):
             fail(f"{flag} {value}: use {rule}")
 
-
-def get_preset(name):
-    try:
-        return cascade.get_preset(name)
-    except ValueError as e:
-        fail(f"--preset {e}")

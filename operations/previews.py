@@ -160,8 +160,8 @@ def plot_curves(ckpt_dir, out=None, panel=(360, 240)):
 
 
 def inspect_slide(argv=None):
-    """python data.py SLIDE: a slide's levels, its tissue, and a picture of the nine training
-    datasets it gives (SLIDE_NAME.datasets.png in the working directory)."""
+    """python -m operations.previews SLIDE: a slide's levels, its tissue, and a picture of the nine
+    training datasets it gives (SLIDE_NAME.datasets.png in the working directory)."""
     ap = Parser("Inspect a slide and preview the nine URCDM training datasets it gives.")
     ap.add_argument("slide", help="slide file (.svs, .tif, OME-TIFF, .png, .jpg)")
     ap.add_argument("--preset", default="demo", help="preset whose geometry to use (default: demo)")
@@ -190,3 +190,7 @@ def inspect_slide(argv=None):
     save_png(out, grid_image(rows, 128, gap=2))
     print("preview of the nine datasets (rows: stage 1-3 x level 0-2; target, then lowres (levels "
           f"1-2), context and region (stages 2-3)): {out}")
+
+
+if __name__ == "__main__":  # python -m operations.previews SLIDE
+    inspect_slide()

@@ -9,12 +9,20 @@ import shutil
 import cascade
 from operations import checkpoints
 from operations.distributed import use_bf16
-from operations.flags import (above, at_least, between, check_ranges, fail, get_preset)
+from operations.flags import above, at_least, between, check_ranges, fail
 from operations.files import remove_orphans
 from operations.slides import SlideError, list_slides, open_slide, slides_mpp
 
 
 # ---------------------------------------------------------------------- sample.py's settings
+
+def get_preset(name):
+    """The preset --preset names (cascade.PRESETS), or a one-line error."""
+    try:
+        return cascade.get_preset(name)
+    except ValueError as e:
+        fail(f"--preset {e}")
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:

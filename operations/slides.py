@@ -14,7 +14,6 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-import cascade
 from operations.files import is_temp
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".jpg", ".jpeg")
@@ -164,7 +163,7 @@ class Slide:
                              f"{ix1 - ix0}x{iy1 - iy0} px of level {k} (more than "
                              f"{MAX_READ_PIXELS} px): the slide has no pyramid level near that "
                              "scale; save it with a pyramid (e.g. vips tiffsave --pyramid --tile)")
-        win = cascade.window(_LevelView(lv), iy0, ix0, iy1 - iy0, ix1 - ix0, self.background)
+        win = _read_padded(lv, iy0, ix0, iy1 - iy0, ix1 - ix0, self.background)
         if (ix1 - ix0, iy1 - iy0) == (w, h) and f == 1:
             return win
         img = Image.fromarray(win)  # BOX = exact area average over the fractional source box
@@ -177,15 +176,18 @@ class Slide:
         return self.read_region(0, 0, w, h, ds)
 
 
-class _LevelView:
-    """Array-like facade of a level for cascade.window (shape + 2-D slicing)."""
-
-    def __init__(self, lv):
-        self.lv, self.shape = lv, (lv.height, lv.width, 3)
-
-    def __getitem__(self, idx):
-        ys, xs = idx
-        return self.lv.read(ys.start, xs.start, ys.stop - ys.start, xs.stop - xs.start)
+def _read_padded(lv, y0, x0, h, w, background):
+    """Pixels [y0, y0 + h) x [x0, x0 + w) of a level (uint8 (h, w, 3)): the part inside the level
+    read, the rest `background` (a grey level or an RGB triple)."""
+    inside_y = slice(max(y0, 0), min(y0 + h, lv.height))
+    inside_x = slice(max(x0, 0), min(x0 + w, lv.width))
+    canvas = np.empty((h, w, 3), np.uint8)
+    canvas[...] = background
+    if inside_y.start < inside_y.stop and inside_x.start < inside_x.stop:
+        canvas[inside_y.start - y0:inside_y.stop - y0, inside_x.start - x0:inside_x.stop - x0] = \
+            lv.read(inside_y.start, inside_x.start, inside_y.stop - inside_y.start,
+                    inside_x.stop - inside_x.start)
+    return canvas
 
 
 def _mpp(tif, page):
@@ -273,3 +275,18 @@ def slides_mpp(paths, area_size, N3):
         with open_slide(path) as slide:
             mpps += [slide.mpp] if slide.mpp else []
     return float(np.median(mpps)) * (area_size or N3) / N3 if mpps else None
+
+
+def redraw_unreadable(example, seed, tries):
+    """example(rng) with rng = numpy.random.default_rng(seed); when a slide cannot be read there
+    (SlideError: a corrupt tile) it is drawn again from seed + [attempt], up to `tries` times, so
+    a training run passes an unreadable example, and a resumed run the same way. Returns the
+    example's dict with `skipped`: why the earlier draws failed ('' if none)."""
+    skipped = []
+    for attempt in range(tries):
+        rng = np.random.default_rng(list(seed) + ([attempt] if attempt else []))
+        try:
+            return dict(example(rng), skipped="\n".join(skipped))
+        except SlideError as e:
+            skipped.append(str(e))
+    raise SlideError(f"{tries} draws in a row unreadable; the last: {skipped[-1]}")

@@ -111,7 +111,8 @@ def main():
         for label in rows:
             k = metrics.kid(feats[f"teacher {own} {N}"], feats[label], subsets=50,
                             subset_size=args.n)[0]
-            table[label] = dict(rmse_ref=rmse(images[label], ref), rmse_ode=rmse(images[label], ode),
+            table[label] = dict(rmse_ref=rmse(images[label], ref),
+                                rmse_ode=rmse(images[label], ode),
                                 kid_e3=None if k is None else 1e3 * k, seconds=seconds[label])
         results[spec] = table
         print(f"stage {s} level {lvl} ({preset.level_sizes[lvl]} px, n {args.n}; student of "
