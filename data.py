@@ -25,7 +25,7 @@ import torch
 import cascade
 import tiler
 from operations import caches
-from operations.files import LRU, atomic_path, write_json
+from operations.files import LRU, atomic_path, open_budget, write_json
 from operations.pyramid import box_pyramid
 from operations.slides import SlideError, open_slide, redraw_unreadable
 
@@ -210,7 +210,8 @@ def resized(u8, size, k=0, mode="area", window=None):
                                       window[1]:window[1] + window[2]]
 
 
-MAX_OPEN = 64  # slides, and slides' cache maps, a process keeps open (each: 1-2 descriptors)
+MAX_OPEN = 64  # slides (with their cache maps) a process keeps open, at most (files.open_budget)
+DESCRIPTORS_PER_SLIDE = 4  # an open slide: tifffile's handle and the pread one; its cache: 2 maps
 MAX_REDRAW = 10  # draws of one example before its unreadable slides stop training
 
 
@@ -229,7 +230,8 @@ class StageLevelDataset(torch.utils.data.Dataset):
     areas left out), a crop redrawn (up to 10 times) while its field below has less tissue than
     min_tissue (the paper ignores mostly white patches); 'grid': the authors' (_grid_crop), every
     tissue block of every slide equally likely. rank, world: this machine's local ranks (the
-    cache build's split). max_open: slides and cache maps kept open (least recently used closed).
+    cache build's split). max_open: slides (and their cache maps) kept open, least recently used
+    closed first, and never more than the descriptor limit allows (files.open_budget).
     """
 
     def __init__(self, slides, preset, stage, level, *, area_size=None, cache_dir=None,
@@ -248,6 +250,8 @@ class StageLevelDataset(torch.utils.data.Dataset):
             raise SlideError(f"{slides[0]}: none of the {len(slides)} slide(s) has tissue in its "
                              "area; give slides with tissue (or --positions grid)")
         self.paths, bases = list(bases), list(bases.values())
+        # The held-out examples (held_out) share these: one bound for the whole process.
+        max_open = open_budget(max_open, DESCRIPTORS_PER_SLIDE)
         self.caches = LRU(max_open, lambda k: caches.open_cache(bases[k]))
         self.slides = LRU(max_open, lambda k: self._open(k), lambda s: s.close())
         self.blocks = None  # grid: cumulative tissue blocks over the slides

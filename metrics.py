@@ -256,6 +256,8 @@ def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, crop=Non
     side = P if kind == "pfid" else min(crop or P, cascade.stage_size(source.preset, kind + 1))
     if source.is_windows:
         ev.windows_give(source, kind, side)
+    if source.is_patches:
+        ev.patches_give(source, kind, side)
     if source.is_patches or (source.is_windows and kind == 2):
         files = source.windows if source.is_windows else source.files
         jobs = [lambda f=f: ev.read_image(f) for f in files[:n]]
@@ -272,9 +274,7 @@ def patch_features(source, kind, n, net, *, min_tissue=data.MIN_TISSUE, crop=Non
     for i, job in enumerate(jobs):
         img = job()
         if keep(img):
-            # a patch directory's images at the crops' size (windows are checked to have it)
-            buf.append(img if img.shape[:2] == (side, side) or not source.is_patches else
-                       np.asarray(Image.fromarray(img).resize((side, side), Image.BOX)))
+            buf.append(img)  # patches and windows are checked to be side x side px
         if len(buf) == batch or (i == len(jobs) - 1 and buf):
             feats.append(net(np.stack(buf)))
             buf = []
@@ -378,7 +378,8 @@ def seam_score(img, grid, order="raster", block=8):
     pixels and the edge of the later patch's write (seam_lines); the larger ratio is returned.
     Reference lines are taken at multiples of `block` px away where there are such offsets, so
     that they share a JPEG-compressed slide's 8 x 8 block phase with the line they are compared to.
-    img: (N, N) or (N, N, C) array-like, read one band per line (a DiskArray, a slide view)."""
+    img: (N, N) or (N, N, C) array-like, read one band per line (a DiskArray, a slide view).
+    None where it is undefined: an image without gradients near its seams (flat, e.g. all black)."""
     o, N = grid.overlap, img.shape[0]
     near = range(max(1, o // 4), max(2, o // 2) + 1)
     phased = [a for a in near if a % block == 0]
@@ -399,6 +400,8 @@ def seam_score(img, grid, order="raster", block=8):
                 seam[c].append(d[:, q - 1 - lo].mean())
                 ref[c].extend(d[:, q - 1 + e - lo].mean() for e in offsets
                               if 0 <= q - 1 + e - lo < d.shape[1])
+    if not all(np.mean(r) > 0 for r in ref):
+        return None
     return float(max(np.mean(s) / np.mean(r) for s, r in zip(seam, ref)))
 
 
@@ -520,10 +523,12 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     args.cache = args.cache or None
-    flags.check_ranges(args, {"--k": flags.at_least(1), "--n": flags.at_least(2),
-                              "--min-tissue": flags.between(0, 1), "--crop": flags.at_least(8),
-                              "--edge-margin": flags.at_least(0),
-                              "--n-pfid": (lambda v: v == 0 or v >= 2, "0 (off) or a value >= 2")})
+    flags.check_ranges(args, {
+        "--k": flags.count(1, 1000), "--n": flags.count(2, 10 ** 6, "the paper's 10k 100 times"),
+        "--min-tissue": flags.between(0, 1), "--crop": flags.count(8, 10 ** 5),
+        "--edge-margin": flags.count(0, 10 ** 5), "--seed": flags.seed(),
+        "--fake-seed": flags.seed(),
+        "--n-pfid": (lambda v: v == 0 or 2 <= v <= 10 ** 6, "0 (off) or a value from 2 to 10^6")})
     try:
         results = evaluate(args)
     except (FileNotFoundError, ValueError, SlideError) as e:
@@ -535,4 +540,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    flags.one_line(main, "nothing was written (the features computed so far are cached)")

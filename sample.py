@@ -88,12 +88,19 @@ def make_slide(args, device):
                           batch=run.batch, white_threshold=run.white_threshold,
                           progress=Progress.counting)
     mpp = args.mpp or runs.model_mpp(run, preset, 3)
-    t_write = runs.write_slide(args.out, images, mpp=mpp, compression=args.compression)
-    runs.report(args.out, images, run, preset, mpp, time.time() - t0, t_write)
+    try:
+        t_write, written = runs.write_slide(args.out, images, preset, mpp=mpp,
+                                            compression=args.compression)
+    except OSError as e:  # the in-memory run keeps no OUT.work/: say what is lost
+        flags.fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}; the slide was "
+                   "made in memory and is lost (no OUT.work/ to resume from); free the space and "
+                   "run again, with --stream to keep OUT.work/ for --resume")
+    runs.report(args.out, images, mpp, time.time() - t0, t_write, written)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    settings.check_sample_flags(args, settings.get_preset(args.preset))  # before any work
     if args.estimate:  # the cost of a slide, arithmetic: no models needed
         return costs.estimate(args)
     ddp, rank, world, device = init_distributed(args.device)
@@ -183,9 +190,8 @@ def parse_args(argv=None):
                          "image; 3: from its stage 2)")
     ap.add_argument("--seeds", default=None,
                     help="many slides: '0-99' or '0,4,7'; OUT gets _s<seed> before its suffix")
-    ap.add_argument("--slides", "--n", dest="slides", type=int, default=None,
-                    help="many slides: N, one a seed from --seed on (--n: its old spelling, which "
-                         "torchrun's own parser takes for --nnodes)")
+    ap.add_argument("--slides", type=int, default=None,
+                    help="many slides: N, one a seed from --seed on")
     ap.add_argument("--dry-run", action="store_true",
                     help="cheap deterministic stand-in for the U-Nets (no checkpoints)")
     g = ap.add_argument_group("estimate (prints the cost of a slide, generates nothing)")
@@ -216,4 +222,5 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    runs.one_line_errors(main)
+    flags.one_line(runs.one_line_errors, "nothing written was lost: a streamed run (OUT.work/) "
+                   "continues with --resume; the in-memory demo starts again", main)

@@ -242,6 +242,7 @@ def train_models(args):
     ddp, rank, world, device = init_distributed(args.device)
     preset, models = settings.train_preset(args), settings.models_to_train(args)
     cfg = Config.from_args(args, device)
+    settings.check_batch_memory(args, preset, models, device)
     slides, mpp = settings.training_slides(args, preset, rank, device)
     stop_flag = [False]  # preemption (SIGTERM): save, then exit
     signal.signal(signal.SIGTERM, lambda *_: stop_flag.__setitem__(0, True))
@@ -391,18 +392,23 @@ def parse_args(argv=None):
                    help="rounds, each halving the steps (K, K/2, ...), each resumable; --export "
                         "then writes the last round's students")
     args = ap.parse_args(argv)
+    many, cores = flags.COUNT_MAX, flags.cores()
     flags.check_ranges(args, {
-        "--batch": flags.at_least(1), "--lr": flags.above(0), "--max-steps": flags.at_least(0),
-        "--ema": (lambda v: 0 <= v < 1, "a value in [0, 1)"), "--save-every": flags.at_least(1),
-        "--log-every": flags.at_least(1), "--keep": flags.at_least(0),
-        "--sample-steps": flags.at_least(1), "--threads": flags.at_least(1),
-        "--max-nonfinite": flags.at_least(1), "--max-open": flags.at_least(1),
-        "--max-unreadable": flags.between(0, 1), "--holdout": flags.between(0, 0.5),
-        "--gpu-mem": flags.above(0), "--min-snr-gamma": flags.at_least(0),
-        "--area-size": flags.at_least(1), "--sample-every": flags.at_least(0),
-        "--workers": (lambda v: v == "auto" or (v.isascii() and v.isdigit()),
-                      "auto or a whole number >= 0"),
-        "--distill-steps": flags.at_least(1), "--rounds": flags.between(1, 20)})
+        "--batch": flags.count(1, 10 ** 6), "--lr": flags.between(0, 1), "--ema": (
+            lambda v: 0 <= v < 1, "a value in [0, 1)"), "--max-steps": flags.count(0, many),
+        "--save-every": flags.count(1, many), "--log-every": flags.count(1, many),
+        "--sample-every": flags.count(0, many), "--keep": flags.count(0, 10 ** 4),
+        "--sample-steps": flags.count(1, 10 ** 5), "--max-nonfinite": flags.count(1, many),
+        "--threads": flags.count(1, cores, "this machine's cores"), "--seed": flags.seed(),
+        "--max-open": flags.count(1, 10 ** 6), "--max-unreadable": flags.between(0, 1),
+        "--holdout": flags.between(0, 0.5), "--gpu-mem": flags.between(0, 10 ** 5),
+        "--min-snr-gamma": flags.between(0, 10 ** 6), "--area-size": flags.count(1, 10 ** 7),
+        "--workers": (lambda v: v == "auto" or (v.isascii() and v.isdigit() and int(v) <= cores),
+                      f"auto or a whole number from 0 to {cores} (this machine's cores)"),
+        "--distill-steps": flags.count(1, 10 ** 5), "--rounds": flags.count(1, 20)})
+    for flag, value in (("--lr", args.lr), ("--gpu-mem", args.gpu_mem)):
+        if value <= 0:
+            flags.fail(f"{flag} {value}: use a value above 0")
     settings.check_distill_flags(args)
     if len(args.max_steps) not in (1, 3):
         flags.fail(f"--max-steps {args.max_steps}: use 1 value, or 3 (one per level)")
@@ -427,4 +433,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    flags.one_line(main, "every checkpoint written is kept (--save-every); the same command "
+                   "resumes from the last")

@@ -13,6 +13,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from operations.slides import SYNTHETIC
+
 
 class DiskArray:
     """An (H, W, 3) uint8 image in a .npy file, read and written with pread / pwrite.
@@ -119,7 +121,7 @@ def write_aperio(path, image, *, tile=256, mpp=0.25, compression="jpeg", quality
                  compressionargs={"level": quality if compression == "jpeg" else 6})
     q = f"{compression.upper()}/RGB Q={quality}" if compression == "jpeg" else "ZLIB/RGB"
     props = f"AppMag = {10 / mpp:g}|MPP = {mpp:g}|Software = URCDM"
-    head = (f"Aperio Image Library v12.0.0 URCDM synthetic slide\r\n"
+    head = (f"Aperio Image Library v12.0.0 {SYNTHETIC}\r\n"
             f"{W}x{H} [0,0 {W}x{H}] ({tile}x{tile})")
     try:
         with tifffile.TiffWriter(path, bigtiff=True) as tif:

@@ -9,7 +9,7 @@ import cascade
 import sde
 import tiler
 import unet as unet_mod
-from operations import distributed, flags, settings, windows
+from operations import distributed, settings, windows
 
 # Rank 0's file work that a round waits for, per patch of the round (known pixels read and sent,
 # floats made, the round saved and written: tests/bench_sample.py --io, 1.15 s for a 23-patch paper
@@ -78,9 +78,6 @@ def estimate(args):
     With --window / --patches: what those windows cost (--patches: uniform random positions, as
     the tissue is not known before stage 2)."""
     p = settings.get_preset(args.preset)
-    flags.check_ranges(args, {"--gpus": flags.at_least(1), "--tflops": flags.above(0),
-                              "--mfu": (lambda v: flags.between(0, 1)[0](v) and v > 0,
-                                        "a share of the peak in (0, 1]")})
     sp, W = settings.resolve_sampling(args, p), args.gpus
     batch = args.batch or settings.default_batch(p)
     rate = args.tflops * 1e12 * args.mfu  # FLOP/s of one GPU

@@ -1,6 +1,7 @@
 """Processes: torchrun or plain python, the device, bf16 where it is native, and the few
 collectives a sampling run needs (rank 0 reads and writes; the others only compute)."""
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -57,6 +58,22 @@ def broadcast(obj, world):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_rank0(check, rank, world):
+    """check() run on rank 0 alone (it reads files the other ranks need not see), its outcome on
+    every rank: its return value, or the one-line error (flags.fail's SystemExit) it ended with,
+    which then ends every rank alike, so that no rank waits for one that has left."""
+    outcome = None
+    if rank == 0:
+        try:
+            outcome = ("ok", check())
+        except SystemExit as e:
+            outcome = ("exit", e.code)
+    kind, value = broadcast(outcome, world)
+    if kind == "exit":
+        sys.exit(value)
+    return value
 
 
 def scatter_batches(rnd, lows, read, rank, world):

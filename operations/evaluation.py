@@ -54,6 +54,21 @@ class Source:
                                                preset.training.area_choice) for s in self.slides]
             self.stages = [{s: f"{f}.stage{s}.png" for s in (1, 2)
                             if os.path.exists(f"{f}.stage{s}.png")} for f in self.files]
+            self.check_generated_stages()
+
+    def check_generated_stages(self):
+        """A slide sample.py made is scored at magnifications 0-1 on the stage images it wrote
+        beside it; without them its own downsampled pixels would stand in, and the cross-scale
+        consistency would read 'identical'. Such a slide is refused in one line."""
+        sizes = {cascade.stage_size(self.preset, s): s for s in (2, 3)}
+        for f, slide, have in zip(self.files, self.slides, self.stages):
+            stage = sizes.get(slide.dimensions[0])
+            missing = [f"{f}.stage{s}.png" for s in range(1, stage or 1) if s not in have]
+            if slide.synthetic and missing:
+                raise ValueError(f"{f}: a slide sample.py made, without {', '.join(missing)} "
+                                 "(magnifications 0-1 and the cross-scale consistency are "
+                                 "read there); finish its run with sample.py --resume and the "
+                                 "same flags, or make it again")
 
     def _windows(self, folder, manifests):
         """The runs of `sample.py --window / --patches` in a directory: magnification 2 from
@@ -131,6 +146,19 @@ def feature_cache(source, kind, n, net, *, min_tissue, crop, seed, cache_dir):
              getattr(net, "input", None), source.preset.model_dict()]
     return os.path.join(cache_dir, hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:20]
                         + ".npy")
+
+
+def patches_give(source, kind, side):
+    """A one-line error when a patch directory's images are not side x side px, the crops of
+    magnification `kind`: resized, they would be compared at another magnification."""
+    for f in source.files:
+        with Image.open(f) as im:
+            size = im.size
+        if size != (side, side):
+            raise ValueError(f"{f}: a {size[0]} x {size[1]} px patch; magnification {kind} "
+                             f"compares {side} px crops of preset {source.preset.name}: give "
+                             f"patches of that size, or evaluate with --mag and --crop for "
+                             f"{size[0]} px")
 
 
 def windows_give(source, kind, side):
@@ -259,5 +287,6 @@ def format_table(results):
                      + ", ".join(f"{v:.3f}" for v in results["stage1_nearest_real"]))
     for k, sc in enumerate(results.get("seam", [])):
         lines.append(f"seam score slide {k}: "
-                     + ", ".join(f"stage {s} {v:.3f}" for s, v in sorted(sc.items())))
+                     + ", ".join(f"stage {s} " + ("n.a. (no gradient near the seams)" if v is None
+                                                  else f"{v:.3f}") for s, v in sorted(sc.items())))
     return "\n".join(lines)

@@ -91,6 +91,20 @@ def _alive(pid):
         return True
 
 
+def open_budget(wanted, per_item, reserve=48):
+    """How many things holding `per_item` file descriptors each a process may keep open: `wanted`,
+    but never more than its descriptor limit (RLIMIT_NOFILE's soft limit: 256 on macOS, often
+    1024 on clusters, sometimes less) leaves after `reserve` for everything else; at least 1."""
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # no such limit here (Windows)
+        return wanted
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, (soft - reserve) // per_item))
+
+
 class LRU:
     """At most `size` open things (slides, memory maps) by key, the least recently used closed
     first: a process's file descriptors stay bounded whatever the number of slides."""

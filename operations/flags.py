@@ -53,6 +53,41 @@ def between(lo, hi):
     return lambda v: _finite(v) and lo <= v <= hi, f"a value in [{lo}, {hi}]"
 
 
+SEED_MAX = 2 ** 63 - 1  # seeds: numpy's generators take non-negative integers
+COUNT_MAX = 10 ** 9     # step counts and intervals: 5000 times the paper's 200k steps
+
+
+def seed():
+    return between(0, SEED_MAX)[0], "a whole number from 0 to 2^63 - 1"
+
+
+def count(lo, hi, what=""):
+    """A whole number in [lo, hi]; `what` says where hi comes from."""
+    return (lambda v: _finite(v) and lo <= v <= hi,
+            f"a value from {lo} to {hi}" + (f" ({what})" if what else ""))
+
+
+def cores():
+    """The CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def memory_bytes(device):
+    """The memory a step may use: the GPU's on CUDA, else the machine's RAM."""
+    import torch
+    if getattr(device, "type", device) == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def one_line(fn, interrupted, *a):
+    """Run a command's fn(*a); Ctrl-C ends it with one line (`interrupted`: what is kept)."""
+    try:
+        return fn(*a)
+    except KeyboardInterrupt:
+        fail(f"interrupted (Ctrl-C); {interrupted}")
+
+
 def check_ranges(args, rules):
     """rules: {flag: (ok(value) -> bool, rule text)}, e.g. {'--batch': at_least(1)}. A flag left
     unset (None) is not checked; a list is checked value by value. One line for the first flag

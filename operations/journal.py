@@ -11,7 +11,7 @@ import numpy as np
 
 import cascade
 from operations.aperio import DiskArray
-from operations.distributed import barrier, broadcast
+from operations.distributed import barrier, broadcast, on_rank0
 from operations.files import atomic_path, write_json
 from operations.flags import fail
 
@@ -124,13 +124,23 @@ def open_work(args, settings, preset, rank, world):
     """OUT.work/ with its journal, locked for this run (rank 0 holds an exclusive lock; the lock
     file stays open with the journal). A run with finished patches is continued only with --resume
     (first re-applying a round it saved but did not mark) and discarded only with --overwrite; a
-    work directory without any finished patch never blocks a fresh start.
-    Returns (work, journal)."""
+    work directory without any finished patch never blocks a fresh start. --resume of a run whose
+    OUT is written (stopped while removing OUT.work/) removes OUT.work/ and finishes.
+    Returns (work, journal), or (work, None) when the run is already complete."""
     work = args.out + ".work"
-    journal = Journal(work, settings)
-    if rank == 0:
+    kept = [Journal(work, settings)]  # rank 0's, once prepared
+
+    def prepare():  # rank 0: the files; its one-line errors end every rank (on_rank0)
+        journal = kept[0]
         windows = args.window or args.patches
         product = args.out + ".windows.json" if windows else args.out  # what a finished run made
+        if os.path.exists(product) and args.resume and not args.overwrite:  # written last
+            if not os.path.isdir(work):
+                return f"--out {product} is complete; nothing to resume"
+            lock_work(work).close()  # not while another run holds it
+            shutil.rmtree(work, ignore_errors=True)
+            return f"--out {product} is complete (its run stopped while removing {work}/, which " \
+                   "is now removed); nothing to resume"
         if os.path.exists(product) and not args.overwrite:
             fail(f"--out {product} exists; pass --overwrite to replace it (or choose another "
                  "--out)")
@@ -157,9 +167,17 @@ def open_work(args, settings, preset, rank, world):
                 if f != "lock":
                     path = os.path.join(work, f)
                     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-            lock, journal = journal.lock, Journal(work, settings)
-            journal.lock = lock
-            journal.save()
+            kept[0] = Journal(work, settings)
+            kept[0].lock = journal.lock
+            kept[0].save()
+        return None
+
+    complete = on_rank0(prepare, rank, world)
+    if complete:
+        if rank == 0:
+            print(complete, file=sys.stderr)
+        return work, None
+    journal = kept[0]
     journal.share(world)
     barrier(world)
     return work, journal

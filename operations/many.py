@@ -9,21 +9,30 @@ import time
 
 from operations.distributed import gather
 from operations.files import file_digest, write_json
-from operations.flags import fail
+from operations.flags import SEED_MAX, fail
 from operations.runs import SlideSkipped, generate, remove_own_orphans
 
 
+MAX_SLIDES = 10 ** 6
+
+
 def parse_seeds(args):
+    """The seeds of --slides N (from --seed on) or --seeds '0-99' / '0,4,7': at most MAX_SLIDES,
+    each a valid seed."""
     if args.slides:
-        return list(range(args.seed, args.seed + args.slides))
-    try:
-        out = []
-        for part in args.seeds.split(","):
-            a, _, b = part.partition("-")
-            out += list(range(int(a), int(b or a) + 1))
-        return out
-    except ValueError:
-        fail(f"--seeds {args.seeds}: use a range such as 0-99 or a list such as 0,4,7")
+        seeds = range(args.seed, args.seed + args.slides)
+    else:
+        try:
+            parts = [p.partition("-") for p in args.seeds.split(",")]
+            seeds = [range(int(a), int(b or a) + 1) for a, _, b in parts]
+        except ValueError:
+            fail(f"--seeds {args.seeds}: use a range such as 0-99 or a list such as 0,4,7")
+        if sum(len(r) for r in seeds) > MAX_SLIDES or any(r.start < 0 for r in seeds):
+            fail(f"--seeds {args.seeds}: at most {MAX_SLIDES} slides, seeds from 0")
+        seeds = [s for r in seeds for s in r]
+    if seeds and max(seeds) > SEED_MAX:
+        fail(f"--seed {args.seed}: the seeds must stay below 2^63")
+    return list(seeds)
 
 
 def made_files(product):

@@ -55,10 +55,11 @@ def save_png(path, img):
     return path
 
 
-def slide_previews(out, images, preset, side=512):
+def slide_previews(out, images, preset, side=512, slide=None):
     """OUT.preview.png: the paper's Fig. 1 from our own output - stage 1 (whole slide), the
     stage-2 patch at its centre, the stage-3 patch at the centre of that, each with a box
-    where the next one sits. OUT.thumbnail.png: the final slide (the file OUT), zoomed out."""
+    where the next one sits. OUT.thumbnail.png: the final slide (the file `slide`, default OUT),
+    zoomed out."""
     P, panels = preset.patch, []
     centre = {s: (img.shape[0] - P) // 2 for s, img in images.items()}
     for s in sorted(images):
@@ -73,7 +74,7 @@ def slide_previews(out, images, preset, side=512):
             ImageDraw.Draw(im).rectangle([box[0], box[0], box[1], box[1]],
                                          outline=(0, 90, 255), width=3)
         panels.append(im)
-    with tifffile.TiffFile(out) as tif:  # the slide's smallest level: never the whole canvas
+    with tifffile.TiffFile(slide or out) as tif:  # its smallest level: never the whole canvas
         smallest = tif.series[0].levels[-1].asarray()
     return [save_png(out + ".preview.png", grid_image([panels], side, gap=8)),
             save_png(out + ".thumbnail.png", fit(smallest.reshape(smallest.shape[-3:]), 1024))]

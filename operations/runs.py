@@ -17,7 +17,6 @@ from PIL import Image
 
 import cascade
 import data
-import metrics
 import sde
 import tiler
 from operations import checkpoints, transfer, windows
@@ -39,12 +38,15 @@ class SlideSkipped(Exception):
 def generate(args, device, rank=0, world=1):
     """sample_slide made to run for a day at paper size, with the same pixels: each stage image a
     file under OUT.work/, a journal for --resume, rounds split across ranks (rank 0 alone reads
-    and writes files). Returns the Journal (its state is rank 0's)."""
+    and writes files). Returns the Journal (its state is rank 0's), or None when --resume found
+    the run complete."""
     t_start = time.time()
-    settings, preset = resolve(args, device, rank)
+    settings, preset = resolve(args, device, rank, world)
     if rank == 0:
         remove_own_orphans(args.out)
     work, journal = open_work(args, settings, preset, rank, world)  # replays a half-written round
+    if journal is None:  # --resume of a run that is complete
+        return None
     path = lambda s: os.path.join(work, f"stage{s}.npy")
     images = {}
     # Stage 1, or (--from) a real slide's lower stage in place of the generated ones.
@@ -87,9 +89,9 @@ def generate(args, device, rank=0, world=1):
             windows.write_windows(args.out, images, wins, settings, mpp, args.lower_windows,
                                   whole=[s for s in images if s not in need])
         else:
-            t_write = write_slide(args.out, images, mpp=mpp, compression=args.compression,
-                                  workdir=work)
-            report(args.out, images, settings, preset, mpp, time.time() - t_start, t_write,
+            t_write, written = write_slide(args.out, images, preset, mpp=mpp,
+                                           compression=args.compression, workdir=work)
+            report(args.out, images, mpp, time.time() - t_start, t_write, written,
                    stage_lines(journal))
         for img in images.values():
             img.close()
@@ -189,18 +191,21 @@ def grid_stage(stage, *, lower_img, canvas, journal, settings, preset, device, r
     barrier(world)
 
 
-def write_slide(out, images, *, mpp, compression, workdir=None):
-    """The last stage as the slide OUT (temp name, then rename), the lower stages as
-    OUT.stage{s}.png (for metrics.py: magnifications 0-1). images: {stage: (N, N, 3) uint8
-    array-like}; workdir: where the pyramid's temporary levels go (default: beside OUT).
-    Returns the seconds it took."""
-    t0, final = time.time(), max(images)
-    with atomic_path(out) as tmp:
-        write_aperio(tmp, images[final], mpp=mpp, compression=compression, workdir=workdir)
+def write_slide(out, images, preset, *, mpp, compression, workdir=None):
+    """A run's files: the lower stages as OUT.stage{s}.png (for metrics.py: magnifications 0-1), the
+    previews, then the last stage as the slide OUT (temp name, then rename): OUT appears last, so
+    a run stopped before it has written nothing a later step reads as finished, and one stopped
+    after it lacks nothing. images: {stage: (N, N, 3) uint8 array-like}; workdir: where the
+    pyramid's temporary levels go (default: beside OUT). Returns (seconds, the files written)."""
+    t0, final, written = time.time(), max(images), []
     for s in sorted(images)[:-1]:
         with atomic_path(f"{out}.stage{s}.png") as tmp:
             Image.fromarray(np.asarray(images[s][:])).save(tmp, format="PNG")
-    return time.time() - t0
+        written.append(f"{out}.stage{s}.png")
+    with atomic_path(out) as tmp:
+        write_aperio(tmp, images[final], mpp=mpp, compression=compression, workdir=workdir)
+        written += slide_previews(out, images, preset, slide=tmp)  # before the rename
+    return time.time() - t0, written
 
 
 def new_canvas(path, N, background, rank, fill=True):
@@ -293,22 +298,15 @@ def stage_lines(journal):
             "(rank 0)" for s, (n, filled, secs, model) in journal.stages().items()]
 
 
-def report(out, images, settings, preset, mpp, seconds, t_write, lines=()):
-    """The previews, each grid stage's seam score, and a summary on stderr (lines: more lines)."""
-    previews = slide_previews(out, images, preset)
-    grid = lambda s: cascade.stage_grid(preset, s, settings.sampling.edge_margin)
-    seams = {s: metrics.seam_score(images[s], grid(s), settings.order)
-             for s in sorted(images) if s > 1}
+def report(out, images, mpp, seconds, t_write, written, lines=()):
+    """A summary on stderr: the slide, its size, the time; `written`: the other files (lines:
+    more lines). The seam score and the other metrics: metrics.py."""
     final = images[max(images)]
     lines = [f"wrote {out}: {final.shape[1]} x {final.shape[0]} px at {mpp:.4g} um/px, "
-             f"{os.path.getsize(out) / 1e6:.1f} MB, {seconds / 60:.1f} min in this run",
-             *lines]
-    if seams:
-        lines.append("  seam score (1.0 = invisible): "
-                     + ", ".join(f"stage {s} {v:.3f}" for s, v in seams.items()))
-    lower = [f"{out}.stage{s}.png" for s in sorted(images)[:-1]]
-    lines.append(f"  pyramid written in {t_write:.1f} s; "
-                 f"previews{' and lower stages' if lower else ''}: {', '.join(previews + lower)}")
+             f"{os.path.getsize(out) / 1e6:.1f} MB, {seconds / 60:.1f} min in this run", *lines,
+             f"  written in {t_write:.1f} s with {', '.join(written)}",
+             f"  evaluate it: python metrics.py --real SLIDE --fake {out} (FID, KID, precision / "
+             "recall, consistency, seam score)"]
     print("\n".join(lines), file=sys.stderr)
 
 
@@ -332,3 +330,7 @@ def one_line_errors(fn, *a):
              "lost (resume with --resume once the cause is fixed)")
     except (FloatingPointError, SlideSkipped) as e:
         fail(str(e))
+    except RuntimeError as e:  # torch.distributed: the other end of a collective is gone
+        if "closed by peer" not in str(e) and "Connection reset" not in str(e):
+            raise
+        fail("another rank stopped (its error is above); nothing written was lost")

@@ -7,9 +7,9 @@ import shlex
 import shutil
 
 import cascade
-from operations import checkpoints
-from operations.distributed import use_bf16
-from operations.flags import above, at_least, between, check_ranges, fail
+from operations import checkpoints, flags
+from operations.distributed import on_rank0, use_bf16
+from operations.flags import between, check_ranges, count, fail, seed
 from operations.files import remove_orphans
 from operations.slides import SlideError, list_slides, open_slide, slides_mpp
 
@@ -47,7 +47,7 @@ class Settings:
     patch_size: int = 0         # their side, final-stage px
 
 
-def resolve(args, device, rank=0):
+def resolve(args, device, rank=0, world=1):
     """Settings from the flags and the preset: every default and every check in one place,
     before any work. Returns (Settings, preset)."""
     preset = get_preset(args.preset)
@@ -56,8 +56,8 @@ def resolve(args, device, rank=0):
     ckpt, models, distilled = ("", {}, {}) if args.dry_run else checkpoints.check_models(
         args, preset, stages)
     sampling = resolve_sampling(args, preset, distilled)
-    if rank == 0:  # only rank 0 writes (other machines need no shared file system)
-        check_out(args, preset, stages)
+    # only rank 0 writes (other machines need no shared file system); its error ends every rank
+    on_rank0(lambda: check_out(args, preset, stages), rank, world)
     windows, patch_size = check_window_flags(args, preset, max(stages))
     return Settings(preset=preset.name, seed=args.seed, stages=max(stages), order=sampling.order,
                     batch=args.batch or default_batch(preset), white_threshold=args.white_threshold,
@@ -66,6 +66,31 @@ def resolve(args, device, rank=0):
                     sampling=sampling, models=models, ckpt=ckpt, start_stage=start,
                     from_slide=os.path.realpath(args.from_slide) if args.from_slide else "",
                     windows=windows, patches=args.patches or 0, patch_size=patch_size), preset
+
+
+def check_sample_flags(args, p):
+    """Every numeric flag of sample.py within what the slide and the machine allow (counts that
+    never finish or run out of memory are refused); one line for the first that is not."""
+    n3, N3, half = p.n_patches[2] ** 2, cascade.stage_size(p, 3), p.patch // 16
+    side = args.patch_size or p.patch
+    windows = max(1, (N3 // min(max(side, 1), N3)) ** 2)
+    check_ranges(args, {
+        "--seed": seed(), "--steps": count(1, 10 ** 5), "--resample": count(1, 100),
+        "--eta": (between(0, 1)[0], "a value in [0, 1] (DDIM: 0 deterministic, 1 ancestral)"),
+        "--threshold": between(0, 1), "--aug-level": between(0, 1),
+        "--white-threshold": between(0, 1), "--mpp": (between(0, 1000)[0], "a value in (0, 1000]"),
+        "--batch": count(1, n3, f"the {n3} patches of preset {p.name}'s stage 3"),
+        "--gpus": count(1, n3, f"the {n3} patches of preset {p.name}'s stage 3"),
+        "--slides": count(1, 10 ** 6), "--patch-size": count(1, N3, "the final stage's side"),
+        "--patches": count(1, windows, f"windows of {side} px the {N3} px slide holds apart"),
+        "--tflops": (between(0, 10 ** 6)[0], "a value in (0, 10^6]"),
+        "--mfu": (between(0, 1)[0], "a share of the peak in (0, 1]"),
+        "--feather": (between(0, half)[0], f"a value in [0, {half}] px for preset {p.name} (half "
+                      f"its {p.patch // 8} px overlap)")})
+    for flag in ("--mpp", "--tflops", "--mfu"):  # above 0
+        value = getattr(args, flag[2:], None)
+        if value is not None and value <= 0:
+            fail(f"{flag} {value}: use a value above 0")
 
 
 def default_batch(preset):
@@ -119,13 +144,8 @@ def resolve_sampling(args, p, distilled=None):
     """The preset's Sampling with the flags that override it, each flag checked. distilled:
     {(stage, level): record} of distilled students (checkpoints.check_models): their steps and
     sampler, unless --steps or --sampler say otherwise."""
-    sp, half = p.sampling, p.patch // 16  # half the overlap
-    check_ranges(args, {"--batch": at_least(1), "--resample": at_least(1), "--eta": at_least(0),
-                        "--threshold": between(0, 1), "--aug-level": between(0, 1),
-                        "--white-threshold": between(0, 1), "--mpp": above(0),
-                        "--steps": at_least(1), "--patch-size": at_least(1),
-                        "--feather": (between(0, half)[0], f"a value in [0, {half}] px for preset "
-                                      f"{p.name} (half its {p.patch // 8} px overlap)")})
+    sp = p.sampling
+    check_sample_flags(args, p)
     if args.steps is not None and len(args.steps) not in (3, 9):
         fail(f"--steps {args.steps}: use 3 values (one per level) or 9 (per stage and level)")
     margin = sp.edge_margin if args.edge_margin is None else args.edge_margin
@@ -282,6 +302,23 @@ def export_sources(args):
             src = os.path.dirname(rounds[0]) if rounds else args.distill
         sources[(s, lvl)] = src
     return sources
+
+
+def check_batch_memory(args, preset, models, device):
+    """--batch against this machine's memory (the GPU's, or the RAM on a CPU): a training step
+    holds at least its U-Net's first layer output, batch x width x side^2 floats; a batch whose
+    first layer alone does not fit is refused before any work (train.py --memory: the whole
+    plan)."""
+    memory = flags.memory_bytes(device)
+    for s, lvl in models:
+        cfg, L = cascade.unet_config(preset, s, lvl), preset.level_sizes[lvl]
+        side = min(L, preset.training.crop) if lvl == len(preset.level_sizes) - 1 else L
+        first = 4 * args.batch * cfg.width * side ** 2
+        if first > memory:
+            fail(f"--batch {args.batch}: a step of stage {s} level {lvl} holds at least "
+                 f"{first / 2 ** 30:.3g} GiB (its first layer alone), this {device.type} has "
+                 f"{memory / 2 ** 30:.3g} GiB; use --batch {max(1, memory // (first // args.batch))}"
+                 " or less (train.py --memory gives the whole plan)")
 
 
 def models_to_train(args):

@@ -23,6 +23,9 @@ OUTPUT_SUFFIXES = (".preview.png", ".thumbnail.png", ".datasets.png", "loss_curv
 MAX_READ_PIXELS = 2 ** 28  # the largest window one read decodes (768 MiB of RGB)
 
 
+SYNTHETIC = "URCDM synthetic slide"  # in the description of every slide sample.py writes
+
+
 class SlideError(Exception):
     """A slide that cannot be used; the message is one line naming the file and the reason."""
 
@@ -107,7 +110,8 @@ class _ArrayLevel:
 
 class Slide:
     """An opened slide: `dimensions` (width, height) of level 0, `levels`, `level_downsamples`,
-    `mpp` (microns per pixel or None), `background`, and read_region()."""
+    `mpp` (microns per pixel or None), `background`, `synthetic` (written by sample.py: its
+    description says so), and read_region()."""
 
     def __init__(self, path, mpp, make_levels):
         # make_levels: callable(slide) -> list of levels (objects with height, width, read())
@@ -117,7 +121,7 @@ class Slide:
         self.dimensions = (levels[0].width, levels[0].height)
         self.level_dimensions = [(lv.width, lv.height) for lv in levels]
         self.level_downsamples = [levels[0].width / lv.width for lv in levels]
-        self.background = 255
+        self.background, self.synthetic = 255, False
 
     def close(self):
         """Close the file descriptors (this process's and the TIFF reader's)."""
@@ -223,6 +227,7 @@ def open_slide(path):
             slide = Slide(path, _mpp(tif, pages[0].keyframe),
                           lambda sl: [_TiffLevel(sl, p) for p in pages])
             slide.tif = tif  # closed with the slide
+            slide.synthetic = SYNTHETIC in (pages[0].description or "")
             return slide
         except SlideError:
             raise

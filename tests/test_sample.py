@@ -356,3 +356,59 @@ def test_paper_on_eight_gpus_keeps_them_busy():
     rows = {r[0]: r for r in (line.split() for line in res.stdout.splitlines()) if r}
     assert rows["3"][2] == "279" and float(rows["3"][3].rstrip("%")) >= 94.0
     assert float(rows["slide"][2]) <= 2.35
+
+
+# ---------------------------------------------------------------------- a run's last files
+
+def _files(folder):
+    """{name: bytes} of the files in a folder (not directories)."""
+    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))
+            if os.path.isfile(os.path.join(folder, f))}
+
+
+def test_a_kill_as_the_slide_appears_resumes_to_the_same_files(tmp_path, tiny_ckpt):
+    """Killed the moment OUT appeared (before its stage images, previews and the removal of
+    OUT.work/), a run was stranded: --resume refused ('exists'), --overwrite started over (2.3 h
+    of 8 GPUs at paper size), and metrics.py scored the slide without its stage 2 ('MAE 0.0,
+    identical'). OUT is now written last: killed then, --resume finishes with the files of the
+    uninterrupted run; a generated slide without its stage images is refused by metrics.py."""
+    import metrics
+    for d in ("ref", "killed"):
+        (tmp_path / d).mkdir()
+    assert _run(_cmd(tmp_path / "ref" / "s.tif", tiny_ckpt, "--stream")).returncode == 0
+    out = str(tmp_path / "killed" / "s.tif")
+    killer = ("import os, signal, sys\n"
+              f"sys.argv = {['sample.py'] + _cmd(out, tiny_ckpt, '--stream')[2:]!r}\n"
+              "real = os.replace\n"
+              "def replace(src, dst):\n"
+              "    real(src, dst)\n"
+              f"    if dst == {out!r}:\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "os.replace = replace\n"
+              "import sample\n"
+              "sample.main()\n")
+    assert _run([sys.executable, "-c", killer], cwd=ROOT).returncode == -9
+    assert os.path.isdir(out + ".work") and _files(tmp_path / "killed") == _files(tmp_path / "ref")
+    res = _run(_cmd(out, tiny_ckpt, "--stream", "--resume"))
+    assert res.returncode == 0 and "is complete" in res.stderr, res.stderr[-1500:]
+    assert not os.path.exists(out + ".work")
+    assert _files(tmp_path / "killed") == _files(tmp_path / "ref")
+    os.remove(out + ".stage2.png")
+    with pytest.raises(SystemExit, match=r"a slide sample.py made, without .*s.tif.stage2.png"):
+        metrics.main(["--real", out, "--fake", out, "--preset", "tiny", "--n", "4",
+                      "--json", str(tmp_path / "m.json"), "--cache", ""])
+
+
+def test_the_in_memory_slide_on_a_full_disk_says_it_is_lost(tmp_path, tiny_ckpt, monkeypatch):
+    """The in-memory demo path failed its final write with 'nothing written was lost (resume with
+    --resume ...)', but it keeps no OUT.work/: every pixel was lost and --resume could not help."""
+    import sample
+    from operations import runs
+
+    def full(path, *a, **k):
+        raise OSError(28, "No space left on device", path)
+    monkeypatch.setattr(runs, "write_aperio", full)
+    out = tmp_path / "s.tif"
+    with pytest.raises(SystemExit, match="made in memory and is lost .no OUT.work/"):
+        runs.one_line_errors(sample.main, _cmd(out, tiny_ckpt)[2:])
+    assert not out.exists() and not os.path.exists(str(out) + ".work")

@@ -363,20 +363,21 @@ def test_one_collective_per_check_step_and_none_between(tmp_path, monkeypatch):
     assert len(calls) == len(checks) and set(calls) == {12}
 
 
-def test_open_files_bounded_over_many_slides(tmp_path):
-    """600 slides (links to one small slide; more than twice the limit) under a limit of 256 open
-    files, as a shared cluster's default might be: the caches build, training runs, and the
-    process never holds more descriptors than its --max-open bound allows (slides and cache maps,
-    least recently used closed first)."""
+def test_open_files_stay_under_the_descriptor_limit(tmp_path):
+    """300 slides (links to one small slide) under a limit of 128 open files, at the default
+    --max-open (64 slides: about 256 descriptors) with the 2.5 % hold-out read for the validation
+    loss at each log step: training runs to its end, and no process of it ever holds more
+    descriptors than its limit, counted at every example (data.open_budget takes the bound from
+    the limit, not only from the flag). Seen failing (EMFILE) with the bound from --max-open."""
     from test_data import synthetic_rgb, write_slide
     src = str(tmp_path / "src.svs")
     write_slide(src, synthetic_rgb(200, 200))
     (tmp_path / "slides").mkdir()
-    for k in range(600):
+    for k in range(300):
         os.symlink(src, tmp_path / "slides" / f"s{k:04d}.svs")
     script = f"""
 import os, resource, sys
-resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
 sys.path.insert(0, {ROOT!r})
 import data, train
 peak = [0]
@@ -388,15 +389,15 @@ def counted(self, i):
 data.StageLevelDataset.__getitem__ = counted
 train.main(["--preset", "tiny", "--stage", "3", "--level", "0",
             "--data", {str(tmp_path / "slides")!r}, "--out", {str(tmp_path / "ck")!r},
-            "--max-steps", "30", "--batch", "16", "--max-open", "24", "--log-every", "30"])
+            "--max-steps", "20", "--batch", "16", "--log-every", "10"])
 print("PEAK", peak[0])
 """
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, torchrun_failure(res.stderr)
-    peak = int(res.stdout.split("PEAK")[1])
-    assert peak <= 24 * 4 + 16, res.stdout[-500:]  # 24 slides: a TIFF, a pread fd, two maps
-    assert "building the stage images of 600 slide(s)" in res.stderr
+    assert "8 of 300 slides held out for a validation loss" in res.stdout
+    assert "val " in res.stdout.splitlines()[-2]  # the held-out examples were read
+    assert int(res.stdout.split("PEAK")[1]) <= 128
 
 
 def test_read_only_slide_directory(tmp_path, capsys):
