@@ -97,10 +97,9 @@ def _build(paths, bases, build, nbytes, missing, rank, world, timeout):
 
 def open_cache(base):
     """A built cache: its metadata (BASE.json) and its arrays, BASE.<name>.npy for each name the
-    metadata lists under 'arrays' (memory-mapped; 'grid' loaded). Caches written before the
-    metadata listed them hold stage1 and stage2 (and with a grid, overview and grid)."""
+    metadata lists under 'arrays' (memory-mapped; 'grid' loaded)."""
     with open(base + ".json") as f:
         meta = json.load(f)
-    names = meta.get("arrays") or ["stage1", "stage2"] + ["overview", "grid"] * ("block" in meta)
+    names = meta["arrays"]
     load = lambda k: np.load(f"{base}.{k}.npy", mmap_mode=None if k == "grid" else "r")
     return dict(meta, **{k: load(k) for k in names})

@@ -81,3 +81,37 @@ def save_tiny_models(d, mpp=None, std=0.03):
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     return save_tiny_models(tmp_path_factory.mktemp("ckpt"))
+
+
+SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")  # the bundled CC0 slide
+
+
+def cli(*argv, cwd=None, timeout=300, threads="1"):
+    """A command run as a user runs it (python ARGV), one thread: its CompletedProcess."""
+    import subprocess
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=threads)
+    return subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=cwd)
+
+
+def sample_cli(*argv, **kw):
+    return cli(os.path.join(ROOT, "sample.py"), *argv, **kw)
+
+
+def one_line_error(res, *needles):
+    """Whether a command ended with one line 'error: ...' holding every needle, no traceback."""
+    lines = res.stderr.strip().splitlines()
+    return (res.returncode != 0 and "Traceback" not in res.stderr and bool(lines)
+            and lines[-1].startswith("error: ") and all(n in lines[-1] for n in needles))
+
+
+def tiny_argv(out, ckpt, *extra):
+    """sample.py's flags for a tiny run of the models in `ckpt` into `out`."""
+    return ["--preset", "tiny", "--ckpt", ckpt, "--out", str(out), "--compression", "zlib",
+            "--device", "cpu", "--batch", "2", *extra]
+
+
+def demo_windows(out, *extra):
+    """A demo windows run with the stand-in models (cheap): checkerboard, batch 1."""
+    return sample_cli("--preset", "demo", "--dry-run", "--order", "checkerboard", "--out", out,
+                      *extra)

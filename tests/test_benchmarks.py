@@ -37,24 +37,17 @@ def test_plus_unets_cost_less_than_the_authors():
             bench_flops.GOALS[name.replace("plus", "paper")] * 1e12, name
 
 
-def test_every_paper_unet_within_issue_14s_flops():
-    """Forward FLOP at or below the authors' rounded figures (0.26 / 0.46 / 12.1 TFLOP)."""
-    p = cascade.get_preset("paper")
-    for lvl, name in enumerate(p.unets):
-        cfg = cascade.unet_config(p, 3, lvl)
-        assert bench_flops.flops(cfg, bench_flops.AUTHORS[name][0]) <= \
-            bench_flops.GOALS[name] * 1e12, name
-
-
 def test_every_paper_unet_has_the_authors_size():
-    """The authors' size: parameters within 5 % of theirs (412.9 / 300.5 / 690.3 M, counted
-    with their script's settings by bench_authors.py; ours are within 1 %: their text-pooling
-    weights, unused without text, are the difference), forward FLOPs at or below theirs."""
+    """The authors' size: parameters within 1 % of theirs (412.9 / 300.5 / 690.3 M, counted
+    with their script's settings by bench_authors.py: their text-pooling weights, unused without
+    text, are the difference) and forward FLOPs within 1 % of theirs (their network: every tensor
+    maps)."""
     p = cascade.get_preset("paper")
     for lvl, name in enumerate(p.unets):
         cfg = cascade.unet_config(p, 3, lvl)
         a_params = bench_flops.AUTHORS_MEASURED[name][0]
-        assert bench_flops.flops(cfg, p.level_sizes[lvl]) <= bench_flops.AUTHORS_FORWARD[name], name
+        ratio = bench_flops.flops(cfg, p.level_sizes[lvl]) / bench_flops.AUTHORS_FORWARD[name]
+        assert abs(ratio - 1) <= 0.01, (name, ratio)
         assert abs(costs.count_params(cfg) / (a_params * 1e6) - 1) <= 0.01, name
 
 
@@ -81,11 +74,14 @@ def test_memory_plan_says_what_fits():
     assert not full["fits"] and full["size"] == 1024 and 1 <= full["max_batch"] <= 2
 
 
-def test_paper_plus_slide_is_5x_below_the_authors():
-    """paper_plus costs a fifth of the authors' slide: a paper-geometry slide at its sampling
-    settings <= 1.5e18 FLOP (no glass)."""
-    p = cascade.get_preset("paper_plus")
-    assert bench_flops.slide_flops(p, p.sampling.steps) <= 1.5e18 < bench_flops.AUTHORS_SLIDE / 5
+def test_paper_plus_slide_costs_a_fifth_of_the_authors():
+    """paper_plus's slide (its leaner U-Nets at its steps) and the authors' (`paper`: their
+    U-Nets at their 1024 / 256 / 256 steps), both counted here by the same arithmetic: at most a
+    fifth, no glass filled. Seen failing with paper_plus at the authors' steps."""
+    plus, paper = cascade.get_preset("paper_plus"), cascade.get_preset("paper")
+    theirs = bench_flops.slide_flops(paper, paper.sampling.steps)
+    assert abs(theirs / bench_flops.AUTHORS_SLIDE - 1) < 0.01  # the figure the docs quote
+    assert bench_flops.slide_flops(plus, plus.sampling.steps) <= theirs / 5
 
 
 def test_bench_layout_variants_parse_and_train_tiny(tmp_path):

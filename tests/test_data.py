@@ -1,8 +1,9 @@
 """data.py: region reads against the source array, tissue, the nine datasets, cache, bad input."""
 import dataclasses
-import json
 import os
 import shutil
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -12,13 +13,11 @@ from PIL import Image
 
 import cascade
 import data
-from conftest import ROOT, small_preset
-from operations import aperio, caches, previews, pyramid
-from operations import slides as slide_io
+from conftest import cli as _cli, one_line_error as _one_line_error, ROOT, SLIDE, small_preset
+from operations import aperio, caches, previews, pyramid, slides as slide_io
 
-SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
 
-CMU = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
+CMU = SLIDE
 
 
 def synthetic_rgb(h=1200, w=1000, seed=0):
@@ -465,8 +464,7 @@ def test_top_level_crops_see_the_whole_context_resized(tmp_path, resize):
 
 def test_caches_hold_only_the_stage_images_training_reads(tmp_path):
     """Grid positions read stages 2-3 from the slide: no stage-2 image (6400^2 px, 123 MB a slide
-    at paper size, read by no training run) is built; anywhere in the area it is. A cache built
-    before (stage 2 included, no list of its arrays in the metadata) still opens; --from builds
+    at paper size, read by no training run) is built; anywhere in the area it is; --from builds
     the one stage image it needs."""
     grid = small_preset(training=dataclasses.replace(small_preset().training, positions="grid"))
     data.StageLevelDataset([SLIDE], grid, 2, 0, cache_dir=str(tmp_path / "g"))
@@ -475,12 +473,87 @@ def test_caches_hold_only_the_stage_images_training_reads(tmp_path):
     assert names == {"stage1.npy", "overview.npy", "grid.npy", "json"}
     data.StageLevelDataset([SLIDE], small_preset(), 2, 0, cache_dir=str(tmp_path / "a"))
     assert kinds(tmp_path / "a") == {"stage1.npy", "stage2.npy", "json"}
-    base = str(tmp_path / "g" / [f for f in os.listdir(tmp_path / "g") if f.endswith("json")][0])
-    meta = json.load(open(base))
-    np.save(base[:-4] + "stage2.npy", np.zeros((88, 88, 3), np.uint8))  # as caches were
-    data.write_json(base, {k: v for k, v in meta.items() if k not in ("arrays", "tissue")})
-    cache = data.caches.open_cache(base[:-5])
-    assert cache["stage2"].shape == (88, 88, 3) and cache["grid"].shape[1] == 2
-    assert len(data.StageLevelDataset([SLIDE], grid, 2, 0, cache_dir=str(tmp_path / "g"))[0])
     one = data.slide_cache(SLIDE, grid, cache_dir=str(tmp_path / "f"), images=("stage2",))
     assert one["arrays"] == ["stage2"] and "stage1" not in one
+
+
+def test_previews_are_not_slides(tmp_path, monkeypatch):
+    d = tmp_path / "slides"
+    d.mkdir()
+    os.symlink(SLIDE, d / "a.svs")
+    for name in ("a.svs.datasets.png", "x.tif.preview.png", "x.tif.thumbnail.png",
+                 "loss_curves.png", ".hidden.png",
+                 "x.tif.stage1.png", "x.tif.stage2.png"):
+        Image.new("RGB", (8, 8)).save(d / name)
+    assert slide_io.list_slides(str(d)) == [str(d / "a.svs")]
+    before = sorted(os.listdir(d))
+    monkeypatch.chdir(tmp_path)
+    previews.inspect_slide([str(d / "a.svs"), "--cache", str(tmp_path / "cache")])
+    # the preview lands in the working directory, whole (no temp file left); nothing beside the
+    # slides, which may be read-only or shared
+    assert sorted(os.listdir(tmp_path)) == ["a.svs.datasets.png", "cache", "slides"]
+    assert sorted(os.listdir(d)) == before
+
+
+
+def test_16_bit_tiff_is_scaled_to_8_bits(tmp_path):
+    rgb16 = np.arange(64 * 64 * 3, dtype=np.uint32).reshape(64, 64, 3) * 7 % 65536
+    rgb16 = rgb16.astype(np.uint16)
+
+    tifffile.imwrite(tmp_path / "s16.tif", rgb16, tile=(32, 32), photometric="rgb")
+    got = data.open_slide(str(tmp_path / "s16.tif")).read_region(0, 0, 64, 64)
+    assert got.dtype == np.uint8 and np.array_equal(got, np.round(rgb16 / 257).astype(np.uint8))
+
+
+
+def huge_header_tiff(path, side=200_000, tile=4096):
+    """A small file whose header claims side x side px: every tile offset points at one white
+    tile."""
+    n = (-(-side // tile)) ** 2
+    body = zlib.compress(bytes([255]) * (tile * tile * 3))
+    tags = [(256, 4, 1, side), (257, 4, 1, side), (258, 3, 3, None), (259, 3, 1, 8), (262, 3, 1, 2),
+            (277, 3, 1, 3), (284, 3, 1, 1), (322, 3, 1, tile), (323, 3, 1, tile),
+            (324, 4, n, None), (325, 4, n, None)]
+    ifd = 8
+    extra = ifd + 2 + 12 * len(tags) + 4  # where out-of-line values go
+    bps, offs, counts, data_at = extra, extra + 6, extra + 6 + 4 * n, extra + 6 + 8 * n
+    out = bytearray(b"II*\x00" + struct.pack("<I", ifd) + struct.pack("<H", len(tags)))
+    for tag, typ, count, value in tags:
+        value = {258: bps, 324: offs, 325: counts}.get(tag, value)
+        out += struct.pack("<HHII", tag, typ, count, value) if typ == 4 or tag in (258,) else \
+            struct.pack("<HHIHH", tag, typ, count, value, 0)
+    out += struct.pack("<I", 0) + struct.pack("<3H", 8, 8, 8)
+    out += struct.pack(f"<{n}I", *[data_at] * n) + struct.pack(f"<{n}I", *[len(body)] * n) + body
+    with open(path, "wb") as f:
+        f.write(out)
+
+
+
+def test_absurd_header_is_refused_not_allocated(tmp_path):
+    path = str(tmp_path / "huge.tif")
+    huge_header_tiff(path)
+    assert os.path.getsize(path) < 1e6
+    slide = data.open_slide(path)
+    assert slide.dimensions == (200_000, 200_000)
+    with pytest.raises(data.SlideError, match="no pyramid level near that scale") as e:
+        data.StageLevelDataset([path], cascade.get_preset("demo"), 2, 0,
+                               cache_dir=str(tmp_path / "c"))
+    assert "\n" not in str(e.value)
+    res = _cli(os.path.join(ROOT, "train.py"), "--preset", "demo", "--data", path, "--out",
+               str(tmp_path / "ck"),
+               "--cache", str(tmp_path / "c"), "--max-steps", "1")
+    assert _one_line_error(res) and "huge.tif" in res.stderr, res.stderr[-1500:]
+
+
+
+def test_area_positions_on_glass_are_refused_as_grid_positions_are(tmp_path):
+    """--positions area on slides of glass trained on white crops without a word."""
+    import train
+    glass = tmp_path / "glass.png"
+    Image.new("RGB", (300, 300), (244, 244, 242)).save(glass)
+    argv = ["--preset", "tiny", "--stage", "2", "--level", "0", "--data", str(glass),
+            "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "ck"), "--max-steps", "1"]
+    for positions in ("grid", "area"):
+        with pytest.raises(SystemExit, match="glass.png: no"):
+            train.main(argv + ["--positions", positions])
+

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tifffile
 
 import metrics
@@ -14,6 +15,7 @@ from test_metrics import random_net
 SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
 
 
+@pytest.mark.slow
 def test_train_sample_evaluate_demo(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     ckpt, out = tmp_path / "ckpt", tmp_path / "slide.tif"

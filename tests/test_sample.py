@@ -1,4 +1,6 @@
 """sample.py: the slide file, exact resume after SIGKILL, ranks, refusals."""
+import fcntl
+import gc
 import os
 import shutil
 import signal
@@ -8,12 +10,16 @@ import sys
 import numpy as np
 import pytest
 import tifffile
+from PIL import Image
 
 import cascade
 import data
+import metrics
+import sample
 import tiler
-from conftest import ROOT
-from operations import aperio, checkpoints
+from conftest import (cli as _cli, one_line_error as _one_line_error, ROOT, sample_cli as _sample,
+                      save_tiny_models, tiny_argv as _argv, torchrun_failure)
+from operations import aperio, checkpoints, evaluation, files, journal, logs, runs, slides
 
 
 def _cmd(out, ckpt, *extra):
@@ -67,6 +73,7 @@ def test_writer_pyramid_and_openslide(tmp_path):
                           img[200:264, 100:164])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order,kill_at,next_line", [("raster", "5/16", "6/16"),
                                                      ("packed", "6/16", "8/16")])
 def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_ckpt, order, kill_at, next_line):
@@ -128,6 +135,7 @@ def test_bad_edge_margin(tmp_path, tiny_ckpt):
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_two_ranks_bit_identical_to_one(tmp_path, tiny_ckpt):
     one, two = tmp_path / "one.tif", tmp_path / "two.tif"
     assert _run(_cmd(one, tiny_ckpt, "--edge-margin", "1", "--feather", "2")).returncode == 0
@@ -146,6 +154,7 @@ def _ranks(cmd, world, port):
     return cmd
 
 
+@pytest.mark.slow
 def test_packed_rounds_give_rasters_slide_at_any_ranks_and_batch(tmp_path, tiny_ckpt):
     """The packed order (rounds of as many batches as the ranks take, of those ready): the
     slide of raster order (one patch after another), byte for byte, at 1, 2 and 3 ranks and at
@@ -169,6 +178,7 @@ def test_dry_run_demo_geometry(tmp_path):
         assert [lv.shape[-3:-1] for lv in tif.series[0].levels] == [(2048, 2048), (1024, 1024)]
 
 
+@pytest.mark.slow
 def test_two_machines_without_a_shared_file_system(tmp_path, tiny_ckpt):
     """Two torchrun launchers (two "nodes", one rank each) in separate directories: only rank 0's
     holds files; the slide equals one process's, byte for byte."""
@@ -194,6 +204,7 @@ def test_two_machines_without_a_shared_file_system(tmp_path, tiny_ckpt):
 SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
 
 
+@pytest.mark.slow
 def test_zoom_into_a_real_slide_and_evaluate_paired(tmp_path, tiny_ckpt):
     """--from: the real slide's stage 2, built as training builds it, conditions a generated stage
     3; metrics then compares the generated stage 3 with the real one over the same region."""
@@ -215,6 +226,7 @@ def test_zoom_into_a_real_slide_and_evaluate_paired(tmp_path, tiny_ckpt):
     assert r["consistency"]["fake"][0][3]["mae"] and 2 in r["consistency"]["fake"][0]
 
 
+@pytest.mark.slow
 def test_zoom_bad_inputs(tmp_path, tiny_ckpt):
     from PIL import Image
     Image.new("RGB", (50, 50), (200, 100, 150)).save(tmp_path / "small.png")
@@ -238,6 +250,7 @@ def test_zoom_bad_inputs(tmp_path, tiny_ckpt):
     assert res.returncode == 0, res.stderr[-1500:]  # stage 3's models are not needed there
 
 
+@pytest.mark.slow
 def test_many_slides_manifest_and_resume(tmp_path, tiny_ckpt):
     """--n 3: a kill during the third slide; the rerun skips the first two and finishes the third,
     bit-identical to a slide made alone."""
@@ -266,6 +279,7 @@ def test_many_slides_manifest_and_resume(tmp_path, tiny_ckpt):
     assert all(m["host"] == socket.gethostname() and m["rank"] == 0 for m in manifest)
 
 
+@pytest.mark.slow
 def test_sample_slide_equals_generate(tmp_path, monkeypatch):
     """sample.py's teaching path (sample_slide: one process, in memory) and its operational one
     (generate: files, journal, ranks) give the same pixels at every stage, bit for bit: the demo's
@@ -345,6 +359,7 @@ def test_demo_command_runs_sample_slide(tmp_path, monkeypatch, extra, path):
         assert set(dirs) == {os.path.realpath(flags.DEMO_CKPT)}
 
 
+@pytest.mark.slow
 def test_paper_on_eight_gpus_keeps_them_busy():
     """The paper's slide in packed order on 8 GPUs (--estimate; arithmetic from FLOPs, an A100 at
     40 % of 312 TFLOP/s): stage 3 keeps >= 94 % of rank time busy and the slide takes <= 2.35 h
@@ -366,6 +381,7 @@ def _files(folder):
             if os.path.isfile(os.path.join(folder, f))}
 
 
+@pytest.mark.slow
 def test_a_kill_as_the_slide_appears_resumes_to_the_same_files(tmp_path, tiny_ckpt):
     """Killed the moment OUT appeared (before its stage images, previews and the removal of
     OUT.work/), a run was stranded: --resume refused ('exists'), --overwrite started over (2.3 h
@@ -412,3 +428,230 @@ def test_the_in_memory_slide_on_a_full_disk_says_it_is_lost(tmp_path, tiny_ckpt,
     with pytest.raises(SystemExit, match="made in memory and is lost .no OUT.work/"):
         runs.one_line_errors(sample.main, _cmd(out, tiny_ckpt)[2:])
     assert not out.exists() and not os.path.exists(str(out) + ".work")
+
+
+def test_crash_between_round_write_and_journal_resumes_bit_identical(tmp_path,
+                                                                     tiny_ckpt, monkeypatch):
+    """With a feathered paste a patch rewrites its neighbours' edge band; regenerating a round
+    from that half-applied image drew different patches. The saved round is re-applied instead."""
+    run = ("--order", "raster", "--edge-margin", "1", "--feather", "2", "--stream")
+    ref, out = tmp_path / "ref.tif", tmp_path / "crashed.tif"
+    sample.main(_argv(ref, tiny_ckpt, *run))
+    real_mark, calls = journal.Journal.mark, []
+
+    def crash_after_apply(self, stage, results, *a):
+        calls.append(stage)
+        # round 6 of stage 3 is in the image, not in the journal
+        if stage == 3 and calls.count(3) == 6:
+            raise KeyboardInterrupt("simulated kill")
+        return real_mark(self, stage, results, *a)
+    monkeypatch.setattr(journal.Journal, "mark", crash_after_apply)
+    try:
+        sample.main(_argv(out, tiny_ckpt, *run))
+    except KeyboardInterrupt:
+        pass
+    gc.collect()  # the crashed run's lock file closes, as when its process dies
+    monkeypatch.setattr(journal.Journal, "mark", real_mark)
+    assert not out.exists() and os.path.exists(str(out) + ".work/round.npz")
+    sample.main(_argv(out, tiny_ckpt, *run, "--resume"))
+    assert out.read_bytes() == ref.read_bytes()
+
+
+
+@pytest.mark.slow
+def test_kill_during_a_background_write_resumes_bit_identical(tmp_path, tiny_ckpt):
+    """A round is synced and marked done by a writer thread while the next round computes: the
+    process killed (SIGKILL) inside that background write, with the next round under way, resumes
+    to the same slide."""
+    run = ("--order", "raster", "--edge-margin", "1", "--feather", "2", "--stream")
+    ref, out = tmp_path / "ref.tif", tmp_path / "killed.tif"
+    sample.main(_argv(ref, tiny_ckpt, *run))
+    killer = (
+        "import os, signal, threading, torch, sample\n"
+        "from operations import journal\n"
+        "torch.set_num_threads(2)  # as in this process (conftest): the same arithmetic\n"
+        "real, calls = journal.Journal.mark, []\n"
+        "def mark(self, stage, results, *a):\n"
+        "    calls.append(stage)\n"
+        "    if stage == 3 and calls.count(3) == 4:\n"
+        "        assert threading.current_thread() is not threading.main_thread()\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(self, stage, results, *a)\n"
+        "journal.Journal.mark = mark\n"
+        f"sample.main({list(_argv(out, tiny_ckpt, *run))!r})\n")
+    res = _cli("-c", killer, cwd=ROOT)
+    assert res.returncode == -9, res.stderr[-2000:]
+    assert not out.exists() and os.path.exists(str(out) + ".work/round.npz")
+    sample.main(_argv(out, tiny_ckpt, *run, "--resume"))
+    assert out.read_bytes() == ref.read_bytes()
+
+
+
+def test_nonfinite_patch_stops_sampling_loudly(tmp_path):
+    """Weights that are finite but overflow the activations: the run ends with one line, no
+    slide."""
+    d = tmp_path / "ck"
+    d.mkdir()
+    save_tiny_models(d, std=300.0)
+    res = _cli(os.path.join(ROOT, "sample.py"), *_argv(tmp_path / "s.tif", str(d), "--stages", "1"))
+    assert _one_line_error(res) and "non-finite pixels" in res.stderr, res.stderr[-1500:]
+    assert not (tmp_path / "s.tif").exists()
+
+
+
+def test_second_run_refused_while_the_first_holds_the_work_directory(tmp_path, tiny_ckpt):
+    out = tmp_path / "s.tif"
+    work = tmp_path / "s.tif.work"
+    work.mkdir()
+    (work / "stage2.npy").write_bytes(b"precious")
+    with open(work / "lock", "a+") as lock:  # a running job holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("4242")
+        lock.flush()
+        res = _cli(os.path.join(ROOT, "sample.py"), *_argv(out, tiny_ckpt, "--overwrite"))
+    assert _one_line_error(res) and "in use by another sample.py run (pid 4242)" in res.stderr
+    assert (work / "stage2.npy").read_bytes() == b"precious"
+
+
+
+@pytest.mark.slow
+def test_resume_refuses_models_changed_in_place_and_accepts_a_relative_path(tmp_path):
+    d = tmp_path / "ck"
+    d.mkdir()
+    save_tiny_models(d)
+    out = tmp_path / "s.tif"
+    res = _cli(os.path.join(ROOT, "sample.py"),
+               *_argv("s.tif", "ck", "--stages", "1", "--keep-work"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-1500:]
+    os.remove(out)
+    res = _cli(os.path.join(ROOT, "sample.py"),
+               *_argv(out, str(d), "--stages", "1", "--resume", "--keep-work"))
+    assert res.returncode == 0, res.stderr[-1500:]  # the same directory, named absolutely
+    os.remove(out)
+    save_tiny_models(d, std=0.05)  # retrained in place
+    res = _cli(os.path.join(ROOT, "sample.py"), *_argv(out, str(d), "--stages", "1", "--resume"))
+    assert _one_line_error(res) and "--resume with other settings" in res.stderr
+    assert "models" in res.stderr
+
+
+
+@pytest.mark.slow
+def test_output_mpp_from_the_models(tmp_path):
+    d = tmp_path / "ck"
+    d.mkdir()
+    save_tiny_models(d, mpp=0.5)
+    for k, (extra, mpp) in enumerate((((), 0.5), (("--mpp", "0.3"), 0.3),
+                                      (("--stages", "2"), 0.5 * 116 / 88))):
+        out = tmp_path / f"s{k}.tif"
+        assert _cli(os.path.join(ROOT, "sample.py"), *_argv(out, str(d), *extra)).returncode == 0
+        with tifffile.TiffFile(out) as tif:
+            desc = tif.pages[0].description
+        assert f"|MPP = {mpp:g}|" in desc and f"AppMag = {10 / mpp:g}" in desc, desc
+
+
+
+def test_short_write_is_an_error(tmp_path, monkeypatch):
+    img = aperio.DiskArray(str(tmp_path / "a.npy"), (8, 8, 3))
+    monkeypatch.setattr(os, "pwrite", lambda fd, b, off: len(b) - 1)
+    with pytest.raises(OSError, match="short write"):
+        img.write(0, 0, np.zeros((8, 8, 3), np.uint8))
+
+
+
+def test_disk_full_while_writing_the_slide(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    def full(path, *a, **k):
+        open(path, "wb").write(b"partial")
+        raise OSError(28, "No space left on device", path)
+    monkeypatch.setattr(runs, "write_aperio", full)
+    out = tmp_path / "s.tif"
+    with pytest.raises(SystemExit, match="No space left on device; nothing written was lost"):
+        runs.one_line_errors(sample.main, _argv(out, tiny_ckpt, "--stages", "1"))
+    gc.collect()
+    # no slide, no temp file; the work is kept
+    assert sorted(os.listdir(tmp_path)) == ["s.tif.work"]
+    monkeypatch.undo()
+    sample.main(_argv(out, tiny_ckpt, "--stages", "1", "--resume"))
+    assert out.exists()
+
+
+
+@pytest.mark.parametrize("where", ["directory", "proc"])
+def test_unwritable_out_refused_at_once(tmp_path, tiny_ckpt, where):
+    out = str(tmp_path) if where == "directory" else "/proc/urcdm_test.tif"
+    res = _cli(os.path.join(ROOT, "sample.py"), *_argv(out, tiny_ckpt))
+    assert _one_line_error(res), res.stderr
+
+
+
+def test_work_directory_without_finished_patches_does_not_block(tmp_path, tiny_ckpt):
+    out = tmp_path / "s.tif"
+    os.makedirs(str(out) + ".work")
+    files.write_json(str(out) + ".work/journal.json", {"settings": {}, "done": {}, "filled": {}})
+    res = _cli(os.path.join(ROOT, "sample.py"), *_argv(out, tiny_ckpt, "--stages", "1"))
+    assert res.returncode == 0, res.stderr[-1500:]
+
+
+
+def test_eta_ignores_filled_patches(capsys):
+    """The time left counts the patches still to generate at the generation rate: filled (glass)
+    patches cost next to nothing."""
+    progress = logs.Progress(3, 30, n_fill=16)
+    progress.eta.t0 -= 4.0
+    # 4 generated in ~4 s, 6 filled at once
+    progress.update([((0, k), None, k < 6) for k in range(10)])
+    err = capsys.readouterr().err
+    assert "10/30 patches (4 generated, 6 filled as glass)" in err
+    assert "left: 10 to generate, 10 to fill" in err
+    eta = float(err.split("ETA ")[1].split(" min")[0])
+    assert eta == pytest.approx(10 / 1.0 / 60, abs=0.05)  # 10 to generate at ~1 generated patch/s
+
+
+
+@pytest.mark.slow
+def test_a_kill_while_the_slide_is_written_leaves_nothing_taken_for_a_slide(tmp_path, tiny_ckpt):
+    """Killed inside the slide's write, a run left OUT.tmp<pid>.tif beside the slide that its
+    --resume then wrote: list_slides (training, metrics) took it for a second slide."""
+    out = tmp_path / "s.tif"
+    argv = ["--preset", "tiny", "--ckpt", tiny_ckpt, "--out", str(out), "--compression", "zlib",
+            "--device", "cpu", "--stream"]
+    killer = ("import os, signal, sample\n"
+              "from operations import runs\n"
+              "def half(path, *a, **k):\n"
+              "    open(path, 'wb').write(b'II*\\x00 half a slide')\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n"
+              "runs.write_aperio = half\n"
+              f"sample.main({argv!r})\n")
+    res = _cli("-c", killer, cwd=ROOT)
+    assert res.returncode == -9 and any(".tmp" in f for f in os.listdir(tmp_path))
+    res = _sample(*argv, "--resume")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "removed 1 temp file(s)" in res.stderr
+    assert sorted(os.listdir(tmp_path)) == ["s.tif", "s.tif.preview.png", "s.tif.stage1.png",
+                                            "s.tif.stage2.png", "s.tif.thumbnail.png"]
+    # A temp name is never a slide or a result, wherever it comes from.
+    (tmp_path / "s.tmp4242.tif").write_bytes(out.read_bytes())
+    assert slides.list_slides(str(tmp_path)) == [str(out)]
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    for name in ("a.png", "b.png", "c.tmp4242.png"):
+        Image.new("RGB", (32, 32), (200, 100, 150)).save(patches / name)
+    source = evaluation.Source(str(patches), metrics.cascade.get_preset("tiny"))
+    assert [os.path.basename(f) for f in source.files] == ["a.png", "b.png"]
+
+
+
+@pytest.mark.slow
+def test_torchrun_takes_the_many_slides_flag(tmp_path):
+    """`torchrun ... sample.py --n 2` failed in torchrun's own parser (--n: --nnodes?); the flag is
+    --slides now (--n still works without torchrun)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_port=29593", os.path.join(ROOT, "sample.py"), "--preset", "tiny",
+           "--dry-run", "--out", str(tmp_path / "s.tif"), "--slides", "2"]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, torchrun_failure(res.stderr)
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".tif")) == ["s_s0.tif",
+                                                                           "s_s1.tif"]
+    res = _sample("--preset", "tiny", "--dry-run", "--out", tmp_path / "n.tif", "--n", "1")
+    assert res.returncode == 0 and os.path.exists(tmp_path / "n_s0.tif")
+

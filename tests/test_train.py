@@ -9,14 +9,15 @@ import sys
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 
 import cascade
 import train
-from operations import checkpoints, distributed, logs
-from conftest import ROOT, oracle_net, torchrun_failure
-
-SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
+from conftest import (ROOT, SLIDE, cli as _cli, one_line_error as _one_line_error, oracle_net,
+                      save_tiny_models, torchrun_failure)
+from operations import aperio, checkpoints, distributed, logs
+from test_data import synthetic_rgb
 
 
 def _args(tmp_path, *extra, out="ck"):
@@ -129,6 +130,7 @@ def test_sigterm_saves_and_exits(tmp_path):
     assert 3 <= ck["step"] < 100000
 
 
+@pytest.mark.slow
 def test_three_rank_torchrun_bf16_replicas_identical(tmp_path):
     """DDP as our users run it on GPUs, bf16 autocast, here with gloo on 3 CPU ranks: every rank
     ends with the same weights."""
@@ -238,6 +240,7 @@ def test_curves_and_previews(tmp_path):
     assert (band < 128).any()  # the labels are drawn
 
 
+@pytest.mark.slow
 def test_recipe_runs_its_phases_and_resumes(tmp_path, capsys):
     """--recipe: every phase runs in order, then the export; a second call finds each phase done."""
     recipe = os.path.join(ROOT, "tests", "data", "tiny_recipe.txt")
@@ -299,6 +302,7 @@ def test_init_starts_from_another_runs_model_file(tmp_path, capsys):
                          out="fourth"))
 
 
+@pytest.mark.slow
 def test_bare_command_starts_training(tmp_path):
     """The project's one-line description, `torchrun --nproc_per_node=N train.py --stage 3 --level
     0`, with no other flags (here 2 CPU ranks, gloo, and a step limit): the bundled slide, ckpt/
@@ -363,6 +367,7 @@ def test_one_collective_per_check_step_and_none_between(tmp_path, monkeypatch):
     assert len(calls) == len(checks) and set(calls) == {12}
 
 
+@pytest.mark.slow
 def test_open_files_stay_under_the_descriptor_limit(tmp_path):
     """300 slides (links to one small slide) under a limit of 128 open files, at the default
     --max-open (64 slides: about 256 descriptors) with the 2.5 % hold-out read for the validation
@@ -457,3 +462,115 @@ def test_ema_schedule_of_the_authors_and_of_the_demo(tmp_path):
     t.step = 60  # a copy
     t.update_ema()
     assert all(torch.equal(v, t.model.state_dict()[k]) for k, v in t.ema.state_dict().items())
+
+
+def test_exploded_weights_are_never_saved(tmp_path):
+    args = ["--preset", "tiny", "--data", SLIDE, "--out", str(tmp_path / "ck"), "--cache",
+            str(tmp_path / "cache"),
+            "--batch", "2", "--stage", "1", "--level", "0", "--keep", "0", "--save-every", "1"]
+    train.main(args + ["--max-steps", "1"])
+    path = tmp_path / "ck" / "stage1_level0.pt"
+    before = path.read_bytes()
+    with pytest.raises(SystemExit, match=r"error: weights at step 2 are broken .* not saved"):
+        # Adam's first step moves weights by ~lr
+        train.main(args + ["--max-steps", "3", "--lr", "1e6"])
+    assert path.read_bytes() == before
+
+
+
+def test_export_and_load_refuse_broken_weights(tmp_path):
+    d = tmp_path / "ck"
+    d.mkdir()
+    save_tiny_models(d)
+    ck = torch.load(d / "stage1_level0.pt", weights_only=True)
+    key = next(k for k, v in ck["ema"].items() if v.is_floating_point() and v.numel() > 1)
+    ck["ema"][key][0] = 1e30
+    ck.update(model=ck["ema"], step=5)
+    torch.save(ck, d / "stage1_level0.pt")
+    with pytest.raises(SystemExit,
+                       match=r"EMA weights are broken .* beyond fp16's range\); not exported"):
+        train.main(["--preset", "tiny", "--stage", "1", "--level", "0", "--out", str(d), "--export",
+                    str(tmp_path / "x")])
+    ck["ema"][key][0] = float("nan")
+    torch.save(ck, d / "stage1_level0.pt")
+    with pytest.raises(ValueError, match="is not finite"):
+        checkpoints.load_unet(str(d / "stage1_level0.pt"), cascade.get_preset("tiny"), 1, 0)
+
+
+
+def test_training_records_the_slides_mpp(tmp_path):
+    train.main(["--preset", "tiny", "--data", SLIDE, "--out", str(tmp_path / "ck"), "--cache",
+                str(tmp_path / "c"),
+                "--batch", "1", "--max-steps", "1", "--stage", "3", "--level", "0", "--keep", "0"])
+    ck = torch.load(tmp_path / "ck" / "stage3_level0.pt", weights_only=True)
+    assert ck["mpp"] == pytest.approx(0.499) and ck["args"]["lr"] == 1e-4
+
+
+
+def test_orphaned_checkpoint_temps_are_removed(tmp_path):
+    d = tmp_path / "ck"
+    d.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True)
+    orphan = d / f"stage1_level0.tmp{int(dead.stdout)}.pt"
+    orphan.write_bytes(b"half a checkpoint")
+    train.main(["--preset", "tiny", "--data", SLIDE, "--out", str(d), "--cache",
+                str(tmp_path / "c"), "--batch", "1",
+                "--max-steps", "1", "--keep", "0"])
+    assert not orphan.exists()
+
+
+
+def corrupt_slide(path, bad_tiles):
+    """A 3-level pyramid (1024, 512, 256 px; 64 px zlib tiles) of H&E-like stripes whose level-0
+    tiles `bad_tiles` (indices, or 'all') hold garbage: the lower levels read fine, so the stage
+    images build and only stage-3 examples meet the corrupt tiles."""
+    aperio.write_aperio(path, synthetic_rgb(1024, 1024), tile=64, compression="zlib",
+                        min_side=256)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        spans = list(zip(page.dataoffsets, page.databytecounts))
+    with open(path, "r+b") as f:
+        for k, (offset, count) in enumerate(spans):
+            if bad_tiles == "all" or k in bad_tiles:
+                f.seek(offset)
+                f.write(bytes(range(256)) * (count // 256) + b"\0" * (count % 256))
+
+
+
+@pytest.mark.slow
+def test_training_passes_a_corrupt_tile_and_stops_on_broken_data(tmp_path, capsys):
+    """A corrupt level-0 tile ended training at a random step with no checkpoint, and the rerun
+    died at the same step: one bad tile stopped a run for good. Now the example is drawn again
+    (said, with the slide and tile), training goes on and a resumed run equals a straight one;
+    with most tiles broken it saves a checkpoint first and stops with one line naming the slide."""
+    import train
+    slide = str(tmp_path / "bad.svs")
+    corrupt_slide(slide, {6 * 16 + 3})  # a level-0 tile at the corner of the area (241, 412)
+    base = ["--preset", "tiny", "--stage", "3", "--level", "0", "--data", slide, "--area-size",
+            "200", "--cache", str(tmp_path / "cache"), "--batch", "4", "--keep", "0",
+            "--max-unreadable", "0.5", "--log-every", "5"]
+    train.main(base + ["--out", str(tmp_path / "a"), "--max-steps", "40"])
+    err = capsys.readouterr().err
+    assert "an unreadable example, drawn again: " in err and "bad.svs: corrupt tile 99" in err
+    train.main(base + ["--out", str(tmp_path / "b"), "--max-steps", "25"])
+    train.main(base + ["--out", str(tmp_path / "b"), "--max-steps", "40"])
+    import torch
+    a, b = (torch.load(tmp_path / d / "stage3_level0.pt", weights_only=True) for d in "ab")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    broken = str(tmp_path / "broken.svs")
+    corrupt_slide(broken, "all")
+    res = _cli(os.path.join(ROOT, "train.py"), *base[:6], "--data", broken, *base[8:-4],
+               "--out", tmp_path / "c", "--max-steps", 40)
+    assert _one_line_error(res, "broken.svs", "saved at step"), res.stderr[-2000:]
+    assert os.path.exists(tmp_path / "c" / "stage3_level0.pt")
+
+
+
+def test_nothing_fits_says_so(capsys):
+    """Where nothing fits, --memory said 'use --batch 0 or less'."""
+    import train
+    train.main(["--memory", "--preset", "paper", "--stage", "3", "--level", "2", "--gpu-mem", "1"])
+    out = capsys.readouterr().out
+    assert "not even at batch 1" in out and "--batch 0" not in out
+

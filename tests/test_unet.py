@@ -56,6 +56,7 @@ def test_paper_parameter_counts(name, target):
     assert abs(costs.count_params(cfg) / target - 1) < 0.01
 
 
+@pytest.mark.slow
 def test_tiny_unet_learns():
     """~200 Adam steps on 8 fixed 16x16 images: the v-loss falls clearly."""
     torch.manual_seed(0)

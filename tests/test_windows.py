@@ -13,9 +13,10 @@ from PIL import Image
 import cascade
 import data
 import metrics
-from conftest import ROOT
+from conftest import (demo_windows as _demo_windows, one_line_error as _one_line_error, ROOT,
+                      sample_cli as _sample, SLIDE)
+from operations import aperio, windows
 from test_metrics import random_net
-from operations import windows
 
 
 def _run(*argv):
@@ -45,6 +46,7 @@ def test_closure_by_hand():
     assert windows.cells_over(grid, (27, 33, 27, 33)) == {(0, 0), (0, 1), (1, 0), (1, 1)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", ["checkerboard", "wavefront"])
 def test_window_is_the_crop_of_the_whole_slide(tmp_path, tiny_ckpt, order):
     """tiny models, --batch 1: each window, and its field in stage 2, byte for byte the crop of
@@ -68,6 +70,7 @@ def test_window_is_the_crop_of_the_whole_slide(tmp_path, tiny_ckpt, order):
     assert not os.path.exists(tmp_path / "w.tif")  # no slide: only the windows
 
 
+@pytest.mark.slow
 def test_window_demo_geometry_with_stand_in_models(tmp_path):
     """The demo's 9 x 9 grid (the stand-in models keep known pixels and draw seeded noise): a
     checkerboard window costs a fraction of the slide and equals its crop."""
@@ -84,6 +87,7 @@ def _patches_run(out, size=128):
                 "--slides", 2, "--patches", 3, "--patch-size", size)
 
 
+@pytest.mark.slow
 def test_patches_on_tissue_with_a_manifest_and_resume(tmp_path):
     out = tmp_path / "set" / "s.tif"
     out.parent.mkdir()
@@ -111,6 +115,7 @@ def test_patches_on_tissue_with_a_manifest_and_resume(tmp_path):
         assert np.array_equal(_png(tmp_path / "set" / name), img)
 
 
+@pytest.mark.slow
 def test_metrics_from_windows(tmp_path):
     out = tmp_path / "set" / "s.tif"
     out.parent.mkdir()
@@ -130,3 +135,110 @@ def test_metrics_from_windows(tmp_path):
          "--window", 0, 0, 256, 256)
     with pytest.raises(SystemExit, match="not every run made stage 2 whole"):
         metrics.main(args[:2] + ["--fake", str(win)] + args[4:])
+
+
+@pytest.mark.slow
+def test_metrics_refuses_windows_it_would_score_at_another_magnification(tmp_path):
+    """Windows of 64 px (4x zoom when resized to the demo's 256 px crops), a tiny run mixed into a
+    demo directory, windows beside whole slides and a malformed manifest were all scored (or
+    failed) silently; each is now one line naming the file."""
+    net = random_net(tmp_path / "net.pt")
+    run = tmp_path / "runs"
+    run.mkdir()
+    assert _demo_windows(run / "w.tif", "--patches", 2, "--patch-size", 64).returncode == 0
+    args = ["--real", SLIDE, "--fake", str(run), "--preset", "demo", "--mag", "2", "--n", "4",
+            "--inception", net, "--inception-input", "0-255", "--cache", "",
+            "--json", str(tmp_path / "m.json")]
+    with pytest.raises(SystemExit, match=r"w_x\d+_y\d+_64x64.png: a 64 x 64 px window .* "
+                                         r"compares 256 px crops"):
+        metrics.main(args)
+    res = metrics.main(args[:-6] + ["--crop", "64", "64", "64"] + args[-6:])  # at 64 px: scored
+    assert res["mag2"]["n_fake"] == 2
+    os.rename(run / "w.tif.windows.json", tmp_path / "w.json")
+    (run / "w.tif.windows.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="w.tif.windows.json: not a windows manifest"):
+        metrics.main(args)
+    os.rename(tmp_path / "w.json", run / "w.tif.windows.json")
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    assert _sample("--preset", "tiny", "--dry-run", "--out", tiny / "t.tif", "--patches", 1,
+                   "--patch-size", 32).returncode == 0
+    os.rename(tiny / "t.tif.windows.json", run / "t.tif.windows.json")
+    with pytest.raises(SystemExit, match="t.tif.windows.json: windows made with preset tiny"):
+        metrics.main(args)
+    os.remove(run / "t.tif.windows.json")
+    aperio.write_aperio(str(run / "slide.tif"), np.full((64, 64, 3), 200, np.uint8),
+                        compression="zlib")
+    with pytest.raises(SystemExit, match="holds 1 windows run.* and 1 slide"):
+        metrics.main(args)
+
+
+
+@pytest.mark.slow
+def test_window_files_are_distinct_and_a_windows_run_is_never_replaced_unasked(tmp_path):
+    """Two windows at one X Y wrote one file (the second over the first); a second windows run
+    with the same --out replaced the first's windows; a rerun of --slides skipped a seed whose
+    window PNG was lost (rc 0), and metrics then stopped on the missing file."""
+    out = tmp_path / "w.tif"
+    res = _demo_windows(out, "--window", 100, 100, 64, 64, "--window", 100, 100, 32, 48)
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = json.load(open(f"{out}.windows.json"))
+    for rec in m["windows"]:
+        assert Image.open(tmp_path / rec["file"]).size == (rec["w"], rec["h"])
+    assert len({rec["file"] for rec in m["windows"]}) == 2
+    assert _one_line_error(_demo_windows(out, "--window", 1, 2, 3, 4, "--window", 1, 2, 3, 4,
+                                         "--overwrite"), "--window 1 2 3 4: given twice")
+    before = (tmp_path / m["windows"][0]["file"]).read_bytes()
+    res = _demo_windows(out, "--window", 100, 100, 64, 64, "--seed", 7)
+    assert _one_line_error(res, "w.tif.windows.json exists; pass --overwrite")
+    assert (tmp_path / m["windows"][0]["file"]).read_bytes() == before
+    # --slides: a lost window of a finished seed is made again, the same
+    many = tmp_path / "many"
+    many.mkdir()
+    cmd = (many / "s.tif", "--slides", 2, "--patches", 2, "--patch-size", 64)
+    assert _demo_windows(*cmd).returncode == 0
+    rec = json.load(open(many / "s_s1.tif.json"))
+    lost = next(n for n in rec["files"] if n.endswith("64x64.png"))
+    kept = (many / lost).read_bytes()
+    os.remove(many / lost)
+    res = _demo_windows(*cmd)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "s_s0.tif: done already" in res.stderr and "s_s1.tif: a file its record" in res.stderr
+    assert (many / lost).read_bytes() == kept
+
+
+
+@pytest.mark.slow
+def test_window_equals_the_whole_slide_with_the_demo_models(tmp_path):
+    """The shipped demo U-Nets (their matrix products depend on a batch's other patches): a
+    window run generated its patches in other batches than the whole slide at --batch 8 and
+    differed from it in 785 of 1600 px (one grey level); now its batches are the whole slide's
+    (windows.closure) and the window is the slide's crop byte for byte. Two steps a level: the
+    arithmetic of any step count."""
+    common = ["--steps", 2, 2, 2]  # on 2 threads: a single thread hides the batch's effect
+    whole = _sample(*common, "--out", tmp_path / "whole.tif", "--keep-work", threads="2")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    stage3 = np.load(tmp_path / "whole.tif.work" / "stage3.npy")
+    res = _sample(*common, "--out", tmp_path / "w.tif", "--window", 1000, 1000, 40, 40,
+                  threads="2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    for rec in json.load(open(tmp_path / "w.tif.windows.json"))["windows"]:
+        x, y, w, h = rec["x"], rec["y"], rec["w"], rec["h"]
+        got = np.asarray(Image.open(tmp_path / rec["file"]).convert("RGB"))
+        assert np.array_equal(got, stage3[y:y + h, x:x + w]), rec["file"]
+
+
+
+@pytest.mark.slow
+def test_patches_with_no_window_on_tissue_is_one_line_and_the_other_seeds_go_on(tmp_path):
+    """--patches where no window lands on tissue ended in KeyError: 3 after stages 1-2, and under
+    --slides it ended the whole multi-seed run."""
+    glass = tmp_path / "glass.png"
+    Image.new("RGB", (2100, 2100), (244, 244, 242)).save(glass)
+    zoom = ("--patches", 2, "--from", glass, "--start-stage", 3)  # zoom into a slide of glass
+    one = _demo_windows(tmp_path / "a.tif", *zoom)
+    assert _one_line_error(one, "no --patches window on tissue"), one.stderr[-1500:]
+    many = _demo_windows(tmp_path / "m.tif", *zoom, "--slides", 2)
+    assert _one_line_error(many, "2 of 2 seeds made no slide"), many.stderr[-1500:]
+    assert many.stderr.count("no --patches window on tissue") == 2  # each seed tried
+
