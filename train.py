@@ -32,7 +32,7 @@ import cascade
 import data
 import sde
 import unet as unet_mod
-from operations import checkpoints, costs, flags, previews, settings, training
+from operations import checkpoints, costs, flags, previews, recipes, settings, training
 from operations.distributed import PRECISION_HELP, init_distributed
 from operations.logs import TrainLog
 from operations.slides import SlideError
@@ -66,10 +66,6 @@ class Config:
     distill: str = None        # progressive distillation [PD]: the teachers' model directory
     distill_steps: int = None  # the first round's student steps (the teacher takes twice as many)
     rounds: int = 1            # distillation rounds, each halving the steps
-
-    @classmethod
-    def from_args(cls, args, device):
-        return cls(**settings.train_fields(args, device))
 
 
 def ema_decay(step, beta, warmup):
@@ -240,10 +236,9 @@ def train_models(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     ddp, rank, world, device = init_distributed(args.device)
-    preset, models = settings.train_preset(args), settings.models_to_train(args)
-    cfg = Config.from_args(args, device)
-    settings.check_batch_memory(args, preset, models, device)
-    slides, mpp = settings.training_slides(args, preset, rank, device)
+    run = settings.training(args, rank, device)  # the flags, resolved and checked, in one call
+    preset, models, cfg, slides, mpp = (run.preset, run.models, Config(**run.config), run.slides,
+                                        run.mpp)
     stop_flag = [False]  # preemption (SIGTERM): save, then exit
     signal.signal(signal.SIGTERM, lambda *_: stop_flag.__setitem__(0, True))
     if len(models) == 1:  # one model, data-parallel over all ranks
@@ -394,7 +389,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     many, cores = flags.COUNT_MAX, flags.cores()
     flags.check_ranges(args, {
-        "--batch": flags.count(1, 10 ** 6), "--lr": flags.between(0, 1), "--ema": (
+        "--batch": flags.count(1, 10 ** 6), "--lr": flags.above(0), "--ema": (
             lambda v: 0 <= v < 1, "a value in [0, 1)"), "--max-steps": flags.count(0, many),
         "--save-every": flags.count(1, many), "--log-every": flags.count(1, many),
         "--sample-every": flags.count(0, many), "--keep": flags.count(0, 10 ** 4),
@@ -406,21 +401,20 @@ def parse_args(argv=None):
         "--workers": (lambda v: v == "auto" or (v.isascii() and v.isdigit() and int(v) <= cores),
                       f"auto or a whole number from 0 to {cores} (this machine's cores)"),
         "--distill-steps": flags.count(1, 10 ** 5), "--rounds": flags.count(1, 20)})
-    for flag, value in (("--lr", args.lr), ("--gpu-mem", args.gpu_mem)):
-        if value <= 0:
-            flags.fail(f"{flag} {value}: use a value above 0")
+    if args.gpu_mem <= 0:
+        flags.fail(f"--gpu-mem {args.gpu_mem}: use a value above 0")
     settings.check_distill_flags(args)
     if len(args.max_steps) not in (1, 3):
         flags.fail(f"--max-steps {args.max_steps}: use 1 value, or 3 (one per level)")
     if args.recipe:
-        settings.check_recipe_flags(args, ap)
+        recipes.check_recipe_flags(args, ap)
     return settings.train_defaults(args, BUNDLED_SLIDE)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.recipe:
-        return settings.run_recipe(args, parse_args, train_models, checkpoints.export)
+        return recipes.run_recipe(args, parse_args, train_models)
     if args.plot:
         path = previews.plot_curves(args.plot)
         return print(f"wrote {path}") if path else flags.fail(

@@ -96,11 +96,12 @@ def _tiles(src, tile):
 
 
 def write_aperio(path, image, *, tile=256, mpp=0.25, compression="jpeg", quality=90, min_side=1024,
-                 workdir=None, thumb_side=768):
+                 workdir=None, thumb_side=768, synthetic=False):
     """Write an (N, M, 3) uint8 array-like (array or memmap, read band by band) as an
     Aperio-style pyramidal tiled BigTIFF at `path`. Lower levels are built x2 at a time into
     temporary files under `workdir` (default: beside `path`), so memory stays bounded.
-    compression: 'jpeg' (needs imagecodecs) or 'zlib'."""
+    compression: 'jpeg' (needs imagecodecs) or 'zlib'. synthetic: say in the description that
+    sample.py made it (Slide.synthetic; metrics.py then reads its stage images)."""
     if compression not in ("jpeg", "zlib"):
         raise ValueError(f"compression {compression!r}: use 'jpeg' or 'zlib'")
     H, W = image.shape[:2]
@@ -121,7 +122,7 @@ def write_aperio(path, image, *, tile=256, mpp=0.25, compression="jpeg", quality
                  compressionargs={"level": quality if compression == "jpeg" else 6})
     q = f"{compression.upper()}/RGB Q={quality}" if compression == "jpeg" else "ZLIB/RGB"
     props = f"AppMag = {10 / mpp:g}|MPP = {mpp:g}|Software = URCDM"
-    head = (f"Aperio Image Library v12.0.0 {SYNTHETIC}\r\n"
+    head = (f"Aperio Image Library v12.0.0{' ' + SYNTHETIC if synthetic else ''}\r\n"
             f"{W}x{H} [0,0 {W}x{H}] ({tile}x{tile})")
     try:
         with tifffile.TiffWriter(path, bigtiff=True) as tif:

@@ -152,8 +152,12 @@ def patches_give(source, kind, side):
     """A one-line error when a patch directory's images are not side x side px, the crops of
     magnification `kind`: resized, they would be compared at another magnification."""
     for f in source.files:
-        with Image.open(f) as im:
-            size = im.size
+        try:
+            with Image.open(f) as im:
+                size = im.size
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{f}: not a readable image ({type(e).__name__}); remove it or "
+                             "replace it") from None
         if size != (side, side):
             raise ValueError(f"{f}: a {size[0]} x {size[1]} px patch; magnification {kind} "
                              f"compares {side} px crops of preset {source.preset.name}: give "

@@ -203,7 +203,8 @@ def write_slide(out, images, preset, *, mpp, compression, workdir=None):
             Image.fromarray(np.asarray(images[s][:])).save(tmp, format="PNG")
         written.append(f"{out}.stage{s}.png")
     with atomic_path(out) as tmp:
-        write_aperio(tmp, images[final], mpp=mpp, compression=compression, workdir=workdir)
+        write_aperio(tmp, images[final], mpp=mpp, compression=compression, workdir=workdir,
+                     synthetic=True)  # its description says sample.py made it (metrics.py)
         written += slide_previews(out, images, preset, slide=tmp)  # before the rename
     return time.time() - t0, written
 

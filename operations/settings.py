@@ -3,7 +3,6 @@ any work (sample.py's Settings, which the journal stores; train.py's preset and 
 import dataclasses
 import glob
 import os
-import shlex
 import shutil
 
 import cascade
@@ -197,6 +196,27 @@ def check_out(args, p, stages):
 
 # ---------------------------------------------------------------------- train.py's settings
 
+@dataclasses.dataclass(frozen=True)
+class TrainingRun:
+    """Everything a train.py run will do, resolved once from its flags before any work: the preset
+    (its recipe with the flags that override it), the (stage, level) models, train.Config's
+    fields, the slides of --data and their um/px."""
+    preset: cascade.Preset
+    models: list
+    config: dict
+    slides: list
+    mpp: object
+
+
+def training(args, rank, device):
+    """train.py's flags -> its TrainingRun, every check made (one line for the first that fails)."""
+    preset, models = train_preset(args), models_to_train(args)
+    config = train_fields(args, device)
+    check_batch_memory(args, preset, models, device)
+    slides, mpp = training_slides(args, preset, rank, device)
+    return TrainingRun(preset, models, config, slides, mpp)
+
+
 def train_preset(args):
     """The preset with the training flags that override its recipe (--crop, --min-snr-gamma,
     --positions, --crop-context)."""
@@ -315,10 +335,11 @@ def check_batch_memory(args, preset, models, device):
         side = min(L, preset.training.crop) if lvl == len(preset.level_sizes) - 1 else L
         first = 4 * args.batch * cfg.width * side ** 2
         if first > memory:
+            most = max(1, memory // (first // args.batch))
             fail(f"--batch {args.batch}: a step of stage {s} level {lvl} holds at least "
                  f"{first / 2 ** 30:.3g} GiB (its first layer alone), this {device.type} has "
-                 f"{memory / 2 ** 30:.3g} GiB; use --batch {max(1, memory // (first // args.batch))}"
-                 " or less (train.py --memory gives the whole plan)")
+                 f"{memory / 2 ** 30:.3g} GiB; use --batch {most} or less (train.py --memory "
+                 "gives the whole plan)")
 
 
 def models_to_train(args):
@@ -343,24 +364,6 @@ def shown(path):
     return path if rel.startswith("..") else rel
 
 
-# A recipe is the list of train.py runs (phases) that made a set of models, in a text file: '#'
-# comments, one line `common: FLAGS` given to every phase, then one line of flags per phase. A phase
-# trains its models up to its --max-steps and resumes exactly, so re-running the command continues
-# where it stopped and a finished phase is skipped. Only these flags may be given beside --recipe;
-# everything else is the recipe's.
-RECIPE_FLAGS = ("data", "out", "cache", "threads", "device", "export")
-
-
-def check_recipe_flags(args, parser):
-    """--recipe sets its own flags: only RECIPE_FLAGS may be given beside it."""
-    extra = [k for k, v in vars(args).items()
-             if k not in RECIPE_FLAGS + ("recipe",) and v != parser.get_default(k)]
-    if extra:
-        fail(f"--recipe {args.recipe} sets its own flags; drop --{extra[0].replace('_', '-')} "
-             f"(only --{', --'.join(f.replace('_', '-') for f in RECIPE_FLAGS)} may be given "
-             "with it)")
-
-
 def train_defaults(args, slide):
     """The defaults that serve the bare `train.py --stage 3 --level 0` (--data: the bundled
     `slide`, --out ckpt, --cache OUT/cache) filled in, and listed in args.defaulted (said at the
@@ -373,34 +376,3 @@ def train_defaults(args, slide):
     args.out = args.out or "ckpt"
     args.cache = args.cache or os.path.join(args.out, "cache")
     return args
-
-
-def read_recipe(path):
-    """(common flags, [flags of each phase]) of a recipe file."""
-    try:
-        with open(path) as f:
-            lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-    except OSError as e:
-        fail(f"--recipe {path}: {e.strerror}; give a recipe file such as "
-             "checkpoints/demo/recipe.txt")
-    if not lines or not lines[0].startswith("common:") or len(lines) < 2:
-        fail(f"--recipe {path}: expected a line 'common: FLAGS', then one line of flags per phase")
-    return shlex.split(lines[0][len("common:"):]), [shlex.split(ln) for ln in lines[1:]]
-
-
-def run_recipe(args, parse_args, train_models, export):
-    """train.py --recipe: each phase of the recipe file as its own training run
-    (train_models(parse_args(flags))), then export({model: directory}, dest) of all nine."""
-    common, phases = read_recipe(args.recipe)
-    mine = [f for k in RECIPE_FLAGS if k != "export" and getattr(args, k) is not None
-            for f in (f"--{k}", str(getattr(args, k)))]
-    for i, phase in enumerate(phases):
-        argv = common + phase + mine
-        print(f"recipe {args.recipe}, phase {i + 1}/{len(phases)}: train.py {shlex.join(argv)}",
-              flush=True)
-        if train_models(parse_args(argv)) is False:
-            return print(f"recipe {args.recipe}: stopped in phase {i + 1}; the same command "
-                         "continues it")
-    if args.export:
-        every = parse_args(common + ["--stage", "all", "--level", "all", "--out", args.out])
-        export(export_sources(every), args.export)

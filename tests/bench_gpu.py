@@ -32,7 +32,7 @@ import sde  # noqa: E402
 import train  # noqa: E402
 import unet  # noqa: E402
 from bench_flops import flops  # noqa: E402
-from operations import distributed  # noqa: E402
+from operations import distributed, settings  # noqa: E402
 
 PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L40S": 362e12}  # dense FLOP/s
 
@@ -54,7 +54,7 @@ def training(p, level, args, device, slide, work):
                           "--save-every", "1000000", "--max-steps", str(args.iters + 2),
                           "--device", device.type])
     os.makedirs(a.out, exist_ok=True)
-    cfg = train.Config.from_args(a, device)
+    cfg = train.Config(**settings.train_fields(a, device))
     trainer = train.Trainer(cfg, p, 3, level, 0, 1, False, device)
     trainer.save = lambda: None  # no multi-GB checkpoint in a benchmark
     ds = data.StageLevelDataset([slide], p, 3, level, area_size=args.size,

@@ -296,7 +296,7 @@ def test_metrics_bad_inputs_one_line(tmp_path):
     os.remove(patches / "4.png")
     with pytest.raises(SystemExit, match="--vgg .*bad_vgg.pt: neither a TorchScript file"):
         metrics.main(base + ["--inception", net, "--vgg", str(tmp_path / "bad_vgg.pt")])
-    with pytest.raises(SystemExit, match="--k 0: use a value >= 1"):
+    with pytest.raises(SystemExit, match="--k 0: use a value from 1 to 1000"):
         metrics.main(base + ["--inception", net, "--k", "0"])
 
 

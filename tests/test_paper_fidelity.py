@@ -19,7 +19,7 @@ import tiler
 import train
 import unet
 from conftest import ROOT, gaussian_oracle, oracle_net, small_preset
-from operations import checkpoints
+from operations import checkpoints, settings
 
 SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
 
@@ -249,7 +249,7 @@ def _trainer(tmp_path, stage, level, **training):
         paper.training, crop=tiny.training.crop, **training))
     args = train.parse_args(["--preset", "tiny", "--stage", str(stage), "--level", str(level),
                              "--data", SLIDE, "--out", str(tmp_path / "ck")])
-    cfg = train.Config.from_args(args, torch.device("cpu"))
+    cfg = train.Config(**settings.train_fields(args, torch.device("cpu")))
     t = train.Trainer(cfg, p, stage, level, 0, 1, False, torch.device("cpu"))
     L = p.level_sizes[level]
     batch = {"x0": torch.rand(4, 3, L, L) * 2 - 1,

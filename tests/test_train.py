@@ -16,7 +16,7 @@ import cascade
 import train
 from conftest import (ROOT, SLIDE, cli as _cli, one_line_error as _one_line_error, oracle_net,
                       save_tiny_models, torchrun_failure)
-from operations import aperio, checkpoints, distributed, logs
+from operations import aperio, checkpoints, distributed, logs, settings
 from test_data import synthetic_rgb
 
 
@@ -159,7 +159,7 @@ def test_bf16_training_step_close_to_fp32(tmp_path):
     for precision in ("fp32", "bf16"):
         args = train.parse_args(_args(tmp_path, "--precision", precision, "--stage", "2",
                                       "--level", "1"))
-        cfg = train.Config.from_args(args, torch.device("cpu"))
+        cfg = train.Config(**settings.train_fields(args, torch.device("cpu")))
         t = train.Trainer(cfg, p, 2, 1, 0, 1, False, torch.device("cpu"))
         for prm in t.model.parameters():  # a trained-looking model, not zero outputs
             torch.nn.init.normal_(prm, std=0.05, generator=torch.Generator().manual_seed(1))
@@ -333,7 +333,7 @@ def test_more_ranks_than_gpus_is_one_line(monkeypatch):
 
 def test_ema_in_one_foreach_equals_the_per_parameter_update(tmp_path):
     args = train.parse_args(_args(tmp_path, "--stage", "2", "--level", "1"))
-    cfg = train.Config.from_args(args, torch.device("cpu"))
+    cfg = train.Config(**settings.train_fields(args, torch.device("cpu")))
     t = train.Trainer(cfg, cascade.get_preset("tiny"), 2, 1, 0, 1, False, torch.device("cpu"))
     for prm in t.model.parameters():
         torch.nn.init.normal_(prm)
@@ -356,7 +356,7 @@ def test_one_collective_per_check_step_and_none_between(tmp_path, monkeypatch):
     monkeypatch.setattr(train.dist, "all_reduce", lambda t, *a, **k: calls.append(t.numel()))
     args = train.parse_args(_args(tmp_path, "--stage", "1", "--level", "0", "--log-every", "5",
                                   "--max-steps", "23", "--save-every", "100"))
-    cfg = train.Config.from_args(args, torch.device("cpu"))
+    cfg = train.Config(**settings.train_fields(args, torch.device("cpu")))
     p = cascade.get_preset("tiny")
     os.makedirs(args.out)
     t = train.Trainer(cfg, p, 1, 0, 0, 2, False, torch.device("cpu"))
@@ -449,7 +449,7 @@ def test_ema_schedule_of_the_authors_and_of_the_demo(tmp_path):
     assert train.ema_decay(7, 0.9999, "fast") == (1 + 7) / (10 + 7)
     # the trainer follows its preset: paper's EMA is a copy of the model until step 100
     args = train.parse_args(_args(tmp_path, "--stage", "2", "--level", "1"))
-    cfg = train.Config.from_args(args, torch.device("cpu"))
+    cfg = train.Config(**settings.train_fields(args, torch.device("cpu")))
     paper_like = dataclasses.replace(cascade.get_preset("tiny"), training=dataclasses.replace(
         cascade.get_preset("tiny").training, ema_warmup="ema-pytorch"))
     t = train.Trainer(cfg, paper_like, 2, 1, 0, 1, False, torch.device("cpu"))
