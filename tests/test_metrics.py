@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cascade
 import metrics
 from conftest import SLIDE, small_preset
 from operations import evaluation, features
@@ -319,3 +320,28 @@ def test_a_slide_against_itself_is_within_its_spread_of_zero(tmp_path):
     text = (tmp_path / "m.json").read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"metrics.json holds {c}"))
 
+
+
+def test_patches_not_of_the_crops_size_are_refused(tmp_path):
+    """A directory of patches was scored whatever their size, each resized to the preset's crop
+    side (a 1 x 1 px PNG at every magnification): one line now names the file and its size."""
+    d = tmp_path / "p"
+    d.mkdir()
+    for k, side in enumerate((32, 32, 1)):
+        Image.new("RGB", (side, side), (200, 100, 160)).save(d / f"{k}.png")
+    source = evaluation.Source(str(d), small_preset())
+    with pytest.raises(ValueError, match=r"2.png: a 1 x 1 px patch; magnification 2 compares 32"):
+        evaluation.patches_give(source, 2, 32)
+    evaluation.patches_give(evaluation.Source(str(d / "0.png"), small_preset()), 2, 32)
+
+
+def test_a_slide_without_gradients_has_no_seam_score():
+    """An all-black slide printed a seam score of nan after a numpy warning: its seams cannot be
+    told from their neighbourhood, so it has none (None, printed n.a.)."""
+    import warnings
+    grid = cascade.Grid(32, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert metrics.seam_score(np.zeros((grid.size, grid.size, 3), np.uint8), grid) is None
+    table = evaluation.format_table({"network": "n", "ip_ir_features": "n", "seam": [{3: None}]})
+    assert "stage 3 n.a." in table

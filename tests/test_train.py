@@ -574,3 +574,22 @@ def test_nothing_fits_says_so(capsys):
     out = capsys.readouterr().out
     assert "not even at batch 1" in out and "--batch 0" not in out
 
+
+
+def test_a_finished_run_with_a_corrupt_tile_exits_0_and_says_what_it_skipped(tmp_path, capsys):
+    """A run meeting a corrupt tile that completed all its steps exited 1 ('saved at step 25;
+    repair or remove those slides...'), and its rerun said 'already at step 25': a script saw a
+    failure for a finished model: its last check step found the unreadable share above 1 %. Here
+    one step of 100 examples over a 3 x 3 block of corrupt tiles: the first check step (100 read)
+    is the last; the run ends as finished (exit 0) and reports what it skipped; the rerun has
+    nothing to do. Seen failing (SlideError) before the fix."""
+    slide = str(tmp_path / "bad.svs")
+    corrupt_slide(slide, {r * 16 + c for r in range(5, 8) for c in range(2, 5)})
+    argv = ["--preset", "tiny", "--stage", "3", "--level", "0", "--data", slide, "--area-size",
+            "200", "--cache", str(tmp_path / "cache"), "--batch", "100", "--keep", "0",
+            "--out", str(tmp_path / "ck"), "--max-steps", "1"]
+    assert train.main(argv) is True
+    err = capsys.readouterr().err
+    assert "finished at step 1" in err and "draws were unreadable, from 1 slide(s)" in err, err
+    assert train.main(argv) is True
+    assert "already at step 1" in capsys.readouterr().out
