@@ -222,6 +222,23 @@ def distilled(path):
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("distilled")
 
 
+def distilled_in(ckpt, preset):
+    """{(stage, level): distillation record} of the distilled students among CKPT's model files
+    of `preset` (no weights read; missing or other files are passed over: --estimate needs no
+    models, it uses their step counts where it has them)."""
+    records = {}
+    for s in (1, 2, 3):
+        for lvl in range(3):
+            path = os.path.join(ckpt, model_filename(s, lvl))
+            try:
+                ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:  # noqa: BLE001 - no file, or not a model: no record
+                continue
+            if not checkpoint_mismatch(ck, preset, s, lvl) and ck.get("distilled"):
+                records[(s, lvl)] = ck["distilled"]
+    return records
+
+
 def load_teacher(trainer, distill):
     """The frozen teacher of a distillation round (its EMA weights, eval mode, no gradients): the
     model file distill.teacher, checked to be (preset, stage, level)'s and, when it is itself a

@@ -9,7 +9,7 @@ import cascade
 import sde
 import tiler
 import unet as unet_mod
-from operations import distributed, settings, windows
+from operations import checkpoints, distributed, settings, windows
 
 # Rank 0's file work that a round waits for, per patch of the round (known pixels read and sent,
 # floats made, the round saved and written: tests/bench_sample.py --io, 1.15 s for a 23-patch paper
@@ -78,7 +78,11 @@ def estimate(args):
     With --window / --patches: what those windows cost (--patches: uniform random positions, as
     the tissue is not known before stage 2)."""
     p = settings.get_preset(args.preset)
-    sp, W = settings.resolve_sampling(args, p), args.gpus
+    ckpt = args.ckpt or (checkpoints.DEMO_CKPT if p.name == "demo" else None)
+    students = checkpoints.distilled_in(ckpt, p) if ckpt else {}  # their own step counts
+    sp, W = settings.resolve_sampling(args, p, students), args.gpus
+    if students and args.steps is None and args.sampler is None:
+        print(f"distilled students in {ckpt}: steps per stage and level {list(sp.steps)}")
     batch = args.batch or settings.default_batch(p)
     rate = args.tflops * 1e12 * args.mfu  # FLOP/s of one GPU
     wins, size = settings.check_window_flags(args, p, 3)

@@ -17,6 +17,8 @@ the same K.
 
     python tests/bench_distill.py --teachers checkpoints/demo --students checkpoints/demo_distilled
         [--models 1,1 1,2 2,1 2,2 3,1 3,2] [--n 32] [--threads 2] [--json OUT.json]
+    python tests/bench_distill.py --ends [--n 8]   # the teachers with 'clamped' vs imagen's ends
+    python tests/bench_distill.py --jumps          # RePaint's jump noise over imagen-pytorch's
 """
 import argparse
 import dataclasses
@@ -70,6 +72,36 @@ def rmse(a, b):
     return float(np.sqrt((d ** 2).reshape(len(a), -1).mean(1)).mean())
 
 
+def ends(args, preset):
+    """Paired RMSE between the teachers' stage-3 outputs with 'clamped' and with imagen's ends
+    (sde.log_snr), same inputs and noise, at the preset's sampler and steps."""
+    for s, lvl in ((3, 1), (3, 2)):
+        net, _ = checkpoints.load_unet(os.path.join(args.teachers, checkpoints.model_filename(
+            s, lvl)), preset, s, lvl)
+        _, cond = examples(preset, s, lvl, args.n, args.cache)
+        out = {}
+        for e in sde.ENDS:
+            p = dataclasses.replace(preset, sampling=dataclasses.replace(preset.sampling, ends=e))
+            out[e] = run(net, p, s, lvl, cond, preset.sampling.level_sampler(s, lvl),
+                         preset.sampling.level_steps(s, lvl), "a")
+        print(f"stage {s} level {lvl} at {preset.sampling.level_steps(s, lvl)} steps: clamped vs "
+              f"imagen ends, paired RMSE {rmse(out['clamped'], out['imagen']):.2f} grey levels")
+
+
+def jumps():
+    """RePaint's jump noise std over imagen-pytorch's q_sample_from_to's, on the authors' grids."""
+    for steps, schedule in ((1024, "cosine"), (256, "cosine"), (256, "linear")):
+        grid, ratio = sde.time_grid(steps), []
+        for i in range(steps - 1):
+            (_, a_t, s_t), (_, a_s, s_s) = (sde.coeffs(float(u), schedule, "imagen")
+                                            for u in grid[i:i + 2])
+            ours = (s_t ** 2 - (a_t / a_s) ** 2 * s_s ** 2) ** 0.5
+            ratio.append(ours / abs((s_t * a_s - s_s * a_t) / a_s))
+        r = np.array(ratio)
+        print(f"{schedule} at {steps} steps: ours / imagen's jump std, median {np.median(r):.1f}, "
+              f"10-90 % {np.quantile(r, 0.1):.1f}-{np.quantile(r, 0.9):.1f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,9 +113,15 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default="/tmp/urcdm_bench_cache")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--ends", action="store_true", help="the teachers' ends, clamped vs imagen's")
+    ap.add_argument("--jumps", action="store_true", help="RePaint's jump noise over imagen's")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     preset = cascade.get_preset(args.preset)
+    if args.jumps:
+        return jumps()
+    if args.ends:
+        return ends(args, preset)
     inception = metrics.FeatureNet(features.installed_inception(), "inception", "--inception")
     results = {}
     for spec in args.models:

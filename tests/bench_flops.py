@@ -3,6 +3,7 @@ matter) and a whole slide for every preset, beside the authors' reference number
 
 Not a test. Counted with torch.utils.flop_counter on the meta device (no memory, no compute).
     python tests/bench_flops.py [--steps 50 25 10] [--white 0.0]
+    python tests/bench_flops.py --distill [--updates 20000] [--batch 64]   # distillation's cost
 """
 import argparse
 import os
@@ -86,14 +87,53 @@ def unet_rows(p, lvl, name, ok):
               f"{fb / 1e12 / AUTHORS_TRAIN_1024_ON_256:.2f}")
 
 
+def distill_cost(preset, plan, updates, batch, rate=312e12 * 0.4):
+    """GPU-hours of progressive distillation (arithmetic): per round, `updates` steps of `batch`
+    examples, each a student forward + backward and two teacher forwards at the level's training
+    size (the top level: its crop), on A100s at 40 % of 312 TFLOP/s bf16. plan: {level: rounds}.
+    Returns [(level, rounds, FLOP an example, GPU-hours of its rounds, all three stages)]."""
+    p, rows = cascade.get_preset(preset), []
+    for lvl, rounds in plan.items():
+        L = p.level_sizes[lvl]
+        size = min(L, p.training.crop) if lvl == len(p.level_sizes) - 1 else L
+        cfg = cascade.unet_config(p, 3, lvl)
+        per_example = flops(cfg, size, backward=True) + 2 * flops(cfg, size)
+        rows.append((lvl, rounds, per_example,
+                     3 * rounds * updates * batch * per_example / rate / 3600))
+    return rows
+
+
+def distill_main(args):
+    # paper_plus at 256 / 64 / 48 steps, distilled to 8 a level: DDIM teachers of 256 -> 8 (5
+    # rounds), 64 -> 8 (3), 64 -> 8 (3; 48 rounded up to the grid of halvings)
+    plan = {0: 5, 1: 3, 2: 3}
+    print(f"paper_plus distilled to 8 steps a level: {args.updates} updates of batch {args.batch} "
+          "a round, each example a student forward + backward and 2 teacher forwards, A100s at "
+          "40 % of 312 TFLOP/s bf16 (arithmetic); the three stages' models alike:")
+    total = 0.0
+    for lvl, rounds, per_example, hours in distill_cost("paper_plus", plan, args.updates,
+                                                         args.batch):
+        total += hours
+        print(f"  level {lvl}: {rounds} rounds, {per_example / 1e12:.3f} TFLOP an example, "
+              f"{hours:.0f} GPU-hours for its 3 models")
+    print(f"  all nine models: {total:.0f} GPU-hours ({total / 8:.0f} h on 8 GPUs); the paper "
+          "trained them in 9 x 24 = 216 GPU-hours")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--distill", action="store_true",
+                    help="print progressive distillation's cost for paper_plus instead")
+    ap.add_argument("--updates", type=int, default=20000, help="updates a distillation round")
+    ap.add_argument("--batch", type=int, default=64, help="global batch of a distillation round")
     ap.add_argument("--steps", type=int, nargs="+", default=None,
                     help="steps per level (3) or per stage and level (9) (default: each preset's)")
     ap.add_argument("--white", type=float, default=0.0,
                     help="share of stage-3 patches filled as glass")
     args = ap.parse_args()
+    if args.distill:
+        return distill_main(args)
     ok = lambda cond: "met" if cond else "NOT met"
     for preset in ("paper", "paper_plus"):
         p = cascade.get_preset(preset)

@@ -29,6 +29,7 @@ COMMAND = ("parse_args", "main", "in_memory", "make_slide", "train_models", "tra
 FIRST_READING = [
     ("sample.py", "sample_slide"), ("tiler.py", "generate_stage"), ("tiler.py", "plan"),
     ("tiler.py", "batch_inputs"), ("tiler.py", "run_batch"), ("cascade.py", "CDM.sample"),
+    ("cascade.py", "CDM.sample_level"),
     ("cascade.py", "level_inputs"), ("cascade.py", "augment"), ("cascade.py", "denoiser"),
     ("sde.py", "sample"), ("sde.py", "ancestral_step"), ("unet.py", "UNet.forward"),
     ("data.py", "StageLevelDataset.__getitem__"), ("data.py", "StageLevelDataset.example"),
@@ -118,6 +119,51 @@ def reading_size():
         total += b - a + 1
         code += code_lines(path(f), [(a, b)])
     return total, code
+
+
+def called(f, name):
+    """The algorithm's functions and methods (file, qualified name) that `name` in file f calls:
+    `g(...)` of its own module, `module.g(...)` of an algorithm file, `self.g(...)` of its class,
+    `Class(...)` as Class.__init__; decorators and nested functions count with their body."""
+    defs, (a, b) = definitions(path(f)), definitions(path(f))[name]
+    node = next(n for n in ast.walk(ast.parse(open(path(f)).read()))
+                if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.lineno <= a + 3
+                and n.end_lineno == b)
+    cls, out = name.rsplit(".", 1)[0] if "." in name else None, set()
+    modules = {m[:-3] for m in ALGORITHM}
+    for call in (c for c in ast.walk(node) if isinstance(c, ast.Call)):
+        fn = call.func
+        if isinstance(fn, ast.Name) and fn.id in defs:
+            out.add((f, fn.id if fn.id in defs and "." not in fn.id else fn.id))
+        elif isinstance(fn, ast.Name) and fn.id + ".__init__" in defs:
+            out.add((f, fn.id + ".__init__"))
+        elif isinstance(fn, ast.Attribute) and isinstance(fn.value, ast.Name):
+            owner = fn.value.id
+            if owner in modules:
+                other = definitions(path(owner + ".py"))
+                q = fn.attr if fn.attr in other else fn.attr + ".__init__"
+                if q in other:
+                    out.add((owner + ".py", q))
+            elif owner == "self" and cls and f"{cls}.{fn.attr}" in defs:
+                out.add((f, f"{cls}.{fn.attr}"))
+    return out
+
+
+def reading_with_callees(spine):
+    """(whole lines, code lines, functions) of `spine` and every algorithm function it calls,
+    transitively: what a reader of the first reading ends up reading."""
+    seen, todo = set(), list(spine)
+    while todo:
+        item = todo.pop()
+        if item not in seen:
+            seen.add(item)
+            todo += sorted(called(*item) - seen)
+    total = code = 0
+    for f, name in seen:
+        a, b = definitions(path(f))[name]
+        total += b - a + 1
+        code += code_lines(path(f), [(a, b)])
+    return total, code, len(seen)
 
 
 def operations_imports(p):
@@ -247,6 +293,11 @@ if __name__ == "__main__":
     print(f"operations/: {ops} lines, {sum(code_lines(p) for p in support_modules())} code")
     total, code = reading_size()
     print(f"first reading: {total} lines, {code} code")
+    slide, training = FIRST_READING[:13], FIRST_READING[13:]
+    for label, spine in (("a slide", slide), ("a training step", training)):
+        total, code, n = reading_with_callees([(f, q) for f, q in spine])
+        print(f"  {label}: {len(spine)} functions of the spine and what they call in the "
+              f"algorithm's files: {n} functions, {total} lines, {code} code")
     for f, name in FIRST_READING:
         a, b = definitions(path(f))[name]
         print(f"  {f}:{a} {name} ({b - a + 1} lines)")
