@@ -1,14 +1,16 @@
 """The U-Net of every URCDM level: hand-written DDPM / Imagen style networks.
 
-Inputs are concatenated on channels: x_t (img_ch), then the conditioning (cond_ch: the upsampled
-previous-level image; for stages 2-3 the context and region crops). The network sees the noise
-level as a log-SNR `lam` (never a step index: the step count can change after training) and,
-optionally, the conditioning augmentation's level `aug_lam` through a second embedding.
+Input channels are concatenated: x_t (img_ch), then the conditioning (cond_ch: the upsampled
+previous-level image, and for stages 2-3 the context and region crops). The network is
+conditioned on the noise level as a log-SNR `lam` (never on a step index, so the number of
+sampling steps can change after training: distilled students sample at 2-4) and, optionally, on
+the conditioning-augmentation level `aug_lam` through a second embedding.
 
-Two networks. `UNet` first: ADM's layout or Imagen's Efficient U-Net, the demo's and paper_plus's,
-the one to read and to train on a CPU. Below a banner a first reading skips, `ImagenUNet`:
-imagen-pytorch's Unet as the authors configured it (`paper`; their outputs from their weights,
-tests/test_unet.py). `build(cfg)` makes either.
+Two networks. `UNet` first: ADM's layout, or Imagen's Efficient U-Net (`efficient`); the demo's
+models and paper_plus's, and the one to read and to train on a CPU. Then, below a banner that a
+first reading skips, `ImagenUNet`: imagen-pytorch's Unet piece by piece as the authors configured
+it (`paper`: their parameters within 1 %, their FLOPs, their outputs from their weights:
+tests/bench_flops.py, tests/test_unet.py). `build(cfg)` makes either.
 
 References
   [DDPM]    Ho et al., Denoising diffusion probabilistic models, 2020 (ResBlock U-Net).
@@ -111,8 +113,10 @@ def get_config(name, **overrides):
 
 
 def noise_embedding(lam, dim):
-    """Sinusoidal features of the log-SNR: lam in [-30, 30] (sde.LAM_CLAMP) mapped to [0, 1500],
-    so the usual periods (1 .. 10000) resolve it like a DDPM timestep. (B,) -> (B, dim)"""
+    """Sinusoidal features of the log-SNR [DDPM's timestep embedding]. lam in [-30, 30]
+    (sde.LAM_CLAMP) is mapped to [0, 1500], so the usual periods (1 .. 10000) resolve it like a
+    DDPM timestep; a lam beyond the clamp still embeds (the map is affine).
+    (B,) -> (B, dim)"""
     c = (lam.float() + sde.LAM_CLAMP) * 25.0
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=lam.device) / half)
@@ -121,8 +125,9 @@ def noise_embedding(lam, dim):
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm in float32 whatever the autocast, output float32: CUDA's autocast policy (fp32
-    group_norm) made explicit, so that CPU autocast agrees [guided-diffusion's GroupNorm32]."""
+    """GroupNorm computed in float32 whatever the autocast, output float32: what CUDA's autocast
+    does by itself (group_norm is on its fp32 list) made explicit, so that CPU autocast, which
+    would run it in bf16, agrees [guided-diffusion's GroupNorm32]. Same weights as nn.GroupNorm."""
 
     def forward(self, x):
         if not torch.amp.is_autocast_available(x.device.type):  # e.g. the meta device
@@ -136,9 +141,11 @@ def norm(ch, groups):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv, scale-shift from the embedding, GroupNorm-SiLU-dropout-conv [ADM].
-    ImagenUNet's two more [Imagen]: `cross` (heads, head_dim, token_dim), every pixel attends to
-    the noise-level tokens after the first conv; `gca`, a GlobalContext gates the output."""
+    """GroupNorm-SiLU-conv, scale-shift from the embedding, GroupNorm-SiLU-dropout-conv [ADM]:
+    the embedding of the noise level scales and shifts the normalised features, so every block
+    knows how noisy its input is. imagen-pytorch's ResnetBlock adds two optional pieces, which
+    ImagenUNet uses [Imagen]: `cross` (heads, head_dim, token_dim): after the first conv every
+    pixel attends to the noise-level tokens; `gca`: the output is gated by a GlobalContext."""
 
     def __init__(self, cin, cout, emb_dim, dropout, groups, cross=None, gca=False):
         super().__init__()
@@ -348,11 +355,12 @@ def build(cfg: UNetConfig):
 # ==============================================================================================
 
 class TokenAttention(nn.Module):
-    """imagen-pytorch's attention over tokens (B, N, dim) [Imagen], `heads` query heads of head_dim
-    channels: self-attention, one key / value head for all (multi-query), also to extra tokens of
-    token_dim channels; or cross-attention (cross=True), keys and values of the tokens only, one
-    head each. Both: a learned null key / value, cosine similarity with learned per-channel
-    scales at temperature 8."""
+    """imagen-pytorch's attention over tokens (B, N, dim) [Imagen]: `heads` query heads of
+    head_dim channels. Self-attention (cross=False) has one key / value head shared by all
+    (multi-query) and may also attend to extra tokens of token_dim channels; cross-attention
+    (cross=True) takes keys and values from the tokens only, one head each. Both add a learned
+    null key / value (a token that says "nothing here") and compare queries with keys by cosine
+    similarity, with learned per-channel scales, at temperature 8."""
 
     def __init__(self, dim, heads, head_dim, token_dim=None, cross=False):
         super().__init__()
@@ -490,8 +498,9 @@ class NoiseLevel(nn.Module):
 
 class ImagenUNet(nn.Module):
     """imagen-pytorch's Unet (1.26) as the authors configured it [Imagen]; `paper` trains these.
-    Its cross-attention layers, made to read text, read only the noise-level tokens (no text is
-    given): a costlier way of conditioning on the noise level, kept because it is theirs.
+    Imagen is a text-to-image model: its cross-attention layers read text tokens. The authors give
+    no text, so those layers read only the two noise-level tokens (and the augmentation level's):
+    a costlier way of conditioning on the noise level, kept because it is theirs.
     Per level, encoder: (efficient: pixel_down first) a first ResBlock (cross-attention to the
     tokens where cross_attn says), `blocks` ResBlocks with a global-context gate (global
     information at conv cost), an attention layer (TransformerBlock) where attn says, (plain:
