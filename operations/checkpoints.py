@@ -182,6 +182,10 @@ def resume(trainer):
     if why is None and was != (T.distill.steps if T.distill else None):
         why = (f"a student of {was} steps" if was else "not a distillation student") + \
             (f", now {T.distill.steps}" if T.distill else "")
+    if why is None and T.distill and ck["distilled"].get("teacher_sha256") != file_digest(
+            T.distill.teacher):
+        why = (f"its teacher {T.distill.teacher} changed since this round began (e.g. the round "
+               f"before was trained on); remove {os.path.dirname(T.path)}/ to distil it again")
     if why:
         fail(f"{T.path} cannot be resumed: {why}; use another --out or the "
                  "original settings")

@@ -3,7 +3,8 @@
 Not a test (pytest does not collect it). Samples demo slides (seeds), then evaluates against the
 bundled CC0 slide with metrics.py, same crops for every row:
   real vs real     two disjoint crop samples of the bundled slide (the floor)
-  demo             the shipped models at their defaults
+  demo             the shipped models at their defaults (sample.py's: the distilled students)
+  teachers         the demo's teachers (checkpoints/demo) at their defaults
   paper seams      the same models with the paper's seam handling (--edge-margin 0 --feather 0)
   no detail        bicubic upsampling of the stage below (stage 2 = stage 1 upsampled, stage 3 =
                    stage 2 upsampled): what a cascade without generated detail scores
@@ -11,6 +12,7 @@ bundled CC0 slide with metrics.py, same crops for every row:
                    measures stage 3 alone, without the errors it inherits (mag 0-1 are real)
   old demo         with --old DIR: the models in DIR at the defaults (e.g. the previous demo)
     python tests/bench_eval.py --out runs/eval [--seeds 0 1 2 3] [--n 75] [--old DIR] [--rows ...]
+(one thread for each process: OMP_NUM_THREADS=1 python tests/bench_eval.py ...)
 Writes OUT/results.md and OUT/results.json; slides and features are kept and reused.
 """
 import argparse
@@ -28,6 +30,7 @@ import cascade  # noqa: E402
 import data  # noqa: E402
 import metrics  # noqa: E402
 from operations import aperio, files  # noqa: E402
+from operations.flags import DEMO_CKPT  # noqa: E402
 
 SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
 
@@ -35,6 +38,7 @@ SLIDE = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
 # row key: (label, sample.py flags, metrics.py flags)
 ROWS = {"floor": ("real vs real (floor)", (), ["--fake-seed", "1"]),
         "demo": ("demo", (), []),
+        "teachers": ("demo teachers", ("--ckpt", os.path.join(ROOT, "checkpoints", "demo")), []),
         "old": ("old demo", (), []),
         "paper_seams": ("demo, paper seams", ("--edge-margin", "0", "--feather", "0"),
                         ["--edge-margin", "0"]),
@@ -113,8 +117,7 @@ def main():
     ap.add_argument("--out", default="runs/eval")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--n", type=int, default=75, help="crops per side and magnification")
-    ap.add_argument("--ckpt", default=os.path.join(ROOT, "checkpoints", "demo"),
-                    help="the demo's models")
+    ap.add_argument("--ckpt", default=DEMO_CKPT, help="the demo's models (sample.py's default)")
     ap.add_argument("--old", metavar="DIR", default=None,
                     help="also score the models in DIR (e.g. the previous demo)")
     ap.add_argument("--sample-flags", default="",

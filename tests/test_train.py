@@ -593,3 +593,58 @@ def test_a_finished_run_with_a_corrupt_tile_exits_0_and_says_what_it_skipped(tmp
     assert "finished at step 1" in err and "draws were unreadable, from 1 slide(s)" in err, err
     assert train.main(argv) is True
     assert "already at step 1" in capsys.readouterr().out
+
+
+def test_distillation_rounds_resume_export_and_sample(tmp_path, tiny_ckpt, capsys):
+    """train.py --distill: two rounds (4 -> 2 student steps), each a resumable run in
+    OUT/steps{K}/ whose student starts as its teacher; a round stopped halfway resumes to the same
+    weights, and a round whose teacher changed since it began is refused; --export writes all
+    nine files (the undistilled ones from the teachers), each student recording its steps and
+    sampler; sample.py then runs those levels with DDIM at their steps unless told otherwise."""
+    import sample
+    base = ["--preset", "tiny", "--stage", "2", "--level", "1", "--distill", tiny_ckpt,
+            "--distill-steps", "4", "--rounds", "2", "--batch", "2", "--data", SLIDE,
+            "--cache", str(tmp_path / "cache"), "--keep", "0", "--log-every", "5"]
+    assert train.main(base + ["--out", str(tmp_path / "a"), "--max-steps", "6"])
+    stopped = [a if a != "2" or base[i - 1] != "--rounds" else "1" for i, a in enumerate(base)]
+    train.main(stopped + ["--out", str(tmp_path / "b"), "--max-steps", "3"])  # round 1 halfway
+    train.main(base + ["--out", str(tmp_path / "b"), "--max-steps", "6"])     # resumed, round 2
+    for k in (4, 2):
+        a, b = (torch.load(tmp_path / d / f"steps{k}" / "stage2_level1.pt", weights_only=True)
+                for d in "ab")
+        assert all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"]), k
+        assert a["distilled"]["steps"] == k and a["distilled"]["sampler"] == "ddim"
+        assert a["distilled"]["teacher_steps"] == 2 * k and a["step"] == 6
+    out = capsys.readouterr().out
+    assert "distilling" in out and "(8 steps) into 4 steps, round 1" in out
+    assert "(4 steps) into 2 steps, round 2" in out
+    train.main(["--preset", "tiny", "--stage", "all", "--level", "all", "--distill", tiny_ckpt,
+                "--rounds", "2", "--distill-steps", "4", "--out", str(tmp_path / "a"), "--export",
+                str(tmp_path / "students")])
+    assert sorted(os.listdir(tmp_path / "students")) == sorted(
+        checkpoints.model_filename(s, lvl) for s in (1, 2, 3) for lvl in range(3))
+    resolve = lambda *flags: settings.resolve(sample.parse_args(
+        ["--preset", "tiny", "--ckpt", str(tmp_path / "students"), "--out",
+         str(tmp_path / "s.tif"), *flags]), torch.device("cpu"))[0].sampling
+    st = resolve()
+    assert st.level_steps(2, 1) == 2 and st.level_sampler(2, 1) == "ddim"
+    assert st.level_steps(2, 2) == 3 and st.level_sampler(2, 2) == "ancestral"
+    told = resolve("--steps", "5", "5", "5")
+    assert told.level_steps(2, 1) == 5 and told.level_sampler(2, 1) == "ancestral"
+    train.main(stopped + ["--out", str(tmp_path / "b"), "--max-steps", "8"])  # round 1 goes on
+    with pytest.raises(SystemExit, match="its teacher .* changed since this round began"):
+        train.main(base + ["--out", str(tmp_path / "b"), "--max-steps", "8"])
+
+
+def test_a_distilled_teacher_takes_twice_its_students_steps(tmp_path, tiny_ckpt):
+    """A round's teacher that is itself a student of M steps must be given a student of M / 2."""
+    base = ["--preset", "tiny", "--stage", "2", "--level", "1", "--batch", "2", "--data", SLIDE,
+            "--cache", str(tmp_path / "cache"), "--keep", "0", "--max-steps", "2"]
+    train.main(base + ["--distill", tiny_ckpt, "--distill-steps", "4", "--out",
+                       str(tmp_path / "r1")])
+    with pytest.raises(SystemExit, match="was distilled for 4 steps, so its student takes 2"):
+        train.main(base + ["--distill", str(tmp_path / "r1" / "steps4"), "--distill-steps", "3",
+                           "--out", str(tmp_path / "r2")])
+    train.main(base + ["--distill", str(tmp_path / "r1" / "steps4"), "--out", str(tmp_path / "r2")])
+    ck = torch.load(tmp_path / "r2" / "steps2" / "stage2_level1.pt", weights_only=True)
+    assert ck["distilled"]["steps"] == 2
