@@ -5,8 +5,10 @@ import math
 import os
 import sys
 
+# sample.py's default models: the demo's distilled students (docs/distillation.md); their teachers,
+# the demo as trained, are one flag away (--ckpt checkpoints/demo)
 DEMO_CKPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         "checkpoints", "demo")
+                         "checkpoints", "demo_distilled")
 
 
 def fail(msg):

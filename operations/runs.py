@@ -49,12 +49,13 @@ def generate(args, device, rank=0, world=1):
         return None
     path = lambda s: os.path.join(work, f"stage{s}.npy")
     images = {}
-    # Stage 1, or (--from) a real slide's lower stage in place of the generated ones.
+    # Stage 1, or (--from) the real slide's stages below --start-stage in place of generated ones
+    # (all of them, so the slide's stage PNGs are complete for metrics.py).
     if settings.start_stage == 1:
         images[1] = first_stage(settings, preset, journal, path(1), device, rank, world)
     elif settings.from_slide:
-        s = settings.start_stage - 1
-        images[s] = real_lower_stage(settings, preset, journal, s, path(s), rank, world)
+        for s in range(1, settings.start_stage):
+            images[s] = real_lower_stage(settings, preset, journal, s, path(s), rank, world)
     # Stages 2-3: patch grids, each conditioned on the stage below; with windows, only the
     # patches they depend on (needed_cells).
     cells = lambda wins, below=1: windows.needed_cells(

@@ -16,7 +16,7 @@ features, subsets of n). The student should sit closer to the teacher than the t
 the same K.
 
     python tests/bench_distill.py --teachers checkpoints/demo --students checkpoints/demo_distilled
-        [--models 1,1 1,2 2,1 2,2 3,1 3,2] [--n 32] [--threads 2] [--json OUT.json]
+        [--models 2,1 2,2 3,1 3,2] [--n 32] [--threads 2] [--json OUT.json]
     python tests/bench_distill.py --ends [--n 8]   # the teachers with 'clamped' vs imagen's ends
     python tests/bench_distill.py --jumps          # RePaint's jump noise over imagen-pytorch's
 """
@@ -108,7 +108,8 @@ def main():
     ap.add_argument("--teachers", default=os.path.join(ROOT, "checkpoints", "demo"))
     ap.add_argument("--students", default=os.path.join(ROOT, "checkpoints", "demo_distilled"))
     ap.add_argument("--preset", default="demo")
-    ap.add_argument("--models", nargs="+", default=["1,1", "1,2", "2,1", "2,2", "3,1", "3,2"])
+    ap.add_argument("--models", nargs="+", default=["2,1", "2,2", "3,1", "3,2"],
+                    help="stage,level of students in --students (default: the shipped ones)")
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default="/tmp/urcdm_bench_cache")
@@ -130,6 +131,8 @@ def main():
         teacher, _ = checkpoints.load_unet(os.path.join(args.teachers, name), preset, s, lvl)
         student, _ = checkpoints.load_unet(os.path.join(args.students, name), preset, s, lvl)
         rec = checkpoints.distilled(os.path.join(args.students, name))
+        if not rec:
+            sys.exit(f"error: --models {spec}: {args.students}/{name} is not a distilled student")
         K, first = rec["steps"], rec["teacher_steps"] * 2 ** (rec["round"] - 1)
         _, cond = examples(preset, s, lvl, args.n, args.cache)
         N, own = preset.sampling.level_steps(s, lvl), preset.sampling.level_sampler(s, lvl)

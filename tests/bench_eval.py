@@ -12,7 +12,9 @@ bundled CC0 slide with metrics.py, same crops for every row:
                    measures stage 3 alone, without the errors it inherits (mag 0-1 are real)
   old demo         with --old DIR: the models in DIR at the defaults (e.g. the previous demo)
     python tests/bench_eval.py --out runs/eval [--seeds 0 1 2 3] [--n 75] [--old DIR] [--rows ...]
-(one thread for each process: OMP_NUM_THREADS=1 python tests/bench_eval.py ...)
+(one thread for each process: OMP_NUM_THREADS=1 python tests/bench_eval.py ...; a slide's pixels
+then differ from a multi-threaded sample.py's by float rounding, as CPU kernels split work by
+thread count)
 Writes OUT/results.md and OUT/results.json; slides and features are kept and reused.
 """
 import argparse
