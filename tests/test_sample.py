@@ -667,7 +667,10 @@ def test_ctrl_c_ends_a_run_with_one_line(tmp_path):
     out = tmp_path / "s.tif"
     cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "--preset", "demo", "--dry-run",
            "--out", str(out), "--stream", "--batch", "1"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=_env())
+    # A background job of a non-interactive shell (CI run with &) inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler: the child gets the default disposition.
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stderr:  # interrupted inside stage 2, after its first round
         if line.startswith("stage 2:"):
             break
