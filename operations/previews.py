@@ -1,5 +1,6 @@
 """Pictures for people: the one preview writer (grid_image: rows of labelled images), the slide's
 Fig. 1 and thumbnail, a training model's samples beside its targets, and the loss curves."""
+import dataclasses
 import glob
 import os
 
@@ -10,7 +11,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 import cascade
 import data
-import sde
 from operations.flags import Parser, at_least, check_ranges, fail
 from operations.files import atomic_path
 from operations.logs import read_log
@@ -101,20 +101,18 @@ def training_preview(trainer, ds, n=4):
     cond, aug_lam = cascade.augment(p, T.stage, T.level, cond, p.sampling.aug_level,
                                     g, T.cfg.conditioned)
     fn = cascade.denoiser(T.ema, T.schedule, cond, aug_lam, T.cfg.bf16, p.sampling.ends)
-    kw = dict(schedule=T.schedule, objective=T.objective, threshold=p.sampling.threshold,
-              ends=p.sampling.ends, generator=g, device=T.device)
-    if T.distill:  # a student samples as it will be used: DDIM at its steps
-        x = sde.sample_general(fn, tuple(x0.shape), steps=T.distill.steps, sampler="ddim", **kw)
-    else:
-        x = sde.sample(fn, tuple(x0.shape), steps=T.cfg.sample_steps, **kw)
-    x = x.clamp(-1, 1).cpu()
+    # the paper's loop at --sample-steps; a student as it will be used: DDIM at its steps
+    steps, sampler = (T.distill.steps, "ddim") if T.distill else (T.cfg.sample_steps, "ancestral")
+    sp = dataclasses.replace(p.sampling, steps=(steps,) * 3, sampler=sampler, resample=1)
+    x = cascade.sample_level(fn, tuple(x0.shape), sp, T.stage, T.level, p, generator=g,
+                             device=T.device).clamp(-1, 1).cpu()
     n_lower = 0 if cond_in is None else cond_in.shape[1] // 3 - (T.level > 0)
     names = (["lowres"] if T.level > 0 else []) + ["context", "region"][:n_lower]
     cols = (list(cond_in.split(3, dim=1)) if cond_in is not None else []) + [x, x0]
     rows = [[cascade.to_uint8(c[k:k + 1])[0] for c in cols] for k in range(n)]
     img = grid_image(rows, max(128, x0.shape[-1]), names=names + ["EMA sample", "target"],
                      title=f"stage {T.stage} level {T.level}, step {T.step}, "
-                           f"{T.distill.steps if T.distill else T.cfg.sample_steps} sampling steps")
+                           f"{steps} sampling steps")
     os.makedirs(os.path.join(T.cfg.out, "samples"), exist_ok=True)
     return save_png(os.path.join(T.cfg.out, "samples",
                                  f"stage{T.stage}_level{T.level}_step{T.step:08d}.png"), img)

@@ -641,7 +641,8 @@ def test_a_distilled_teacher_takes_twice_its_students_steps(tmp_path, tiny_ckpt)
     base = ["--preset", "tiny", "--stage", "2", "--level", "1", "--batch", "2", "--data", SLIDE,
             "--cache", str(tmp_path / "cache"), "--keep", "0", "--max-steps", "2"]
     train.main(base + ["--distill", tiny_ckpt, "--distill-steps", "4", "--out",
-                       str(tmp_path / "r1")])
+                       str(tmp_path / "r1"), "--sample-every", "2"])  # a student's preview: DDIM
+    assert (tmp_path / "r1" / "steps4" / "samples" / "stage2_level1_step00000002.png").exists()
     with pytest.raises(SystemExit, match="was distilled for 4 steps, so its student takes 2"):
         train.main(base + ["--distill", str(tmp_path / "r1" / "steps4"), "--distill-steps", "3",
                            "--out", str(tmp_path / "r2")])
